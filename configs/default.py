@@ -1,0 +1,61 @@
+"""The embedded default: DeepRec's DLRM on planted ELM-format data, one epoch, no download.
+
+  python -m dlrm_jax.main --config=configs/default.py
+
+Planted data (train.csv / eval.csv in the real ELM format, plus oracle.json with the best possible
+AUC) is generated under output_dir/planted_elm on the first run and reused afterwards. Every field
+named like a DeepRec flag means what that flag means.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+
+  # Data.
+  config.feature_spec = 'elm'          # 'elm' or 'criteo'
+  config.data_location = ''            # '' = planted data under output_dir (see `planted`)
+  config.hash_buckets = 100000         # rows of every hashed table
+  config.embedding_dim = 16
+  config.max_list_len = 50             # history lists keep their first values, mean-pooled
+  config.shuffle_buffer = 20000        # the reference's shuffle buffer; 0 keeps file order
+  config.skip_bad_rows = False         # True: drop and count malformed rows instead of stopping
+  config.planted = ml_collections.ConfigDict(dict(
+      train_rows=400_000, eval_rows=100_000, seed=1))
+
+  # Model.
+  config.bottom_mlp = (512, 256, 64, 16)
+  config.top_mlp = (512, 256)
+  config.interaction_op = 'cat'        # 'dot' or 'cat'
+  config.batch_norm = True             # after each bottom-MLP layer, as the reference
+
+  # Training.
+  config.steps = 0                     # 0 = one epoch of the train file
+  config.batch_size = 512
+  config.eval_batch_size = 4096
+  config.learning_rate = 0.01          # the reference script's value (its README says 0.1)
+  config.optimizer = 'adamasync'       # adam, adamasync, adagrad, adagraddecay, gradientdescent
+  config.optimizer_hparams = ml_collections.ConfigDict()  # e.g. accumulator_decay_step
+  config.seed = 2021
+  config.no_eval = False
+  config.log_every_steps = 100
+
+  # Output.
+  config.output_dir = './result'
+  config.checkpoint = ''               # run directory; '' = output_dir/model_DLRM_<timestamp>
+  config.save_steps = 0                # 0 = save only at the end
+  config.keep_checkpoint_max = 1
+  config.timeline = 0                  # profile this many steps after warm-up; 0 = off
+
+  # Accelerations (DeepRec's feature flags) and the switch that turns all of them off (--tf).
+  config.bf16 = False                  # bfloat16 compute, float32 master weights and loss
+  config.emb_fusion = True             # all tables in one array: one gather, one scatter
+  config.op_fusion = True              # the whole step as one XLA program
+  config.smartstaged = True            # batches prepared and put on device in a thread
+  config.sparse_updates = True         # update only looked-up rows (lazy where the optimizer is)
+  config.no_acceleration = False       # True = all of the above off, for A/B runs
+
+  # Devices: ('data', 'model') mesh; -1 = all devices on the data axis.
+  config.mesh_shape = (-1, 1)
+  return config

@@ -1,0 +1,46 @@
+"""Checkpoints of the whole train state through orbax, in `workdir/checkpoints`.
+
+orbax writes each step into a temporary directory and renames it into place only once every
+file is written, so a crash or kill mid-save leaves the previous checkpoint as the newest
+complete one; `restore_latest` only ever sees complete steps.
+"""
+
+import os
+from typing import Optional
+
+from absl import logging
+import jax
+import orbax.checkpoint as ocp
+
+
+def make_manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max(int(config.keep_checkpoint_max), 1),
+      enable_async_checkpointing=True,
+      create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                               options=options)
+
+
+def latest_step(manager: ocp.CheckpointManager) -> Optional[int]:
+  return manager.latest_step()
+
+
+def restore_latest(manager: ocp.CheckpointManager, state):
+  """The newest complete checkpoint restored into `state`'s structure, or `state` if none."""
+  step = manager.latest_step()
+  if step is None:
+    return state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  logging.info('restored checkpoint at step %d from %s', step, manager.directory)
+  return restored
+
+
+def save(manager: ocp.CheckpointManager, step: int, state) -> None:
+  """Starts an asynchronous save; the step loop goes on while it is written."""
+  manager.save(step, args=ocp.args.StandardSave(state))
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  manager.wait_until_finished()

@@ -1,0 +1,110 @@
+"""Where a run reports: TensorBoard scalars, log lines, a progress bar and a profiler timeline.
+
+clu's writers need TensorFlow for TensorBoard files; tensorboardX writes the same event files
+without it. Only process 0 writes, so multi-host runs produce one set of summaries.
+"""
+
+import json
+import os
+from typing import Dict, Optional
+
+from absl import logging
+import jax
+import tqdm
+
+
+class MetricWriter:
+  """Scalars to TensorBoard event files under `workdir` and to the log."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self._enabled = enabled
+    self._writer = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._writer = SummaryWriter(logdir=workdir, flush_secs=10)
+    self._workdir = workdir
+
+  def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
+    if not self._enabled:
+      return
+    for name, value in scalars.items():
+      self._writer.add_scalar(name, float(value), global_step=step)
+    logging.info('[%d] %s', step, ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()))
+
+  def write_histograms(self, step: int, arrays: Dict[str, object]) -> None:
+    if not self._enabled:
+      return
+    for name, values in arrays.items():
+      self._writer.add_histogram(name, values, global_step=step)
+
+  def write_config(self, config) -> None:
+    """The config as JSON beside the summaries, and as text in TensorBoard."""
+    if not self._enabled:
+      return
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    path = os.path.join(self._workdir, 'config.json')
+    with open(path + '.tmp', 'w') as f:
+      f.write(text)
+    os.replace(path + '.tmp', path)
+    self._writer.add_text('config', '```\n' + text + '\n```', global_step=0)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+class Timeline:
+  """Records a jax.profiler trace of `num_steps` steps from `first_step` into workdir/timeline.
+
+  Steps before `first_step` are skipped so compilation and warm-up stay out of the trace.
+  """
+
+  def __init__(self, workdir: str, num_steps: int, first_step: int):
+    self.logdir = os.path.join(workdir, 'timeline')
+    self._first = first_step
+    self._last = first_step + num_steps
+    self._active = False
+    self._enabled = num_steps > 0 and jax.process_index() == 0
+
+  def before_step(self, step: int) -> None:
+    if self._enabled and step == self._first and not self._active:
+      jax.profiler.start_trace(self.logdir)
+      self._active = True
+
+  def after_step(self, step: int, result) -> None:
+    if self._active and step + 1 >= self._last:
+      jax.block_until_ready(result)
+      self.close()
+
+  def close(self) -> None:
+    if self._active:
+      jax.profiler.stop_trace()
+      self._active = False
+      self._enabled = False
+      logging.info('profiler timeline written to %s', self.logdir)
+
+
+class _Progress:
+  """A tqdm bar over steps showing loss and samples/s (silent when not on a terminal)."""
+
+  def __init__(self, total: int, initial: int):
+    self._bar = tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
+                          disable=None if jax.process_index() == 0 else True)
+    self._step = initial
+
+  def update(self, step: int, **values) -> None:
+    self._bar.update(step - self._step)
+    self._step = step
+    self._bar.set_postfix({k: f'{v:.4g}' for k, v in values.items()}, refresh=False)
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+def progress_bar(total: int, initial: int = 0) -> _Progress:
+  return _Progress(total, initial)

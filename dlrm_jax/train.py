@@ -1,0 +1,404 @@
+"""Training and evaluation: state, jitted steps, the loop, results.
+
+The train step comes in two flavours with one signature:
+  * dense (`sparse_updates=False`, the A/B baseline): jax.grad through the gather, one optax
+    chain over MLPs and tables alike, so every table row and its optimizer slots are rewritten
+    each step;
+  * sparse (default): gradients with respect to the looked-up rows only, summed per unique row,
+    and a row-wise optimizer that gathers, updates and scatters just those rows in place
+    (donated buffers); the MLPs keep their optax chain.
+Both are jitted over a device mesh: the batch is split over the 'data' axis, everything else is
+replicated, and batch norm sees the global batch, so one device and N devices agree.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Dict, Iterator, Optional
+
+from absl import logging
+import flax.struct
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dlrm_jax import checkpoints
+from dlrm_jax import data_sources
+from dlrm_jax import feature_spec as fs
+from dlrm_jax import input_pipeline
+from dlrm_jax import metric_writer
+from dlrm_jax import metrics
+from dlrm_jax import models
+from dlrm_jax import optimizers
+
+Batch = Dict[str, jax.Array]
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any            # {'mlp': flax params, 'tables': {name: [rows, dim]}}
+  batch_stats: Any       # batch-norm running statistics
+  opt_state: Any         # optax state: over params['mlp'] (sparse) or all params (dense)
+  table_opt_state: Any   # row-wise optimizer state per table array ({} on the dense path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """The static pieces a run is built from; derived once from the config."""
+  spec: fs.FeatureSpec
+  model: models.DLRM
+  tx: optax.GradientTransformation
+  row_tx: Any  # optimizers.SparseOptimizer, or None on the dense path
+  emb_fusion: bool
+  mesh: Mesh
+
+
+def effective_options(config: ml_collections.ConfigDict) -> Dict[str, bool]:
+  """The acceleration switches after `no_acceleration` (DeepRec's --tf) has been applied."""
+  names = ('bf16', 'emb_fusion', 'op_fusion', 'smartstaged', 'sparse_updates')
+  if config.no_acceleration:
+    return {n: False for n in names}
+  return {n: bool(config[n]) for n in names}
+
+
+def make_mesh(config) -> Mesh:
+  """A ('data', 'model') device mesh; -1 on the data axis takes all remaining devices."""
+  data, model = config.mesh_shape
+  devices = jax.devices()
+  if data == -1:
+    data = len(devices) // model
+  if data * model != len(devices):
+    raise ValueError(f'mesh_shape {tuple(config.mesh_shape)} does not cover the '
+                     f'{len(devices)} devices')
+  if model != 1:
+    raise NotImplementedError('tables sharded over a model axis are not implemented yet; '
+                              'use mesh_shape=(-1, 1)')
+  return Mesh(np.asarray(devices).reshape(data, model), ('data', 'model'))
+
+
+def make_setup(config) -> Setup:
+  options = effective_options(config)
+  spec = fs.from_config(config)
+  model = models.DLRM(
+      bottom_mlp=tuple(config.bottom_mlp), top_mlp=tuple(config.top_mlp),
+      interaction_op=config.interaction_op, batch_norm=config.batch_norm,
+      dtype=jnp.bfloat16 if options['bf16'] else jnp.float32)
+  hparams = dict(config.optimizer_hparams)
+  tx = optimizers.create(config.optimizer, config.learning_rate, **hparams)
+  row_tx = (optimizers.create_sparse(config.optimizer, config.learning_rate, **hparams)
+            if options['sparse_updates'] else None)
+  return Setup(spec, model, tx, row_tx, options['emb_fusion'], make_mesh(config))
+
+
+# ------------------------------------------------------------------------------------------------
+# State.
+
+def create_train_state(rng: jax.Array, setup: Setup) -> TrainState:
+  table_rng, mlp_rng = jax.random.split(rng)
+  spec = setup.spec
+  tables = models.init_tables(table_rng, spec, setup.emb_fusion)
+  variables = setup.model.init(
+      mlp_rng, jnp.zeros((2, spec.num_dense)),
+      jnp.zeros((2, spec.num_sparse, spec.embedding_dim)), train=False)
+  params = {'mlp': variables['params'], 'tables': tables}
+  if setup.row_tx is None:
+    opt_state, table_opt_state = setup.tx.init(params), {}
+  else:
+    opt_state = setup.tx.init(params['mlp'])
+    table_opt_state = {name: setup.row_tx.init(t) for name, t in tables.items()}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=opt_state,
+                    table_opt_state=table_opt_state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps.
+
+def forward(setup: Setup, mlp_params, batch_stats, batch: Batch, rows: jax.Array, train: bool):
+  """Logits from looked-up rows; in training also the updated batch statistics."""
+  pooled = models.pool(rows, batch['weights'], setup.spec)
+  variables = {'params': mlp_params, 'batch_stats': batch_stats}
+  if train:
+    logits, updates = setup.model.apply(variables, batch['dense'], pooled, train=True,
+                                        mutable=['batch_stats'])
+    return logits, updates['batch_stats']
+  return setup.model.apply(variables, batch['dense'], pooled, train=False), batch_stats
+
+
+def bce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean binary cross-entropy over the real (mask 1) rows, from logits for stability."""
+  per_row = optax.sigmoid_binary_cross_entropy(logits, labels)
+  return jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def lookup(setup: Setup, tables, batch: Batch) -> jax.Array:
+  return models.gather_rows(tables, batch['ids'], setup.spec, setup.emb_fusion)
+
+
+def dense_grads(setup: Setup, state: TrainState, batch: Batch):
+  """Loss, new batch stats and gradients of every parameter, tables included."""
+  def loss_fn(params):
+    rows = lookup(setup, params['tables'], batch)
+    logits, stats = forward(setup, params['mlp'], state.batch_stats, batch, rows, train=True)
+    return bce_loss(logits, batch['label'], batch['mask']), stats
+  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return loss, stats, grads
+
+
+def dense_apply(setup: Setup, state: TrainState, stats, grads) -> TrainState:
+  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       batch_stats=stats, opt_state=opt_state)
+
+
+def sparse_grads(setup: Setup, state: TrainState, batch: Batch, rows: jax.Array):
+  """Loss, new batch stats, MLP gradients and the gradient of every looked-up row [B, S, D]."""
+  def loss_fn(mlp_params, rows):
+    logits, stats = forward(setup, mlp_params, state.batch_stats, batch, rows, train=True)
+    return bce_loss(logits, batch['label'], batch['mask']), stats
+  (loss, stats), (mlp_grads, row_grads) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(state.params['mlp'], rows)
+  return loss, stats, mlp_grads, row_grads
+
+
+def sparse_apply(setup: Setup, state: TrainState, batch: Batch, stats, mlp_grads,
+                 row_grads) -> TrainState:
+  """optax on the MLPs; per table array, dedup the touched rows and update only those."""
+  updates, opt_state = setup.tx.update(mlp_grads, state.opt_state, state.params['mlp'])
+  mlp = optax.apply_updates(state.params['mlp'], updates)
+  tables, table_opt_state = {}, {}
+  groups = models.table_groups(setup.spec, setup.emb_fusion)
+  for name, (slots, offsets) in groups.items():
+    table = state.params['tables'][name]
+    # Slots with weight 0 (padding, a missing scalar, out-of-vocabulary) were not looked up by
+    # the reference: they must not count as touched, or lazy optimizers would move their rows.
+    ids = jnp.where(batch['weights'][:, slots] != 0, batch['ids'][:, slots] + offsets,
+                    table.shape[0])
+    unique_ids, summed = optimizers.dedup_rows(ids, row_grads[:, slots], table.shape[0])
+    tables[name], table_opt_state[name] = setup.row_tx.update(
+        table, state.table_opt_state[name], unique_ids, summed)
+  params = {'mlp': mlp, 'tables': tables}
+  return state.replace(step=state.step + 1, params=params, batch_stats=stats,
+                       opt_state=opt_state, table_opt_state=table_opt_state)
+
+
+def train_step(setup: Setup, state: TrainState, batch: Batch):
+  """One optimisation step; returns the new state and the batch's mean loss."""
+  if setup.row_tx is None:
+    loss, stats, grads = dense_grads(setup, state, batch)
+    return dense_apply(setup, state, stats, grads), loss
+  rows = lookup(setup, state.params['tables'], batch)
+  loss, stats, mlp_grads, row_grads = sparse_grads(setup, state, batch, rows)
+  return sparse_apply(setup, state, batch, stats, mlp_grads, row_grads), loss
+
+
+def eval_step(setup: Setup, state: TrainState, batch: Batch):
+  """Click probabilities, with the labels and mask they belong to (replicated for the host)."""
+  rows = lookup(setup, state.params['tables'], batch)
+  logits, _ = forward(setup, state.params['mlp'], state.batch_stats, batch, rows, train=False)
+  return jax.nn.sigmoid(logits), batch['label'], batch['mask']
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P('data'))
+
+
+def compile_train_step(setup: Setup, state: TrainState, op_fusion: bool) -> Callable:
+  """The jitted step. With op_fusion the whole step (lookup, forward, backward, optimizers,
+  scatter) is one XLA program that XLA fuses end to end; without it, each stage is its own
+  jitted program and the host dispatches them in turn, so no fusion crosses a stage boundary
+  (the analogue of running the reference without its graph-level op fusion)."""
+  replicated = NamedSharding(setup.mesh, P())
+  data = batch_sharding(setup.mesh)
+  state_sharding = jax.tree.map(lambda _: replicated, state)
+  if op_fusion:
+    return jax.jit(functools.partial(train_step, setup),
+                   in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
+                   donate_argnums=0)
+  if setup.row_tx is None:
+    grads_fn = jax.jit(functools.partial(dense_grads, setup))
+    apply_fn = jax.jit(functools.partial(dense_apply, setup), donate_argnums=0)
+
+    def staged_dense(state, batch):
+      loss, stats, grads = grads_fn(state, batch)
+      return apply_fn(state, stats, grads), loss
+    return staged_dense
+  lookup_fn = jax.jit(lambda tables, batch: lookup(setup, tables, batch))
+  grads_fn = jax.jit(functools.partial(sparse_grads, setup))
+  apply_fn = jax.jit(functools.partial(sparse_apply, setup), donate_argnums=0)
+
+  def staged_sparse(state, batch):
+    rows = lookup_fn(state.params['tables'], batch)
+    loss, stats, mlp_grads, row_grads = grads_fn(state, batch, rows)
+    return apply_fn(state, batch, stats, mlp_grads, row_grads), loss
+  return staged_sparse
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+
+def device_batches(batches: Iterator[Dict[str, np.ndarray]], mesh: Mesh,
+                   smartstaged: bool) -> Iterator[Batch]:
+  """Host batches -> global arrays sharded over 'data'; staged ahead in a thread if asked."""
+  sharding = batch_sharding(mesh)
+
+  def to_device(batch):
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+  if smartstaged:
+    return input_pipeline.prefetch(batches, size=3, transform=to_device)
+  return map(to_device, batches)
+
+
+
+def evaluate(setup: Setup, state: TrainState, config, eval_path: str,
+             stats: input_pipeline.ParseStats) -> Dict[str, float]:
+  """Exact metrics over every row of the eval file (the last batch is padded and masked)."""
+  replicated = NamedSharding(setup.mesh, P())
+  step = jax.jit(functools.partial(eval_step, setup), out_shardings=replicated)
+  batches = input_pipeline.batches(
+      [eval_path], setup.spec, config.eval_batch_size, drop_remainder=False,
+      skip_bad_rows=config.skip_bad_rows, stats=stats,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  labels, probs = [], []
+  for batch in device_batches(batches, setup.mesh, effective_options(config)['smartstaged']):
+    p, y, mask = jax.device_get(step(state, batch))
+    keep = mask > 0
+    probs.append(p[keep])
+    labels.append(y[keep])
+  if not labels:
+    raise input_pipeline.DataError(f'{eval_path}: no rows to evaluate')
+  return metrics.classification_metrics(np.concatenate(labels), np.concatenate(probs))
+
+
+def resolve_workdir(config) -> str:
+  """The run directory as the reference names it: `checkpoint`, else output_dir/model_DLRM_<ts>."""
+  if config.checkpoint:
+    return config.checkpoint
+  return os.path.join(config.output_dir, 'model_DLRM_' + time.strftime('%Y%m%d-%H%M%S'))
+
+
+def steps_for(config, num_train_rows: int) -> int:
+  """`steps`, or one epoch of the train file when it is 0 (the reference's default)."""
+  if config.steps:
+    return int(config.steps)
+  steps = num_train_rows // config.batch_size
+  if steps == 0:
+    raise input_pipeline.DataError(
+        f'the train file has {num_train_rows} rows, fewer than one batch of {config.batch_size}')
+  return steps
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains (resuming from the newest checkpoint in `workdir`), evaluates, writes results.json."""
+  options = effective_options(config)
+  setup = make_setup(config)
+  data = data_sources.resolve(config, setup.spec)
+  os.makedirs(workdir, exist_ok=True)
+  writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer.write_config(config)
+  stats = input_pipeline.ParseStats()
+
+  state = create_train_state(jax.random.PRNGKey(config.seed), setup)
+  manager = checkpoints.make_manager(workdir, config)
+  state = checkpoints.restore_latest(manager, state)
+  start_step = int(state.step)
+  num_steps = steps_for(config, data.train_rows)
+  step_fn = compile_train_step(setup, state, options['op_fusion'])
+
+  rows_per_epoch = max(data.train_rows, 1)
+  num_epochs = math.ceil(num_steps * config.batch_size / rows_per_epoch) + 1
+  host_batches = input_pipeline.batches(
+      [data.train_path], setup.spec, config.batch_size // jax.process_count(),
+      shuffle_buffer=config.shuffle_buffer, seed=config.seed, num_epochs=num_epochs,
+      drop_remainder=True, skip_bad_rows=config.skip_bad_rows, stats=stats,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  # Resuming: the data continues where the interrupted run stopped.
+  host_batches = _skip(host_batches, start_step)
+  batches = device_batches(host_batches, setup.mesh, options['smartstaged'])
+
+  logging.info('training %d steps from step %d (batch %d, %s)', num_steps, start_step,
+               config.batch_size, ', '.join(f'{k}={v}' for k, v in options.items()))
+  losses = []
+  train_start = time.perf_counter()
+  timed_steps, timed_since = 0, None
+  profiler = metric_writer.Timeline(workdir, config.timeline, first_step=start_step + 10)
+  progress = metric_writer.progress_bar(num_steps, start_step)
+  for step in range(start_step, num_steps):
+    profiler.before_step(step)
+    try:
+      batch = next(batches)
+    except StopIteration:
+      logging.warning('train data ran out at step %d', step)
+      break
+    state, loss = step_fn(state, batch)
+    losses.append(loss)
+    if step == start_step:
+      # The first step compiles; throughput is measured from the second on.
+      jax.block_until_ready(loss)
+      timed_since = time.perf_counter()
+    else:
+      timed_steps += 1
+    profiler.after_step(step, loss)
+    if (step + 1) % config.log_every_steps == 0 or step + 1 == num_steps:
+      values = np.asarray(jax.device_get(losses))
+      losses = []
+      elapsed = time.perf_counter() - timed_since if timed_since else 0.0
+      rate = timed_steps * config.batch_size / elapsed if elapsed > 0 else float('nan')
+      if not np.all(np.isfinite(values)):
+        raise FloatingPointError(
+            f'non-finite training loss at step {step + 1}; the last good checkpoint is '
+            f'{checkpoints.latest_step(manager)} in {workdir}')
+      writer.write_scalars(step + 1, {'train_loss': float(values.mean()),
+                                      'train_samples_per_s': rate,
+                                      'learning_rate': config.learning_rate})
+      progress.update(step + 1, loss=float(values.mean()), samples_per_s=rate)
+    if config.save_steps and (step + 1) % config.save_steps == 0:
+      checkpoints.save(manager, step + 1, state)
+  jax.block_until_ready(state)
+  train_time = time.perf_counter() - train_start
+  rate = (timed_steps * config.batch_size / (time.perf_counter() - timed_since)
+          if timed_since and timed_steps else float('nan'))
+  progress.close()
+  profiler.close()
+  final_step = int(state.step)
+  if final_step > start_step:
+    checkpoints.save(manager, final_step, state)
+  checkpoints.wait(manager)
+
+  results = {'steps': final_step, 'train_time_s': train_time, 'train_samples_per_s': rate,
+             'batch_size': config.batch_size, **{f'option_{k}': v for k, v in options.items()}}
+  if not config.no_eval:
+    eval_metrics = evaluate(setup, state, config, data.eval_path, stats)
+    results.update({f'eval_{k}': v for k, v in eval_metrics.items()})
+    writer.write_scalars(final_step, {f'eval_{k}': results[f'eval_{k}']
+                                      for k in ('auc', 'accuracy', 'logloss')})
+  results.update(data.oracle)
+  results.update({'rows_parsed': stats.rows, 'bad_rows': stats.bad_rows,
+                  'truncated_list_values': stats.truncated_values})
+  writer.close()
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(workdir, 'results.json'), results)
+  if not config.no_eval:
+    print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
+  return results
+
+
+def _skip(iterator, n: int):
+  for _ in range(n):
+    next(iterator, None)
+  return iterator
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Write to a temporary name, then rename: a crash never leaves a half-written file."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=float)
+  os.replace(tmp, path)
