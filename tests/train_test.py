@@ -1,0 +1,115 @@
+"""End-to-end training on tiny planted data, and equalities between the step's variants."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import train_helpers as th
+from dlrm_jax import train
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return th.planted_dir(tmp_path_factory.mktemp('data'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('op', ['dot', 'cat'])
+def test_default_config_trains_and_beats_chance(tmp_path, op):
+  config = th.tiny_config(tmp_path / 'out', interaction_op=op, steps=120)
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    written = json.load(f)
+  assert written['steps'] == 120 == results['steps']
+  for key in ('train_time_s', 'train_samples_per_s', 'eval_auc', 'eval_accuracy',
+              'eval_logloss', 'oracle_auc', 'oracle_logloss'):
+    assert np.isfinite(written[key]), key
+  assert written['eval_num_examples'] == config.planted.eval_rows
+  # The planted model's oracle AUC is well above 0.5; 120 small steps already learn a good part
+  # of it (chance is 0.5, and a constant predictor gives exactly 0.5).
+  assert written['eval_auc'] > 0.6
+  assert written['eval_auc'] <= written['oracle_auc'] + 0.03  # sampling noise of 1000 rows
+  assert os.listdir(os.path.join(workdir, 'checkpoints'))
+
+
+def test_loss_falls_on_planted_data(tmp_path, data_dir):
+  config = th.tiny_config(tmp_path, learning_rate=0.01)
+  losses, _ = th.step_losses(config, os.path.join(data_dir, 'train.csv'), 60)
+  # Starting near log(2) for a random init and a few-% CTR, the loss drops fast to about the
+  # entropy of the labels; compare window means so single noisy batches cannot decide.
+  assert losses[-10:].mean() < 0.7 * losses[:5].mean()
+
+
+def _assert_states_close(a, b, rtol, atol):
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize('optimizer', ['gradientdescent', 'adagrad'])
+def test_sparse_updates_equal_dense_path(tmp_path, data_dir, optimizer):
+  # For these two optimizers an untouched row does not move under either path, so the fast
+  # path must reproduce the dense one (float32 summation order differs: 1e-5).
+  path = os.path.join(data_dir, 'train.csv')
+  dense_losses, dense = th.step_losses(
+      th.tiny_config(tmp_path, optimizer=optimizer, sparse_updates=False), path, 8)
+  sparse_losses, sparse = th.step_losses(
+      th.tiny_config(tmp_path, optimizer=optimizer, sparse_updates=True), path, 8)
+  np.testing.assert_allclose(sparse_losses, dense_losses, rtol=1e-5)
+  _assert_states_close(sparse, dense, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('switch', ['emb_fusion', 'op_fusion'])
+def test_fusion_switches_do_not_change_results(tmp_path, data_dir, switch):
+  path = os.path.join(data_dir, 'train.csv')
+  on, _ = th.step_losses(th.tiny_config(tmp_path, **{switch: True}), path, 6)
+  off, _ = th.step_losses(th.tiny_config(tmp_path, **{switch: False}), path, 6)
+  np.testing.assert_allclose(on, off, rtol=1e-5)
+
+
+def test_bf16_trains_close_to_float32(tmp_path, data_dir):
+  path = os.path.join(data_dir, 'train.csv')
+  f32, _ = th.step_losses(th.tiny_config(tmp_path, bf16=False), path, 20)
+  b16, _ = th.step_losses(th.tiny_config(tmp_path, bf16=True), path, 20)
+  # bfloat16 compute (8 mantissa bits) shifts each loss by ~1%; trajectories stay together.
+  np.testing.assert_allclose(b16, f32, rtol=0.05)
+  assert not np.array_equal(b16, f32)
+
+
+MULTI_DEVICE_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import jax
+import train_helpers as th
+assert jax.device_count() == {devices}, jax.devices()
+config = th.tiny_config({out!r}, optimizer={optimizer!r}, sparse_updates={sparse})
+losses, _ = th.step_losses(config, {path!r}, 5)
+print(json.dumps(list(map(float, losses))))
+"""
+
+
+def _losses_on_devices(tmp_path, data_dir, devices, optimizer, sparse):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu')
+  code = MULTI_DEVICE_SCRIPT.format(
+      tests=os.path.dirname(__file__), devices=devices, out=str(tmp_path), optimizer=optimizer,
+      sparse=sparse, path=os.path.join(data_dir, 'train.csv'))
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return np.asarray(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sparse', [True, False])
+def test_one_device_and_four_devices_agree(tmp_path, data_dir, sparse):
+  one = _losses_on_devices(tmp_path, data_dir, 1, 'adamasync', sparse)
+  four = _losses_on_devices(tmp_path, data_dir, 4, 'adamasync', sparse)
+  # The batch (and batch norm's statistics) is global under jit, so only the order of float32
+  # reductions differs between one and four devices.
+  np.testing.assert_allclose(four, one, rtol=1e-5)
