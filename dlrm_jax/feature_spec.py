@@ -151,6 +151,12 @@ class FeatureSpec:
         np.full(f.max_len, self.table_index(f.table), np.int32) for f in self.sparse])
 
   @functools.cached_property
+  def slot_feature(self) -> np.ndarray:
+    """Sparse-feature index of every slot, int32 [num_slots] (non-decreasing)."""
+    return np.repeat(np.arange(self.num_sparse, dtype=np.int32),
+                     [f.max_len for f in self.sparse])
+
+  @functools.cached_property
   def slot_offsets(self) -> np.ndarray:
     """Fused-array row offset of every slot, int32 [num_slots]."""
     return np.asarray(self.table_offsets, np.int64)[self.slot_table].astype(np.int32)

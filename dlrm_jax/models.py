@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 
 from dlrm_jax import feature_spec as fs
 
@@ -58,32 +59,86 @@ def init_tables(rng: Array, spec: fs.FeatureSpec, emb_fusion: bool,
   return per_table
 
 
-def global_ids(ids: Array, spec: fs.FeatureSpec, emb_fusion: bool) -> Dict[str, Array]:
-  """Row ids into each table array, per group: [B, slots of that group]."""
-  return {name: ids[:, slots] + offsets
-          for name, (slots, offsets) in table_groups(spec, emb_fusion).items()}
-
-
-def gather_rows(tables: Tables, ids: Array, spec: fs.FeatureSpec, emb_fusion: bool) -> Array:
-  """Looks up every slot: [B, S] ids -> [B, S, D] rows, in slot order."""
-  groups = table_groups(spec, emb_fusion)
+def table_array_rows(spec: fs.FeatureSpec, emb_fusion: bool) -> Dict[str, int]:
+  """Row count of each table array."""
   if emb_fusion:
-    return jnp.take(tables[FUSED], ids + spec.slot_offsets, axis=0)
+    return {FUSED: spec.total_rows}
+  return {t.name: t.rows for t in spec.tables}
+
+
+class UniqueRows:
+  """Host-side dedup of the rows a batch looks up, per table array.
+
+  Runs on the input thread (numpy, hash-based factorize), so the device never sorts ids: it
+  gathers each unique row once (`unique_ids`, padded to a capacity with the out-of-range id
+  `rows`, which reads as a zero row) and expands them to slots through `inverse` [B, S]. The
+  gradient of the gathered unique rows is then already summed per row, which is what the
+  row-wise optimizers take. Slots with weight 0 (padding, a missing scalar, out-of-vocabulary)
+  point at a padding entry: they are not looked up, as in the reference, so lazy optimizers do
+  not move them.
+
+  Capacities are rounded up to powers of two and never shrink, so the jitted step sees a handful
+  of shapes over a run instead of one per batch.
+  """
+
+  def __init__(self, spec: fs.FeatureSpec, emb_fusion: bool, min_capacity: int = 256):
+    self._groups = table_groups(spec, emb_fusion)
+    self._rows = table_array_rows(spec, emb_fusion)
+    self._capacity = {name: min_capacity for name in self._groups}
+
+  def _capacity_for(self, name: str, needed: int) -> int:
+    if needed > self._capacity[name]:
+      self._capacity[name] = 1 << (needed - 1).bit_length()
+    return self._capacity[name]
+
+  def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    ids, live = batch['ids'], batch['weights'] != 0
+    inverse = np.empty(ids.shape, np.int32)
+    unique_ids = {}
+    for name, (slots, offsets) in self._groups.items():
+      group_ids = ids[:, slots].astype(np.int64) + offsets
+      group_live = live[:, slots]
+      codes, uniques = pd.factorize(group_ids[group_live], sort=False)
+      num_unique = len(uniques)
+      capacity = self._capacity_for(name, num_unique + 1)  # + 1: the padding entry
+      padded = np.full(capacity, self._rows[name], np.int32)
+      padded[:num_unique] = uniques
+      group_inverse = np.full(group_ids.shape, num_unique, np.int32)
+      group_inverse[group_live] = codes
+      inverse[:, slots] = group_inverse
+      unique_ids[name] = padded
+    return {**batch, 'unique_ids': unique_ids, 'inverse': inverse}
+
+
+def gather_unique_rows(tables: Tables, unique_ids: Dict[str, Array]) -> Dict[str, Array]:
+  """Each table array's unique looked-up rows [capacity, D]; padding ids read as zeros."""
+  return {name: jnp.take(tables[name], unique_ids[name], axis=0, mode='fill', fill_value=0)
+          for name in unique_ids}
+
+
+def expand_rows(unique_rows: Dict[str, Array], inverse: Array, spec: fs.FeatureSpec,
+                emb_fusion: bool) -> Array:
+  """The row of every slot, [B, S, D] in slot order, from the unique rows of each array."""
+  if emb_fusion:
+    return jnp.take(unique_rows[FUSED], inverse, axis=0)
   parts, order = [], []
-  for name, (slots, _) in groups.items():
-    parts.append(jnp.take(tables[name], ids[:, slots], axis=0))
+  for name, (slots, _) in table_groups(spec, emb_fusion).items():
+    parts.append(jnp.take(unique_rows[name], inverse[:, slots], axis=0))
     order.append(slots)
   rows = jnp.concatenate(parts, axis=1)
-  inverse = np.argsort(np.concatenate(order))
-  return rows[:, inverse]
+  return rows[:, np.argsort(np.concatenate(order))]
 
 
 def pool(rows: Array, weights: Array, spec: fs.FeatureSpec) -> Array:
-  """Weighted sum of each feature's slots: [B, S, D] -> [B, F, D] (mean pooling for lists)."""
+  """Weighted sum of each feature's slots: [B, S, D] -> [B, F, D] (mean pooling for lists).
+
+  One sorted segment sum over the slot axis: its gradient is a single gather, where per-feature
+  slices would each pad a full [B, S, D] gradient in the backward pass.
+  """
   weighted = rows * weights[..., None].astype(rows.dtype)
-  starts = spec.slot_starts
-  pooled = [weighted[:, a:b].sum(axis=1) for a, b in zip(starts[:-1], starts[1:])]
-  return jnp.stack(pooled, axis=1)
+  pooled = jax.ops.segment_sum(jnp.swapaxes(weighted, 0, 1), spec.slot_feature,
+                               num_segments=spec.num_sparse, indices_are_sorted=True)
+  return jnp.swapaxes(pooled, 0, 1)
 
 
 # ------------------------------------------------------------------------------------------------

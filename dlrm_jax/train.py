@@ -138,7 +138,9 @@ def bce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array
 
 
 def lookup(setup: Setup, tables, batch: Batch) -> jax.Array:
-  return models.gather_rows(tables, batch['ids'], setup.spec, setup.emb_fusion)
+  """The row of every slot [B, S, D], through the batch's unique ids."""
+  unique_rows = models.gather_unique_rows(tables, batch['unique_ids'])
+  return models.expand_rows(unique_rows, batch['inverse'], setup.spec, setup.emb_fusion)
 
 
 def dense_grads(setup: Setup, state: TrainState, batch: Batch):
@@ -157,32 +159,30 @@ def dense_apply(setup: Setup, state: TrainState, stats, grads) -> TrainState:
                        batch_stats=stats, opt_state=opt_state)
 
 
-def sparse_grads(setup: Setup, state: TrainState, batch: Batch, rows: jax.Array):
-  """Loss, new batch stats, MLP gradients and the gradient of every looked-up row [B, S, D]."""
-  def loss_fn(mlp_params, rows):
+def sparse_grads(setup: Setup, state: TrainState, batch: Batch, unique_rows):
+  """Loss, new batch stats, MLP gradients and the gradient of each unique looked-up row.
+
+  Differentiating with respect to the unique rows (not the tables) sums the gradients of
+  repeated ids for free and never materialises a table-sized gradient.
+  """
+  def loss_fn(mlp_params, unique_rows):
+    rows = models.expand_rows(unique_rows, batch['inverse'], setup.spec, setup.emb_fusion)
     logits, stats = forward(setup, mlp_params, state.batch_stats, batch, rows, train=True)
     return bce_loss(logits, batch['label'], batch['mask']), stats
   (loss, stats), (mlp_grads, row_grads) = jax.value_and_grad(
-      loss_fn, argnums=(0, 1), has_aux=True)(state.params['mlp'], rows)
+      loss_fn, argnums=(0, 1), has_aux=True)(state.params['mlp'], unique_rows)
   return loss, stats, mlp_grads, row_grads
 
 
 def sparse_apply(setup: Setup, state: TrainState, batch: Batch, stats, mlp_grads,
                  row_grads) -> TrainState:
-  """optax on the MLPs; per table array, dedup the touched rows and update only those."""
+  """optax on the MLPs; the row-wise optimizer on each table array's unique rows only."""
   updates, opt_state = setup.tx.update(mlp_grads, state.opt_state, state.params['mlp'])
   mlp = optax.apply_updates(state.params['mlp'], updates)
   tables, table_opt_state = {}, {}
-  groups = models.table_groups(setup.spec, setup.emb_fusion)
-  for name, (slots, offsets) in groups.items():
-    table = state.params['tables'][name]
-    # Slots with weight 0 (padding, a missing scalar, out-of-vocabulary) were not looked up by
-    # the reference: they must not count as touched, or lazy optimizers would move their rows.
-    ids = jnp.where(batch['weights'][:, slots] != 0, batch['ids'][:, slots] + offsets,
-                    table.shape[0])
-    unique_ids, summed = optimizers.dedup_rows(ids, row_grads[:, slots], table.shape[0])
+  for name, table in state.params['tables'].items():
     tables[name], table_opt_state[name] = setup.row_tx.update(
-        table, state.table_opt_state[name], unique_ids, summed)
+        table, state.table_opt_state[name], batch['unique_ids'][name], row_grads[name])
   params = {'mlp': mlp, 'tables': tables}
   return state.replace(step=state.step + 1, params=params, batch_stats=stats,
                        opt_state=opt_state, table_opt_state=table_opt_state)
@@ -193,8 +193,8 @@ def train_step(setup: Setup, state: TrainState, batch: Batch):
   if setup.row_tx is None:
     loss, stats, grads = dense_grads(setup, state, batch)
     return dense_apply(setup, state, stats, grads), loss
-  rows = lookup(setup, state.params['tables'], batch)
-  loss, stats, mlp_grads, row_grads = sparse_grads(setup, state, batch, rows)
+  unique_rows = models.gather_unique_rows(state.params['tables'], batch['unique_ids'])
+  loss, stats, mlp_grads, row_grads = sparse_grads(setup, state, batch, unique_rows)
   return sparse_apply(setup, state, batch, stats, mlp_grads, row_grads), loss
 
 
@@ -205,8 +205,14 @@ def eval_step(setup: Setup, state: TrainState, batch: Batch):
   return jax.nn.sigmoid(logits), batch['label'], batch['mask']
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P('data'))
+def batch_sharding(mesh: Mesh, batch) -> Any:
+  """Per-row arrays split over 'data'; the unique ids, which every device gathers, replicated."""
+  by_row = NamedSharding(mesh, P('data'))
+  shardings = {k: by_row for k in batch}
+  if 'unique_ids' in batch:
+    shardings['unique_ids'] = jax.tree.map(lambda _: NamedSharding(mesh, P()),
+                                           batch['unique_ids'])
+  return shardings
 
 
 def compile_train_step(setup: Setup, state: TrainState, op_fusion: bool) -> Callable:
@@ -215,12 +221,12 @@ def compile_train_step(setup: Setup, state: TrainState, op_fusion: bool) -> Call
   jitted program and the host dispatches them in turn, so no fusion crosses a stage boundary
   (the analogue of running the reference without its graph-level op fusion)."""
   replicated = NamedSharding(setup.mesh, P())
-  data = batch_sharding(setup.mesh)
   state_sharding = jax.tree.map(lambda _: replicated, state)
   if op_fusion:
+    # Batches arrive already sharded (device_batches); their placement is taken as it is.
     return jax.jit(functools.partial(train_step, setup),
-                   in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
-                   donate_argnums=0)
+                   in_shardings=(state_sharding, None),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
   if setup.row_tx is None:
     grads_fn = jax.jit(functools.partial(dense_grads, setup))
     apply_fn = jax.jit(functools.partial(dense_apply, setup), donate_argnums=0)
@@ -229,13 +235,13 @@ def compile_train_step(setup: Setup, state: TrainState, op_fusion: bool) -> Call
       loss, stats, grads = grads_fn(state, batch)
       return apply_fn(state, stats, grads), loss
     return staged_dense
-  lookup_fn = jax.jit(lambda tables, batch: lookup(setup, tables, batch))
+  gather_fn = jax.jit(models.gather_unique_rows)
   grads_fn = jax.jit(functools.partial(sparse_grads, setup))
   apply_fn = jax.jit(functools.partial(sparse_apply, setup), donate_argnums=0)
 
   def staged_sparse(state, batch):
-    rows = lookup_fn(state.params['tables'], batch)
-    loss, stats, mlp_grads, row_grads = grads_fn(state, batch, rows)
+    unique_rows = gather_fn(state.params['tables'], batch['unique_ids'])
+    loss, stats, mlp_grads, row_grads = grads_fn(state, batch, unique_rows)
     return apply_fn(state, batch, stats, mlp_grads, row_grads), loss
   return staged_sparse
 
@@ -243,13 +249,19 @@ def compile_train_step(setup: Setup, state: TrainState, op_fusion: bool) -> Call
 # ------------------------------------------------------------------------------------------------
 # The loop.
 
-def device_batches(batches: Iterator[Dict[str, np.ndarray]], mesh: Mesh,
+def device_batches(batches: Iterator[Dict[str, np.ndarray]], setup: Setup,
                    smartstaged: bool) -> Iterator[Batch]:
-  """Host batches -> global arrays sharded over 'data'; staged ahead in a thread if asked."""
-  sharding = batch_sharding(mesh)
+  """Host batches -> deduplicated ids -> global arrays on the mesh.
+
+  With `smartstaged` the parsing, dedup and transfer run in a background thread, staged ahead of
+  the step that consumes them.
+  """
+  unique_rows = models.UniqueRows(setup.spec, setup.emb_fusion)
 
   def to_device(batch):
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    batch = unique_rows(batch)
+    shardings = batch_sharding(setup.mesh, batch)
+    return jax.tree.map(jax.make_array_from_process_local_data, shardings, batch)
 
   if smartstaged:
     return input_pipeline.prefetch(batches, size=3, transform=to_device)
@@ -267,7 +279,7 @@ def evaluate(setup: Setup, state: TrainState, config, eval_path: str,
       skip_bad_rows=config.skip_bad_rows, stats=stats,
       process_index=jax.process_index(), process_count=jax.process_count())
   labels, probs = [], []
-  for batch in device_batches(batches, setup.mesh, effective_options(config)['smartstaged']):
+  for batch in device_batches(batches, setup, effective_options(config)['smartstaged']):
     p, y, mask = jax.device_get(step(state, batch))
     keep = mask > 0
     probs.append(p[keep])
@@ -321,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       process_index=jax.process_index(), process_count=jax.process_count())
   # Resuming: the data continues where the interrupted run stopped.
   host_batches = _skip(host_batches, start_step)
-  batches = device_batches(host_batches, setup.mesh, options['smartstaged'])
+  batches = device_batches(host_batches, setup, options['smartstaged'])
 
   logging.info('training %d steps from step %d (batch %d, %s)', num_steps, start_step,
                config.batch_size, ', '.join(f'{k}={v}' for k, v in options.items()))

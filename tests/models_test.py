@@ -55,6 +55,32 @@ def test_dot_interaction_equals_naive_double_loop():
   np.testing.assert_allclose(out, np.stack(expected), rtol=1e-5, atol=1e-5)  # float32 sums
 
 
+def lookup(tables, ids, weights, spec, fused):
+  batch = models.UniqueRows(spec, fused)({'ids': ids, 'weights': weights})
+  unique = models.gather_unique_rows(tables, batch['unique_ids'])
+  return models.expand_rows(unique, jnp.asarray(batch['inverse']), spec, fused), batch
+
+
+def test_unique_rows_expand_to_the_looked_up_rows_and_zero_for_dead_slots():
+  spec = tiny_spec()
+  _, ids, weights = random_batch(spec, batch=6, seed=4)
+  weights[weights < 0.3] = 0.0
+  for fused in (True, False):
+    tables = models.init_tables(jax.random.PRNGKey(1), spec, emb_fusion=fused)
+    rows, batch = lookup(tables, ids, weights, spec, fused)
+    expected = np.concatenate([
+        np.asarray(tables[models.FUSED] if fused else tables[spec.sparse[i].table])[
+            ids[:, a:b] + (spec.table_offsets[spec.table_index(spec.sparse[i].table)]
+                           if fused else 0)]
+        for i, (a, b) in enumerate(zip(spec.slot_starts[:-1], spec.slot_starts[1:]))], axis=1)
+    live = weights != 0
+    np.testing.assert_array_equal(np.asarray(rows)[live], expected[live])
+    np.testing.assert_array_equal(np.asarray(rows)[~live], 0.0)
+    for name, unique in batch['unique_ids'].items():
+      real = unique[unique < models.table_array_rows(spec, fused)[name]]
+      assert len(np.unique(real)) == len(real)  # each looked-up row appears once
+
+
 def test_pool_is_weighted_mean_over_each_features_slots():
   spec = tiny_spec(max_list_len=3)
   _, ids, _ = random_batch(spec, batch=2)
@@ -66,7 +92,7 @@ def test_pool_is_weighted_mean_over_each_features_slots():
   empty, one, many = list_features[:3]
   weights[:, starts[one]] = 1.0
   weights[:, starts[many]:starts[many] + 3] = 1.0 / 3
-  rows = models.gather_rows(tables, jnp.asarray(ids), spec, emb_fusion=True)
+  rows, _ = lookup(tables, ids, np.ones_like(weights), spec, True)
   pooled = np.asarray(models.pool(rows, jnp.asarray(weights), spec))
   rows = np.asarray(rows)
   np.testing.assert_array_equal(pooled[:, empty], 0.0)
@@ -85,7 +111,7 @@ def test_shared_features_read_the_same_table():
   ids[0, spec.slot_starts[a]] = ids[0, spec.slot_starts[b]] = ids[0, spec.slot_starts[c]] = 7
   for fused in (False, True):
     t = models.init_tables(jax.random.PRNGKey(0), spec, emb_fusion=fused)
-    rows = np.asarray(models.gather_rows(t, jnp.asarray(ids), spec, emb_fusion=fused))
+    rows = np.asarray(lookup(t, ids, np.ones(ids.shape, np.float32), spec, fused)[0])
     np.testing.assert_array_equal(rows[0, spec.slot_starts[a]], rows[0, spec.slot_starts[b]])
     assert not np.allclose(rows[0, spec.slot_starts[a]], rows[0, spec.slot_starts[c]])
   np.testing.assert_array_equal(rows[0, spec.slot_starts[a]], tables['shop_id'][7])
@@ -93,12 +119,11 @@ def test_shared_features_read_the_same_table():
 
 def test_fused_and_per_table_lookups_agree():
   spec = tiny_spec()
-  _, ids, _ = random_batch(spec, batch=4, seed=3)
+  _, ids, weights = random_batch(spec, batch=4, seed=3)
   per_table = models.init_tables(jax.random.PRNGKey(2), spec, emb_fusion=False)
   fused = models.init_tables(jax.random.PRNGKey(2), spec, emb_fusion=True)
-  np.testing.assert_array_equal(
-      models.gather_rows(per_table, jnp.asarray(ids), spec, False),
-      models.gather_rows(fused, jnp.asarray(ids), spec, True))
+  np.testing.assert_array_equal(lookup(per_table, ids, weights, spec, False)[0],
+                                lookup(fused, ids, weights, spec, True)[0])
 
 
 def test_embedding_init_is_truncated_normal_with_reference_stddev():

@@ -30,8 +30,8 @@ def tiny_config(output_dir, **overrides):
   config.shuffle_buffer = 256
   config.log_every_steps = 10
   config.learning_rate = 0.01
-  config.planted.train_rows = 4000
-  config.planted.eval_rows = 1000
+  config.planted.train_rows = 8000
+  config.planted.eval_rows = 3000
   for key, value in overrides.items():
     config[key] = value
   return config
@@ -51,7 +51,7 @@ def step_losses(config, train_path, num_steps):
   state = train.create_train_state(jax.random.PRNGKey(config.seed), setup)
   step_fn = train.compile_train_step(setup, state, train.effective_options(config)['op_fusion'])
   host = input_pipeline.batches([train_path], setup.spec, config.batch_size, num_epochs=None)
-  batches = train.device_batches(host, setup.mesh, smartstaged=False)
+  batches = train.device_batches(host, setup, smartstaged=False)
   losses = []
   for _ in range(num_steps):
     state, loss = step_fn(state, next(batches))

@@ -1,0 +1,216 @@
+"""experiments/ablate.py on a tiny grid: the command line, the table, the plots and resuming."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from configs import ablation_interactions
+from experiments import ablate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CELLS = ('interaction_op-dot_seed-1', 'interaction_op-dot_seed-2',
+         'interaction_op-cat_seed-1', 'interaction_op-cat_seed-2')
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def compilation_cache_env(tmp_path_factory):
+  """One JAX compilation cache for the whole test session (notebooks_test uses the same path):
+  runs of the same tiny model then compile once, which is most of a tiny run's time."""
+  env = dict(os.environ)
+  env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.getbasetemp() / 'jax_cache')
+  env['PYTHONPATH'] = os.pathsep.join([ROOT, env.get('PYTHONPATH', '')])
+  return env
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+  """A finished 2 x 2 grid made by the command line, as a user would run it."""
+  out_dir = tmp_path_factory.mktemp('ablation') / 'grid'
+  command = [sys.executable, '-m', 'experiments.ablate',
+             '--config=configs/ablation_interactions.py:tiny',
+             '--grid', 'interaction_op=dot,cat', '--seeds', '1,2', f'--out_dir={out_dir}']
+  run = subprocess.run(command, cwd=ROOT, env=compilation_cache_env(tmp_path_factory),
+                       capture_output=True, text=True, timeout=600, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return out_dir, run.stdout
+
+
+@pytest.mark.slow
+def test_command_line_writes_cells_table_and_plots(finished):
+  out_dir, stdout = finished
+  assert '4 cells (4 trained now, 0 finished before)' in stdout
+  for cell in CELLS:
+    with open(out_dir / cell / 'results.json') as f:
+      assert json.load(f)['steps'] == 40
+  # Every cell read the same planted data: one data directory, named in each cell's config.
+  (data,) = os.listdir(out_dir / 'data')
+  for cell in CELLS:
+    with open(out_dir / cell / 'cell_config.json') as f:
+      assert json.load(f)['output_dir'] == str(out_dir / 'data' / data)
+
+  summary = pd.read_csv(out_dir / 'results.csv')
+  assert list(summary['interaction_op']) == ['dot', 'cat']  # grid order, not sorted
+  assert list(summary['seeds']) == [2, 2]
+  cells = pd.read_csv(out_dir / 'cells.csv')
+  for _, row in summary.iterrows():
+    aucs = cells.loc[cells['interaction_op'] == row['interaction_op'], 'eval_auc']
+    assert row['eval_auc_mean'] == pytest.approx(aucs.mean())
+    assert row['eval_auc_std'] == pytest.approx(aucs.std(ddof=1))
+    # The seed must change the run (initialisation and shuffle order), or the spread is fake.
+    assert aucs.nunique() == 2
+    assert row['steps_mean'] == 40 and row['steps_std'] == 0
+    assert 0.5 < row['oracle_auc'] <= 1 and np.isfinite(row['train_samples_per_s_mean'])
+
+  with open(out_dir / 'results.md') as f:
+    markdown = f.read()
+  assert '| interaction_op | seeds | eval AUC | eval logloss |' in markdown
+  assert f"| dot | 2 | {summary['eval_auc_mean'][0]:.4f} ± " in markdown
+  assert 'interaction_weight=2.0' in markdown  # the preamble names the planted setting
+  for name in ('auc.png', 'loss.png'):
+    with open(out_dir / name, 'rb') as f:
+      image = f.read()
+    assert image.startswith(PNG_MAGIC) and len(image) > 10_000, name
+
+
+@pytest.mark.slow
+def test_loss_curves_come_from_the_event_files(finished):
+  out_dir, _ = finished
+  steps, losses = ablate.read_scalars(str(out_dir / CELLS[0]), 'train_loss')
+  np.testing.assert_array_equal(steps, [10, 20, 30, 40])  # log_every_steps=10, 40 steps
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+@pytest.fixture
+def shared_compilation_cache(tmp_path_factory):
+  """This process compiles through the session's cache too, for this test only."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  before = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir',
+                    compilation_cache_env(tmp_path_factory)['JAX_COMPILATION_CACHE_DIR'])
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update('jax_compilation_cache_dir', before)
+  compilation_cache.reset_cache()
+
+
+def copy_grid(finished, tmp_path):
+  """A private copy of the finished grid, so that tests changing it do not affect the others."""
+  out_dir = tmp_path / 'grid'
+  shutil.copytree(finished[0], out_dir, ignore=shutil.ignore_patterns('jax_cache'))
+  return out_dir
+
+
+def tiny_base():
+  return ablation_interactions.get_config('tiny')
+
+
+@pytest.mark.slow
+def test_resume_trains_only_the_unfinished_cell(finished, tmp_path, shared_compilation_cache):
+  del shared_compilation_cache  # used for its effect
+  out_dir = copy_grid(finished, tmp_path)
+  # As if the run had died after the cell's last checkpoint but before its results.json.
+  os.remove(out_dir / CELLS[3] / 'results.json')
+  kept = {c: (out_dir / c / 'results.json').read_bytes() for c in CELLS[:3]}
+  from dlrm_jax import train  # pylint: disable=g-import-not-at-top
+  trained = []
+
+  def spy(config, workdir):
+    trained.append(os.path.basename(workdir))
+    return train.train_and_evaluate(config, workdir)
+
+  result = ablate.run_ablation(tiny_base(), {'interaction_op': ('dot', 'cat')}, [1, 2],
+                               str(out_dir), plots=False, train_fn=spy)
+  assert trained == [CELLS[3]]
+  assert list(result.cells['trained_now']) == [False, False, False, True]
+  for cell, content in kept.items():
+    assert (out_dir / cell / 'results.json').read_bytes() == content
+  # It resumed from the cell's final checkpoint: no step was retrained, and the evaluation of
+  # the restored model reproduces the first one exactly.
+  resumed = result.cells.set_index('cell').loc[CELLS[3]]
+  first = pd.read_csv(finished[0] / 'cells.csv').set_index('cell').loc[CELLS[3]]
+  assert resumed['steps'] == 40
+  assert resumed['eval_auc'] == pytest.approx(first['eval_auc'], abs=1e-6)
+
+
+def fake_train(fail_at=None):
+  """A stand-in for train_and_evaluate: AUC 0.6 + seed / 100 + 0.1 for dot, written as train.py
+  writes it; raises at the cell named `fail_at`, as an interrupted grid would stop."""
+  calls = []
+
+  def train_fn(config, workdir):
+    name = os.path.basename(workdir)
+    if name == fail_at:
+      raise KeyboardInterrupt(name)
+    calls.append(name)
+    auc = 0.6 + config.seed / 100 + (0.1 if config.interaction_op == 'dot' else 0.0)
+    results = {'steps': 7, 'eval_auc': auc, 'eval_logloss': 0.2, 'eval_accuracy': 0.9,
+               'train_samples_per_s': 1000.0 * config.seed, 'oracle_auc': 0.9,
+               'oracle_logloss': 0.1, 'train_time_s': 1.0}
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f)
+    return results
+  return train_fn, calls
+
+
+def test_interrupted_grid_resumes_where_it_stopped(tmp_path):
+  grid, seeds = {'interaction_op': ('dot', 'cat')}, [1, 2, 3]
+  crashing, first_calls = fake_train(fail_at='interaction_op-cat_seed-2')
+  with pytest.raises(KeyboardInterrupt):
+    ablate.run_ablation(tiny_base(), grid, seeds, str(tmp_path), train_fn=crashing,
+                        compilation_cache=False)
+  assert first_calls == ['interaction_op-dot_seed-1', 'interaction_op-dot_seed-2',
+                         'interaction_op-dot_seed-3', 'interaction_op-cat_seed-1']
+  resuming, second_calls = fake_train()
+  result = ablate.run_ablation(tiny_base(), grid, seeds, str(tmp_path), plots=False,
+                               train_fn=resuming, compilation_cache=False)
+  assert second_calls == ['interaction_op-cat_seed-2', 'interaction_op-cat_seed-3']
+  dot, cat = result.summary.to_dict('records')
+  assert dot['eval_auc_mean'] == pytest.approx(0.72) and cat['eval_auc_mean'] == pytest.approx(0.62)
+  assert dot['eval_auc_std'] == pytest.approx(0.01)  # sample std of 0.71, 0.72, 0.73
+  assert '| dot | 3 | 0.7200 ± 0.0100 | 0.2000 ± 0.0000 | 0.9000 ± 0.0000 | 2,000 ± 1,000 | ' \
+         '7 ± 0 | 0.9000 | 0.1000 |' in result.markdown
+
+
+def test_resume_refuses_an_out_dir_of_another_config(tmp_path):
+  grid = {'interaction_op': ('dot',)}
+  train_fn, _ = fake_train()
+  ablate.run_ablation(tiny_base(), grid, [1], str(tmp_path), plots=False, train_fn=train_fn,
+                      compilation_cache=False)
+  changed = tiny_base()
+  changed.learning_rate = 0.1
+  with pytest.raises(ValueError, match='learning_rate'):
+    ablate.run_ablation(changed, grid, [1], str(tmp_path), plots=False, train_fn=train_fn,
+                        compilation_cache=False)
+
+
+def test_grid_values_take_the_type_of_their_field():
+  config = tiny_base()
+  grid = ablate.parse_grid(['interaction_op=dot,cat', 'learning_rate=0.1,1', 'batch_norm=false',
+                            'top_mlp=32-16,8', 'planted.interaction_weight=0,3'], config)
+  assert grid == {'interaction_op': ('dot', 'cat'), 'learning_rate': (0.1, 1.0),
+                  'batch_norm': (False,), 'top_mlp': ((32, 16), (8,)),
+                  'planted.interaction_weight': (0.0, 3.0)}
+  assert isinstance(grid['learning_rate'][1], float)
+  cells = ablate.make_cells(grid, [5])
+  assert len(cells) == 2 * 2 * 1 * 2 * 2
+  assert cells[0].name == ('interaction_op-dot_learning_rate-0.1_batch_norm-False_top_mlp-32-16_'
+                           'planted.interaction_weight-0.0_seed-5')
+  config = ablate.cell_config(config, cells[-1], '/out')
+  assert config.top_mlp == (8,) and config.planted.interaction_weight == 3.0 and config.seed == 5
+  for bad in ('no_such_field=1', 'seed=1,2', 'interaction_op', 'batch_norm=maybe'):
+    with pytest.raises((KeyError, ValueError)):
+      ablate.parse_grid([bad], tiny_base())
+
+
+def test_each_planted_setting_gets_its_own_data_directory():
+  a, b = tiny_base(), tiny_base()
+  assert ablate.data_dir(a, '/out') == ablate.data_dir(b, '/out')
+  b.planted.interaction_weight = 0.0
+  assert ablate.data_dir(a, '/out') != ablate.data_dir(b, '/out')

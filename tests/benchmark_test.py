@@ -1,0 +1,106 @@
+"""Smoke tests of experiments/benchmark.py: its arithmetic, its batches, and a tiny quick run.
+
+Timings are never asserted (this machine's speed changes by 2x from one minute to the next);
+only that the report has every expected number, positive and finite.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from dlrm_jax import feature_spec as fs  # pylint: disable=wrong-import-position
+from experiments import benchmark  # pylint: disable=wrong-import-position
+
+
+def test_train_flops_per_sample_from_layer_sizes():
+  spec = fs.elm_spec()
+  # Forward: bottom 12-512-256-64-16, Gram of 25 vectors of 16, top 316-512-256-1 (dot) or
+  # 400-512-256-1 (cat); training is 3x that.
+  bottom = 2 * (12 * 512 + 512 * 256 + 256 * 64 + 64 * 16)
+  dot = 3 * (bottom + 2 * 25 * 25 * 16 + 2 * (316 * 512 + 512 * 256 + 256))
+  cat = 3 * (bottom + 2 * (400 * 512 + 512 * 256 + 256))
+  assert benchmark.train_flops_per_sample(spec, (512, 256, 64, 16), (512, 256), 'dot') == dot
+  assert benchmark.train_flops_per_sample(spec, (512, 256, 64, 16), (512, 256), 'cat') == cat
+  assert dot == pytest.approx(2.75e6, rel=0.01)
+
+
+def test_synthetic_batches_follow_the_spec_layout():
+  spec = fs.elm_spec(hash_buckets=1000, embedding_dim=4, max_list_len=8)
+  batches = benchmark.synthetic_batches(spec, batch_size=32, num_batches=2, seed=0)
+  assert len(batches) == 2
+  batch = batches[0]
+  assert batch['ids'].shape == batch['weights'].shape == (32, spec.num_slots)
+  assert batch['dense'].shape == (32, spec.num_dense)
+  assert batch['label'].shape == batch['mask'].shape == (32,)
+  for feature, start in zip(spec.sparse, spec.slot_starts[:-1]):
+    window = slice(start, start + feature.max_len)
+    ids, weights = batch['ids'][:, window], batch['weights'][:, window]
+    assert ids.min() >= 0 and ids.max() < spec.table(feature.table).rows
+    if feature.is_list:
+      # Mean pooling: every list has at least one value and its weights sum to 1.
+      np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-6)
+    else:
+      assert set(np.unique(weights)) <= {0.0, 1.0}
+  # Same seed, same batches: both sides of a comparison train on identical data.
+  again = benchmark.synthetic_batches(spec, batch_size=32, num_batches=2, seed=0)
+  np.testing.assert_array_equal(again[1]['ids'], batches[1]['ids'])
+
+
+def test_torchrec_batch_keeps_exactly_the_weighted_slots():
+  pytest.importorskip('torchrec')
+  from experiments import torchrec_dlrm  # pylint: disable=g-import-not-at-top
+  spec = fs.elm_spec(hash_buckets=1000, embedding_dim=4, max_list_len=8)
+  batch = benchmark.synthetic_batches(spec, batch_size=16, num_batches=1, seed=1)[0]
+  keys = torchrec_dlrm.feature_order(spec)
+  assert sorted(keys) == sorted(f.column for f in spec.sparse)
+  converted = torchrec_dlrm.to_torch_batch(batch, spec, keys)
+  lengths = converted['sparse'].lengths().numpy()
+  assert lengths.sum() == np.count_nonzero(batch['weights'])
+
+
+def _positive_finite(value):
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_tiny_run_writes_every_number(tmp_path):
+  out = tmp_path / 'benchmark.json'
+  command = [sys.executable, '-m', 'experiments.benchmark', '--tiny', '--quick', '--notorchrec',
+             '--pairs=2', '--min_time=0.02', f'--json_out={out}']
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert {'machine', 'settings', 'summary', 'groups'} <= set(report)
+  groups = {g['name']: g for g in report['groups']}
+  assert set(groups) == {'elm_dot_b64', 'rows_elm_dot_b64'}
+
+  rows = {row['label']: row for row in groups['elm_dot_b64']['rows']}
+  assert 'skipped' in rows['torchrec sgd fp32 step']
+  expected = ['ours fp32 step', 'ours fp32 step+input', 'ours bf16 step']
+  if 'end-to-end' not in report['settings']['skipped']:
+    expected.append('ours fp32 end-to-end')
+  for label in expected:
+    row = rows[label]
+    for key in ('samples_per_s', 'step_ms', 'ratio_vs_reference', 'flops_per_sample',
+                'achieved_flops_per_s', 'ceiling_flops_per_s', 'ceiling_fraction',
+                'peak_rss_mb', 'table_state_mb'):
+      assert _positive_finite(row[key]), (label, key, row.get(key))
+    assert len(row['samples_per_s_rounds']) == 2
+
+  summary = report['summary']
+  assert set(summary['matmul_ceiling_flops_per_s']) == {'fp32', 'bf16'}
+  assert all(_positive_finite(v) for v in summary['matmul_ceiling_flops_per_s'].values())
+  scaling = summary['row_scaling_step_time_ratio']
+  assert list(scaling) == ['rows_elm_dot_b64/ours 10,000 rows step']
+  assert all(_positive_finite(v) for v in scaling.values())
+  assert all(_positive_finite(v) for v in summary['peak_rss_mb'].values())
+  assert summary['ours_vs_torchrec'] == {}  # TorchRec was not run
