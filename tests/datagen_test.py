@@ -1,0 +1,303 @@
+"""Planted data: the exact ELM / Criteo file formats, determinism, the oracle, and reuse."""
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from dlrm_jax import datagen
+from dlrm_jax import feature_spec as fs
+from dlrm_jax import metrics
+
+# Small vocabularies keep a world's build well under a second; the model's terms are the same.
+SMALL = dict(num_users=400, num_items=300, num_shops=60, num_categories=12, num_foods=80,
+             num_brands=20, num_cities=3, num_districts=6, num_aois=30, max_history=12,
+             mean_history=4.0)
+SMALL_CRITEO = dict(vocab_sizes=(50, 30, 200, 100, 20, 5, 80, 40, 3, 60, 30, 90, 25, 7, 40,
+                                 70, 4, 30, 20, 4, 60, 6, 5, 40, 10, 30))
+ELM_LISTS = ('shop_id_list', 'item_id_list', 'category_1_id_list', 'merge_standard_food_id_list',
+             'brand_id_list', 'price_list', 'shop_aoi_id_list', 'shop_geohash6_list',
+             'timediff_list', 'hours_list', 'time_type_list', 'weekdays_list')
+COL = {c.name: k for k, c in enumerate(fs.ELM_COLUMNS)}
+INT_RE = re.compile(r'-?[0-9]+\Z')
+GEOHASH_RE = re.compile(r'[0-9b-hjkmnp-z]+\Z')
+HEX_RE = re.compile(r'[0-9a-f]{8}\Z')
+
+
+def _rows(path, delimiter):
+  with open(path) as f:
+    return [line.rstrip('\n').split(delimiter) for line in f]
+
+
+@pytest.fixture(scope='module')
+def elm_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp('elm'))
+  datagen.generate_elm(directory, train_rows=1500, eval_rows=4000, seed=3, planted=SMALL)
+  return directory
+
+
+@pytest.fixture(scope='module')
+def elm_rows(elm_dir):
+  return _rows(os.path.join(elm_dir, 'eval.csv'), ',')
+
+
+@pytest.fixture(scope='module')
+def criteo_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp('criteo'))
+  datagen.generate_criteo(directory, train_rows=500, eval_rows=3000, seed=3,
+                          planted=SMALL_CRITEO)
+  return directory
+
+
+def test_elm_lines_have_39_fields_and_no_header(elm_dir, elm_rows):
+  assert len(elm_rows) == 4000
+  assert {len(r) for r in elm_rows} == {len(fs.ELM_COLUMNS)}
+  # A header would put a column name where the label is.
+  assert {r[0] for r in elm_rows} == {'0', '1'}
+  with open(os.path.join(elm_dir, 'eval.csv'), 'rb') as f:
+    data = f.read()
+  assert data.endswith(b'\n') and b'\r' not in data and b'"' not in data
+
+
+def test_elm_field_values_have_the_real_types(elm_rows):
+  for column in fs.ELM_COLUMNS:
+    values = [r[COL[column.name]] for r in elm_rows]
+    if column.kind == 'int':
+      # Only gender is ever empty (missing: the reader's default -99).
+      allowed_empty = column.name == 'gender'
+      assert all(INT_RE.match(v) or (allowed_empty and v == '') for v in values), column.name
+    elif column.kind == 'float':
+      assert all(math.isfinite(float(v)) for v in values), column.name
+  ints = lambda name: {int(r[COL[name]]) for r in elm_rows}
+  assert ints('hours') <= set(range(24)) and len(ints('hours')) > 10
+  assert ints('weekdays') <= set(range(7))
+  assert ints('is_supervip') == {0, 1}
+  assert {r[COL['gender']] for r in elm_rows} == {'1', '2', ''}
+  assert min(ints('rank_7')) >= 1
+  assert {r[COL['time_type']] for r in elm_rows} == set(fs.ELM_TIME_TYPES)
+  for name in ('user_id', 'item_id', 'shop_id', 'category_1_id', 'merge_standard_food_id',
+               'city_id', 'visit_city', 'district_id'):
+    assert all(r[COL[name]].isdigit() for r in elm_rows), name
+  for name, length in (('shop_geohash_6', 6), ('shop_geohash_12', 12), ('geohash12', 12)):
+    assert all(len(r[COL[name]]) == length and GEOHASH_RE.match(r[COL[name]])
+               for r in elm_rows), name
+  # The real data has empty scalars: brand (no brand) and AOI (no AOI).
+  assert any(r[COL['brand_id']] == '' for r in elm_rows)
+  assert any(r[COL['shop_aoi_id']] == '' for r in elm_rows)
+
+
+def test_elm_history_lists_are_aligned_and_hours_match_time_types(elm_rows):
+  lengths = []
+  for r in elm_rows:
+    count = len(r[COL['item_id_list']].split(';')) if r[COL['item_id_list']] else 0
+    lengths.append(count)
+    if count == 0:
+      assert all(r[COL[name]] == '' for name in ELM_LISTS), r
+      continue
+    # A one-event list of a shop without an AOI is '' too, so split every field the same way.
+    values = {name: r[COL[name]].split(';') for name in ELM_LISTS}
+    assert {len(v) for v in values.values()} == {count}, values
+    hours = [int(h) for h in values['hours_list']]
+    assert all(0 <= h < 24 for h in hours)
+    assert [fs.ELM_TIME_TYPES[datagen._HOUR_TIME_TYPE[h]] for h in hours] == values[
+        'time_type_list']
+    assert all(INT_RE.match(v) for v in values['timediff_list'] + values['weekdays_list'])
+    assert all(float(v) > 0 for v in values['price_list'])
+  lengths = np.array(lengths)
+  assert lengths.max() <= SMALL['max_history']
+  assert 0 < np.mean(lengths == 0) < 0.2   # some empty histories, as in the real data
+  assert lengths.mean() > 2
+
+
+def test_elm_item_attributes_never_contradict(elm_rows):
+  """An item has one shop, category, food, brand and geohash, in scalars and history lists."""
+  seen = collections.defaultdict(set)
+  attributes = (('shop_id', 'shop_id_list'), ('category_1_id', 'category_1_id_list'),
+                ('merge_standard_food_id', 'merge_standard_food_id_list'),
+                ('shop_geohash_6', 'shop_geohash6_list'), ('shop_aoi_id', 'shop_aoi_id_list'))
+  for r in elm_rows:
+    for scalar, _ in attributes:
+      seen[r[COL['item_id']], scalar].add(r[COL[scalar]])
+    items = r[COL['item_id_list']].split(';') if r[COL['item_id_list']] else []
+    for scalar, listed in attributes:
+      for item, value in zip(items, r[COL[listed]].split(';')):
+        seen[item, scalar].add(value)
+    # Within a row, each history item always has the same price.
+    prices = collections.defaultdict(set)
+    for item, price in zip(items, r[COL['price_list']].split(';')):
+      prices[item].add(price)
+    assert all(len(p) == 1 for p in prices.values())
+  assert max(len(v) for v in seen.values()) == 1
+  assert len({item for item, _ in seen}) > 100
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+  digests = []
+  for name, seed in (('a', 7), ('b', 7), ('c', 8)):
+    datagen.generate_elm(str(tmp_path / name), 300, 200, seed, planted=SMALL)
+    with open(tmp_path / name / 'train.csv', 'rb') as f:
+      train = f.read()
+    with open(tmp_path / name / 'eval.csv', 'rb') as f:
+      digests.append((train, f.read()))
+  assert digests[0] == digests[1]
+  assert digests[0][0] != digests[2][0] and digests[0][1] != digests[2][1]
+  # Train and eval come from different streams.
+  assert digests[0][0][:1000] != digests[0][1][:1000]
+
+
+@pytest.mark.parametrize('split', ['train', 'eval'])
+def test_elm_oracle_matches_probabilities_recomputed_from_the_file(elm_dir, split):
+  with open(os.path.join(elm_dir, 'oracle.json')) as f:
+    oracle = json.load(f)
+  for key in ('oracle_auc', 'oracle_logloss', 'train_oracle_auc', 'train_oracle_logloss',
+              'eval_oracle_auc', 'eval_oracle_logloss', 'train_ctr', 'eval_ctr', 'train_rows',
+              'eval_rows', 'seed', 'kind', 'planted', 'intercept', 'generator_version'):
+    assert key in oracle, key
+  assert oracle['planted'] == dataclasses.asdict(datagen.PlantedModel(**SMALL))
+  labels, probs = datagen.true_probabilities(elm_dir, split)
+  assert labels.size == oracle[f'{split}_rows']
+  assert oracle[f'{split}_ctr'] == pytest.approx(labels.mean(), abs=1e-12)
+  assert oracle[f'{split}_oracle_auc'] == pytest.approx(metrics.exact_auc(labels, probs),
+                                                        abs=1e-12)
+  assert oracle[f'{split}_oracle_logloss'] == pytest.approx(metrics.logloss(labels, probs),
+                                                            abs=1e-12)
+  assert oracle['oracle_auc'] == oracle['eval_oracle_auc']
+  # The planted signal is real: well above chance, and the labels follow the probabilities.
+  assert oracle[f'{split}_oracle_auc'] > 0.65
+  assert oracle[f'{split}_oracle_logloss'] < oracle[f'{split}_constant_logloss']
+
+
+def _assert_ctr_near(labels, probs, target):
+  # Rows are i.i.d. given the world, so the label mean has standard deviation sqrt(t(1-t)/n);
+  # 4 of those, plus 0.003 for the intercept being fitted on 32768 rows of another stream.
+  n = labels.size
+  assert abs(labels.mean() - target) < 4 * math.sqrt(target * (1 - target) / n) + 0.003
+  assert abs(probs.mean() - target) < 4 * probs.std() / math.sqrt(n) + 0.003
+
+
+def test_ctr_follows_target(elm_dir, criteo_dir):
+  _assert_ctr_near(*datagen.true_probabilities(elm_dir, 'eval'), 0.04)
+  _assert_ctr_near(*datagen.true_probabilities(criteo_dir, 'eval'), 0.25)
+
+
+def _resample_factors(world, rng):
+  if isinstance(world, datagen.ElmWorld):
+    return dataclasses.replace(
+        world, user_factors=rng.permutation(world.user_factors),
+        item_factors=rng.normal(size=world.item_factors.shape),
+        category_factors=rng.normal(size=world.category_factors.shape))
+  return dataclasses.replace(
+      world, factors={c: rng.normal(size=f.shape) for c, f in world.factors.items()})
+
+
+@pytest.mark.parametrize('kind, small', [('elm', SMALL), ('criteo', SMALL_CRITEO)])
+def test_zero_interaction_weight_removes_latent_products(kind, small):
+  rng = np.random.default_rng(0)
+  for weight in (0.0, 0.6):
+    world = datagen.build_world(kind, dict(small, interaction_weight=weight), seed=2)
+    rows = world.draw(np.random.default_rng(1), 2000)
+    change = world.logits(rows) - _resample_factors(world, rng).logits(rows)
+    if weight == 0.0:
+      np.testing.assert_array_equal(change, 0.0)
+    else:
+      assert np.abs(change).max() > 0.5
+
+
+def test_ensure_reuses_identical_data_and_regenerates_otherwise(tmp_path, monkeypatch):
+  directory = str(tmp_path / 'planted')
+  args = (directory, 'elm', 300, 200, 5)
+  first = datagen.ensure_planted_data(*args, planted=SMALL)
+  assert not first['reused']
+  stamp = lambda name: os.stat(os.path.join(directory, name)).st_mtime_ns
+  stamps = {name: stamp(name) for name in ('train.csv', 'eval.csv', 'oracle.json')}
+  with open(first['train_path'], 'rb') as f:
+    original = f.read()
+
+  real_generate = datagen.generate
+
+  def must_not_generate(*unused_args, **unused_kwargs):
+    raise AssertionError('regenerated an identical data set')
+
+  monkeypatch.setattr(datagen, 'generate', must_not_generate)
+  second = datagen.ensure_planted_data(*args, planted=SMALL)
+  assert second['reused'] and second['oracle_auc'] == first['oracle_auc']
+  assert {name: stamp(name) for name in stamps} == stamps
+  monkeypatch.setattr(datagen, 'generate', real_generate)
+
+  changed = datagen.ensure_planted_data(*args, planted=SMALL, interaction_weight=0.0)
+  assert not changed['reused'] and changed['planted']['interaction_weight'] == 0.0
+  with open(changed['train_path'], 'rb') as f:
+    assert f.read() != original
+  assert not datagen.ensure_planted_data(directory, 'elm', 300, 201, 5, planted=SMALL)['reused']
+
+  os.remove(os.path.join(directory, 'oracle.json'))
+  assert not datagen.ensure_planted_data(*args, planted=SMALL)['reused']
+  with open(first['train_path'], 'rb') as f:
+    assert f.read() == original   # back to the first parameters: the same bytes again
+
+  with open(first['train_path'], 'ab') as f:   # a file changed after the oracle was written
+    f.write(b'0\n')
+  assert not datagen.ensure_planted_data(*args, planted=SMALL)['reused']
+  assert datagen.ensure_planted_data(*args, planted=SMALL)['reused']
+
+
+def test_interrupted_generation_is_never_reused(tmp_path, monkeypatch):
+  directory = str(tmp_path / 'planted')
+  args = (directory, 'elm', 300, 200, 5)
+  datagen.ensure_planted_data(*args, planted=SMALL)
+  real_write = datagen._write_split
+
+  def fail_on_eval(world, path, split, rows, use_gzip):
+    if split == 1:
+      raise KeyboardInterrupt
+    return real_write(world, path, split, rows, use_gzip)
+
+  monkeypatch.setattr(datagen, '_write_split', fail_on_eval)
+  with pytest.raises(KeyboardInterrupt):
+    datagen.ensure_planted_data(*args, planted=SMALL, linear_weight=0.5)
+  assert not os.path.exists(os.path.join(directory, 'oracle.json'))
+  assert sorted(os.listdir(directory)) == ['eval.csv', 'train.csv']
+  monkeypatch.setattr(datagen, '_write_split', real_write)
+  assert not datagen.ensure_planted_data(*args, planted=SMALL)['reused']
+
+
+def test_criteo_lines_have_40_fields_and_hex_categoricals(criteo_dir):
+  rows = _rows(os.path.join(criteo_dir, 'eval.txt'), '\t')
+  assert len(rows) == 3000 and {len(r) for r in rows} == {40}
+  assert {r[0] for r in rows} == {'0', '1'}
+  dense = [r[1:14] for r in rows]
+  assert all(v == '' or INT_RE.match(v) for r in dense for v in r)
+  assert any(v == '' for r in dense for v in r)
+  assert any(r[1].startswith('-') for r in dense)   # I2 has negatives, as in the real data
+  categorical = [r[14:] for r in rows]
+  assert all(v == '' or HEX_RE.match(v) for r in categorical for v in r)
+  assert any(v == '' for r in categorical for v in r)
+  labels, probs = datagen.true_probabilities(criteo_dir, 'eval')
+  with open(os.path.join(criteo_dir, 'oracle.json')) as f:
+    oracle = json.load(f)
+  assert oracle['oracle_auc'] == pytest.approx(metrics.exact_auc(labels, probs), abs=1e-12)
+  assert oracle['oracle_auc'] > 0.6
+
+
+def test_command_line_writes_and_records_the_planted_weights(tmp_path, capsys):
+  directory = str(tmp_path / 'cli')
+  flags = [f'--{k}={v}' for k, v in SMALL.items()]
+  datagen.main(['elm', '--out_dir', directory, '--train_rows', '200', '--eval_rows', '100',
+                '--seed', '4', '--interaction_weight', '0', '--history_weight', '0.5'] + flags)
+  summary = json.loads(capsys.readouterr().out)
+  assert not summary['reused']
+  with open(os.path.join(directory, 'oracle.json')) as f:
+    oracle = json.load(f)
+  assert oracle['planted']['interaction_weight'] == 0.0
+  assert oracle['planted']['history_weight'] == 0.5
+  assert oracle['seed'] == 4 and oracle['train_rows'] == 200
+  datagen.main(['criteo', '--out_dir', str(tmp_path / 'c'), '--train_rows', '50',
+                '--eval_rows', '50', '--gzip'])
+  assert sorted(os.listdir(tmp_path / 'c')) == ['eval.txt.gz', 'oracle.json', 'train.txt.gz']
+  labels, _ = datagen.true_probabilities(str(tmp_path / 'c'), 'train')
+  assert labels.size == 50
