@@ -30,6 +30,12 @@ def get_config():
   config.interaction_op = 'cat'        # 'dot' or 'cat'
   config.batch_norm = True             # after each bottom-MLP layer, as the reference
 
+  # What to run: 'train' (then evaluate), 'eval' (the newest checkpoint in the run directory on
+  # the eval file), or 'predict' (one probability per row of predict_input).
+  config.mode = 'train'
+  config.predict_input = ''
+  config.predict_output = ''           # '' = <run directory>/predictions.txt
+
   # Training.
   config.steps = 0                     # 0 = one epoch of the train file
   config.batch_size = 512
@@ -47,6 +53,8 @@ def get_config():
   config.save_steps = 0                # 0 = save only at the end
   config.keep_checkpoint_max = 1
   config.timeline = 0                  # profile this many steps after warm-up; 0 = off
+  config.activation_summary_steps = 1000  # zero fractions and histograms of MLP layers; 0 = off
+  config.export_dir = ''               # write a serving artifact here after training; '' = none
 
   # Accelerations (DeepRec's feature flags) and the switch that turns all of them off (--tf).
   config.bf16 = False                  # bfloat16 compute, float32 master weights and loss

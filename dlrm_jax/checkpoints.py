@@ -32,7 +32,13 @@ def restore_latest(manager: ocp.CheckpointManager, state):
   if step is None:
     return state
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  try:
+    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except ValueError as e:
+    raise ValueError(
+        f'the checkpoint at step {step} in {manager.directory} does not fit this config (another '
+        'optimizer, model size, feature spec or emb_fusion?); compare with the config.json beside '
+        f'it, or use a new run directory. orbax says: {str(e)[:2000]}') from e
   logging.info('restored checkpoint at step %d from %s', step, manager.directory)
   return restored
 

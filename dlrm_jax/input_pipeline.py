@@ -40,13 +40,14 @@ Parsing follows the reference reader (see /work/shared/elm-schema.md):
 Bad rows (wrong field count, a non-number in a numeric field, a label other than 0/1) raise
 `DataError` naming the file, line and column, or with `skip_bad_rows=True` are dropped and counted.
 
-Speed (about 60k ELM rows/s on one core; `python tests/input_pipeline_test.py` measures it): the
-work is vectorised per column of a chunk of lines. Hashed tokens are never made into Python
-strings: their byte ranges are found with numpy in the column's UTF-8 bytes and hashed there by a
-numpy Fingerprint64 (checked against pyfarmhash for every length in the tests); numbers go
-through one C-level `map(int | float)` per column; the padded layout is a few numpy scatters.
-Nothing loops over rows in Python except to name a bad row once a column is known to hold one.
-`num_workers` parses in worker processes for more than one core.
+Speed (60-80k ELM rows/s with ~10-token lists on one loaded core; `PYTHONPATH=. python
+tests/input_pipeline_test.py` measures it): the work is vectorised per column of a chunk of lines.
+Hashed and numeric tokens are never made into Python strings: their byte ranges are found with
+numpy in the column's UTF-8 bytes, where a numpy Fingerprint64 hashes them (checked against pyfarmhash for
+every length in the tests) and a numpy decimal parser reads the plain numbers (exactly, as
+float() would; other spellings go to float() one by one). The padded layout is a few numpy
+scatters. Nothing loops over rows in Python except to name a bad row. `num_workers` parses in
+worker processes when one core is not enough.
 """
 
 import collections
@@ -750,7 +751,8 @@ def iter_row_chunks(paths: Paths, spec: feature_spec_lib.FeatureSpec, *, chunk_r
   Lines are numbered 0, 1, ... across all files together, and process k of n keeps line i when
   i % n == k, so the shares of n processes are disjoint, cover every line and differ in size by
   at most one row. `num_workers > 0` parses in that many worker processes (the parser holds the
-  GIL, so threads would not help); chunks, errors and `stats` are the same as with 0.
+  GIL, so threads would not help); chunks, errors and `stats` are the same as with 0. The workers
+  are spawned, so a script using them needs the usual `if __name__ == '__main__':` guard.
   """
   if num_workers <= 0:
     yield from _row_chunks(paths, spec, chunk_rows, skip_bad_rows, stats, process_index,

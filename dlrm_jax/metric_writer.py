@@ -4,9 +4,10 @@ clu's writers need TensorFlow for TensorBoard files; tensorboardX writes the sam
 without it. Only process 0 writes, so multi-host runs produce one set of summaries.
 """
 
-import json
+import glob
 import os
-from typing import Dict, Optional
+import struct
+from typing import Dict, Iterator, Set, Tuple
 
 from absl import logging
 import jax
@@ -108,3 +109,44 @@ class _Progress:
 
 def progress_bar(total: int, initial: int = 0) -> _Progress:
   return _Progress(total, initial)
+
+
+# Reading the event files back (for plots and tests; the `tensorboard` package is not needed).
+
+def _records(path: str) -> Iterator[bytes]:
+  """The payloads of a TFRecord file: u64 length, u32 crc, payload, u32 crc, repeated."""
+  with open(path, 'rb') as f:
+    while True:
+      header = f.read(12)
+      if len(header) < 12:
+        return
+      length, = struct.unpack('<Q', header[:8])
+      payload = f.read(length)
+      if len(payload) < length or len(f.read(4)) < 4:
+        return  # a run killed mid-write leaves a truncated last record
+      yield payload
+
+
+def _scalar_events(workdir: str) -> Iterator[Tuple[str, int, float, float]]:
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
+    for record in _records(path):
+      event = event_pb2.Event.FromString(record)
+      for value in event.summary.value:
+        if value.HasField('simple_value'):
+          yield value.tag, event.step, event.wall_time, value.simple_value
+
+
+def read_scalars(workdir: str, tag: str) -> Tuple[list, list]:
+  """(steps, values) of `tag` over every event file in `workdir`, by step; where a resumed run
+  wrote a step again, its later value wins."""
+  latest = {}
+  for name, step, wall_time, value in _scalar_events(workdir):
+    if name == tag and (step not in latest or wall_time >= latest[step][0]):
+      latest[step] = (wall_time, value)
+  steps = sorted(latest)
+  return steps, [latest[s][1] for s in steps]
+
+
+def read_scalar_tags(workdir: str) -> Set[str]:
+  return {name for name, _, _, _ in _scalar_events(workdir)}

@@ -16,10 +16,12 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from typing import Any, Callable, Dict, Iterator, Optional
 
 from absl import logging
+import flax.linen as nn
 import flax.struct
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -36,6 +38,7 @@ from dlrm_jax import metric_writer
 from dlrm_jax import metrics
 from dlrm_jax import models
 from dlrm_jax import optimizers
+from dlrm_jax import serving
 
 Batch = Dict[str, jax.Array]
 
@@ -307,72 +310,193 @@ def steps_for(config, num_train_rows: int) -> int:
   return steps
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def check_writable(workdir: str, state: TrainState, config) -> None:
+  """Fails before training when the run directory cannot hold the run's checkpoints."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write-probe-{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f'run directory {workdir} is not writable: {e}') from e
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  # orbax keeps up to keep_checkpoint_max steps plus the one being written.
+  needed = state_bytes * (max(int(config.keep_checkpoint_max), 1) + 1)
+  free = shutil.disk_usage(workdir).free
+  if free < needed:
+    raise OSError(f'{workdir}: {free / 2**30:.2f} GiB free, checkpoints of this run need about '
+                  f'{needed / 2**30:.2f} GiB ({state_bytes / 2**20:.0f} MiB per step x '
+                  f'{max(int(config.keep_checkpoint_max), 1) + 1})')
+
+
+def activation_stats(setup: Setup, state: TrainState, batch: Batch) -> Dict[str, jax.Array]:
+  """Each MLP layer's output (after ReLU, before batch norm) on a batch, for summaries."""
+  rows = lookup(setup, state.params['tables'], batch)
+  pooled = models.pool(rows, batch['weights'], setup.spec)
+  _, variables = setup.model.apply(
+      {'params': state.params['mlp'], 'batch_stats': state.batch_stats}, batch['dense'], pooled,
+      train=False, capture_intermediates=lambda mdl, name: isinstance(mdl, nn.Dense))
+  outputs = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(variables['intermediates'])[0]:
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path[:-2])
+    outputs[name] = jax.nn.relu(value) if not name.endswith('logit') else value
+  return outputs
+
+
+def write_activation_summaries(writer, step: int, activations) -> None:
+  activations = jax.device_get(activations)
+  writer.write_scalars(step, {f'zero_fraction/{k}': float(np.mean(v == 0))
+                              for k, v in activations.items() if not k.endswith('logit')})
+  writer.write_histograms(step, {f'activations/{k}': np.asarray(v, np.float32).ravel()
+                                 for k, v in activations.items()})
+
+
+def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
+  state = create_train_state(jax.random.PRNGKey(config.seed), setup)
+  manager = checkpoints.make_manager(workdir, config)
+  if checkpoints.latest_step(manager) is None:
+    raise FileNotFoundError(f'mode={config.mode} needs a checkpoint in {workdir}/checkpoints, '
+                            'and there is none; train first or point --workdir at a run')
+  return checkpoints.restore_latest(manager, state)
+
+
+def predict(setup: Setup, state: TrainState, config, input_path: str, output_path: str) -> int:
+  """Writes one click probability per row of `input_path`, in row order; returns the count."""
+  replicated = NamedSharding(setup.mesh, P())
+  step = jax.jit(functools.partial(eval_step, setup), out_shardings=replicated)
+  batches = input_pipeline.batches([input_path], setup.spec, config.eval_batch_size,
+                                   drop_remainder=False, skip_bad_rows=False)
+  tmp = f'{output_path}.tmp-{os.getpid()}'
+  count = 0
+  with open(tmp, 'w') as f:
+    for batch in device_batches(batches, setup, smartstaged=False):
+      probs, _, mask = jax.device_get(step(state, batch))
+      for p in probs[mask > 0]:
+        f.write(f'{p:.8g}\n')
+        count += 1
+  os.replace(tmp, output_path)
+  return count
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  """Trains (resuming from the newest checkpoint in `workdir`), evaluates, writes results.json."""
-  options = effective_options(config)
+  """Runs `config.mode`: train (then evaluate), eval of the newest checkpoint, or predict.
+
+  Training resumes from the newest checkpoint in `workdir`, continuing the same data order.
+  """
   setup = make_setup(config)
+  if config.mode == 'predict':
+    state = restore_for_inference(setup, config, workdir)
+    output = config.predict_output or os.path.join(workdir, 'predictions.txt')
+    count = predict(setup, state, config, config.predict_input, output)
+    logging.info('wrote %d probabilities to %s', count, output)
+    return {'predictions': count, 'predict_output': output}
+  if config.mode == 'eval':
+    data = data_sources.resolve(config, setup.spec)
+    state = restore_for_inference(setup, config, workdir)
+    results = {'steps': int(state.step), **data.oracle}
+    results.update({f'eval_{k}': v for k, v in evaluate(
+        setup, state, config, data.eval_path, input_pipeline.ParseStats()).items()})
+    write_json_atomic(os.path.join(workdir, 'eval_results.json'), results)
+    print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
+    return results
+  if config.mode != 'train':
+    raise ValueError(f"mode={config.mode!r}: expected 'train', 'eval' or 'predict'")
+  return train_and_eval(setup, config, workdir)
+
+
+def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
+  options = effective_options(config)
   data = data_sources.resolve(config, setup.spec)
-  os.makedirs(workdir, exist_ok=True)
+  state = create_train_state(jax.random.PRNGKey(config.seed), setup)
+  check_writable(workdir, state, config)
   writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.write_config(config)
   stats = input_pipeline.ParseStats()
 
-  state = create_train_state(jax.random.PRNGKey(config.seed), setup)
   manager = checkpoints.make_manager(workdir, config)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(state.step)
   num_steps = steps_for(config, data.train_rows)
   step_fn = compile_train_step(setup, state, options['op_fusion'])
+  summarize = jax.jit(functools.partial(activation_stats, setup))
 
-  rows_per_epoch = max(data.train_rows, 1)
-  num_epochs = math.ceil(num_steps * config.batch_size / rows_per_epoch) + 1
+  num_epochs = math.ceil(num_steps * config.batch_size / max(data.train_rows, 1)) + 1
   host_batches = input_pipeline.batches(
       [data.train_path], setup.spec, config.batch_size // jax.process_count(),
       shuffle_buffer=config.shuffle_buffer, seed=config.seed, num_epochs=num_epochs,
       drop_remainder=True, skip_bad_rows=config.skip_bad_rows, stats=stats,
       process_index=jax.process_index(), process_count=jax.process_count())
-  # Resuming: the data continues where the interrupted run stopped.
-  host_batches = _skip(host_batches, start_step)
+  # Resuming: skip the batches the interrupted run consumed, so the data order continues.
+  for _ in range(start_step):
+    next(host_batches, None)
   batches = device_batches(host_batches, setup, options['smartstaged'])
 
   logging.info('training %d steps from step %d (batch %d, %s)', num_steps, start_step,
                config.batch_size, ', '.join(f'{k}={v}' for k, v in options.items()))
-  losses = []
+  pending_losses = []
+  last_saved = checkpoints.latest_step(manager)
+  save_stall, saves = 0.0, 0
   train_start = time.perf_counter()
   timed_steps, timed_since = 0, None
   profiler = metric_writer.Timeline(workdir, config.timeline, first_step=start_step + 10)
   progress = metric_writer.progress_bar(num_steps, start_step)
+
+  def check_losses(step):
+    """Fetches the losses since the last check; stops the run at the first non-finite one."""
+    values = np.asarray(jax.device_get(pending_losses))
+    pending_losses.clear()
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+      raise FloatingPointError(
+          f'non-finite training loss at step {step - values.size + bad[0] + 1}; the last good '
+          f'checkpoint is step {last_saved} in {manager.directory} (left intact)')
+    return values
+
   for step in range(start_step, num_steps):
     profiler.before_step(step)
-    try:
-      batch = next(batches)
-    except StopIteration:
+    batch = next(batches, None)
+    if batch is None:
       logging.warning('train data ran out at step %d', step)
       break
     state, loss = step_fn(state, batch)
-    losses.append(loss)
+    pending_losses.append(loss)
     if step == start_step:
-      # The first step compiles; throughput is measured from the second on.
-      jax.block_until_ready(loss)
+      jax.block_until_ready(loss)  # the first step compiles; time from the second on
       timed_since = time.perf_counter()
     else:
       timed_steps += 1
     profiler.after_step(step, loss)
-    if (step + 1) % config.log_every_steps == 0 or step + 1 == num_steps:
-      values = np.asarray(jax.device_get(losses))
-      losses = []
-      elapsed = time.perf_counter() - timed_since if timed_since else 0.0
-      rate = timed_steps * config.batch_size / elapsed if elapsed > 0 else float('nan')
-      if not np.all(np.isfinite(values)):
-        raise FloatingPointError(
-            f'non-finite training loss at step {step + 1}; the last good checkpoint is '
-            f'{checkpoints.latest_step(manager)} in {workdir}')
-      writer.write_scalars(step + 1, {'train_loss': float(values.mean()),
-                                      'train_samples_per_s': rate,
-                                      'learning_rate': config.learning_rate})
-      progress.update(step + 1, loss=float(values.mean()), samples_per_s=rate)
-    if config.save_steps and (step + 1) % config.save_steps == 0:
-      checkpoints.save(manager, step + 1, state)
+    done = step + 1
+    log_now = done % config.log_every_steps == 0 or done == num_steps
+    save_now = bool(config.save_steps) and done % config.save_steps == 0
+    if log_now or save_now:
+      values = check_losses(done)  # never checkpoint a state that has gone non-finite
+      if log_now:
+        elapsed = time.perf_counter() - timed_since
+        rate = timed_steps * config.batch_size / elapsed if elapsed > 0 else float('nan')
+        writer.write_scalars(done, {'train_loss': float(values.mean()),
+                                    'train_samples_per_s': rate,
+                                    'learning_rate': config.learning_rate})
+        progress.update(done, loss=float(values.mean()), samples_per_s=rate)
+      if config.activation_summary_steps and done % config.activation_summary_steps == 0:
+        write_activation_summaries(writer, done, summarize(state, batch))
+      if save_now:
+        t = time.perf_counter()
+        if not bool(all_finite(state.params)):
+          raise FloatingPointError(
+              f'non-finite parameters after step {done}; the last good checkpoint is step '
+              f'{last_saved} in {manager.directory} (left intact)')
+        checkpoints.save(manager, done, state)
+        save_stall += time.perf_counter() - t
+        saves += 1
+        last_saved = done
+  check_losses(int(state.step))
   jax.block_until_ready(state)
   train_time = time.perf_counter() - train_start
   rate = (timed_steps * config.batch_size / (time.perf_counter() - timed_since)
@@ -380,17 +504,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   progress.close()
   profiler.close()
   final_step = int(state.step)
-  if final_step > start_step:
+  if final_step != last_saved and bool(all_finite(state.params)):
     checkpoints.save(manager, final_step, state)
   checkpoints.wait(manager)
 
   results = {'steps': final_step, 'train_time_s': train_time, 'train_samples_per_s': rate,
-             'batch_size': config.batch_size, **{f'option_{k}': v for k, v in options.items()}}
+             'batch_size': config.batch_size, 'checkpoint_saves': saves,
+             'checkpoint_stall_s': save_stall,
+             **{f'option_{k}': v for k, v in options.items()}}
   if not config.no_eval:
     eval_metrics = evaluate(setup, state, config, data.eval_path, stats)
     results.update({f'eval_{k}': v for k, v in eval_metrics.items()})
     writer.write_scalars(final_step, {f'eval_{k}': results[f'eval_{k}']
                                       for k in ('auc', 'accuracy', 'logloss')})
+  if config.export_dir:
+    results['export_dir'] = serving.export_model(setup, state, config.export_dir)
   results.update(data.oracle)
   results.update({'rows_parsed': stats.rows, 'bad_rows': stats.bad_rows,
                   'truncated_list_values': stats.truncated_values})
@@ -400,12 +528,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if not config.no_eval:
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
   return results
-
-
-def _skip(iterator, n: int):
-  for _ in range(n):
-    next(iterator, None)
-  return iterator
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -24,6 +24,9 @@ def compilation_cache_env(tmp_path_factory):
   runs of the same tiny model then compile once, which is most of a tiny run's time."""
   env = dict(os.environ)
   env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.getbasetemp() / 'jax_cache')
+  # Small programs too (JAX caches only those compiling for over a second by default): the eager
+  # ops of initialisation are dozens of them.
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   env['PYTHONPATH'] = os.pathsep.join([ROOT, env.get('PYTHONPATH', '')])
   return env
 
@@ -91,12 +94,15 @@ def shared_compilation_cache(tmp_path_factory):
   """This process compiles through the session's cache too, for this test only."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
-  before = jax.config.jax_compilation_cache_dir
-  jax.config.update('jax_compilation_cache_dir',
-                    compilation_cache_env(tmp_path_factory)['JAX_COMPILATION_CACHE_DIR'])
+  env = compilation_cache_env(tmp_path_factory)
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
+  before = {name: getattr(jax.config, name) for name in names}
+  jax.config.update(names[0], env['JAX_COMPILATION_CACHE_DIR'])
+  jax.config.update(names[1], 0.0)
   compilation_cache.reset_cache()
   yield
-  jax.config.update('jax_compilation_cache_dir', before)
+  for name, value in before.items():
+    jax.config.update(name, value)
   compilation_cache.reset_cache()
 
 
@@ -176,6 +182,10 @@ def test_interrupted_grid_resumes_where_it_stopped(tmp_path):
   assert dot['eval_auc_std'] == pytest.approx(0.01)  # sample std of 0.71, 0.72, 0.73
   assert '| dot | 3 | 0.7200 ± 0.0100 | 0.2000 ± 0.0000 | 0.9000 ± 0.0000 | 2,000 ± 1,000 | ' \
          '7 ± 0 | 0.9000 | 0.1000 |' in result.markdown
+  # The figure comparing several settings (the README's) takes finished ablations.
+  path = ablate.plot_auc_panels({'a': result, 'b': result}, str(tmp_path / 'panels.png'))
+  with open(path, 'rb') as f:
+    assert f.read().startswith(PNG_MAGIC)
 
 
 def test_resume_refuses_an_out_dir_of_another_config(tmp_path):
@@ -214,3 +224,18 @@ def test_each_planted_setting_gets_its_own_data_directory():
   assert ablate.data_dir(a, '/out') == ablate.data_dir(b, '/out')
   b.planted.interaction_weight = 0.0
   assert ablate.data_dir(a, '/out') != ablate.data_dir(b, '/out')
+
+
+def test_resume_accepts_fields_added_by_a_newer_version(tmp_path):
+  grid = {'interaction_op': ('dot',)}
+  train_fn, calls = fake_train()
+  ablate.run_ablation(tiny_base(), grid, [1], str(tmp_path), plots=False, train_fn=train_fn,
+                      compilation_cache=False)
+  # The cell was trained before the config gained a field (its default keeps old behaviour).
+  path = tmp_path / 'interaction_op-dot_seed-1' / 'cell_config.json'
+  recorded = json.loads(path.read_text())
+  del recorded['log_every_steps']
+  path.write_text(json.dumps(recorded))
+  result = ablate.run_ablation(tiny_base(), grid, [1], str(tmp_path), plots=False,
+                               train_fn=train_fn, compilation_cache=False)
+  assert calls == ['interaction_op-dot_seed-1'] and not result.cells['trained_now'].any()

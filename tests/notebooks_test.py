@@ -64,7 +64,7 @@ def test_ablation_notebook_runs(tmp_path, tmp_path_factory, monkeypatch):
   # Both planted settings ran, each with a table, an AUC plot and a loss plot.
   for setting in ('interactions', 'no_interactions'):
     assert os.path.exists(tmp_path / setting / 'results.md')
-  assert images_in(notebook) == 4
+  assert images_in(notebook) == 5  # and the two settings side by side
   assert 'dot - cat' in text
 
 

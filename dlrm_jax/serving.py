@@ -1,0 +1,94 @@
+"""A serving artifact: the scoring function as serialized StableHLO plus its parameters.
+
+`export_model` (run in the training process) writes a directory with
+  model.jax_export   jax.export serialization of score(params, dense, ids, weights) -> probs,
+                     with a symbolic batch dimension;
+  params.npz         every array the function takes, flattened by path;
+  spec.json          the feature spec's name and sizes, for the caller's input pipeline.
+`load` (any process, no model or training code imported) returns a callable that scores batches
+in the layout of `feature_spec` (dense, ids, weights). Serving looks rows up by id directly; the
+host-side dedup of training is a training-time device optimisation only.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ARTIFACT = 'model.jax_export'
+PARAMS = 'params.npz'
+SPEC = 'spec.json'
+
+
+def _flatten(tree) -> Dict[str, np.ndarray]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def export_model(setup, state, directory: str) -> str:
+  """Writes the artifact atomically (temporary directory, then rename); returns its path."""
+  from dlrm_jax import models  # pylint: disable=g-import-not-at-top
+
+  spec = setup.spec
+  params = {'tables': state.params['tables'], 'mlp': state.params['mlp'],
+            'batch_stats': state.batch_stats}
+
+  def score(params, dense, ids, weights):
+    tables = params['tables']
+    if models.FUSED in tables:
+      rows = jnp.take(tables[models.FUSED], ids + spec.slot_offsets, axis=0)
+    else:
+      parts = [jnp.take(tables[spec.sparse[f].table], ids[:, a:b], axis=0)
+               for f, (a, b) in enumerate(zip(spec.slot_starts[:-1], spec.slot_starts[1:]))]
+      rows = jnp.concatenate(parts, axis=1)
+    pooled = models.pool(rows, weights, spec)
+    logits = setup.model.apply({'params': params['mlp'], 'batch_stats': params['batch_stats']},
+                               dense, pooled, train=False)
+    return jax.nn.sigmoid(logits)
+
+  batch, = jax.export.symbolic_shape('batch')
+  args = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
+          jax.ShapeDtypeStruct((batch, spec.num_dense), jnp.float32),
+          jax.ShapeDtypeStruct((batch, spec.num_slots), jnp.int32),
+          jax.ShapeDtypeStruct((batch, spec.num_slots), jnp.float32))
+  exported = jax.export.export(jax.jit(score))(*args)
+
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
+  with open(os.path.join(tmp, ARTIFACT), 'wb') as f:
+    f.write(exported.serialize())
+  np.savez(os.path.join(tmp, PARAMS), **_flatten(params))
+  with open(os.path.join(tmp, SPEC), 'w') as f:
+    json.dump({'name': spec.name, 'num_dense': spec.num_dense, 'num_slots': spec.num_slots,
+               'num_sparse': spec.num_sparse, 'embedding_dim': spec.embedding_dim,
+               'tables': {t.name: t.rows for t in spec.tables}}, f, indent=2)
+  if os.path.exists(directory):
+    shutil.rmtree(directory)
+  os.replace(tmp, directory)
+  return directory
+
+
+def load(directory: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+  """score(dense f32[B, n], ids i32[B, S], weights f32[B, S]) -> click probabilities f32[B]."""
+  with open(os.path.join(directory, ARTIFACT), 'rb') as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  stored = np.load(os.path.join(directory, PARAMS))
+  treedef = exported.in_tree.children()[0].children()[0]
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      jax.tree_util.tree_unflatten(treedef, [0] * treedef.num_leaves))[0]]
+  missing = [p for p in paths if p not in stored.files]
+  if missing:
+    raise ValueError(f'{directory}/{PARAMS} lacks {missing[:3]}')
+  params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(stored[p]) for p in paths])
+
+  def score(dense, ids, weights):
+    return np.asarray(exported.call(params, jnp.asarray(dense, jnp.float32),
+                                    jnp.asarray(ids, jnp.int32),
+                                    jnp.asarray(weights, jnp.float32)))
+  return score

@@ -1,0 +1,171 @@
+"""Checkpoints, exact resume, crash safety, non-finite losses, eval/predict modes, export."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import train_helpers as th
+from dlrm_jax import checkpoints
+from dlrm_jax import input_pipeline
+from dlrm_jax import train
+
+
+def _config(tmp_path, **overrides):
+  base = dict(steps=20, shuffle_buffer=256, log_every_steps=5, save_steps=5,
+              keep_checkpoint_max=2)
+  base.update(overrides)
+  return th.tiny_config(tmp_path / 'out', **base)
+
+
+def _restored(config, workdir):
+  setup = train.make_setup(config)
+  return train.restore_for_inference(setup, config, workdir)
+
+
+def _assert_same_params(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+  straight = _config(tmp_path)
+  train.train_and_evaluate(straight, str(tmp_path / 'straight'))
+  half = _config(tmp_path, steps=10)
+  train.train_and_evaluate(half, str(tmp_path / 'resumed'))
+  assert checkpoints.latest_step(checkpoints.make_manager(str(tmp_path / 'resumed'), half)) == 10
+  results = train.train_and_evaluate(_config(tmp_path), str(tmp_path / 'resumed'))
+  assert results['steps'] == 20
+  a = _restored(straight, str(tmp_path / 'straight'))
+  b = _restored(straight, str(tmp_path / 'resumed'))
+  # Same batches in the same order from the same state, on CPU: bit-identical parameters,
+  # optimizer slots and batch-norm statistics.
+  _assert_same_params((a.params, a.table_opt_state, a.opt_state, a.batch_stats),
+                      (b.params, b.table_opt_state, b.opt_state, b.batch_stats))
+
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import train_helpers as th
+from dlrm_jax import train
+config = th.tiny_config({out!r}, steps={steps}, save_steps=1, keep_checkpoint_max=2,
+                        hash_buckets=100000, shuffle_buffer=0, log_every_steps=1, no_eval=True)
+train.train_and_evaluate(config, {workdir!r})
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'run')
+  code = KILL_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path / 'out'),
+                            steps=40, workdir=workdir)
+  proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  # Kill the moment a save is in flight: orbax writes into '<step>.orbax-checkpoint-tmp*'.
+  # Wait until one step is complete, so there is something to resume from.
+  killed_mid_save = False
+  deadline = time.time() + 300
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  while proc.poll() is None and time.time() < deadline:
+    names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    if any('tmp' in n for n in names) and any(n.isdigit() for n in names):
+      proc.send_signal(signal.SIGKILL)
+      killed_mid_save = True
+      break
+    time.sleep(0.002)
+  proc.wait()
+  assert killed_mid_save, 'the run finished before a save could be interrupted'
+  config = th.tiny_config(tmp_path / 'out', steps=40, save_steps=1, keep_checkpoint_max=2,
+                          hash_buckets=100000, shuffle_buffer=0, log_every_steps=1,
+                          no_eval=True)
+  manager = checkpoints.make_manager(workdir, config)
+  step = checkpoints.latest_step(manager)
+  assert step is not None and step < 40
+  restored = _restored(config, workdir)  # must not raise: only complete steps are visible
+  assert int(restored.step) == step
+  results = train.train_and_evaluate(config, workdir)
+  assert results['steps'] == 40
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'run')
+  good = _config(tmp_path, steps=5, save_steps=5)
+  train.train_and_evaluate(good, workdir)
+  before = _restored(good, workdir)
+  bad = _config(tmp_path, steps=40, save_steps=5, learning_rate=1e30)
+  with pytest.raises(FloatingPointError, match=r'non-finite .* step (\d+).*last good checkpoint is step 5'):
+    train.train_and_evaluate(bad, workdir)
+  after = _restored(good, workdir)
+  _assert_same_params(before.params, after.params)
+
+
+@pytest.mark.slow
+def test_eval_and_predict_modes_and_exported_artifact_agree(tmp_path):
+  workdir = str(tmp_path / 'run')
+  export_dir = str(tmp_path / 'export')
+  config = _config(tmp_path, export_dir=export_dir)
+  results = train.train_and_evaluate(config, workdir)
+  eval_path = os.path.join(str(tmp_path / 'out'), 'planted_elm', 'eval.csv')
+
+  config.mode = 'eval'
+  evaluated = train.train_and_evaluate(config, workdir)
+  assert evaluated['eval_auc'] == pytest.approx(results['eval_auc'], abs=1e-12)
+
+  config.mode = 'predict'
+  config.predict_input = eval_path
+  predicted = train.train_and_evaluate(config, workdir)
+  probs = np.loadtxt(predicted['predict_output'])
+  assert probs.shape == (input_pipeline.count_rows(eval_path),)
+  assert np.all((probs > 0) & (probs < 1))
+
+  # A fresh process that imports only serving and the reader scores the same rows.
+  script = (
+      'import sys, numpy as np\n'
+      'from dlrm_jax import serving, input_pipeline, feature_spec\n'
+      f'score = serving.load({export_dir!r})\n'
+      'spec = feature_spec.elm_spec(1000, 4, 8)\n'
+      'out = []\n'
+      f'for b in input_pipeline.batches([{eval_path!r}], spec, 512, drop_remainder=False):\n'
+      '  out.append(score(b["dense"], b["ids"], b["weights"])[b["mask"] > 0])\n'
+      'assert "dlrm_jax.train" not in sys.modules and "dlrm_jax.models" not in sys.modules\n'
+      f'np.save({str(tmp_path / "served.npy")!r}, np.concatenate(out))\n')
+  subprocess.run([sys.executable, '-c', script], check=True, cwd=th.ROOT, timeout=300)
+  served = np.load(str(tmp_path / 'served.npy'))
+  # Same float32 math, different XLA programs (direct gather vs unique rows): ~1e-6 apart.
+  np.testing.assert_allclose(served, probs, rtol=1e-4, atol=1e-6)
+
+
+def test_eval_mode_without_checkpoint_says_so(tmp_path):
+  config = _config(tmp_path, mode='eval')
+  with pytest.raises(FileNotFoundError, match='needs a checkpoint'):
+    train.train_and_evaluate(config, str(tmp_path / 'empty'))
+
+
+def test_unwritable_run_directory_fails_before_training(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(OSError, match='not writable'):
+    train.train_and_evaluate(_config(tmp_path), str(blocker / 'run'))
+
+
+def test_timeline_and_summaries_are_written(tmp_path):
+  from dlrm_jax import metric_writer
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(tmp_path, steps=16, timeline=2,
+                                   activation_summary_steps=5), workdir)
+  assert glob.glob(os.path.join(workdir, 'timeline', 'plugins', 'profile', '*', '*.xplane.pb'))
+  tags = metric_writer.read_scalar_tags(workdir)
+  for tag in ('train_loss', 'train_samples_per_s', 'learning_rate', 'eval_auc', 'eval_logloss',
+              'eval_accuracy', 'zero_fraction/bottom_mlp/Dense_0'):
+    assert tag in tags, (tag, sorted(tags))
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['steps'] == 16
