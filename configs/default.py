@@ -65,5 +65,10 @@ def get_config():
   config.no_acceleration = False       # True = all of the above off, for A/B runs
 
   # Devices: ('data', 'model') mesh; -1 = all devices on the data axis.
+  # Tables are split by rows over 'model'; the batch over 'data'.
   config.mesh_shape = (-1, 1)
+  # Multi-process runs: every process starts with the same coordinator_address and its own
+  # process_id (e.g. --config.distributed.process_id=$RANK). '' = one process.
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address='', num_processes=1, process_id=0, cpu_collectives=False))
   return config

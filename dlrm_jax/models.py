@@ -45,6 +45,23 @@ def table_groups(spec: fs.FeatureSpec, emb_fusion: bool) -> Dict[str, Tuple[np.n
   return groups
 
 
+# Table arrays are padded to a multiple of this many rows so that they split evenly over any
+# model axis of up to 64 devices, and a checkpoint restores onto any such mesh. Padding rows are
+# never looked up.
+ROW_MULTIPLE = 64
+
+
+def _padded(rows: int) -> int:
+  return -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
+def table_array_rows(spec: fs.FeatureSpec, emb_fusion: bool) -> Dict[str, int]:
+  """Row count of each table array, padding included."""
+  if emb_fusion:
+    return {FUSED: _padded(spec.total_rows)}
+  return {t.name: _padded(t.rows) for t in spec.tables}
+
+
 def init_tables(rng: Array, spec: fs.FeatureSpec, emb_fusion: bool,
                 dtype=jnp.float32) -> Tables:
   """Truncated normal rows with stddev 1/sqrt(dim), as the reference's embedding columns."""
@@ -52,18 +69,16 @@ def init_tables(rng: Array, spec: fs.FeatureSpec, emb_fusion: bool,
     stddev = 1.0 / np.sqrt(spec.embedding_dim)
     return stddev * jax.random.truncated_normal(key, -2.0, 2.0, (rows, spec.embedding_dim), dtype)
 
+  def pad(table, rows):
+    return jnp.pad(table, ((0, rows - table.shape[0]), (0, 0)))
+
   keys = jax.random.split(rng, len(spec.tables))
   per_table = {t.name: init(k, t.rows) for k, t in zip(keys, spec.tables)}
+  sizes = table_array_rows(spec, emb_fusion)
   if emb_fusion:
-    return {FUSED: jnp.concatenate([per_table[t.name] for t in spec.tables], axis=0)}
-  return per_table
-
-
-def table_array_rows(spec: fs.FeatureSpec, emb_fusion: bool) -> Dict[str, int]:
-  """Row count of each table array."""
-  if emb_fusion:
-    return {FUSED: spec.total_rows}
-  return {t.name: t.rows for t in spec.tables}
+    fused = jnp.concatenate([per_table[t.name] for t in spec.tables], axis=0)
+    return {FUSED: pad(fused, sizes[FUSED])}
+  return {name: pad(table, sizes[name]) for name, table in per_table.items()}
 
 
 class UniqueRows:
@@ -79,15 +94,29 @@ class UniqueRows:
 
   Capacities are rounded up to powers of two and never shrink, so the jitted step sees a handful
   of shapes over a run instead of one per batch.
+
+  With several processes every process dedups its own rows: the unique lists are concatenated
+  across processes (process p's list is block p of the global array), `inverse` points into the
+  global array, and the capacity is fixed at its worst case so every process has the same
+  shapes without a collective per batch. Ids repeated across processes are merged on device.
   """
 
-  def __init__(self, spec: fs.FeatureSpec, emb_fusion: bool, min_capacity: int = 256):
+  def __init__(self, spec: fs.FeatureSpec, emb_fusion: bool, min_capacity: int = 256,
+               process_index: int = 0, process_count: int = 1, local_batch: int = 0):
     self._groups = table_groups(spec, emb_fusion)
     self._rows = table_array_rows(spec, emb_fusion)
-    self._capacity = {name: min_capacity for name in self._groups}
+    self._process_index = process_index
+    if process_count > 1:
+      self._capacity = {name: _padded(local_batch * len(slots) + 1)
+                        for name, (slots, _) in self._groups.items()}
+    else:
+      self._capacity = {name: min_capacity for name in self._groups}
+    self._fixed = process_count > 1
 
   def _capacity_for(self, name: str, needed: int) -> int:
     if needed > self._capacity[name]:
+      if self._fixed:
+        raise ValueError(f'{needed} unique rows exceed the fixed capacity {self._capacity[name]}')
       self._capacity[name] = 1 << (needed - 1).bit_length()
     return self._capacity[name]
 
@@ -105,7 +134,7 @@ class UniqueRows:
       padded[:num_unique] = uniques
       group_inverse = np.full(group_ids.shape, num_unique, np.int32)
       group_inverse[group_live] = codes
-      inverse[:, slots] = group_inverse
+      inverse[:, slots] = group_inverse + self._process_index * capacity
       unique_ids[name] = padded
     return {**batch, 'unique_ids': unique_ids, 'inverse': inverse}
 

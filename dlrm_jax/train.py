@@ -60,6 +60,9 @@ class Setup:
   row_tx: Any  # optimizers.SparseOptimizer, or None on the dense path
   emb_fusion: bool
   mesh: Mesh
+  # With several processes each one dedups its own rows; the step merges ids repeated across
+  # processes before the row-wise update.
+  merge_across_processes: bool = False
 
 
 def effective_options(config: ml_collections.ConfigDict) -> Dict[str, bool]:
@@ -79,10 +82,23 @@ def make_mesh(config) -> Mesh:
   if data * model != len(devices):
     raise ValueError(f'mesh_shape {tuple(config.mesh_shape)} does not cover the '
                      f'{len(devices)} devices')
-  if model != 1:
-    raise NotImplementedError('tables sharded over a model axis are not implemented yet; '
-                              'use mesh_shape=(-1, 1)')
+  if models.ROW_MULTIPLE % model:
+    raise ValueError(f'the model axis ({model}) must divide {models.ROW_MULTIPLE}, the multiple '
+                     'table rows are padded to')
   return Mesh(np.asarray(devices).reshape(data, model), ('data', 'model'))
+
+
+def initialize_distributed(config) -> None:
+  """Joins a multi-process run when the config names a coordinator (once per process)."""
+  dist = config.distributed
+  if not dist.coordinator_address or jax.distributed.is_initialized():
+    return
+  if dist.cpu_collectives:
+    # CPU devices talk through gloo (tests run two processes on localhost this way). The backend
+    # must not be touched before initialize(), so this is a config switch, not a device query.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=dist.coordinator_address,
+                             num_processes=dist.num_processes, process_id=dist.process_id)
 
 
 def make_setup(config) -> Setup:
@@ -96,13 +112,34 @@ def make_setup(config) -> Setup:
   tx = optimizers.create(config.optimizer, config.learning_rate, **hparams)
   row_tx = (optimizers.create_sparse(config.optimizer, config.learning_rate, **hparams)
             if options['sparse_updates'] else None)
-  return Setup(spec, model, tx, row_tx, options['emb_fusion'], make_mesh(config))
+  return Setup(spec, model, tx, row_tx, options['emb_fusion'], make_mesh(config),
+               merge_across_processes=jax.process_count() > 1)
 
 
 # ------------------------------------------------------------------------------------------------
 # State.
 
+def state_shardings(state, mesh: Mesh):
+  """Tables and their optimizer slots split by rows over 'model'; everything else replicated.
+
+  A leaf is table-shaped when it sits under a 'tables' key (the tables, and optax's slots for
+  them on the dense path) or in `table_opt_state`, and has rows.
+  """
+  def sharding(path, leaf):
+    keys = {str(getattr(k, 'key', getattr(k, 'name', ''))) for k in path}
+    table_like = ('tables' in keys or 'table_opt_state' in keys) and jnp.ndim(leaf) >= 1
+    return NamedSharding(mesh, P('model', None) if table_like else P())
+  return jax.tree_util.tree_map_with_path(sharding, state)
+
+
 def create_train_state(rng: jax.Array, setup: Setup) -> TrainState:
+  """A fresh state, created directly in its sharded layout (tables never sit on one device)."""
+  abstract = jax.eval_shape(functools.partial(_init_state, setup), rng)
+  shardings = state_shardings(abstract, setup.mesh)
+  return jax.jit(functools.partial(_init_state, setup), out_shardings=shardings)(rng)
+
+
+def _init_state(setup: Setup, rng: jax.Array) -> TrainState:
   table_rng, mlp_rng = jax.random.split(rng)
   spec = setup.spec
   tables = models.init_tables(table_rng, spec, setup.emb_fusion)
@@ -184,8 +221,11 @@ def sparse_apply(setup: Setup, state: TrainState, batch: Batch, stats, mlp_grads
   mlp = optax.apply_updates(state.params['mlp'], updates)
   tables, table_opt_state = {}, {}
   for name, table in state.params['tables'].items():
+    unique_ids, grads = batch['unique_ids'][name], row_grads[name]
+    if setup.merge_across_processes:
+      unique_ids, grads = optimizers.dedup_rows(unique_ids, grads, table.shape[0])
     tables[name], table_opt_state[name] = setup.row_tx.update(
-        table, state.table_opt_state[name], batch['unique_ids'][name], row_grads[name])
+        table, state.table_opt_state[name], unique_ids, grads)
   params = {'mlp': mlp, 'tables': tables}
   return state.replace(step=state.step + 1, params=params, batch_stats=stats,
                        opt_state=opt_state, table_opt_state=table_opt_state)
@@ -209,12 +249,13 @@ def eval_step(setup: Setup, state: TrainState, batch: Batch):
 
 
 def batch_sharding(mesh: Mesh, batch) -> Any:
-  """Per-row arrays split over 'data'; the unique ids, which every device gathers, replicated."""
+  """Per-row arrays split over 'data'. The unique ids, which every device gathers, are replicated
+  in one process, and one block per process (each process's own list) with several."""
   by_row = NamedSharding(mesh, P('data'))
   shardings = {k: by_row for k in batch}
   if 'unique_ids' in batch:
-    shardings['unique_ids'] = jax.tree.map(lambda _: NamedSharding(mesh, P()),
-                                           batch['unique_ids'])
+    unique = by_row if jax.process_count() > 1 else NamedSharding(mesh, P())
+    shardings['unique_ids'] = jax.tree.map(lambda _: unique, batch['unique_ids'])
   return shardings
 
 
@@ -224,7 +265,7 @@ def compile_train_step(setup: Setup, state: TrainState, op_fusion: bool) -> Call
   jitted program and the host dispatches them in turn, so no fusion crosses a stage boundary
   (the analogue of running the reference without its graph-level op fusion)."""
   replicated = NamedSharding(setup.mesh, P())
-  state_sharding = jax.tree.map(lambda _: replicated, state)
+  state_sharding = state_shardings(state, setup.mesh)
   if op_fusion:
     # Batches arrive already sharded (device_batches); their placement is taken as it is.
     return jax.jit(functools.partial(train_step, setup),
@@ -259,9 +300,14 @@ def device_batches(batches: Iterator[Dict[str, np.ndarray]], setup: Setup,
   With `smartstaged` the parsing, dedup and transfer run in a background thread, staged ahead of
   the step that consumes them.
   """
-  unique_rows = models.UniqueRows(setup.spec, setup.emb_fusion)
+  unique_rows = None
 
   def to_device(batch):
+    nonlocal unique_rows
+    if unique_rows is None:
+      unique_rows = models.UniqueRows(
+          setup.spec, setup.emb_fusion, process_index=jax.process_index(),
+          process_count=jax.process_count(), local_batch=len(batch['label']))
     batch = unique_rows(batch)
     shardings = batch_sharding(setup.mesh, batch)
     return jax.tree.map(jax.make_array_from_process_local_data, shardings, batch)
@@ -389,6 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   Training resumes from the newest checkpoint in `workdir`, continuing the same data order.
   """
+  initialize_distributed(config)
   setup = make_setup(config)
   if config.mode == 'predict':
     state = restore_for_inference(setup, config, workdir)

@@ -1,5 +1,6 @@
 """Shared pieces of the training tests: tiny configs and per-step losses."""
 
+import json
 import os
 import sys
 
@@ -33,7 +34,10 @@ def tiny_config(output_dir, **overrides):
   config.planted.train_rows = 8000
   config.planted.eval_rows = 3000
   for key, value in overrides.items():
-    config[key] = value
+    if isinstance(value, dict):
+      config[key].update(value)
+    else:
+      config[key] = value
   return config
 
 
@@ -57,3 +61,52 @@ def step_losses(config, train_path, num_steps):
     state, loss = step_fn(state, next(batches))
     losses.append(float(loss))
   return np.asarray(losses), state
+
+
+LOSSES_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import train_helpers as th
+config = th.tiny_config({out!r}, **{overrides!r})
+from dlrm_jax import train
+train.initialize_distributed(config)
+import jax
+assert jax.device_count() == {devices}, jax.devices()
+losses, _ = th.step_losses(config, {path!r}, {steps})
+if jax.process_index() == 0:
+  print('LOSSES', json.dumps(list(map(float, losses))))
+"""
+
+
+def losses_in_subprocess(out_dir, train_path, steps, local_devices, total_devices=None,
+                         num_processes=1, **overrides):
+  """Per-step losses from fresh processes with `local_devices` CPU devices each.
+
+  Device counts are fixed when JAX starts, so each configuration runs in its own interpreter.
+  With num_processes > 1 the processes join through a coordinator on localhost.
+  """
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={local_devices}')
+  procs = []
+  if num_processes > 1:
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      port = s.getsockname()[1]
+  for pid in range(num_processes):
+    extra = dict(overrides)
+    if num_processes > 1:
+      extra['distributed'] = dict(coordinator_address=f'127.0.0.1:{port}',
+                                  num_processes=num_processes, process_id=pid,
+                                  cpu_collectives=True)
+    code = LOSSES_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)),
+                                out=str(out_dir), overrides=extra, path=str(train_path),
+                                steps=steps, devices=total_devices or local_devices)
+    procs.append(subprocess.Popen([sys.executable, '-c', code], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+  outputs = [p.communicate(timeout=900) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-4000:]
+  line = [l for l in outputs[0][0].splitlines() if l.startswith('LOSSES')][-1]
+  return np.asarray(json.loads(line.split(' ', 1)[1]))

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -82,35 +80,12 @@ def test_bf16_trains_close_to_float32(tmp_path, data_dir):
   assert not np.array_equal(b16, f32)
 
 
-MULTI_DEVICE_SCRIPT = """
-import json, os, sys
-sys.path.insert(0, {tests!r})
-import jax
-import train_helpers as th
-assert jax.device_count() == {devices}, jax.devices()
-config = th.tiny_config({out!r}, optimizer={optimizer!r}, sparse_updates={sparse})
-losses, _ = th.step_losses(config, {path!r}, 5)
-print(json.dumps(list(map(float, losses))))
-"""
-
-
-def _losses_on_devices(tmp_path, data_dir, devices, optimizer, sparse):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu')
-  code = MULTI_DEVICE_SCRIPT.format(
-      tests=os.path.dirname(__file__), devices=devices, out=str(tmp_path), optimizer=optimizer,
-      sparse=sparse, path=os.path.join(data_dir, 'train.csv'))
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                       timeout=600, check=False)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return np.asarray(json.loads(out.stdout.strip().splitlines()[-1]))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('sparse', [True, False])
 def test_one_device_and_four_devices_agree(tmp_path, data_dir, sparse):
-  one = _losses_on_devices(tmp_path, data_dir, 1, 'adamasync', sparse)
-  four = _losses_on_devices(tmp_path, data_dir, 4, 'adamasync', sparse)
+  path = os.path.join(data_dir, 'train.csv')
+  one = th.losses_in_subprocess(tmp_path, path, 5, 1, sparse_updates=sparse)
+  four = th.losses_in_subprocess(tmp_path, path, 5, 4, sparse_updates=sparse)
   # The batch (and batch norm's statistics) is global under jit, so only the order of float32
   # reductions differs between one and four devices.
   np.testing.assert_allclose(four, one, rtol=1e-5)

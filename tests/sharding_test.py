@@ -1,0 +1,89 @@
+"""Tables sharded over a model axis, 2x2 meshes, two processes, and restoring on fewer devices.
+
+CPU devices stand in for accelerators (XLA_FLAGS=--xla_force_host_platform_device_count=N);
+each configuration runs in its own interpreter because the device count is fixed at start-up.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import train_helpers as th
+
+
+@pytest.fixture(scope='module')
+def train_path(tmp_path_factory):
+  return os.path.join(th.planted_dir(tmp_path_factory.mktemp('data')), 'train.csv')
+
+
+@pytest.fixture(scope='module')
+def one_device_losses(tmp_path_factory, train_path):
+  return th.losses_in_subprocess(tmp_path_factory.mktemp('one'), train_path, 5, 1)
+
+
+# Sharding changes which device sums which part of a reduction, nothing else: float32 agreement.
+RTOL = 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mesh', [(1, 4), (2, 2)])
+def test_sharded_tables_match_one_device(tmp_path, train_path, one_device_losses, mesh):
+  losses = th.losses_in_subprocess(tmp_path, train_path, 5, 4, mesh_shape=mesh)
+  np.testing.assert_allclose(losses, one_device_losses, rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_unfused_tables_sharded_match_one_device(tmp_path, train_path):
+  one = th.losses_in_subprocess(tmp_path, train_path, 4, 1, emb_fusion=False)
+  four = th.losses_in_subprocess(tmp_path, train_path, 4, 4, emb_fusion=False, mesh_shape=(2, 2))
+  np.testing.assert_allclose(four, one, rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_four_devices(tmp_path, train_path,
+                                                           one_device_losses):
+  two = th.losses_in_subprocess(tmp_path, train_path, 5, 2, total_devices=4, num_processes=2)
+  np.testing.assert_allclose(two, one_device_losses, rtol=RTOL)
+
+
+TRAIN_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import train_helpers as th
+from dlrm_jax import train
+config = th.tiny_config({out!r}, **{overrides!r})
+train.train_and_evaluate(config, {workdir!r})
+"""
+
+
+def _train_in_subprocess(out_dir, workdir, devices, **overrides):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  code = TRAIN_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), out=str(out_dir),
+                             overrides=overrides, workdir=str(workdir))
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       timeout=900, check=False)
+  assert out.returncode == 0, out.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_save_on_four_devices_restore_on_one_continues_identically(tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  common = dict(log_every_steps=1, shuffle_buffer=0, no_eval=True)
+  first = tmp_path / 'first'
+  _train_in_subprocess(tmp_path / 'out', first, 4, steps=4, mesh_shape=(2, 2), **common)
+  shutil.copytree(first, tmp_path / 'on_one')
+  os.rename(first, tmp_path / 'on_four')
+  _train_in_subprocess(tmp_path / 'out', tmp_path / 'on_four', 4, steps=8, mesh_shape=(2, 2),
+                       **common)
+  _train_in_subprocess(tmp_path / 'out', tmp_path / 'on_one', 1, steps=8, **common)
+  steps4, four = metric_writer.read_scalars(str(tmp_path / 'on_four'), 'train_loss')
+  steps1, one = metric_writer.read_scalars(str(tmp_path / 'on_one'), 'train_loss')
+  assert steps4 == steps1 == list(range(1, 9))
+  np.testing.assert_allclose(one[4:], four[4:], rtol=RTOL)
+  # The first four steps were written once, by the run on four devices, in both directories.
+  assert one[:4] == four[:4]
