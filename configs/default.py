@@ -10,7 +10,9 @@ named like a DeepRec flag means what that flag means.
 import ml_collections
 
 
-def get_config():
+def get_config(mode: str = ''):
+  """The default config; mode 'tiny' (`--config=configs/default.py:tiny`) is a seconds-long
+  version for tests and smoke runs: tiny tables and MLPs, a small planted world and data."""
   config = ml_collections.ConfigDict()
 
   # Data.
@@ -71,4 +73,28 @@ def get_config():
   # process_id (e.g. --config.distributed.process_id=$RANK). '' = one process.
   config.distributed = ml_collections.ConfigDict(dict(
       coordinator_address='', num_processes=1, process_id=0, cpu_collectives=False))
+  if mode == 'tiny':
+    shrink_to_tiny(config)
+  elif mode:
+    raise ValueError(f"unknown config mode {mode!r}: expected '' or 'tiny'")
+  return config
+
+
+def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Seconds on a laptop CPU; its AUCs say the pipeline learns, not how well DLRM does."""
+  config.hash_buckets = 1000
+  config.embedding_dim = 4
+  config.max_list_len = 8
+  config.bottom_mlp = (16, 4)
+  config.top_mlp = (16,)
+  config.batch_size = 64
+  config.eval_batch_size = 512
+  config.shuffle_buffer = 256
+  config.steps = 40
+  config.log_every_steps = 10
+  config.activation_summary_steps = 0
+  config.planted.train_rows = 8000
+  config.planted.eval_rows = 3000
+  # A small world, so that ids repeat often enough to be learnt from a few thousand rows.
+  config.planted.update(dict(num_users=2000, num_items=1000, num_shops=200, num_foods=300))
   return config

@@ -11,6 +11,7 @@ from typing import Dict, Iterator, Set, Tuple
 
 from absl import logging
 import jax
+import numpy as np
 import tqdm
 
 
@@ -133,19 +134,25 @@ def _scalar_events(workdir: str) -> Iterator[Tuple[str, int, float, float]]:
     for record in _records(path):
       event = event_pb2.Event.FromString(record)
       for value in event.summary.value:
-        if value.HasField('simple_value'):
+        kind = value.WhichOneof('value')
+        if kind == 'simple_value':
           yield value.tag, event.step, event.wall_time, value.simple_value
+        elif kind == 'tensor' and value.tensor.float_val:
+          yield value.tag, event.step, event.wall_time, value.tensor.float_val[0]
 
 
-def read_scalars(workdir: str, tag: str) -> Tuple[list, list]:
-  """(steps, values) of `tag` over every event file in `workdir`, by step; where a resumed run
-  wrote a step again, its later value wins."""
+def read_scalars(workdir: str, tag: str) -> Tuple[np.ndarray, np.ndarray]:
+  """(steps, values) of `tag` over every event file in `workdir`, by step.
+
+  A resumed run appends a new event file; where two files hold the same step the later write
+  wins, so a curve never shows both the interrupted and the resumed value.
+  """
   latest = {}
   for name, step, wall_time, value in _scalar_events(workdir):
     if name == tag and (step not in latest or wall_time >= latest[step][0]):
       latest[step] = (wall_time, value)
-  steps = sorted(latest)
-  return steps, [latest[s][1] for s in steps]
+  steps = np.asarray(sorted(latest), np.int64)
+  return steps, np.asarray([latest[s][1] for s in steps], np.float64)
 
 
 def read_scalar_tags(workdir: str) -> Set[str]:

@@ -189,8 +189,12 @@ def _low_precision_matmul_fwd(x, w):
 def _low_precision_matmul_bwd(residuals, g):
   x, w = residuals
   g = g.astype(x.dtype)
-  dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
-  dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32).astype(w.dtype)
+  # The fast path also wants plain (non-transposed) operands; left alone, XLA folds these
+  # transposes into the dots and then upcasts them to float32. The barrier keeps the (cheap)
+  # bfloat16 transposes as real copies.
+  w_t, x_t = jax.lax.optimization_barrier((w.T, x.T))
+  dx = jnp.dot(g, w_t, preferred_element_type=jnp.float32).astype(x.dtype)
+  dw = jnp.dot(x_t, g, preferred_element_type=jnp.float32).astype(w.dtype)
   return dx, dw
 
 

@@ -93,7 +93,8 @@ def test_loss_curves_come_from_the_event_files(finished):
 def shared_compilation_cache(tmp_path_factory):
   """This process compiles through the session's cache too, for this test only."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache
   env = compilation_cache_env(tmp_path_factory)
   names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
   before = {name: getattr(jax.config, name) for name in names}

@@ -83,7 +83,8 @@ def test_save_on_four_devices_restore_on_one_continues_identically(tmp_path):
   _train_in_subprocess(tmp_path / 'out', tmp_path / 'on_one', 1, steps=8, **common)
   steps4, four = metric_writer.read_scalars(str(tmp_path / 'on_four'), 'train_loss')
   steps1, one = metric_writer.read_scalars(str(tmp_path / 'on_one'), 'train_loss')
-  assert steps4 == steps1 == list(range(1, 9))
+  np.testing.assert_array_equal(steps4, np.arange(1, 9))
+  np.testing.assert_array_equal(steps1, np.arange(1, 9))
   np.testing.assert_allclose(one[4:], four[4:], rtol=RTOL)
   # The first four steps were written once, by the run on four devices, in both directories.
-  assert one[:4] == four[:4]
+  np.testing.assert_array_equal(one[:4], four[:4])

@@ -18,21 +18,9 @@ from dlrm_jax import train  # pylint: disable=wrong-import-position
 
 
 def tiny_config(output_dir, **overrides):
-  """The default config shrunk to seconds: small tables and MLPs, planted data of a few k rows."""
-  config = default.get_config()
+  """configs/default.py:tiny writing under `output_dir`, with `overrides` applied."""
+  config = default.get_config('tiny')
   config.output_dir = str(output_dir)
-  config.hash_buckets = 1000
-  config.embedding_dim = 4
-  config.max_list_len = 8
-  config.bottom_mlp = (16, 4)
-  config.top_mlp = (16,)
-  config.batch_size = 64
-  config.eval_batch_size = 256
-  config.shuffle_buffer = 256
-  config.log_every_steps = 10
-  config.learning_rate = 0.01
-  config.planted.train_rows = 8000
-  config.planted.eval_rows = 3000
   for key, value in overrides.items():
     if isinstance(value, dict):
       config[key].update(value)
@@ -42,10 +30,11 @@ def tiny_config(output_dir, **overrides):
 
 
 def planted_dir(tmp_root, train_rows=2000, eval_rows=500, seed=1):
-  """A planted ELM data set shared by the tests of one session."""
+  """A planted ELM data set (the tiny config's world) shared by the tests of a module."""
   directory = os.path.join(str(tmp_root), f'planted_elm_{train_rows}_{eval_rows}_{seed}')
-  datagen.ensure_planted_data(directory, 'elm', train_rows=train_rows, eval_rows=eval_rows,
-                              seed=seed)
+  planted = default.get_config('tiny').planted.to_dict()
+  planted.update(train_rows=train_rows, eval_rows=eval_rows, seed=seed)
+  datagen.ensure_planted_data(directory, 'elm', **planted)
   return directory
 
 

@@ -29,10 +29,11 @@ def test_default_config_trains_and_beats_chance(tmp_path, op):
               'eval_logloss', 'oracle_auc', 'oracle_logloss'):
     assert np.isfinite(written[key]), key
   assert written['eval_num_examples'] == config.planted.eval_rows
-  # The planted model's oracle AUC is well above 0.5; two epochs of 8000 rows learn a good part
-  # of it. Chance is 0.5 and the AUC's standard error with ~100 positives is about 0.03, so 0.6
-  # cannot be reached by luck; nothing can beat the oracle beyond that noise.
-  assert written['eval_auc'] > 0.6
+  # The tiny planted world's oracle AUC is about 0.83; two epochs of 8000 rows reach about 0.71
+  # (dot) and 0.62 (cat). Chance is 0.5 and the AUC's standard error with ~120 positives is
+  # about 0.027, so 0.58 (3 standard errors) is not reached by luck; seeds are fixed, so the run
+  # is deterministic on a given platform. Nothing beats the oracle beyond that noise.
+  assert written['eval_auc'] > 0.58
   assert written['eval_auc'] <= written['oracle_auc'] + 0.05
   assert os.listdir(os.path.join(workdir, 'checkpoints'))
 
