@@ -66,78 +66,132 @@ def table_array_rows(spec: fs.FeatureSpec, emb_fusion: bool) -> Dict[str, int]:
 def init_tables(rng: Array, spec: fs.FeatureSpec, emb_fusion: bool,
                 dtype=jnp.float32) -> Tables:
   """Truncated normal rows with stddev 1/sqrt(dim), as the reference's embedding columns."""
-  def init(key, rows):
-    stddev = 1.0 / np.sqrt(spec.embedding_dim)
-    return stddev * jax.random.truncated_normal(key, -2.0, 2.0, (rows, spec.embedding_dim), dtype)
-
   def pad(table, rows):
     return jnp.pad(table, ((0, rows - table.shape[0]), (0, 0)))
 
-  keys = jax.random.split(rng, len(spec.tables))
-  per_table = {t.name: init(k, t.rows) for k, t in zip(keys, spec.tables)}
+  # One draw for all tables (they share dim and stddev): under jit this peaks at one table's
+  # worth of memory, where per-table draws then a concatenation would need three.
+  stddev = 1.0 / np.sqrt(spec.embedding_dim)
+  every_row = stddev * jax.random.truncated_normal(
+      rng, -2.0, 2.0, (spec.total_rows, spec.embedding_dim), dtype)
   sizes = table_array_rows(spec, emb_fusion)
   if emb_fusion:
-    fused = jnp.concatenate([per_table[t.name] for t in spec.tables], axis=0)
-    return {FUSED: pad(fused, sizes[FUSED])}
-  return {name: pad(table, sizes[name]) for name, table in per_table.items()}
+    return {FUSED: pad(every_row, sizes[FUSED])}
+  return {t.name: pad(every_row[start:start + t.rows], sizes[t.name])
+          for t, start in zip(spec.tables, spec.table_offsets)}
+
+
+def _pooling_layout(spec: fs.FeatureSpec):
+  """Slots regrouped so that features of equal max_len sit together.
+
+  Returns (slot order, [(first slot in that order, features, max_len)], feature order): pooling
+  each group is then a reshape and a sum, and `feature order` puts the pooled features back in
+  spec order.
+  """
+  lengths = np.asarray([f.max_len for f in spec.sparse])
+  features = np.argsort(lengths, kind='stable')
+  slot_order = np.concatenate([np.arange(spec.slot_starts[f], spec.slot_starts[f + 1])
+                               for f in features])
+  groups, start = [], 0
+  for length in np.unique(lengths):
+    count = int(np.sum(lengths == length))
+    groups.append((start, count, int(length)))
+    start += count * int(length)
+  return slot_order, groups, np.argsort(features)
 
 
 class UniqueRows:
-  """Host-side dedup of the rows a batch looks up, per table array.
+  """Host-side preparation of a batch's lookups: dedup per table array, and the live entries.
 
-  Runs on the input thread (numpy, hash-based factorize), so the device never sorts ids: it
-  gathers each unique row once (`unique_ids`, padded to a capacity with the out-of-range id
-  `rows`, which reads as a zero row) and expands them to slots through `inverse` [B, S]. The
-  gradient of the gathered unique rows is then already summed per row, which is what the
-  row-wise optimizers take. Slots with weight 0 (padding, a missing scalar, out-of-vocabulary)
-  point at a padding entry: they are not looked up, as in the reference, so lazy optimizers do
-  not move them.
+  Runs on the input thread (numpy; hash-based factorize), so the device neither sorts ids nor
+  touches padding:
+    unique_ids {array: int32 [capacity]}  each looked-up row once, padded with the out-of-range
+                                          id `rows` (reads as a zero row, scatters are dropped);
+    entry_index int32 [entries]           for every live slot (weight != 0), its row in the
+                                          concatenation of the arrays' unique lists;
+    entry_weight f32 [entries]            its pooling weight;
+    entry_segment int32 [entries]         b * F + feature, non-decreasing: the pooled output.
+  The device gathers the unique rows once, and pools with one sorted segment sum over the live
+  entries only (ELM: ~105 of 465 slots per row hold values). The gradient of the gathered unique
+  rows is then already summed per row, which is what the row-wise optimizers take. Slots of
+  weight 0 (padding, a missing scalar, out-of-vocabulary) are not looked up, as in the
+  reference, so lazy optimizers do not move their rows.
 
-  Capacities are rounded up to powers of two and never shrink, so the jitted step sees a handful
-  of shapes over a run instead of one per batch.
+  Capacities are powers of two that never shrink, sized from the first batch with headroom, so
+  the jitted step sees a handful of shapes per run instead of one per batch.
 
-  With several processes every process dedups its own rows: the unique lists are concatenated
-  across processes (process p's list is block p of the global array), `inverse` points into the
-  global array, and the capacity is fixed at its worst case so every process has the same
-  shapes without a collective per batch. Ids repeated across processes are merged on device.
+  With several processes every process prepares its own rows: process p's unique lists and
+  entries are block p of the global arrays, indices and segments point into those global arrays,
+  and capacities are fixed at their worst case so that every process has the same shapes without
+  a collective per batch. Ids repeated across processes are merged on device.
   """
 
-  def __init__(self, spec: fs.FeatureSpec, emb_fusion: bool, min_capacity: int = 256,
-               process_index: int = 0, process_count: int = 1, local_batch: int = 0):
+  def __init__(self, spec: fs.FeatureSpec, emb_fusion: bool, process_index: int = 0,
+               process_count: int = 1, local_batch: int = 0, headroom: float = 1.25):
+    self._spec = spec
     self._groups = table_groups(spec, emb_fusion)
     self._rows = table_array_rows(spec, emb_fusion)
-    self._process_index = process_index
-    if process_count > 1:
+    self._fused = emb_fusion
+    self._slot_group = np.zeros(spec.num_slots, np.int32)
+    self._slot_offset = np.zeros(spec.num_slots, np.int64)
+    for g, (slots, offsets) in enumerate(self._groups.values()):
+      self._slot_group[slots] = g
+      self._slot_offset[slots] = offsets
+    self._process_index, self._process_count = process_index, process_count
+    self._headroom = headroom
+    self._fixed = process_count > 1
+    if self._fixed:
       self._capacity = {name: padded_rows(local_batch * len(slots) + 1)
                         for name, (slots, _) in self._groups.items()}
+      self._capacity['entries'] = padded_rows(local_batch * spec.num_slots + 1)
     else:
-      self._capacity = {name: min_capacity for name in self._groups}
-    self._fixed = process_count > 1
+      self._capacity = {}
 
   def _capacity_for(self, name: str, needed: int) -> int:
-    if needed > self._capacity[name]:
+    if needed > self._capacity.get(name, 0):
       if self._fixed:
-        raise ValueError(f'{needed} unique rows exceed the fixed capacity {self._capacity[name]}')
-      self._capacity[name] = 1 << (needed - 1).bit_length()
+        raise ValueError(f'{needed} {name} exceed the fixed capacity {self._capacity[name]}')
+      wanted = max(256, int(needed * self._headroom))
+      self._capacity[name] = 1 << (wanted - 1).bit_length()
     return self._capacity[name]
 
   def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
-    ids, live = batch['ids'], batch['weights'] != 0
-    inverse = np.empty(ids.shape, np.int32)
-    unique_ids = {}
-    for name, (slots, offsets) in self._groups.items():
-      group_ids = ids[:, slots].astype(np.int64) + offsets
-      group_live = live[:, slots]
-      codes, uniques = pd.factorize(group_ids[group_live], sort=False)
-      num_unique = len(uniques)
-      capacity = self._capacity_for(name, num_unique + 1)  # + 1: the padding entry
+    ids, weights = batch['ids'], batch['weights']
+    local_batch = ids.shape[0]
+    num_features = self._spec.num_sparse
+    rows_of_entry, slots_of_entry = np.nonzero(weights)  # row-major: sorted by (row, slot)
+    count = rows_of_entry.size
+    entries = self._capacity_for('entries', count + 1)
+    p, n = self._process_index, self._process_count
+    segment_base = p * local_batch * num_features
+
+    entry_index = np.empty(entries, np.int32)
+    entry_weight = np.zeros(entries, np.float32)
+    entry_segment = np.full(entries, segment_base + local_batch * num_features - 1, np.int32)
+    entry_weight[:count] = weights[rows_of_entry, slots_of_entry]
+    entry_segment[:count] = (rows_of_entry * num_features +
+                             self._spec.slot_feature[slots_of_entry] + segment_base)
+    entry_ids = ids[rows_of_entry, slots_of_entry].astype(np.int64)
+    entry_ids += self._slot_offset[slots_of_entry]
+    entry_groups = None if self._fused else self._slot_group[slots_of_entry]
+
+    unique_ids, base, padding_entry = {}, 0, None
+    for g, name in enumerate(self._groups):
+      mine = slice(None) if self._fused else (entry_groups == g)
+      codes, uniques = pd.factorize(entry_ids[mine], sort=False)
+      capacity = self._capacity_for(name, len(uniques) + 1)  # + 1: a zero row for padding
       padded = np.full(capacity, self._rows[name], np.int32)
-      padded[:num_unique] = uniques
-      group_inverse = np.full(group_ids.shape, num_unique, np.int32)
-      group_inverse[group_live] = codes
-      inverse[:, slots] = group_inverse + self._process_index * capacity
+      padded[:len(uniques)] = uniques
       unique_ids[name] = padded
-    return {**batch, 'unique_ids': unique_ids, 'inverse': inverse}
+      start = base + p * capacity  # this process's block of the global unique list
+      entry_index[:count][mine] = codes + start
+      if padding_entry is None:
+        padding_entry = start + len(uniques)
+      base += n * capacity
+    entry_index[count:] = padding_entry
+    return {'label': batch['label'], 'dense': batch['dense'], 'mask': batch['mask'],
+            'unique_ids': unique_ids, 'entry_index': entry_index,
+            'entry_weight': entry_weight, 'entry_segment': entry_segment}
 
 
 def gather_unique_rows(tables: Tables, unique_ids: Dict[str, Array]) -> Dict[str, Array]:
@@ -146,29 +200,34 @@ def gather_unique_rows(tables: Tables, unique_ids: Dict[str, Array]) -> Dict[str
           for name in unique_ids}
 
 
-def expand_rows(unique_rows: Dict[str, Array], inverse: Array, spec: fs.FeatureSpec,
-                emb_fusion: bool) -> Array:
-  """The row of every slot, [B, S, D] in slot order, from the unique rows of each array."""
-  if emb_fusion:
-    return jnp.take(unique_rows[FUSED], inverse, axis=0)
-  parts, order = [], []
-  for name, (slots, _) in table_groups(spec, emb_fusion).items():
-    parts.append(jnp.take(unique_rows[name], inverse[:, slots], axis=0))
-    order.append(slots)
-  rows = jnp.concatenate(parts, axis=1)
-  return rows[:, np.argsort(np.concatenate(order))]
+def embed(unique_rows: Dict[str, Array], batch: Dict[str, Array], spec: fs.FeatureSpec,
+          emb_fusion: bool) -> Array:
+  """Pooled embeddings [B, F, D]: a weighted sorted segment sum over the live entries.
 
-
-def pool(rows: Array, weights: Array, spec: fs.FeatureSpec) -> Array:
-  """Weighted sum of each feature's slots: [B, S, D] -> [B, F, D] (mean pooling for lists).
-
-  One sorted segment sum over the slot axis: its gradient is a single gather, where per-feature
-  slices would each pad a full [B, S, D] gradient in the backward pass.
+  `unique_rows` are the table arrays' unique rows in `table_groups` order (UniqueRows' layout).
   """
-  weighted = rows * weights[..., None].astype(rows.dtype)
-  pooled = jax.ops.segment_sum(jnp.swapaxes(weighted, 0, 1), spec.slot_feature,
-                               num_segments=spec.num_sparse, indices_are_sorted=True)
-  return jnp.swapaxes(pooled, 0, 1)
+  names = list(table_groups(spec, emb_fusion))
+  rows = (unique_rows[names[0]] if len(names) == 1 else
+          jnp.concatenate([unique_rows[name] for name in names], axis=0))
+  values = jnp.take(rows, batch['entry_index'], axis=0) * batch['entry_weight'][:, None]
+  batch_size = batch['label'].shape[0]
+  pooled = jax.ops.segment_sum(values, batch['entry_segment'],
+                               num_segments=batch_size * spec.num_sparse,
+                               indices_are_sorted=True)
+  return pooled.reshape(batch_size, spec.num_sparse, rows.shape[-1])
+
+
+def pool_slots(rows: Array, weights: Array, spec: fs.FeatureSpec) -> Array:
+  """Pooled embeddings [B, F, D] from every slot's row [B, S, D] and weight [B, S].
+
+  The serving path, which looks ids up directly; one reshape and sum per distinct list length.
+  """
+  slot_order, length_groups, feature_order = _pooling_layout(spec)
+  weighted = rows[:, slot_order] * weights[:, slot_order][..., None].astype(rows.dtype)
+  batch, dim = weighted.shape[0], weighted.shape[2]
+  pooled = [weighted[:, start:start + count * length].reshape(batch, count, length, dim).sum(2)
+            for start, count, length in length_groups]
+  return jnp.concatenate(pooled, axis=1)[:, feature_order]
 
 
 # ------------------------------------------------------------------------------------------------

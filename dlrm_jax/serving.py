@@ -35,18 +35,15 @@ def export_model(setup, state, directory: str) -> str:
   from dlrm_jax import models  # pylint: disable=g-import-not-at-top
 
   spec = setup.spec
-  params = {'tables': state.params['tables'], 'mlp': state.params['mlp'],
-            'batch_stats': state.batch_stats}
+  tables = state.params['tables']
+  if models.FUSED not in tables:  # one array serves every lookup with one gather
+    fused = jnp.concatenate([tables[t.name][:t.rows] for t in spec.tables], axis=0)
+    tables = {models.FUSED: fused}
+  params = {'tables': tables, 'mlp': state.params['mlp'], 'batch_stats': state.batch_stats}
 
   def score(params, dense, ids, weights):
-    tables = params['tables']
-    if models.FUSED in tables:
-      rows = jnp.take(tables[models.FUSED], ids + spec.slot_offsets, axis=0)
-    else:
-      parts = [jnp.take(tables[spec.sparse[f].table], ids[:, a:b], axis=0)
-               for f, (a, b) in enumerate(zip(spec.slot_starts[:-1], spec.slot_starts[1:]))]
-      rows = jnp.concatenate(parts, axis=1)
-    pooled = models.pool(rows, weights, spec)
+    rows = jnp.take(params['tables'][models.FUSED], ids + spec.slot_offsets, axis=0)
+    pooled = models.pool_slots(rows, weights, spec)
     logits = setup.model.apply({'params': params['mlp'], 'batch_stats': params['batch_stats']},
                                dense, pooled, train=False)
     return jax.nn.sigmoid(logits)

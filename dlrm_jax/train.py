@@ -160,9 +160,9 @@ def _init_state(setup: Setup, rng: jax.Array) -> TrainState:
 # ------------------------------------------------------------------------------------------------
 # Steps.
 
-def forward(setup: Setup, mlp_params, batch_stats, batch: Batch, rows: jax.Array, train: bool):
-  """Logits from looked-up rows; in training also the updated batch statistics."""
-  pooled = models.pool(rows, batch['weights'], setup.spec)
+def forward(setup: Setup, mlp_params, batch_stats, batch: Batch, unique_rows, train: bool):
+  """Logits from the batch's unique rows; in training also the updated batch statistics."""
+  pooled = models.embed(unique_rows, batch, setup.spec, setup.emb_fusion)
   variables = {'params': mlp_params, 'batch_stats': batch_stats}
   if train:
     logits, updates = setup.model.apply(variables, batch['dense'], pooled, train=True,
@@ -177,17 +177,17 @@ def bce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array
   return jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def lookup(setup: Setup, tables, batch: Batch) -> jax.Array:
-  """The row of every slot [B, S, D], through the batch's unique ids."""
-  unique_rows = models.gather_unique_rows(tables, batch['unique_ids'])
-  return models.expand_rows(unique_rows, batch['inverse'], setup.spec, setup.emb_fusion)
+def lookup(tables, batch: Batch):
+  """Each table array's unique rows for this batch (padding entries read as zeros)."""
+  return models.gather_unique_rows(tables, batch['unique_ids'])
 
 
 def dense_grads(setup: Setup, state: TrainState, batch: Batch):
   """Loss, new batch stats and gradients of every parameter, tables included."""
   def loss_fn(params):
-    rows = lookup(setup, params['tables'], batch)
-    logits, stats = forward(setup, params['mlp'], state.batch_stats, batch, rows, train=True)
+    unique_rows = lookup(params['tables'], batch)
+    logits, stats = forward(setup, params['mlp'], state.batch_stats, batch, unique_rows,
+                            train=True)
     return bce_loss(logits, batch['label'], batch['mask']), stats
   (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   return loss, stats, grads
@@ -206,8 +206,8 @@ def sparse_grads(setup: Setup, state: TrainState, batch: Batch, unique_rows):
   repeated ids for free and never materialises a table-sized gradient.
   """
   def loss_fn(mlp_params, unique_rows):
-    rows = models.expand_rows(unique_rows, batch['inverse'], setup.spec, setup.emb_fusion)
-    logits, stats = forward(setup, mlp_params, state.batch_stats, batch, rows, train=True)
+    logits, stats = forward(setup, mlp_params, state.batch_stats, batch, unique_rows,
+                            train=True)
     return bce_loss(logits, batch['label'], batch['mask']), stats
   (loss, stats), (mlp_grads, row_grads) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(state.params['mlp'], unique_rows)
@@ -236,15 +236,15 @@ def train_step(setup: Setup, state: TrainState, batch: Batch):
   if setup.row_tx is None:
     loss, stats, grads = dense_grads(setup, state, batch)
     return dense_apply(setup, state, stats, grads), loss
-  unique_rows = models.gather_unique_rows(state.params['tables'], batch['unique_ids'])
+  unique_rows = lookup(state.params['tables'], batch)
   loss, stats, mlp_grads, row_grads = sparse_grads(setup, state, batch, unique_rows)
   return sparse_apply(setup, state, batch, stats, mlp_grads, row_grads), loss
 
 
 def eval_step(setup: Setup, state: TrainState, batch: Batch):
   """Click probabilities, with the labels and mask they belong to (replicated for the host)."""
-  rows = lookup(setup, state.params['tables'], batch)
-  logits, _ = forward(setup, state.params['mlp'], state.batch_stats, batch, rows, train=False)
+  logits, _ = forward(setup, state.params['mlp'], state.batch_stats, batch,
+                      lookup(state.params['tables'], batch), train=False)
   return jax.nn.sigmoid(logits), batch['label'], batch['mask']
 
 
@@ -279,12 +279,12 @@ def compile_train_step(setup: Setup, state: TrainState, op_fusion: bool) -> Call
       loss, stats, grads = grads_fn(state, batch)
       return apply_fn(state, stats, grads), loss
     return staged_dense
-  gather_fn = jax.jit(models.gather_unique_rows)
+  gather_fn = jax.jit(lookup)
   grads_fn = jax.jit(functools.partial(sparse_grads, setup))
   apply_fn = jax.jit(functools.partial(sparse_apply, setup), donate_argnums=0)
 
   def staged_sparse(state, batch):
-    unique_rows = gather_fn(state.params['tables'], batch['unique_ids'])
+    unique_rows = gather_fn(state.params['tables'], batch)
     loss, stats, mlp_grads, row_grads = grads_fn(state, batch, unique_rows)
     return apply_fn(state, batch, stats, mlp_grads, row_grads), loss
   return staged_sparse
@@ -383,8 +383,8 @@ def check_writable(workdir: str, state: TrainState, config) -> None:
 
 def activation_stats(setup: Setup, state: TrainState, batch: Batch) -> Dict[str, jax.Array]:
   """Each MLP layer's output (after ReLU, before batch norm) on a batch, for summaries."""
-  rows = lookup(setup, state.params['tables'], batch)
-  pooled = models.pool(rows, batch['weights'], setup.spec)
+  pooled = models.embed(lookup(state.params['tables'], batch), batch, setup.spec,
+                        setup.emb_fusion)
   _, variables = setup.model.apply(
       {'params': state.params['mlp'], 'batch_stats': state.batch_stats}, batch['dense'], pooled,
       train=False, capture_intermediates=lambda mdl, name: isinstance(mdl, nn.Dense))

@@ -55,30 +55,59 @@ def test_dot_interaction_equals_naive_double_loop():
   np.testing.assert_allclose(out, np.stack(expected), rtol=1e-5, atol=1e-5)  # float32 sums
 
 
-def lookup(tables, ids, weights, spec, fused):
-  batch = models.UniqueRows(spec, fused)({'ids': ids, 'weights': weights})
+def slot_rows(tables, ids, spec, fused):
+  """Every slot's row [B, S, D], looked up naively: the reference for the training path."""
+  parts = []
+  for i, (a, b) in enumerate(zip(spec.slot_starts[:-1], spec.slot_starts[1:])):
+    table = spec.sparse[i].table
+    if fused:
+      parts.append(np.asarray(tables[models.FUSED])[
+          ids[:, a:b] + spec.table_offsets[spec.table_index(table)]])
+    else:
+      parts.append(np.asarray(tables[table])[ids[:, a:b]])
+  return np.concatenate(parts, axis=1)
+
+
+def naive_pool(rows, weights, spec):
+  return np.stack([(rows[:, a:b] * weights[:, a:b, None]).sum(1)
+                   for a, b in zip(spec.slot_starts[:-1], spec.slot_starts[1:])], axis=1)
+
+
+def train_path_pool(tables, ids, weights, spec, fused, unique_rows=None):
+  """Dedup on the host, gather unique rows, pool the live entries: what train.py runs."""
+  unique_rows = unique_rows or models.UniqueRows(spec, fused)
+  batch = unique_rows({'ids': ids, 'weights': weights, 'label': np.zeros(len(ids)),
+                       'dense': np.zeros((len(ids), 1)), 'mask': np.ones(len(ids))})
   unique = models.gather_unique_rows(tables, batch['unique_ids'])
-  return models.expand_rows(unique, jnp.asarray(batch['inverse']), spec, fused), batch
+  return np.asarray(models.embed(unique, jax.tree.map(jnp.asarray, batch), spec, fused)), batch
 
 
-def test_unique_rows_expand_to_the_looked_up_rows_and_zero_for_dead_slots():
+@pytest.mark.parametrize('fused', [True, False])
+def test_training_pooling_equals_naive_mean_pooling(fused):
   spec = tiny_spec()
   _, ids, weights = random_batch(spec, batch=6, seed=4)
-  weights[weights < 0.3] = 0.0
-  for fused in (True, False):
-    tables = models.init_tables(jax.random.PRNGKey(1), spec, emb_fusion=fused)
-    rows, batch = lookup(tables, ids, weights, spec, fused)
-    expected = np.concatenate([
-        np.asarray(tables[models.FUSED] if fused else tables[spec.sparse[i].table])[
-            ids[:, a:b] + (spec.table_offsets[spec.table_index(spec.sparse[i].table)]
-                           if fused else 0)]
-        for i, (a, b) in enumerate(zip(spec.slot_starts[:-1], spec.slot_starts[1:]))], axis=1)
-    live = weights != 0
-    np.testing.assert_array_equal(np.asarray(rows)[live], expected[live])
-    np.testing.assert_array_equal(np.asarray(rows)[~live], 0.0)
-    for name, unique in batch['unique_ids'].items():
-      real = unique[unique < models.table_array_rows(spec, fused)[name]]
-      assert len(np.unique(real)) == len(real)  # each looked-up row appears once
+  weights[weights < 0.3] = 0.0  # dead slots: padding, missing scalars, out-of-vocabulary
+  tables = models.init_tables(jax.random.PRNGKey(1), spec, emb_fusion=fused)
+  pooled, batch = train_path_pool(tables, ids, weights, spec, fused)
+  expected = naive_pool(slot_rows(tables, ids, spec, fused), weights, spec)
+  np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)  # float32 sums
+  # The serving path (direct lookups) agrees too.
+  if fused:
+    rows = jnp.asarray(slot_rows(tables, ids, spec, fused))
+    np.testing.assert_allclose(models.pool_slots(rows, jnp.asarray(weights), spec), expected,
+                               rtol=1e-5, atol=1e-6)
+  # Each looked-up row appears once, and dead slots' rows are not among them.
+  live_ids = set()
+  for i, (a, b) in enumerate(zip(spec.slot_starts[:-1], spec.slot_starts[1:])):
+    t = spec.sparse[i].table
+    name = models.FUSED if fused else t
+    offset = spec.table_offsets[spec.table_index(t)] if fused else 0
+    live_ids |= {(name, int(x) + offset) for x in ids[:, a:b][weights[:, a:b] != 0]}
+  unique = {(name, int(x)) for name, arr in batch['unique_ids'].items()
+            for x in arr if x < models.table_array_rows(spec, fused)[name]}
+  assert unique == live_ids
+  assert sum(int((arr < models.table_array_rows(spec, fused)[n]).sum())
+             for n, arr in batch['unique_ids'].items()) == len(live_ids)
 
 
 def test_pool_is_weighted_mean_over_each_features_slots():
@@ -92,13 +121,27 @@ def test_pool_is_weighted_mean_over_each_features_slots():
   empty, one, many = list_features[:3]
   weights[:, starts[one]] = 1.0
   weights[:, starts[many]:starts[many] + 3] = 1.0 / 3
-  rows, _ = lookup(tables, ids, np.ones_like(weights), spec, True)
-  pooled = np.asarray(models.pool(rows, jnp.asarray(weights), spec))
-  rows = np.asarray(rows)
+  pooled, _ = train_path_pool(tables, ids, weights, spec, True)
+  rows = slot_rows(tables, ids, spec, True)
   np.testing.assert_array_equal(pooled[:, empty], 0.0)
   np.testing.assert_allclose(pooled[:, one], rows[:, starts[one]], rtol=1e-6)
   np.testing.assert_allclose(pooled[:, many], rows[:, starts[many]:starts[many] + 3].mean(1),
                              rtol=1e-5, atol=1e-7)
+
+
+def test_capacities_grow_in_powers_of_two_and_never_shrink():
+  spec = tiny_spec()
+  _, ids, weights = random_batch(spec, batch=8, seed=5)
+  prepare = models.UniqueRows(spec, True)
+  tables = models.init_tables(jax.random.PRNGKey(1), spec, emb_fusion=True)
+  _, big = train_path_pool(tables, ids, weights, spec, True, prepare)
+  _, small = train_path_pool(tables, ids[:1].repeat(8, 0), weights[:1].repeat(8, 0), spec, True,
+                             prepare)
+  for batch in (big, small):
+    size = batch['entry_index'].size
+    assert size & (size - 1) == 0 and size > (weights != 0).sum()
+  assert small['entry_index'].size == big['entry_index'].size
+  assert small['unique_ids'][models.FUSED].size == big['unique_ids'][models.FUSED].size
 
 
 def test_shared_features_read_the_same_table():
@@ -111,7 +154,7 @@ def test_shared_features_read_the_same_table():
   ids[0, spec.slot_starts[a]] = ids[0, spec.slot_starts[b]] = ids[0, spec.slot_starts[c]] = 7
   for fused in (False, True):
     t = models.init_tables(jax.random.PRNGKey(0), spec, emb_fusion=fused)
-    rows = np.asarray(lookup(t, ids, np.ones(ids.shape, np.float32), spec, fused)[0])
+    rows = slot_rows(t, ids, spec, fused)
     np.testing.assert_array_equal(rows[0, spec.slot_starts[a]], rows[0, spec.slot_starts[b]])
     assert not np.allclose(rows[0, spec.slot_starts[a]], rows[0, spec.slot_starts[c]])
   np.testing.assert_array_equal(rows[0, spec.slot_starts[a]], tables['shop_id'][7])
@@ -122,8 +165,9 @@ def test_fused_and_per_table_lookups_agree():
   _, ids, weights = random_batch(spec, batch=4, seed=3)
   per_table = models.init_tables(jax.random.PRNGKey(2), spec, emb_fusion=False)
   fused = models.init_tables(jax.random.PRNGKey(2), spec, emb_fusion=True)
-  np.testing.assert_array_equal(lookup(per_table, ids, weights, spec, False)[0],
-                                lookup(fused, ids, weights, spec, True)[0])
+  np.testing.assert_allclose(train_path_pool(per_table, ids, weights, spec, False)[0],
+                             train_path_pool(fused, ids, weights, spec, True)[0],
+                             rtol=1e-6, atol=1e-7)
 
 
 def test_embedding_init_is_truncated_normal_with_reference_stddev():
