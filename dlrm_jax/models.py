@@ -117,7 +117,7 @@ class UniqueRows:
   weight 0 (padding, a missing scalar, out-of-vocabulary) are not looked up, as in the
   reference, so lazy optimizers do not move their rows.
 
-  Capacities are powers of two that never shrink, sized from the first batch with headroom, so
+  Capacities never shrink and are sized from the first batch with headroom, in coarse steps, so
   the jitted step sees a handful of shapes per run instead of one per batch.
 
   With several processes every process prepares its own rows: process p's unique lists and
@@ -152,7 +152,10 @@ class UniqueRows:
       if self._fixed:
         raise ValueError(f'{needed} {name} exceed the fixed capacity {self._capacity[name]}')
       wanted = max(256, int(needed * self._headroom))
-      self._capacity[name] = 1 << (wanted - 1).bit_length()
+      # Eighth-octave steps (m * 2^k, 8 <= m < 16): at most 12.5% padding beyond the headroom,
+      # and still a multiple of 64 for any data axis of up to 64 devices.
+      step = 1 << max(0, wanted.bit_length() - 4)
+      self._capacity[name] = -(-wanted // step) * step
     return self._capacity[name]
 
   def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
@@ -238,7 +241,7 @@ dense_init = nn.initializers.glorot_uniform()
 
 @jax.custom_vjp
 def _low_precision_matmul(x: Array, w: Array) -> Array:
-  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
 def _low_precision_matmul_fwd(x, w):
@@ -266,7 +269,9 @@ def mixed_precision_dot_general(x, w, dimension_numbers, precision=None):
   XLA:CPU only takes its fast bfloat16 path (AVX-512 BF16 dot products, about 2x float32 here)
   when a bfloat16 product asks for a float32 result; a bfloat16 -> bfloat16 dot is upcast and
   runs at float32 speed. Autodiff of that form would hand float32 cotangents to the backward
-  dots, so the backward pass is written out to keep bfloat16 operands there too.
+  dots, so the backward pass is written out to keep bfloat16 operands there too. The product
+  stays float32 until after the bias: a bfloat16 bias gradient is a batch reduction that XLA
+  splits into slow pairwise windows to limit rounding.
   """
   del precision
   (contract_x, contract_w), _ = dimension_numbers
