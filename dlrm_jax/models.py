@@ -66,18 +66,19 @@ def table_array_rows(spec: fs.FeatureSpec, emb_fusion: bool) -> Dict[str, int]:
 def init_tables(rng: Array, spec: fs.FeatureSpec, emb_fusion: bool,
                 dtype=jnp.float32) -> Tables:
   """Truncated normal rows with stddev 1/sqrt(dim), as the reference's embedding columns."""
-  def pad(table, rows):
-    return jnp.pad(table, ((0, rows - table.shape[0]), (0, 0)))
-
-  # One draw for all tables (they share dim and stddev): under jit this peaks at one table's
-  # worth of memory, where per-table draws then a concatenation would need three.
+  # One draw for all tables (they share dim and stddev), already at the padded size, so that
+  # under jit the peak is about one copy of the tables rather than one per table plus a
+  # concatenation and a pad. Padding rows are zeroed; they are never looked up.
   stddev = 1.0 / np.sqrt(spec.embedding_dim)
-  every_row = stddev * jax.random.truncated_normal(
-      rng, -2.0, 2.0, (spec.total_rows, spec.embedding_dim), dtype)
   sizes = table_array_rows(spec, emb_fusion)
   if emb_fusion:
-    return {FUSED: pad(every_row, sizes[FUSED])}
-  return {t.name: pad(every_row[start:start + t.rows], sizes[t.name])
+    shape = (sizes[FUSED], spec.embedding_dim)
+    real = jax.lax.broadcasted_iota(jnp.int32, shape, 0) < spec.total_rows
+    every_row = stddev * jax.random.truncated_normal(rng, -2.0, 2.0, shape, dtype)
+    return {FUSED: jnp.where(real, every_row, 0)}
+  every_row = stddev * jax.random.truncated_normal(
+      rng, -2.0, 2.0, (spec.total_rows, spec.embedding_dim), dtype)
+  return {t.name: jnp.pad(every_row[start:start + t.rows], ((0, sizes[t.name] - t.rows), (0, 0)))
           for t, start in zip(spec.tables, spec.table_offsets)}
 
 
