@@ -51,6 +51,10 @@ def table_groups(spec: fs.FeatureSpec, emb_fusion: bool) -> Dict[str, Tuple[np.n
 ROW_MULTIPLE = 64
 
 
+# Rows drawn at a time when initialising tables (bounds the initialiser's temporaries).
+_INIT_BLOCK_ROWS = 1 << 18
+
+
 def padded_rows(rows: int) -> int:
   """Rows of a table array as stored: `rows` rounded up to a multiple of ROW_MULTIPLE."""
   return -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
@@ -66,19 +70,28 @@ def table_array_rows(spec: fs.FeatureSpec, emb_fusion: bool) -> Dict[str, int]:
 def init_tables(rng: Array, spec: fs.FeatureSpec, emb_fusion: bool,
                 dtype=jnp.float32) -> Tables:
   """Truncated normal rows with stddev 1/sqrt(dim), as the reference's embedding columns."""
-  # One draw for all tables (they share dim and stddev), already at the padded size, so that
-  # under jit the peak is about one copy of the tables rather than one per table plus a
-  # concatenation and a pad. Padding rows are zeroed; they are never looked up.
+  # All tables share dim and stddev: draw the fused array block by block into one buffer, so
+  # that under jit the peak is about one copy of the tables (a whole-array draw keeps several
+  # table-sized temporaries alive). Padding rows are zeroed; they are never looked up.
   stddev = 1.0 / np.sqrt(spec.embedding_dim)
-  sizes = table_array_rows(spec, emb_fusion)
+  rows = padded_rows(spec.total_rows)
+  block = min(rows, _INIT_BLOCK_ROWS)
+  num_blocks = -(-rows // block)
+
+  def draw(i, table):
+    values = stddev * jax.random.truncated_normal(
+        jax.random.fold_in(rng, i), -2.0, 2.0, (block, spec.embedding_dim), dtype)
+    # The last block may start early to stay inside the array; rows it redraws stay valid.
+    start = jnp.minimum(i * block, rows - block)
+    return jax.lax.dynamic_update_slice(table, values, (start, 0))
+
+  fused = jax.lax.fori_loop(0, num_blocks, draw, jnp.zeros((rows, spec.embedding_dim), dtype))
+  fused = jnp.where(jax.lax.broadcasted_iota(jnp.int32, fused.shape, 0) < spec.total_rows,
+                    fused, 0)
   if emb_fusion:
-    shape = (sizes[FUSED], spec.embedding_dim)
-    real = jax.lax.broadcasted_iota(jnp.int32, shape, 0) < spec.total_rows
-    every_row = stddev * jax.random.truncated_normal(rng, -2.0, 2.0, shape, dtype)
-    return {FUSED: jnp.where(real, every_row, 0)}
-  every_row = stddev * jax.random.truncated_normal(
-      rng, -2.0, 2.0, (spec.total_rows, spec.embedding_dim), dtype)
-  return {t.name: jnp.pad(every_row[start:start + t.rows], ((0, sizes[t.name] - t.rows), (0, 0)))
+    return {FUSED: fused}
+  sizes = table_array_rows(spec, emb_fusion)
+  return {t.name: jnp.pad(fused[start:start + t.rows], ((0, sizes[t.name] - t.rows), (0, 0)))
           for t, start in zip(spec.tables, spec.table_offsets)}
 
 
