@@ -1,39 +1,121 @@
-"""Which files a run reads: the user's data under `data_location`, or planted data.
+"""Which files a run reads, and how: one place that turns a config into batch iterators.
 
-An empty `data_location` means the embedded default: planted data of the spec's format is
-generated under `output_dir` (reused when an identical data set is already there), together with
-its oracle AUC and logloss, so a run needs no download and knows its best possible score.
+Files. An empty `data_location` means the embedded default: planted data of the spec's format
+is generated under `output_dir` (reused when an identical data set is already there), together
+with its oracle AUC and logloss, so a run needs no download and knows its best possible score.
+Otherwise `train_files` / `eval_files` (comma-separated names or glob patterns inside
+data_location; '' = train.csv / eval.csv for ELM, train.txt / eval.txt for Criteo) name the
+files, each optionally gzip'd (`day_0` finds `day_0.gz` too). With `split_parts = n > 0` the
+train files hold everything: each is cut by line into n equal parts, the last `eval_parts` of
+them are evaluated on and the rest trained on (Criteo Kaggle: train.txt is 7 days, the 7th is
+the test set, as in the Facebook reference).
+
+Reading. With `use_cache` (the default) each source is parsed once into a row cache
+(`row_cache`, under `cache_dir` or `<data dir>/dlrm_cache`) and every epoch and evaluation reads
+the cache; `resolve` builds the train caches (it needs their row counts), the eval caches are
+built at the first evaluation. Otherwise the CSV is parsed every epoch (`num_workers`
+processes). With `tfds_data_dir` set, the TFDS array_record data sets of `tfds_builders` are
+read instead. `python -m dlrm_jax.data_sources --config=...` builds a config's caches ahead.
+
+  data = data_sources.resolve(config, spec)                       # files, checked; train rows
+  train = data_sources.train_batches(config, spec, data, num_steps=n, start_step=s, stats=st)
+  evals = data_sources.eval_batches(config, spec, data, stats=st)
+
+Multi-host. Each process reads only its share of the rows, and every process yields the same
+number of batches: `num_steps` for training (the stream repeats), and, for evaluation, enough
+for the largest possible share, padded with all-masked batches.
 """
 
 import dataclasses
+import glob
+import itertools
 import os
-from typing import Dict
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from absl import logging
+import numpy as np
 
 from dlrm_jax import datagen
 from dlrm_jax import feature_spec as fs
 from dlrm_jax import input_pipeline
+from dlrm_jax import row_cache
 
-# The file names each format is read from inside data_location.
+Batch = Dict[str, np.ndarray]
+Source = row_cache.Source
+
+# The file names each format is read from inside data_location, unless the config names others.
 FILE_NAMES = {'elm': ('train.csv', 'eval.csv'), 'criteo': ('train.txt', 'eval.txt')}
 
 WHERE_TO_GET = {
     'elm': ('The Ali ELM (Ele.me) data set is on Alibaba Tianchi: '
             'https://tianchi.aliyun.com/dataset/dataDetail?dataId=131047 ; concatenate the day '
             'files into train.csv (days 1-7) and eval.csv (day 8).'),
-    'criteo': ('Criteo Kaggle (train.txt) and Criteo 1TB (day_0..day_23) come from '
-               'https://ailab.criteo.com/ressources/ ; split them into train.txt and eval.txt.'),
+    'criteo': ('Criteo Kaggle (train.txt) and Criteo 1TB (day_0 .. day_23, gzip\'d or not) come '
+               'from https://ailab.criteo.com/ressources/ ; configs/criteo_kaggle.py and '
+               'configs/criteo_1tb.py say which files they read.'),
 }
+
+# Files at least this large are parsed by worker processes when num_workers is -1 (auto).
+_AUTO_WORKERS_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class DataFiles:
+  """The files of a run. train_path / eval_path: the first train / eval file (for messages);
+  train_rows: lines of all train sources (every process's), 0 when not asked for; the sources
+  say exactly which lines of which files are read."""
   train_path: str
   eval_path: str
   train_rows: int
   oracle: Dict[str, float]
+  train_sources: Tuple[Source, ...] = ()
+  eval_sources: Tuple[Source, ...] = ()
+  directory: str = ''  # data_location, or the planted data's directory
 
 
-def resolve(config, spec: fs.FeatureSpec) -> DataFiles:
+def _option(config, name, default):
+  """A config field, or its default for configs written before the field existed."""
+  return config.get(name, default)
+
+
+def _find(directory: str, names: str, spec_name: str, default: str) -> List[str]:
+  """Files named by a comma-separated list of names / patterns inside `directory`."""
+  files, missing = [], []
+  for name in [n.strip() for n in (names or default).split(',') if n.strip()]:
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      files.append(path)
+    elif os.path.isfile(path + '.gz'):
+      files.append(path + '.gz')
+    elif glob.has_magic(path) and glob.glob(path):
+      files.extend(sorted(p for p in glob.glob(path) if os.path.isfile(p)))
+    else:
+      missing.append(path)
+  if missing:
+    raise FileNotFoundError(
+        f"missing {', '.join(missing)}. {WHERE_TO_GET[spec_name]} To train on a stand-in of the "
+        f'same format, run: python -m dlrm_jax.datagen {spec_name} --out_dir {directory} '
+        '--train_rows 1000000 --eval_rows 200000 --seed 1, or leave data_location empty to use '
+        'the embedded planted data.')
+  return files
+
+
+def _process(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.process_index(), jax.process_count()
+  return process_index, process_count
+
+
+def resolve(config, spec: fs.FeatureSpec, *, train: bool = True,
+            process_index: Optional[int] = None,
+            process_count: Optional[int] = None) -> DataFiles:
+  """The run's files, checked to exist before anything is read.
+
+  With `train` the train rows are counted (from the caches' manifests with `use_cache`, building
+  the caches first if needed, so the run's step count is known); `train=False` (eval mode) leaves
+  train_rows 0 and reads nothing. Process index and count default to JAX's.
+  """
   train_name, eval_name = FILE_NAMES[spec.name]
   if config.data_location:
     directory = config.data_location
@@ -43,14 +125,194 @@ def resolve(config, spec: fs.FeatureSpec) -> DataFiles:
     planted = config.planted.to_dict()
     oracle = datagen.ensure_planted_data(directory, spec.name, **planted)
     oracle = {k: v for k, v in oracle.items() if k in ('oracle_auc', 'oracle_logloss')}
-  train_path = os.path.join(directory, train_name)
-  eval_path = os.path.join(directory, eval_name)
-  needed = [train_path] + ([] if config.no_eval else [eval_path])
-  missing = [p for p in needed if not os.path.exists(p)]
-  if missing:
-    raise FileNotFoundError(
-        f"missing {', '.join(missing)}. {WHERE_TO_GET[spec.name]} To train on a stand-in of the "
-        f'same format, run: python -m dlrm_jax.datagen {spec.name} --out_dir {directory} '
-        '--train_rows 1000000 --eval_rows 200000 --seed 1, or leave data_location empty to use '
-        'the embedded planted data.')
-  return DataFiles(train_path, eval_path, input_pipeline.count_rows(train_path), oracle)
+  if _option(config, 'tfds_data_dir', ''):
+    # The TFDS data set (prepared from `directory` if it is not yet) is the data.
+    from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top
+    train_rows = tfds_builders.split_rows(config, spec, directory, 'train') if train else 0
+    return DataFiles(config.tfds_data_dir, config.tfds_data_dir, train_rows, oracle,
+                     directory=directory)
+  train_files = _find(directory, _option(config, 'train_files', ''), spec.name, train_name)
+  parts = int(_option(config, 'split_parts', 0))
+  if parts:
+    eval_parts = int(_option(config, 'eval_parts', 1))
+    if not 0 < eval_parts < parts:
+      raise ValueError(f'eval_parts={eval_parts} must be in [1, split_parts={parts})')
+    train_sources = tuple(Source(p, (0, parts - eval_parts, parts)) for p in train_files)
+    eval_sources = tuple(Source(p, (parts - eval_parts, parts, parts)) for p in train_files)
+  else:
+    train_sources = tuple(Source(p) for p in train_files)
+    eval_sources = ()
+    if not config.no_eval:
+      eval_sources = tuple(Source(p) for p in _find(
+          directory, _option(config, 'eval_files', ''), spec.name, eval_name))
+  train_rows = 0
+  if train:
+    train_rows = sum(source_lines(config, spec, train_sources, process_index, process_count))
+  eval_path = eval_sources[0].path if eval_sources else os.path.join(directory, eval_name)
+  return DataFiles(train_files[0], eval_path, train_rows, oracle, train_sources, eval_sources,
+                   directory)
+
+
+def source_lines(config, spec: fs.FeatureSpec, sources: Sequence[Source],
+                 process_index: Optional[int] = None,
+                 process_count: Optional[int] = None) -> List[int]:
+  """Lines of each source (all processes' together): from the caches, or counted."""
+  if _option(config, 'use_cache', True):
+    return [cache.manifest['lines'] for cache, _, _ in
+            _open_caches(config, spec, sources, None, process_index, process_count)]
+  counts = []
+  for source in sources:
+    start, stop = source.line_range()
+    counts.append((stop if stop is not None else input_pipeline.count_rows(source.path)) - start)
+  return counts
+
+
+def _workers(config, sources: Sequence[Source]) -> int:
+  workers = int(_option(config, 'num_workers', -1))
+  if workers >= 0:
+    return workers
+  big = any(os.path.getsize(s.path) >= _AUTO_WORKERS_BYTES for s in sources)
+  return min(os.cpu_count() or 1, 8) if big and (os.cpu_count() or 1) > 1 else 0
+
+
+def _open_caches(config, spec, sources, stats, process_index, process_count):
+  """(cache, first row, stop row) of this process for each source, built where needed."""
+  index, count = _process(process_index, process_count)
+  opened = []
+  for source in sources:
+    cache, start, stop = row_cache.open_or_build(
+        source, spec, cache_root=_option(config, 'cache_dir', ''),
+        skip_bad_rows=config.skip_bad_rows, num_workers=_workers(config, [source]),
+        process_index=index, process_count=count)
+    if stats is not None:
+      row_cache.add_manifest_stats(stats, cache.manifest)
+    opened.append((cache, start, stop))
+  return opened
+
+
+def _row_reader(config, spec, data, sources, stats, process_index, process_count, split):
+  """A RowReader over this process's rows of `sources` (row caches or the TFDS split)."""
+  index, count = _process(process_index, process_count)
+  if _option(config, 'tfds_data_dir', ''):
+    from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top
+    return tfds_builders.row_reader(config, spec, data.directory, split, process_index=index,
+                                    process_count=count)
+  block_rows = int(_option(config, 'cache_block_rows', 1024))
+  segments = [row_cache.cache_segment(cache, start, stop, block_rows)
+              for cache, start, stop in _open_caches(config, spec, sources, stats, index, count)]
+  return row_cache.RowReader(segments, spec, name=', '.join(s.describe() for s in sources))
+
+
+def _csv_files(sources: Sequence[Source]):
+  return [s.path for s in sources], [s.line_range() for s in sources]
+
+
+def _exactly(batches: Iterator[Batch], num_batches: int, spec: fs.FeatureSpec,
+             batch_size: int) -> Iterator[Batch]:
+  """`batches` cut or padded (with all-masked batches) to exactly `num_batches`."""
+  produced = 0
+  try:
+    for batch in itertools.islice(batches, num_batches):
+      produced += 1
+      yield batch
+  finally:
+    batches.close()
+  for _ in range(num_batches - produced):
+    yield row_cache.empty_batch(spec, batch_size)
+
+
+def train_batches(config, spec: fs.FeatureSpec, data: DataFiles, *, num_steps: int,
+                  start_step: int = 0, stats: Optional[input_pipeline.ParseStats] = None,
+                  process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> Iterator[Batch]:
+  """Exactly `num_steps - start_step` training batches of this process's rows.
+
+  Each holds `batch_size // process_count` rows, shuffled as `shuffle_buffer` and `seed` say;
+  the data repeats as long as needed. `start_step` continues a resumed run's order (the cache
+  skips the rows without reading them; the CSV path parses and drops them).
+  """
+  index, count = _process(process_index, process_count)
+  batch_size = config.batch_size // count
+  if _option(config, 'use_cache', True) or _option(config, 'tfds_data_dir', ''):
+    reader = _row_reader(config, spec, data, data.train_sources, stats, index, count, 'train')
+    return reader.batches(batch_size, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+                          num_epochs=None, first_batch=start_step, num_batches=num_steps,
+                          process_index=index)
+  paths, ranges = _csv_files(data.train_sources)
+  batches = input_pipeline.batches(
+      paths, spec, batch_size, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+      num_epochs=None, drop_remainder=True, skip_bad_rows=config.skip_bad_rows, stats=stats,
+      process_index=index, process_count=count,
+      num_workers=_workers(config, data.train_sources), line_ranges=ranges)
+  return _closing_slice(batches, start_step, num_steps)
+
+
+def _closing_slice(batches, start: int, stop: int) -> Iterator[Batch]:
+  """islice that closes its source when it is closed (so worker processes end with it)."""
+  try:
+    yield from itertools.islice(batches, start, stop)
+  finally:
+    batches.close()
+
+
+def eval_batches(config, spec: fs.FeatureSpec, data: DataFiles, *,
+                 stats: Optional[input_pipeline.ParseStats] = None,
+                 process_index: Optional[int] = None,
+                 process_count: Optional[int] = None) -> Iterator[Batch]:
+  """Every eval row of this process once, in file order, in batches of `eval_batch_size` (the
+  last padded, mask 0), as many batches on every process."""
+  index, count = _process(process_index, process_count)
+  batch_size = config.eval_batch_size
+  if _option(config, 'tfds_data_dir', ''):
+    reader = _row_reader(config, spec, data, data.eval_sources, stats, index, count, 'eval')
+    return reader.batches(batch_size, num_epochs=1, drop_remainder=False,
+                          num_batches=max(1, -(-reader.max_share_rows // batch_size)))
+  lines = source_lines(config, spec, data.eval_sources, index, count)
+  num_batches = row_cache.max_share_batches(lines, count, batch_size)
+  if _option(config, 'use_cache', True):
+    reader = _row_reader(config, spec, data, data.eval_sources, stats, index, count, 'eval')
+    return reader.batches(batch_size, num_epochs=1, drop_remainder=False,
+                          num_batches=num_batches)
+  paths, ranges = _csv_files(data.eval_sources)
+  batches = input_pipeline.batches(
+      paths, spec, batch_size, drop_remainder=False, skip_bad_rows=config.skip_bad_rows,
+      stats=stats, process_index=index, process_count=count,
+      num_workers=_workers(config, data.eval_sources), line_ranges=ranges)
+  return _exactly(batches, num_batches, spec, batch_size)
+
+
+def prepare(config, spec: fs.FeatureSpec, *, process_index: int = 0,
+            process_count: int = 1) -> Dict[str, object]:
+  """Builds (or checks) the caches of a config's train and eval data; returns their manifests.
+
+  `python -m dlrm_jax.data_sources --config=...` runs this, e.g. to cache once before many runs;
+  with process_count 1 the cache holds every row, and any number of hosts can share it.
+  """
+  data = resolve(config, spec, train=False, process_index=process_index,
+                 process_count=process_count)
+  out = {}
+  for source, (cache, _, _) in zip(
+      data.train_sources + data.eval_sources,
+      _open_caches(config, spec, data.train_sources + data.eval_sources, None, process_index,
+                   process_count)):
+    out[source.describe()] = {k: cache.manifest[k] for k in ('rows', 'lines', 'build_seconds')}
+    out[source.describe()]['directory'] = cache.directory
+    out[source.describe()]['bad_rows'] = cache.manifest['stats']['bad_rows']
+  return out
+
+
+def _main(argv):
+  del argv
+  import json  # pylint: disable=g-import-not-at-top
+  config = _FLAGS.config
+  logging.set_verbosity(logging.INFO)
+  print(json.dumps(prepare(config, fs.from_config(config)), indent=1))
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  _FLAGS = flags.FLAGS
+  config_flags.DEFINE_config_file('config', None, 'the run config whose data to cache')
+  app.run(_main)

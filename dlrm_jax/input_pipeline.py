@@ -5,10 +5,17 @@ input function, with the feature columns' hashing and pooling done on the host s
 sees dense arrays (the layout is in `feature_spec`'s docstring):
 
   parse_chunk      lines -> {'label', 'dense', 'ids', 'weights'} for the rows that parse
-  iter_row_chunks  files -> parsed chunks, streamed (memory independent of the file size)
+  iter_row_chunks  files -> parsed chunks, streamed (memory independent of the file size);
+                   optionally only some lines of each file (`line_ranges`)
   batches          chunks -> shuffled (optional) batches of exactly `batch_size` rows + 'mask'
   prefetch         runs any of the above in a background thread (DeepRec's `smartstaged`)
   count_rows       a fast line count, for "one epoch" step counts
+
+A trainer does not call these directly: `data_sources` chooses between parsing every epoch and
+the parsed-row cache (`row_cache`), which parses each file once with this module.
+
+Files may be gzip'd (recognised by their first bytes, whatever their name); a damaged or cut-off
+gzip stream is a DataError naming the file and the line it breaks in.
 
 Parsing follows the reference reader (see /work/shared/elm-schema.md):
 - Fields are split on `spec.delimiter`; every line must have exactly one field per column. An
@@ -18,6 +25,8 @@ Parsing follows the reference reader (see /work/shared/elm-schema.md):
   exponent. Non-finite values ('nan', 'inf', '1e999') are rejected: the reference would read them,
   but one of them turns the whole loss into NaN, so we stop with a clear error instead.
   Integers are range-checked against neither int32 nor int64 (the reference's int32 is narrower).
+  Every dense input (after its transform) must fit in float32, the batch's type: a larger finite
+  value would become inf there.
 - Hashed features: FarmHash Fingerprint64 of the UTF-8 bytes, modulo the table's rows, exactly
   TensorFlow's `categorical_column_with_hash_bucket`. A scalar whose value is '' is missing (weight
   0); a list field always has at least one token ('' when empty), and '' is hashed like any token.
@@ -43,11 +52,11 @@ Bad rows (wrong field count, a non-number in a numeric field, a label other than
 Speed (60-80k ELM rows/s with ~10-token lists on one loaded core; `PYTHONPATH=. python
 tests/input_pipeline_test.py` measures it): the work is vectorised per column of a chunk of lines.
 Hashed and numeric tokens are never made into Python strings: their byte ranges are found with
-numpy in the column's UTF-8 bytes, where a numpy Fingerprint64 hashes them (checked against pyfarmhash for
-every length in the tests) and a numpy decimal parser reads the plain numbers (exactly, as
-float() would; other spellings go to float() one by one). The padded layout is a few numpy
-scatters. Nothing loops over rows in Python except to name a bad row. `num_workers` parses in
-worker processes when one core is not enough.
+numpy in the column's UTF-8 bytes, where a numpy Fingerprint64 hashes them (checked against
+pyfarmhash for every length in the tests) and a numpy decimal parser reads the plain numbers
+(exactly, as float() would; other spellings go to float() one by one). The padded layout is a
+few numpy scatters. Nothing loops over rows in Python except to name a bad row. `num_workers`
+parses in worker processes when one core is not enough.
 """
 
 import collections
@@ -56,6 +65,7 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import gzip
 import itertools
 import multiprocessing
 import operator
@@ -64,6 +74,7 @@ import queue
 import re
 import threading
 import weakref
+import zlib
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import farmhash
@@ -76,6 +87,10 @@ Paths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 # Bad rows whose messages are kept in ParseStats, for results.json and logs.
 _MAX_EXAMPLES = 10
+
+# Bump whenever a change here changes what some line parses into (or whether it parses): caches
+# of parsed rows (row_cache) record it and are rebuilt when it changes.
+PARSER_VERSION = 2
 
 
 class DataError(ValueError):
@@ -96,7 +111,8 @@ class ParseStats:
   rows: rows parsed into batches. bad_rows: rows dropped by `skip_bad_rows`. truncated_values:
   list values beyond a feature's `max_len`. lines: lines this process looked at (good or bad).
   oov_values: present values outside a vocabulary feature's vocabulary. non_utf8_lines: lines
-  holding bytes that are not UTF-8. bad_row_examples: the first few bad-row messages.
+  holding bytes that are not UTF-8. source_lines: lines of the input read, every process's share
+  included (all lines, for one process). bad_row_examples: the first few bad-row messages.
   """
   rows: int = 0
   bad_rows: int = 0
@@ -104,6 +120,7 @@ class ParseStats:
   lines: int = 0
   oov_values: int = 0
   non_utf8_lines: int = 0
+  source_lines: int = 0
   bad_row_examples: List[str] = dataclasses.field(default_factory=list)
 
   def as_dict(self) -> Dict[str, Any]:
@@ -258,6 +275,7 @@ _FLOAT_GRAMMAR = re.compile(
 _FAST_DIGITS = 15  # any 15-digit integer is exact in float64
 _FAST_WIDTH = _FAST_DIGITS + 2  # room for a sign and a point
 _POWERS_OF_TEN = np.array([float(10 ** k) for k in range(_FAST_DIGITS + 1)])  # all exact
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _number_problem(value: str, kind: str) -> Optional[str]:
@@ -579,7 +597,8 @@ def _columns(lines: List[str], plan: _Plan) -> Dict[int, List[str]]:
 
 def _numeric_inputs(columns: Dict[int, List[str]], plan: _Plan, line_of: np.ndarray,
                     problems: List[_Problem]) -> Tuple[np.ndarray, np.ndarray]:
-  """(label f64[n], dense f64[n, num_dense]) before transforms; every numeric column checked."""
+  """(label f64[n], dense f64[n, num_dense]) after the dense transforms; every numeric column
+  checked, and every dense value checked to fit in float32."""
   numbers = {}
 
   def check(column, values, kind):
@@ -603,6 +622,15 @@ def _numeric_inputs(columns: Dict[int, List[str]], plan: _Plan, line_of: np.ndar
       dense[:, j] = numbers[feature.column]
     else:
       dense[:, j] = check(feature.column, columns[feature.column], 'float')
+    if feature.log1p:
+      dense[:, j] = np.log1p(np.maximum(dense[:, j], 0.0))
+  # A finite float64 beyond float32's range would become inf in the batch and NaN in the loss.
+  too_big = np.abs(dense) > _FLOAT32_MAX
+  for row, j in zip(*np.nonzero(too_big)):
+    feature = plan.dense[j]
+    problems.append((int(line_of[row]), feature.column,
+                     f'{columns[feature.column][row]!r} does not fit in float32'
+                     + (' (list mean)' if feature.is_list else '')))
   return label, dense
 
 
@@ -675,9 +703,7 @@ def parse_chunk(lines: List[str], spec: feature_spec_lib.FeatureSpec, *, path: s
   out = _empty_chunk(len(plan.dense), plan.num_slots, n)
   if n:
     out['label'][:] = label
-    log1p = [j for j, feature in enumerate(plan.dense) if feature.log1p]
-    dense[:, log1p] = np.log1p(np.maximum(dense[:, log1p], 0.0))
-    out['dense'][:] = dense
+    out['dense'][:] = dense  # transformed already
     _fill_sparse(out, plan, columns, stats)
   return out
 
@@ -706,78 +732,220 @@ def _expand_paths(paths: Paths) -> List[str]:
   return files
 
 
-def _line_chunks(path: str, chunk_lines: int) -> Iterator[Tuple[int, List[str]]]:
-  """(1-based number of the first line, lines without terminators) of `path`, streamed."""
-  # newline='\n' splits on LF only, as TextLineDataset does, so a stray CR inside a line stays
-  # there; 'utf-8-sig' drops a byte order mark at the start of the file.
-  with open(path, encoding='utf-8-sig', errors='surrogateescape', newline='\n') as f:
-    first_line = 1
+_READ_BYTES = 1 << 22
+_GZIP_MAGIC = b'\x1f\x8b'
+_BOM = b'\xef\xbb\xbf'
+
+
+def _open_binary(path: str):
+  """The file's bytes, decompressed when it is gzip (recognised by its magic number, so a
+  compressed file needs no '.gz' name and a plain one named '.gz' still reads)."""
+  f = open(path, 'rb')
+  try:
+    magic = f.read(2)
+  except BaseException:
+    f.close()
+    raise
+  if magic == _GZIP_MAGIC:
+    f.close()
+    return gzip.open(path, 'rb')
+  f.seek(0)
+  return f
+
+
+def _read_blocks(path: str, line: Optional[Callable[[], int]] = None) -> Iterator[bytes]:
+  """The file's (decompressed) bytes in blocks; a damaged gzip stream is a DataError naming the
+  line it breaks in (`line()`: the number of the first line not yet complete)."""
+  with _open_binary(path) as f:
     while True:
-      text = ''.join(itertools.islice(f, chunk_lines))
-      if not text:
-        break
-      if text[-1] == '\n':
-        text = text[:-1]
-      if '\r' in text:
-        text = text.replace('\r\n', '\n')
-        if text[-1] == '\r':
-          text = text[:-1]
+      # read1 pieces, so that what a damaged stream held before the damage is still read.
+      pieces, size, error = [], 0, None
+      while size < _READ_BYTES:
+        try:
+          piece = f.read1(_READ_BYTES - size)
+        except (EOFError, OSError, zlib.error) as e:
+          # EOFError: the gzip stream was cut short (a truncated download); the others: corrupt.
+          error = e
+          break
+        if not piece:
+          break
+        pieces.append(piece)
+        size += len(piece)
+      if pieces:
+        yield b''.join(pieces)
+      if error is not None:
+        where = f' in line {line()}' if line is not None else ''
+        raise DataError(f'{path}: the compressed data is damaged{where}: {error}', path,
+                        line() if line is not None else None) from error
+      if not size:
+        return
+
+
+def _skip_lines(data: bytes, count: int) -> int:
+  """Byte offset just after the `count`-th b'\\n' of `data` (which holds more than `count`)."""
+  if count == 0:
+    return 0
+  newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == ord('\n'))
+  return int(newlines[count - 1]) + 1
+
+
+def _line_chunks(path: str, chunk_lines: int, skip: int = 0, limit: Optional[int] = None,
+                 counter: Optional[List[int]] = None) -> Iterator[Tuple[int, List[str]]]:
+  """(1-based number of the first line, lines without terminators) of `path`, streamed.
+
+  The first `skip` lines are passed over without decoding; at most `limit` lines (None: all the
+  rest) are read after them. Lines end at LF only, as for TextLineDataset (a CR inside a line
+  stays); a CR before the LF (CRLF files) and a UTF-8 byte order mark at the start of the file
+  are removed. Bytes that are not UTF-8 are kept (surrogateescape). `counter[0]` is increased by
+  the lines passed over or read. An empty file is a DataError.
+  """
+  pending: List[str] = []
+  next_line = 1  # number of the next line to come out
+  tail = b''
+  any_bytes = False
+
+  def lines_of(data: bytes) -> List[str]:
+    text = data.decode('utf-8', 'surrogateescape')
+    if '\r' in text:
+      text = text.replace('\r\n', '\n')
       lines = text.split('\n')
-      yield first_line, lines
-      first_line += len(lines)
-  if first_line == 1:
+      if lines[-1].endswith('\r'):
+        lines[-1] = lines[-1][:-1]
+      return lines
+    return text.split('\n')
+
+  def complete_lines(data: bytes) -> Iterator[Tuple[int, List[str]]]:
+    """Takes the complete lines `data` (no final LF), yields the full chunks they make."""
+    nonlocal skip, limit, next_line, pending
+    count = data.count(b'\n') + 1
+    if skip >= count:
+      skip -= count
+      next_line += count
+      if counter is not None:
+        counter[0] += count
+      return
+    if skip:
+      data = data[_skip_lines(data, skip):]
+      next_line += skip
+      if counter is not None:
+        counter[0] += skip
+      count -= skip
+      skip = 0
+    lines = lines_of(data)
+    if limit is not None:
+      lines = lines[:limit]
+      limit -= len(lines)
+    if counter is not None:
+      counter[0] += len(lines)
+    pending.extend(lines)
+    while len(pending) >= chunk_lines:
+      chunk, pending = pending[:chunk_lines], pending[chunk_lines:]
+      yield next_line, chunk
+      next_line += len(chunk)
+
+  for block in _read_blocks(path, lambda: next_line + len(pending)):
+    if not any_bytes:
+      if block.startswith(_BOM):
+        block = block[len(_BOM):]
+      any_bytes = bool(block)
+      if not block:
+        continue
+    data = tail + block if tail else block
+    cut = data.rfind(b'\n')
+    if cut < 0:
+      tail = data
+      continue
+    tail = data[cut + 1:]
+    yield from complete_lines(data[:cut])
+    if limit is not None and limit <= 0:
+      break
+  else:
+    if tail:
+      yield from complete_lines(tail)
+  if not any_bytes:
     raise DataError(f'{path}: the file is empty', path)
+  if pending:
+    yield next_line, pending
 
 
-def _line_jobs(files: List[str], chunk_rows: int, process_index: int,
-               process_count: int) -> Iterator[Tuple[str, int, List[str]]]:
-  """(path, number of the first line, this process's lines), about `chunk_rows` lines each."""
-  seen = 0  # lines of all processes before the current chunk
-  for path in files:
-    for first_line, lines in _line_chunks(path, chunk_rows * process_count):
+# (path, 0-based first line or None for the file's start, line after the last or None for its end)
+LineRange = Tuple[int, Optional[int]]
+
+
+def _line_jobs(files: List[str], chunk_rows: int, process_index: int, process_count: int,
+               line_ranges: Optional[Sequence[Optional[LineRange]]] = None,
+               stats: Optional[ParseStats] = None) -> Iterator[Tuple[str, int, List[str]]]:
+  """(path, number of the first line, this process's lines), about `chunk_rows` lines each.
+
+  `line_ranges[i]` (start, stop) keeps only those 0-based lines of file i (None: all of it).
+  The kept lines of all files are numbered 0, 1, ... together, and process k of n takes those
+  whose number is k modulo n.
+  """
+  seen = 0  # kept lines of all processes before the current chunk
+  for i, path in enumerate(files):
+    start, stop = (line_ranges[i] if line_ranges and line_ranges[i] else (0, None))
+    limit = None if stop is None else max(0, stop - start)
+    if limit == 0:
+      continue
+    counter = [0]
+    for first_line, lines in _line_chunks(path, chunk_rows * process_count, start, limit,
+                                          counter):
       offset = (process_index - seen) % process_count
       seen += len(lines)
       mine = lines[offset::process_count] if process_count > 1 else lines
       if mine:
         yield path, first_line + offset, mine
+    if stats is not None:
+      stats.source_lines += max(0, counter[0] - start)
 
 
 def iter_row_chunks(paths: Paths, spec: feature_spec_lib.FeatureSpec, *, chunk_rows: int = 8192,
                     skip_bad_rows: bool = False, stats: Optional[ParseStats] = None,
-                    process_index: int = 0, process_count: int = 1,
-                    num_workers: int = 0) -> Iterator[Batch]:
+                    process_index: int = 0, process_count: int = 1, num_workers: int = 0,
+                    line_ranges: Optional[Sequence[Optional[LineRange]]] = None,
+                    postprocess: Optional[Callable[[Batch], Any]] = None) -> Iterator[Any]:
   """Parsed chunks of about `chunk_rows` rows of `paths`, one file after another.
 
   Lines are numbered 0, 1, ... across all files together, and process k of n keeps line i when
   i % n == k, so the shares of n processes are disjoint, cover every line and differ in size by
-  at most one row. `num_workers > 0` parses in that many worker processes (the parser holds the
-  GIL, so threads would not help); chunks, errors and `stats` are the same as with 0. The workers
-  are spawned, so a script using them needs the usual `if __name__ == '__main__':` guard.
+  at most one row. `line_ranges[i] = (start, stop)` reads only 0-based lines [start, stop) of
+  file i (stop None: to the end); the numbering then counts the lines read. `num_workers > 0`
+  parses in that many worker processes (the parser holds the GIL, so threads would not help);
+  chunks, errors and `stats` are the same as with 0. The workers are spawned, so a script using
+  them needs the usual `if __name__ == '__main__':` guard. `postprocess` (picklable, e.g. a
+  module-level function) is applied to each chunk where it is parsed, so with workers only its
+  result crosses the process boundary; its results are what this yields.
   """
   if num_workers <= 0:
     yield from _row_chunks(paths, spec, chunk_rows, skip_bad_rows, stats, process_index,
-                           process_count, None)
+                           process_count, None, line_ranges, postprocess)
     return
   with contextlib.closing(_WorkerPool(spec, num_workers)) as pool:
     yield from _row_chunks(paths, spec, chunk_rows, skip_bad_rows, stats, process_index,
-                           process_count, pool)
+                           process_count, pool, line_ranges, postprocess)
 
 
 def _row_chunks(paths: Paths, spec: feature_spec_lib.FeatureSpec, chunk_rows: int,
                 skip_bad_rows: bool, stats: Optional[ParseStats], process_index: int,
-                process_count: int, pool: Optional['_WorkerPool']) -> Iterator[Batch]:
+                process_count: int, pool: Optional['_WorkerPool'],
+                line_ranges: Optional[Sequence[Optional[LineRange]]] = None,
+                postprocess: Optional[Callable[[Batch], Any]] = None) -> Iterator[Any]:
   """iter_row_chunks, in this process or in `pool`'s workers."""
   if chunk_rows < 1:
     raise ValueError(f'chunk_rows must be positive, got {chunk_rows}')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
-  jobs = _line_jobs(_expand_paths(paths), chunk_rows, process_index, process_count)
+  files = _expand_paths(paths)
+  if line_ranges is not None and len(line_ranges) != len(files):
+    raise ValueError(f'{len(line_ranges)} line ranges for {len(files)} files')
+  jobs = _line_jobs(files, chunk_rows, process_index, process_count, line_ranges, stats)
   if pool is not None:
-    yield from pool.parse(jobs, skip_bad_rows, stats, process_count)
+    yield from pool.parse(jobs, skip_bad_rows, stats, process_count, postprocess)
     return
   for path, first_line, lines in jobs:
-    yield parse_chunk(lines, spec, path=path, first_line=first_line,
-                      skip_bad_rows=skip_bad_rows, stats=stats, line_step=process_count)
+    chunk = parse_chunk(lines, spec, path=path, first_line=first_line,
+                        skip_bad_rows=skip_bad_rows, stats=stats, line_step=process_count)
+    yield chunk if postprocess is None else postprocess(chunk)
 
 
 # The spec of a worker process, sent once when it starts rather than with every chunk.
@@ -790,11 +958,12 @@ def _start_worker(spec: feature_spec_lib.FeatureSpec) -> None:
 
 
 def _parse_in_worker(path: str, first_line: int, lines: List[str], line_step: int,
-                     skip_bad_rows: bool) -> Tuple[Batch, ParseStats]:
+                     skip_bad_rows: bool,
+                     postprocess: Optional[Callable[[Batch], Any]]) -> Tuple[Any, ParseStats]:
   stats = ParseStats()
   chunk = parse_chunk(lines, _worker_spec, path=path, first_line=first_line,
                       skip_bad_rows=skip_bad_rows, stats=stats, line_step=line_step)
-  return chunk, stats
+  return (chunk if postprocess is None else postprocess(chunk)), stats
 
 
 class _WorkerPool:
@@ -812,15 +981,16 @@ class _WorkerPool:
     self._executor.shutdown(wait=False, cancel_futures=True)
 
   def parse(self, jobs: Iterator[Tuple[str, int, List[str]]], skip_bad_rows: bool,
-            stats: Optional[ParseStats], line_step: int) -> Iterator[Batch]:
-    """parse_chunk over `jobs`, results (and errors) in input order."""
+            stats: Optional[ParseStats], line_step: int,
+            postprocess: Optional[Callable[[Batch], Any]] = None) -> Iterator[Any]:
+    """parse_chunk (then `postprocess`) over `jobs`, results (and errors) in input order."""
     pending = collections.deque()
     try:
       for job in itertools.chain(jobs, [None]):
         if job is not None:
           path, first_line, lines = job
           pending.append(self._executor.submit(_parse_in_worker, path, first_line, lines,
-                                               line_step, skip_bad_rows))
+                                               line_step, skip_bad_rows, postprocess))
         while pending and (job is None or len(pending) >= self._in_flight):
           chunk, chunk_stats = pending.popleft().result()
           if stats is not None:
@@ -831,16 +1001,39 @@ class _WorkerPool:
         future.cancel()
 
 
+def estimate_lines(path: str) -> int:
+  """About how many lines a file has, from its first few MB (a gzip file's by its compressed
+  size): for progress and disk-space estimates, never for step counts."""
+  with _open_binary(path) as f:
+    head = f.read(_READ_BYTES)
+    raw = getattr(f, 'fileobj', None)  # a GzipFile's compressed stream
+    consumed = raw.tell() if raw is not None else len(head)
+  if not head:
+    return 0
+  lines = head.count(b'\n') + (head[-1:] != b'\n')
+  if len(head) < _READ_BYTES:
+    return lines
+  return int(lines * os.path.getsize(path) / max(consumed, 1))
+
+
 def count_rows(path: Paths) -> int:
-  """Lines in a file (or files): newline count, plus one for a last line without a newline."""
+  """Lines in a file (or files, gzip'd or not): newline count, plus one for a last line without
+  a newline. A file holding only a byte order mark has none."""
   total = 0
   for name in _expand_paths(path):
-    with open(name, 'rb') as f:
-      last = b'\n'
-      for block in iter(functools.partial(f.read, 1 << 22), b''):
-        total += block.count(b'\n')
-        last = block[-1:]
-      total += last != b'\n'
+    last = b'\n'
+    first = True
+    for block in _read_blocks(name):
+      if first:
+        first = False
+        if block.startswith(_BOM):
+          block = block[len(_BOM):]
+          if not block:
+            first = True
+            continue
+      total += block.count(b'\n')
+      last = block[-1:]
+    total += last != b'\n'
   return total
 
 
@@ -966,15 +1159,15 @@ def batches(paths: Paths, spec: feature_spec_lib.FeatureSpec, batch_size: int, *
             shuffle_buffer: int = 0, seed: int = 0, num_epochs: Optional[int] = 1,
             drop_remainder: bool = True, skip_bad_rows: bool = False,
             stats: Optional[ParseStats] = None, process_index: int = 0,
-            process_count: int = 1, chunk_rows: int = 8192,
-            num_workers: int = 0) -> Iterator[Batch]:
+            process_count: int = 1, chunk_rows: int = 8192, num_workers: int = 0,
+            line_ranges: Optional[Sequence[Optional[LineRange]]] = None) -> Iterator[Batch]:
   """Batches of exactly `batch_size` rows: the parsed layout plus 'mask' f32[B] (1 = real row).
 
   As DeepRec's `shuffle(buffer, seed) -> repeat(num_epochs) -> batch`: each epoch is shuffled
   through a buffer of `shuffle_buffer` rows (0 keeps file order) with its own seeded order, and
   batches run across epoch boundaries. `num_epochs=None` repeats forever. With
   `drop_remainder=False` the last partial batch is padded with zero rows whose mask is 0.
-  `chunk_rows`, `num_workers` and the sharding arguments are iter_row_chunks'.
+  `chunk_rows`, `num_workers`, `line_ranges` and the sharding arguments are iter_row_chunks'.
   """
   if batch_size < 1:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
@@ -986,7 +1179,7 @@ def batches(paths: Paths, spec: feature_spec_lib.FeatureSpec, batch_size: int, *
 
   def epoch_chunks(pool, counter):
     for chunk in _row_chunks(files, spec, chunk_rows, skip_bad_rows, stats, process_index,
-                             process_count, pool):
+                             process_count, pool, line_ranges):
       counter[0] += _num_rows(chunk)
       yield chunk
 

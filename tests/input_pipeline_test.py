@@ -228,7 +228,8 @@ def test_numbers_parse_exactly_as_python(values):
   # The numpy fast path for plain decimals must give float()'s exact bits, and only the strict
   # grammar may pass (no '1_0', no 'nan').
   for kind in ('float', 'int'):
-    parsed, problems = input_pipeline._parse_numbers(values, kind)  # pylint: disable=protected-access
+    parsed, problems = input_pipeline._parse_numbers(  # pylint: disable=protected-access
+        values, kind)
     for i, value in enumerate(values):
       grammar = r'\s*[+-]?\d+\s*' if kind == 'int' else (
           r'\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*')
@@ -366,6 +367,62 @@ def test_count_rows(tmp_path):
   assert input_pipeline.count_rows(write(tmp_path, 'c.csv', '')) == 0
   with pytest.raises(FileNotFoundError, match='nope.csv'):
     input_pipeline.count_rows(str(tmp_path / 'nope.csv'))
+
+
+def test_gzip_files_read_as_their_text(tmp_path):
+  import gzip  # pylint: disable=g-import-not-at-top
+  lines = random_elm_lines(40, seed=11)
+  plain = write(tmp_path, 'a.csv', '\n'.join(lines) + '\n')
+  packed = write(tmp_path, 'a.csv.gz', gzip.compress(('\n'.join(lines) + '\n').encode()))
+  # Recognised by content, not name.
+  unnamed = write(tmp_path, 'b.csv', gzip.compress(('\n'.join(lines)).encode()))
+  expected = read_all(plain)
+  for path in (packed, unnamed):
+    got = read_all(path, chunk_rows=7)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+    assert input_pipeline.count_rows(path) == 40
+  assert abs(input_pipeline.estimate_lines(packed) - 40) <= 1
+  assert input_pipeline.count_rows(write(tmp_path, 'bom.csv', b'\xef\xbb\xbf')) == 0
+
+
+def test_line_ranges_read_only_those_lines_and_number_them_truly(tmp_path):
+  lines = [elm_line(avg_price=str(i)) for i in range(30)]
+  lines[25] = elm_line(ctr_30='x')
+  path = write(tmp_path, 'a.csv', '\n'.join(lines) + '\n')
+  stats = input_pipeline.ParseStats()
+  out = read_all(path, line_ranges=[(10, 20)], chunk_rows=3, stats=stats)
+  assert out['dense'][:, dense_index('avg_price')].tolist() == list(range(10, 20))
+  assert stats.source_lines == 10
+  with pytest.raises(input_pipeline.DataError, match=r'a.csv:26: column .ctr_30.'):
+    read_all(path, line_ranges=[(20, None)], chunk_rows=4)
+  # Two processes share the range's lines; a range past the end reads nothing.
+  shares = [read_all(path, line_ranges=[(3, 9)], process_index=k, process_count=2)['dense'][
+      :, dense_index('avg_price')].tolist() for k in range(2)]
+  assert shares == [[3, 5, 7], [4, 6, 8]]
+  assert not list(input_pipeline.iter_row_chunks(path, SPEC, line_ranges=[(40, None)]))
+  second = write(tmp_path, 'b.csv', '\n'.join(lines[:5]) + '\n')
+  both = read_all([path, second], line_ranges=[(28, 29), None])
+  assert both['dense'][:, dense_index('avg_price')].tolist() == [28, 0, 1, 2, 3, 4]
+
+
+def test_dense_values_must_fit_float32():
+  with pytest.raises(input_pipeline.DataError, match=r"column 'avg_price': '3.5e38' does not "
+                     'fit in float32'):
+    parse([elm_line(avg_price='3.5e38')])
+  out = parse([elm_line(avg_price='3.4e38', ctr_30='9' * 30)])
+  assert np.isfinite(out['dense']).all()
+
+
+def _row_count(chunk):
+  return len(chunk['label'])
+
+
+def test_postprocess_runs_where_the_chunk_is_parsed(tmp_path):
+  path = write(tmp_path, 'a.csv', '\n'.join(random_elm_lines(50, seed=12)) + '\n')
+  for workers in (0, 2):
+    assert list(input_pipeline.iter_row_chunks(path, SPEC, chunk_rows=16, num_workers=workers,
+                                               postprocess=_row_count)) == [16, 16, 16, 2]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,45 @@
+"""DLRM on Criteo Kaggle (train.txt, 45,840,617 rows): 6 days train, the 7th evaluates.
+
+  python -m dlrm_jax.main --config=configs/criteo_kaggle.py --config.data_location=/data/criteo
+  python -m dlrm_jax.main --config=configs/criteo_kaggle.py:reference --config.data_location=...
+
+data_location holds `train.txt` (or `train.txt.gz`) from the Kaggle Display Advertising
+Challenge. As in the Facebook reference, its lines are cut into 7 equal "days" in file order;
+days 0-5 train and day 6 is the eval set. Dense features are log(x + 1) of the integers with
+negatives clamped to 0; each categorical is hashed (FarmHash, as TensorFlow) into its own table:
+  deeprec (default): 10000 buckets per column, embedding 16 (DeepRec's Criteo DLRM).
+  reference: the Facebook reference's Kaggle table sizes (its per-column cardinalities), so
+    tables hold 33.8M rows in all; the same model otherwise (dot interaction, 512-256-64-16 /
+    512-256, as its Kaggle script).
+The first run parses train.txt once into the row cache (<data_location>/dlrm_cache, about 180
+bytes per row: 8.3 GB) and every later epoch and run reads the cache.
+Without the files the run stops and says where they come from; a stand-in of the same format:
+  python -m dlrm_jax.datagen criteo --out_dir /data/criteo --train_rows 1000000 --eval_rows 1 \
+      --seed 1
+"""
+
+from configs import default
+
+# The Facebook DLRM reference's Kaggle embedding table sizes (C1..C26).
+KAGGLE_REFERENCE_ROWS = (
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
+    5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)
+
+
+def get_config(variant: str = 'deeprec'):
+  if variant not in ('deeprec', 'reference'):
+    raise ValueError(f"variant {variant!r}: expected 'deeprec' or 'reference'")
+  config = default.get_config()
+  config.feature_spec = 'criteo'
+  config.data_location = './data/criteo_kaggle'
+  config.train_files = 'train.txt'     # a name also finds its .gz
+  config.eval_files = ''               # unused: the eval set is the last part of train.txt
+  config.split_parts = 7               # train.txt holds 7 days, in time order
+  config.eval_parts = 1                # ... the last of which is evaluated on
+  config.hash_buckets = 10000
+  config.criteo_table_rows = KAGGLE_REFERENCE_ROWS if variant == 'reference' else ()
+  config.embedding_dim = 16
+  config.bottom_mlp = (512, 256, 64, 16)
+  config.top_mlp = (512, 256)
+  config.interaction_op = 'dot'
+  return config

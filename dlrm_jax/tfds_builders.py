@@ -1,0 +1,251 @@
+"""TFDS builders for the ELM and Criteo files: parsed rows, 512 to an array_record record.
+
+  builder = tfds_builders.ElmBlocks(config=tfds_builders.config_for(run_config), data_dir=D)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=M))
+  source = tfds.data_source('elm_blocks', data_dir=D, builder_kwargs={'config': ...})
+
+or, from a run config (what the trainer does when `config.tfds_data_dir` is set):
+
+  python -m dlrm_jax.main --config=configs/criteo_kaggle.py --config.tfds_data_dir=/data/tfds
+
+Neither writing nor reading needs TensorFlow: the records are written as array_record and read
+with `tfds.data_source` (random access, no tf.data). A record is not one row (one row per record
+reads at ~2k rows/s through TFDS's per-record decoding) but one block of `BLOCK_ROWS` rows in
+the row cache's compact layout (`row_cache.encode_block`): reading a block costs one record
+lookup, so blocks read at millions of rows per second, and `row_cache.RowReader` shuffles and
+batches them exactly as it does the cache (seeded block order, shuffled windows).
+
+The rows are parsed by `input_pipeline` as the trainer parses them, so a builder config is tied
+to a feature spec (hash buckets, max_list_len, Criteo table sizes): `config_for` names the
+config after the spec's parse fingerprint, and the reader refuses data built for another spec.
+Manual download: the files are not downloadable from here; `MANUAL_DOWNLOAD_INSTRUCTIONS` say
+where to put them. TFDS does not notice a changed source file: delete the data set's directory
+(or use the row cache, which does notice) after replacing the files.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from dlrm_jax import feature_spec as fs
+from dlrm_jax import input_pipeline
+from dlrm_jax import row_cache
+
+BLOCK_ROWS = 512
+
+
+@dataclasses.dataclass(eq=False)
+class BlocksConfig(tfds.core.BuilderConfig):
+  """Which files make each split, and the spec their rows are parsed with.
+
+  train_files / eval_files: names (or glob patterns) inside the manual directory; a name also
+  finds its '.gz'. split_parts > 0: the train files hold everything, cut by line into that many
+  parts, the last eval_parts of them being the eval split (Criteo Kaggle: 7 and 1).
+  """
+  spec: Optional[fs.FeatureSpec] = dataclasses.field(default=None, repr=False)
+  train_files: Tuple[str, ...] = ()
+  eval_files: Tuple[str, ...] = ()
+  split_parts: int = 0
+  eval_parts: int = 1
+  skip_bad_rows: bool = False
+  num_workers: int = 0
+
+
+def _files(directory: str, names: Sequence[str]) -> List[str]:
+  import glob  # pylint: disable=g-import-not-at-top
+  files = []
+  for name in names:
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      files.append(path)
+    elif os.path.isfile(path + '.gz'):
+      files.append(path + '.gz')
+    elif glob.glob(path):
+      files.extend(sorted(glob.glob(path)))
+    else:
+      raise FileNotFoundError(f'{path} is missing from the manual directory {directory}')
+  return files
+
+
+class _Blocks(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Rows of a DLRM data set, parsed, BLOCK_ROWS to a record."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Blocks of 512 parsed rows in the row cache layout (format 1).'}
+  HOMEPAGE = ''
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.__doc__,
+        features=tfds.features.FeaturesDict({
+            # row_cache.encode_block of up to BLOCK_ROWS rows.
+            'block': tfds.features.Tensor(shape=(), dtype=np.object_),
+            'rows': tfds.features.Scalar(dtype=np.int32),
+        }),
+        # File order is kept; the reader shuffles blocks and rows with the run's seed.
+        disable_shuffling=True,
+        homepage=self.HOMEPAGE,
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _sources(self, manual_dir: str) -> Dict[str, List[row_cache.Source]]:
+    config = self.builder_config
+    train = _files(manual_dir, config.train_files)
+    if config.split_parts:
+      n, e = config.split_parts, config.eval_parts
+      return {'train': [row_cache.Source(p, (0, n - e, n)) for p in train],
+              'eval': [row_cache.Source(p, (n - e, n, n)) for p in train]}
+    return {'train': [row_cache.Source(p) for p in train],
+            'eval': [row_cache.Source(p) for p in _files(manual_dir, config.eval_files)]}
+
+  def _split_generators(self, dl_manager):
+    sources = self._sources(os.fspath(dl_manager.manual_dir))
+    return {split: self._generate_examples(split, s) for split, s in sources.items()}
+
+  def _generate_examples(self, split: str,
+                         sources: Sequence[row_cache.Source]) -> Iterator[Tuple[int, Dict]]:
+    config = self.builder_config
+    spec = config.spec
+    stats = input_pipeline.ParseStats()
+    pending: List[row_cache.Rows] = []
+    have = 0
+    key = 0
+    for source in sources:
+      chunks = input_pipeline.iter_row_chunks(
+          source.path, spec, skip_bad_rows=config.skip_bad_rows, stats=stats,
+          num_workers=config.num_workers, line_ranges=[source.line_range()],
+          postprocess=functools.partial(row_cache.compact, spec=spec))
+      for rows in chunks:
+        pending.append(rows)
+        have += len(rows)
+        if have < BLOCK_ROWS:
+          continue
+        rows = row_cache.concat(pending)
+        full = len(rows) // BLOCK_ROWS * BLOCK_ROWS
+        starts = row_cache.row_starts(rows)
+        for first in range(0, full, BLOCK_ROWS):
+          yield key, _record(rows, starts, first, first + BLOCK_ROWS)
+          key += 1
+        pending = [_slice(rows, starts, full, len(rows))] if full < len(rows) else []
+        have = len(rows) - full
+    if have:
+      rows = row_cache.concat(pending)
+      yield key, _record(rows, row_cache.row_starts(rows), 0, len(rows))
+      key += 1
+    self.info.metadata[f'{split}_rows'] = stats.rows
+    self.info.metadata[f'{split}_lines'] = stats.source_lines
+    self.info.metadata[f'{split}_stats'] = stats.as_dict()
+    self.info.metadata['spec_fingerprint'] = row_cache.parse_fingerprint(spec)
+
+
+def _slice(rows: row_cache.Rows, starts: np.ndarray, first: int, stop: int) -> row_cache.Rows:
+  end = int(starts[stop]) if stop < len(rows) else len(rows.ids)
+  return row_cache.Rows(rows.label[first:stop], rows.dense[first:stop],
+                        rows.counts[first:stop], rows.ids[int(starts[first]):end])
+
+
+def _record(rows, starts, first, stop):
+  return {'block': row_cache.encode_block(_slice(rows, starts, first, stop)),
+          'rows': stop - first}
+
+
+class ElmBlocks(_Blocks):
+  """The Ali ELM (Ele.me) click logs, parsed as DeepRec's DLRM reads them."""
+
+  HOMEPAGE = 'https://tianchi.aliyun.com/dataset/dataDetail?dataId=131047'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Download the ELM day files (D{day}_{part}.csv.zip) from Alibaba Tianchi
+  (https://tianchi.aliyun.com/dataset/dataDetail?dataId=131047), unzip them, and concatenate
+  days 1-7 into `train.csv` and day 8 into `eval.csv` (no header lines). Put both files in the
+  manual directory (by default ~/tensorflow_datasets/downloads/manual/; gzip'd files named
+  train.csv.gz / eval.csv.gz work too).
+  """
+  BUILDER_CONFIGS = [BlocksConfig(name='default', spec=fs.elm_spec(),
+                                  train_files=('train.csv',), eval_files=('eval.csv',))]
+
+
+class CriteoBlocks(_Blocks):
+  """Criteo click logs (Kaggle Display Advertising Challenge, or the 1TB logs)."""
+
+  HOMEPAGE = 'https://ailab.criteo.com/ressources/'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Criteo Kaggle: put `train.txt` (45,840,617 labelled rows, from the Kaggle Display Advertising
+  Challenge archive dac.tar.gz) in the manual directory; its first 6/7 of lines are the train
+  split and the last 1/7 the eval split, as in the Facebook DLRM reference.
+  Criteo 1TB: put `day_0` .. `day_23` (or day_N.gz as downloaded) in the manual directory;
+  days 0-22 are the train split and day 23 the eval split.
+  The manual directory is ~/tensorflow_datasets/downloads/manual/ unless
+  DownloadConfig(manual_dir=...) says otherwise.
+  """
+  BUILDER_CONFIGS = [
+      BlocksConfig(name='kaggle', spec=fs.criteo_spec(10000), train_files=('train.txt',),
+                   split_parts=7, eval_parts=1),
+      BlocksConfig(name='terabyte', spec=fs.criteo_spec(10000),
+                   train_files=tuple(f'day_{d}' for d in range(23)), eval_files=('day_23',)),
+  ]
+
+
+BUILDERS = {'elm': ElmBlocks, 'criteo': CriteoBlocks}
+
+
+def config_for(config, spec: fs.FeatureSpec) -> BlocksConfig:
+  """The builder config of a run config: its files, split and spec."""
+  from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
+  train_default, eval_default = data_sources.FILE_NAMES[spec.name]
+
+  def names(field, default):
+    value = config.get(field, '') or default
+    return tuple(n.strip() for n in value.split(',') if n.strip())
+
+  parts = int(config.get('split_parts', 0))
+  fingerprint = row_cache.parse_fingerprint(spec)
+  return BlocksConfig(
+      name=f'{spec.name}_{fingerprint[:12]}_{parts or "files"}',
+      description=f'spec {spec.name} (parse fingerprint {fingerprint})', spec=spec,
+      train_files=names('train_files', train_default),
+      eval_files=() if parts else names('eval_files', eval_default),
+      split_parts=parts, eval_parts=int(config.get('eval_parts', 1)),
+      skip_bad_rows=bool(config.skip_bad_rows),
+      num_workers=max(0, int(config.get('num_workers', 0))))
+
+
+def data_source(config, spec: fs.FeatureSpec, manual_dir: str):
+  """tfds.data_source of the run's data set, prepared from `manual_dir` first if needed."""
+  return tfds.data_source(
+      BUILDERS[spec.name].name, data_dir=config.tfds_data_dir,
+      builder_kwargs={'config': config_for(config, spec), 'file_format': 'array_record'},
+      download_and_prepare_kwargs={'download_config': tfds.download.DownloadConfig(
+          manual_dir=manual_dir)})
+
+
+def split_rows(config, spec: fs.FeatureSpec, manual_dir: str, split: str) -> int:
+  """Rows of a split of the run's data set (prepared first if needed)."""
+  source = data_source(config, spec, manual_dir)[split]
+  count = len(source)
+  return 0 if not count else (count - 1) * BLOCK_ROWS + int(source[count - 1]['rows'])
+
+
+def row_reader(config, spec: fs.FeatureSpec, manual_dir: str, split: str, *,
+               process_index: int = 0, process_count: int = 1) -> row_cache.RowReader:
+  """This process's records of a split (a contiguous range of them), as a RowReader.
+
+  `reader.max_share_rows` bounds every process's rows, for an equal number of eval batches.
+  """
+  source = data_source(config, spec, manual_dir)[split]
+  count = len(source)
+  first, stop = process_index * count // process_count, (process_index + 1) * count // process_count
+  rows = 0 if stop == first else ((stop - first - 1) * BLOCK_ROWS
+                                  + int(source[stop - 1]['rows']))
+
+  def read_unit(u):
+    return row_cache.decode_block(source[first + u]['block'], spec)
+
+  reader = row_cache.RowReader([row_cache.Segment(rows, BLOCK_ROWS, read_unit)], spec,
+                               name=f'{BUILDERS[spec.name].name}/{split}')
+  reader.max_share_rows = -(-count // process_count) * BLOCK_ROWS
+  return reader

@@ -1,0 +1,204 @@
+"""Bad input through the path a training run takes (files -> cache -> batches).
+
+Each case either works or stops with a DataError naming the file, the line and the column; with
+skip_bad_rows the bad rows are counted instead. A failed run leaves no cache behind and never
+touches a cache that was already there.
+"""
+
+import gzip
+import os
+
+from hypothesis import given, settings, strategies as st
+import numpy as np
+import pytest
+
+from dlrm_jax import data_sources
+from dlrm_jax import feature_spec
+from dlrm_jax import input_pipeline
+from dlrm_jax import row_cache
+from data_sources_test import config_for
+from input_pipeline_test import elm_line
+
+SPEC = feature_spec.elm_spec(hash_buckets=1000, embedding_dim=4, max_list_len=4)
+CRITEO = feature_spec.criteo_spec(1000, embedding_dim=4)
+GOOD = [elm_line(avg_price=str(i)) for i in range(6)]
+
+
+def run(directory, spec=SPEC, **overrides):
+  """Resolves, trains 2 steps and evaluates as the trainer does; returns (train, eval, stats)."""
+  config = config_for(directory, **overrides)
+  config.batch_size = 2
+  config.eval_batch_size = 4
+  stats = input_pipeline.ParseStats()
+  data = data_sources.resolve(config, spec, process_index=0, process_count=1)
+  train = list(data_sources.train_batches(config, spec, data, num_steps=2, stats=stats,
+                                          process_index=0, process_count=1))
+  evaluated = list(data_sources.eval_batches(config, spec, data, stats=stats, process_index=0,
+                                             process_count=1))
+  return train, evaluated, stats
+
+
+def make(directory, train: bytes, evaluate: bytes = None, train_name='train.csv'):
+  (directory / train_name).write_bytes(train)
+  (directory / 'eval.csv').write_bytes(evaluate if evaluate is not None else
+                                       ('\n'.join(GOOD) + '\n').encode())
+
+
+def lines_bytes(lines, end='\n'):
+  return (end.join(lines) + end).encode()
+
+
+def cache_dirs(directory):
+  root = directory / 'dlrm_cache'
+  return sorted(n for n in os.listdir(root) if not n.endswith('.lock')) if root.exists() else []
+
+
+def test_empty_and_bom_only_files(tmp_path):
+  make(tmp_path, b'')
+  with pytest.raises(input_pipeline.DataError, match='train.csv: the file is empty'):
+    run(tmp_path)
+  make(tmp_path, b'\xef\xbb\xbf')
+  with pytest.raises(input_pipeline.DataError, match='train.csv: the file is empty'):
+    run(tmp_path)
+  assert cache_dirs(tmp_path) == []
+  make(tmp_path, lines_bytes(GOOD), evaluate=b'')
+  with pytest.raises(input_pipeline.DataError, match='eval.csv: the file is empty'):
+    run(tmp_path)
+
+
+def test_crlf_bom_and_a_missing_final_newline_read_as_plain_lines(tmp_path):
+  make(tmp_path, lines_bytes(GOOD))
+  plain, _, _ = run(tmp_path)
+  make(tmp_path, b'\xef\xbb\xbf' + lines_bytes(GOOD, '\r\n')[:-2])
+  windows, _, stats = run(tmp_path)
+  for a, b in zip(plain, windows):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  assert stats.rows == 6 + 6 and stats.bad_rows == 0
+
+
+@pytest.mark.parametrize('bad_line, line, column', [
+    (GOOD[0][:len(GOOD[0]) // 2], 4, None),                       # truncated mid-row
+    (GOOD[0] + ',surplus', 4, 'geohash12'),                       # a field too many
+    (elm_line(ord_30='seven'), 4, 'ord_30'),                      # text in an integer field
+    (elm_line(avg_price='1e39'), 4, 'avg_price'),                 # beyond float32
+    (elm_line(total_amt_30='1' + '0' * 400), 4, 'total_amt_30'),  # beyond float64
+    (elm_line(price_list='9e38;1'), 4, 'price_list'),  # a list mean beyond float32
+    (elm_line(clicked='1.0'), 4, 'clicked'),
+])
+def test_bad_rows_name_file_line_and_column_or_are_counted(tmp_path, bad_line, line, column):
+  lines = GOOD[:3] + [bad_line] + GOOD[3:]
+  make(tmp_path, lines_bytes(lines))
+  with pytest.raises(input_pipeline.DataError) as error:
+    run(tmp_path)
+  assert str(error.value).startswith(f'{tmp_path / "train.csv"}:{line}: column ')
+  assert error.value.line == line
+  if column:
+    assert error.value.column == column
+  # The good rows were cached all the same: the rerun with skip_bad_rows reads that cache.
+  (cached,) = [n for n in cache_dirs(tmp_path) if n.startswith('train.csv')]
+  train, evaluated, stats = run(tmp_path, skip_bad_rows=True)
+  assert [n for n in cache_dirs(tmp_path) if n.startswith('train.csv')] == [cached]
+  assert stats.bad_rows == 1 and stats.rows == 6 + 6
+  assert f'train.csv:{line}:' in stats.bad_row_examples[0]
+  assert len(train) == 2 and sum(b['mask'].sum() for b in evaluated) == 6
+
+
+def test_a_truncated_last_line_is_the_only_bad_row(tmp_path):
+  data = lines_bytes(GOOD)[:-20]  # the download stopped inside the last row
+  make(tmp_path, data)
+  with pytest.raises(input_pipeline.DataError, match=r'train.csv:6: column .*fields'):
+    run(tmp_path)
+  _, _, stats = run(tmp_path, skip_bad_rows=True)
+  assert stats.bad_rows == 1
+
+
+def test_huge_integers_are_fine_where_they_fit(tmp_path):
+  ints = ['99999999999999999999', '-5'] + ['1'] * 11
+  line = '\t'.join(['0'] + ints + ['68fd1e64'] * 26)
+  (tmp_path / 'train.txt').write_text('\n'.join([line] * 4) + '\n')
+  (tmp_path / 'eval.txt').write_text(line + '\n')
+  train, _, _ = run(tmp_path, spec=CRITEO)
+  assert train[0]['dense'][0, 0] == pytest.approx(np.log1p(1e20))
+  assert train[0]['dense'][0, 1] == 0  # negatives clamp to 0 before log(x + 1)
+
+
+def test_non_utf8_bytes_are_hashed_as_bytes_or_named_in_numbers(tmp_path):
+  raw = elm_line(shop_id='@').encode().replace(b'@', b'\xff\xfe')
+  make(tmp_path, lines_bytes(GOOD[:3]) + raw + b'\n' + lines_bytes(GOOD[3:]))
+  _, _, stats = run(tmp_path)
+  assert stats.non_utf8_lines == 1
+  raw = elm_line(ctr_30='@').encode().replace(b'@', b'\xff')
+  make(tmp_path, lines_bytes(GOOD[:3]) + raw + b'\n')
+  with pytest.raises(input_pipeline.DataError, match=r"train.csv:4: column 'ctr_30'"):
+    run(tmp_path)
+
+
+def test_damaged_gzip_names_the_file_and_line(tmp_path):
+  whole = gzip.compress(lines_bytes(GOOD * 200))
+  make(tmp_path, whole[:len(whole) // 2], train_name='train.csv.gz')
+  with pytest.raises(input_pipeline.DataError, match=r'train.csv.gz: the compressed data is '
+                     r'damaged in line \d+') as error:
+    run(tmp_path)
+  assert error.value.line > 1
+  make(tmp_path, whole[:20] + b'\x00' * 40 + whole[60:], train_name='train.csv.gz')
+  with pytest.raises(input_pipeline.DataError, match='train.csv.gz: the compressed data'):
+    run(tmp_path)
+  assert cache_dirs(tmp_path) == []
+  make(tmp_path, whole, train_name='train.csv.gz')
+  _, _, stats = run(tmp_path)
+  assert stats.rows == 1200 + 6
+
+
+def test_a_failed_run_leaves_the_existing_cache_alone(tmp_path):
+  whole = gzip.compress(lines_bytes(GOOD * 50))
+  make(tmp_path, whole, train_name='train.csv.gz')
+  run(tmp_path)
+  (name,) = [n for n in cache_dirs(tmp_path) if n.startswith('train.csv')]
+  before = {f: (tmp_path / 'dlrm_cache' / name / f).read_bytes()
+            for f in os.listdir(tmp_path / 'dlrm_cache' / name)}
+  listing = cache_dirs(tmp_path)
+  # A new download of the file is cut short: its cache cannot be built.
+  make(tmp_path, whole[:len(whole) // 2], train_name='train.csv.gz')
+  with pytest.raises(input_pipeline.DataError, match='compressed data is damaged'):
+    run(tmp_path)
+  after = {f: (tmp_path / 'dlrm_cache' / name / f).read_bytes()
+           for f in os.listdir(tmp_path / 'dlrm_cache' / name)}
+  assert after == before and cache_dirs(tmp_path) == listing
+
+
+# Random files: any bytes either parse (identically through the cache and the CSV reader) or
+# stop with a DataError that names the file; a failure leaves no cache.
+PIECES = st.sampled_from([
+    GOOD[0], GOOD[1], elm_line(ctr_30=''), elm_line(shop_id_list=''), ',' * 38, '', '\r',
+    '\xef\xbb\xbf', '\ufeff', 'a,b', elm_line(avg_price='1e40'), '\udcff', 'é'])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(PIECES, min_size=0, max_size=6), st.sampled_from(['\n', '\r\n']),
+       st.booleans())
+def test_fuzz_files(tmp_path_factory, pieces, end, final_newline):
+  directory = tmp_path_factory.mktemp('fuzz')
+  text = end.join(pieces) + (end if final_newline else '')
+  data = text.encode('utf-8', 'surrogateescape')
+  path = directory / 'train.csv'
+  path.write_bytes(data)
+  try:
+    cache, start, stop = row_cache.open_or_build(row_cache.Source(str(path)), SPEC)
+  except input_pipeline.DataError as error:
+    assert str(path) in str(error)
+    with pytest.raises(input_pipeline.DataError):
+      list(input_pipeline.iter_row_chunks(str(path), SPEC))
+    # Either nothing was cached (an empty file) or every good row was, the bad ones counted.
+    if cache_dirs(directory):
+      cache, _, _ = row_cache.open_or_build(row_cache.Source(str(path)), SPEC,
+                                            skip_bad_rows=True)
+      assert cache.manifest['stats']['bad_rows'] > 0
+    return
+  reader = row_cache.RowReader([row_cache.cache_segment(cache, start, stop, 4)], SPEC)
+  cached = list(reader.batches(8, drop_remainder=False))
+  csv = list(input_pipeline.batches(str(path), SPEC, 8, drop_remainder=False))
+  assert len(cached) == len(csv)
+  for a, b in zip(cached, csv):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])

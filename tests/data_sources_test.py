@@ -1,0 +1,200 @@
+"""data_sources: which files and lines a config reads, and the batch streams the trainer gets."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from configs import criteo_1tb
+from configs import criteo_kaggle
+from configs import default
+from dlrm_jax import data_sources
+from dlrm_jax import feature_spec
+from dlrm_jax import input_pipeline
+from input_pipeline_test import elm_line
+
+SPEC = feature_spec.elm_spec(hash_buckets=1000, embedding_dim=4, max_list_len=4)
+
+
+def config_for(directory, **overrides):
+  config = default.get_config()
+  config.data_location = str(directory)
+  config.hash_buckets = 1000
+  config.embedding_dim = 4
+  config.max_list_len = 4
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.shuffle_buffer = 32
+  values = dict(train_files='', eval_files='', split_parts=0, eval_parts=1, use_cache=True,
+                cache_dir='', cache_block_rows=8, num_workers=0, tfds_data_dir='')
+  values.update(overrides)
+  for key, value in values.items():
+    config[key] = value
+  return config
+
+
+def numbered_lines(first, n):
+  return [elm_line(avg_price=str(i), clicked=str(i % 2)) for i in range(first, first + n)]
+
+
+def write(path, lines, compress=False):
+  data = ('\n'.join(lines) + '\n').encode()
+  if compress:
+    data = gzip.compress(data)
+  with open(path, 'wb') as f:
+    f.write(data)
+  return str(path)
+
+
+def rows_of(batches):
+  return [int(v) for b in batches for v, m in zip(b['dense'][:, 1], b['mask']) if m]
+
+
+@pytest.fixture
+def elm_dir(tmp_path):
+  write(tmp_path / 'train.csv', numbered_lines(0, 70))
+  write(tmp_path / 'eval.csv', numbered_lines(1000, 45))
+  return tmp_path
+
+
+def test_default_files_and_row_count(elm_dir):
+  config = config_for(elm_dir)
+  data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+  assert data.train_path == str(elm_dir / 'train.csv')
+  assert data.eval_path == str(elm_dir / 'eval.csv')
+  assert data.train_rows == 70
+  assert [s.path for s in data.train_sources] == [data.train_path]
+  # With the cache, resolve has built it (the count comes from its manifest).
+  assert os.listdir(elm_dir / 'dlrm_cache')
+  config.use_cache = False
+  assert data_sources.resolve(config, SPEC, process_index=0, process_count=1).train_rows == 70
+
+
+def test_missing_eval_file_stops_before_anything_is_read(elm_dir):
+  os.remove(elm_dir / 'eval.csv')
+  with pytest.raises(FileNotFoundError, match='eval.csv') as error:
+    data_sources.resolve(config_for(elm_dir), SPEC, process_index=0, process_count=1)
+  assert 'python -m dlrm_jax.datagen elm' in str(error.value)
+  assert not (elm_dir / 'dlrm_cache').exists()
+  config = config_for(elm_dir)
+  config.no_eval = True
+  assert data_sources.resolve(config, SPEC, process_index=0, process_count=1).train_rows == 70
+
+
+def test_named_files_gzip_and_globs(tmp_path):
+  write(tmp_path / 'day_0.gz', numbered_lines(0, 10), compress=True)
+  write(tmp_path / 'day_1', numbered_lines(10, 5))
+  write(tmp_path / 'day_2.gz', numbered_lines(100, 7), compress=True)
+  config = config_for(tmp_path, train_files='day_0,day_1', eval_files='day_[2]*')
+  data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+  assert [os.path.basename(s.path) for s in data.train_sources] == ['day_0.gz', 'day_1']
+  assert [os.path.basename(s.path) for s in data.eval_sources] == ['day_2.gz']
+  assert data.train_rows == 15
+  train = data_sources.train_batches(config, SPEC, data, num_steps=1, process_index=0,
+                                     process_count=1)
+  assert len(list(train)) == 1
+  assert rows_of(data_sources.eval_batches(config, SPEC, data, process_index=0,
+                                           process_count=1)) == list(range(100, 107))
+
+
+def test_split_parts_cut_the_train_file_into_days(tmp_path):
+  write(tmp_path / 'train.txt', numbered_lines(0, 71))
+  config = config_for(tmp_path, train_files='train.txt', split_parts=7, eval_parts=1)
+  data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+  # 71 lines in 7 parts: the eval part is lines [71 * 6 // 7, 71) = [60, 71).
+  assert data.train_rows == 60
+  for use_cache in (True, False):
+    config.use_cache = use_cache
+    eval_rows = rows_of(data_sources.eval_batches(config, SPEC, data, process_index=0,
+                                                  process_count=1))
+    assert eval_rows == list(range(60, 71))
+    config.shuffle_buffer = 0
+    train = data_sources.train_batches(config, SPEC, data, num_steps=4, process_index=0,
+                                       process_count=1)
+    assert rows_of(train) == list(range(60)) + list(range(4))
+
+
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_every_process_gets_the_same_number_of_batches(elm_dir, use_cache):
+  config = config_for(elm_dir, use_cache=use_cache)
+  config.batch_size = 12  # 4 rows a process
+  shares, counts = [], []
+  for k in range(3):
+    data = data_sources.resolve(config, SPEC, process_index=k, process_count=3)
+    train = list(data_sources.train_batches(config, SPEC, data, num_steps=30, start_step=2,
+                                            process_index=k, process_count=3))
+    assert len(train) == 28 and all(len(b['label']) == 4 for b in train)
+    batches = list(data_sources.eval_batches(config, SPEC, data, process_index=k,
+                                             process_count=3))
+    counts.append(len(batches))
+    shares.append(rows_of(batches))
+  # 45 eval rows: 15 a process, one batch of 16 each.
+  assert counts == [1, 1, 1]
+  assert sorted(sum(shares, [])) == list(range(1000, 1045))
+
+
+def test_cache_and_csv_give_the_same_unshuffled_batches_and_resume(elm_dir):
+  streams = {}
+  for use_cache in (True, False):
+    config = config_for(elm_dir, use_cache=use_cache, shuffle_buffer=0)
+    data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+    whole = list(data_sources.train_batches(config, SPEC, data, num_steps=9, process_index=0,
+                                            process_count=1))
+    resumed = list(data_sources.train_batches(config, SPEC, data, num_steps=9, start_step=5,
+                                              process_index=0, process_count=1))
+    assert rows_of(resumed) == rows_of(whole[5:])
+    streams[use_cache] = whole
+  for a, b in zip(streams[True], streams[False]):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_shuffled_training_is_reproducible_per_seed(elm_dir):
+  def run(seed):
+    config = config_for(elm_dir, seed=seed)
+    data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+    return rows_of(data_sources.train_batches(config, SPEC, data, num_steps=4, process_index=0,
+                                              process_count=1))
+  first = run(1)
+  assert sorted(first) == sorted(set(first)) and len(first) == 64
+  assert run(1) == first and run(2) != first
+
+
+def test_parse_stats_of_a_cached_run(tmp_path):
+  lines = numbered_lines(0, 40)
+  lines[7] = elm_line(ctr_30='x')
+  write(tmp_path / 'train.csv', lines)
+  write(tmp_path / 'eval.csv', numbered_lines(0, 5))
+  config = config_for(tmp_path, skip_bad_rows=True)
+  data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+  stats = input_pipeline.ParseStats()
+  list(data_sources.train_batches(config, SPEC, data, num_steps=2, stats=stats, process_index=0,
+                                  process_count=1))
+  assert (stats.rows, stats.bad_rows) == (39, 1)
+  assert "train.csv:8: column 'ctr_30'" in stats.bad_row_examples[0]
+
+
+def test_criteo_configs(tmp_path):
+  kaggle = criteo_kaggle.get_config()
+  assert (kaggle.train_files, kaggle.split_parts, kaggle.eval_parts) == ('train.txt', 7, 1)
+  assert feature_spec.from_config(kaggle).total_rows == 26 * 10000
+  reference = feature_spec.from_config(criteo_kaggle.get_config('reference'))
+  assert [t.rows for t in reference.tables] == list(criteo_kaggle.KAGGLE_REFERENCE_ROWS)
+  terabyte = criteo_1tb.get_config()
+  assert terabyte.train_files.split(',') == [f'day_{d}' for d in range(23)]
+  assert terabyte.eval_files == 'day_23'
+  assert feature_spec.from_config(terabyte).tables[0].rows == 9980333
+  with pytest.raises(ValueError):
+    criteo_kaggle.get_config('big')
+  # The 1TB file layout, found with gzip'd and plain days mixed.
+  spec = feature_spec.criteo_spec(100, embedding_dim=4)
+  line = '\t'.join(['1'] + ['3'] * 13 + ['68fd1e64'] * 26)
+  for day in range(24):
+    write(tmp_path / (f'day_{day}.gz' if day % 2 else f'day_{day}'), [line] * 2, day % 2 == 1)
+  config = criteo_1tb.get_config('deeprec')
+  config.data_location = str(tmp_path)
+  config.num_workers = 0
+  data = data_sources.resolve(config, spec, process_index=0, process_count=1)
+  assert data.train_rows == 46 and len(data.train_sources) == 23
+  assert data.eval_sources[0].path == str(tmp_path / 'day_23.gz')

@@ -1,0 +1,354 @@
+"""The row cache: exact round trip, validity, atomic builds, shuffling, resuming and shares."""
+
+import json
+import os
+import shutil
+import socket
+
+from hypothesis import given, settings, strategies as st
+import numpy as np
+import pytest
+
+from dlrm_jax import feature_spec
+from dlrm_jax import input_pipeline
+from dlrm_jax import row_cache
+from input_pipeline_test import LINE, MAX_LEN, SPEC, elm_line, random_elm_lines
+
+CRITEO = feature_spec.criteo_spec(1000, embedding_dim=4)
+
+
+def write(tmp_path, name, lines):
+  path = tmp_path / name
+  path.write_text('\n'.join(lines) + '\n')
+  return str(path)
+
+
+def parse_all(path, spec=SPEC, **kwargs):
+  chunks = list(input_pipeline.iter_row_chunks(path, spec, **kwargs))
+  return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def assert_batches_equal(a, b):
+  assert set(a) == set(b)
+  for key in a:
+    assert a[key].dtype == b[key].dtype, key
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def stream(batches, key='dense', column=1):
+  """The real rows' values of one dense column, in the order the batches give them."""
+  return [float(v) for b in batches for v, m in zip(b[key][:, column], b['mask']) if m]
+
+
+def numbered(tmp_path, n, name='rows.csv'):
+  """ELM rows whose avg_price (dense column 1) is the row's index."""
+  return write(tmp_path, name, [elm_line(avg_price=str(i), clicked=str(i % 2))
+                                for i in range(n)])
+
+
+def reader_of(path, spec=SPEC, block_rows=16, **kwargs):
+  cache, start, stop = row_cache.open_or_build(row_cache.Source(path), spec, **kwargs)
+  return row_cache.RowReader([row_cache.cache_segment(cache, start, stop, block_rows)], spec)
+
+
+# ------------------------------------------------------------------------------------------------
+# The compact layout.
+
+def test_compact_then_expand_is_the_parsed_batch_bit_for_bit():
+  lines = random_elm_lines(400, seed=7, list_len=6)  # lists longer than MAX_LEN: truncated
+  lines += [elm_line(time_type='x', time_type_list='x;y'), elm_line(shop_id='', item_id_list=''),
+            elm_line(time_type_list=';'.join(['tea'] * 9))]
+  parsed = input_pipeline.parse_chunk(lines, SPEC, path='p', first_line=1)
+  rows = row_cache.compact(parsed, SPEC)
+  assert rows.counts.dtype == np.uint8 and rows.ids.dtype == np.int32
+  assert rows.counts.max() == MAX_LEN
+  assert len(rows.ids) == int((parsed['weights'] > 0).sum()) < parsed['ids'].size
+  expanded = row_cache.expand(rows, SPEC)
+  assert expanded.pop('mask').tolist() == [1.0] * len(lines)
+  assert_batches_equal(expanded, parsed)
+  decoded = row_cache.decode_block(row_cache.encode_block(rows), SPEC)
+  assert_batches_equal({k: v for k, v in row_cache.expand(decoded, SPEC).items() if k != 'mask'},
+                       parsed)
+  with pytest.raises(input_pipeline.DataError, match='another spec'):
+    row_cache.decode_block(row_cache.encode_block(rows), CRITEO)
+
+
+def test_weights_match_the_parsers_for_every_count():
+  # 1/c in float32 as the parser rounds it, for every count a uint8 can hold.
+  spec = feature_spec.elm_spec(hash_buckets=50, embedding_dim=4, max_list_len=255)
+  lines = [elm_line(item_id_list=';'.join(map(str, range(k)))) for k in range(1, 256)]
+  parsed = input_pipeline.parse_chunk(lines, spec, path='p', first_line=1)
+  expanded = row_cache.expand(row_cache.compact(parsed, spec), spec)
+  np.testing.assert_array_equal(expanded['weights'], parsed['weights'])
+  assert row_cache.counts_dtype(feature_spec.elm_spec(max_list_len=300)) == np.uint16
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(LINE, min_size=1, max_size=6))
+def test_fuzz_round_trip(lines):
+  parsed = input_pipeline.parse_chunk(lines, SPEC, path='p', first_line=1, skip_bad_rows=True)
+  rows = row_cache.compact(parsed, SPEC)
+  expanded = row_cache.expand(rows, SPEC)
+  expanded.pop('mask')
+  assert_batches_equal(expanded, parsed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building and validity.
+
+def test_cache_files_are_numpy_arrays_and_the_manifest_says_what_made_them(tmp_path):
+  path = write(tmp_path, 'train.csv', random_elm_lines(50, seed=1))
+  cache, start, stop = row_cache.open_or_build(row_cache.Source(path), SPEC)
+  assert (start, stop) == (0, 50)
+  assert os.path.dirname(cache.directory) == str(tmp_path / 'dlrm_cache')
+  manifest = json.load(open(os.path.join(cache.directory, 'manifest.json')))
+  assert manifest['source'] == {'path': path, 'size': os.path.getsize(path),
+                                'mtime_ns': os.stat(path).st_mtime_ns}
+  assert manifest['spec_fingerprint'] == row_cache.parse_fingerprint(SPEC)
+  assert (manifest['rows'], manifest['lines'], manifest['share']) == (50, 50, [0, 1])
+  assert manifest['stats']['rows'] == 50 and manifest['stats']['bad_rows'] == 0
+  parsed = parse_all(path)
+  ids = np.load(os.path.join(cache.directory, 'ids.npy'), mmap_mode='r')
+  assert ids.dtype == np.int32 and ids.shape == (manifest['ids'],)
+  np.testing.assert_array_equal(ids, parsed['ids'][parsed['weights'] > 0])
+  dense = np.load(os.path.join(cache.directory, 'dense.npy'))
+  np.testing.assert_array_equal(dense, parsed['dense'])
+  offsets = np.load(os.path.join(cache.directory, 'offsets.npy'))
+  assert offsets[0] == 0 and offsets[-1] == len(ids) and len(offsets) == 51
+  assert sorted(os.listdir(tmp_path / 'dlrm_cache')) == sorted(
+      [os.path.basename(cache.directory), os.path.basename(cache.directory) + '.lock'])
+
+
+def test_reused_until_the_source_or_the_spec_changes(tmp_path):
+  path = write(tmp_path, 'train.csv', random_elm_lines(40, seed=2))
+  first, _, _ = row_cache.open_or_build(row_cache.Source(path), SPEC)
+  built = json.load(open(os.path.join(first.directory, 'manifest.json')))['created']
+  again, _, _ = row_cache.open_or_build(row_cache.Source(path), SPEC)
+  assert again.manifest == first.manifest
+  # The embedding dim does not change parsed rows: same cache.
+  wider = feature_spec.elm_spec(hash_buckets=1000, embedding_dim=8, max_list_len=MAX_LEN)
+  assert row_cache.open_or_build(row_cache.Source(path), wider)[0].directory == first.directory
+  # Other hash buckets or list lengths: another cache, this one kept.
+  other = feature_spec.elm_spec(hash_buckets=999, embedding_dim=4, max_list_len=MAX_LEN)
+  assert row_cache.open_or_build(row_cache.Source(path), other)[0].directory != first.directory
+  longer = feature_spec.elm_spec(hash_buckets=1000, embedding_dim=4, max_list_len=5)
+  assert row_cache.open_or_build(row_cache.Source(path), longer)[0].directory != first.directory
+  # The file grows by a row: rebuilt in place.
+  with open(path, 'a') as f:
+    f.write(elm_line() + '\n')
+  grown, _, stop = row_cache.open_or_build(row_cache.Source(path), SPEC)
+  assert grown.directory == first.directory and stop == 41
+  # Same size, new mtime (a rewritten file): rebuilt.
+  os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 10**9))
+  touched, _, _ = row_cache.open_or_build(row_cache.Source(path), SPEC)
+  assert touched.manifest['source']['mtime_ns'] != grown.manifest['source']['mtime_ns']
+  assert built  # (a timestamp string)
+
+
+def test_a_damaged_cache_is_rebuilt(tmp_path):
+  path = write(tmp_path, 'train.csv', random_elm_lines(30, seed=3))
+  cache, _, _ = row_cache.open_or_build(row_cache.Source(path), SPEC)
+  ids_file = os.path.join(cache.directory, 'ids.npy')
+  with open(ids_file, 'r+b') as f:
+    f.truncate(os.path.getsize(ids_file) - 4)
+  rebuilt, _, _ = row_cache.open_or_build(row_cache.Source(path), SPEC)
+  assert os.path.getsize(ids_file) == rebuilt.manifest['arrays']['ids']['bytes']
+  os.remove(os.path.join(cache.directory, 'manifest.json'))  # a build killed before the end
+  rebuilt, _, _ = row_cache.open_or_build(row_cache.Source(path), SPEC)
+  assert rebuilt.num_rows == 30
+
+
+def test_a_failed_build_leaves_nothing_and_keeps_the_old_cache(tmp_path, monkeypatch):
+  lines = random_elm_lines(300, seed=4)
+  path = write(tmp_path, 'train.csv', lines)
+  source = row_cache.Source(path)
+  old, _, _ = row_cache.open_or_build(source, SPEC)
+  root = tmp_path / 'dlrm_cache'
+  listing = sorted(os.listdir(root))
+  old_files = {n: open(os.path.join(old.directory, n), 'rb').read()
+               for n in os.listdir(old.directory)}
+  write(tmp_path, 'train.csv', lines[:-1])  # the source changes: the cache is stale
+  appended = []
+  original = row_cache._CacheWriter.append
+
+  def interrupted(self, rows):
+    appended.append(len(rows))
+    if len(appended) == 2:
+      raise KeyboardInterrupt  # killed half-way
+    original(self, rows)
+
+  monkeypatch.setattr(row_cache._CacheWriter, 'append', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    row_cache.open_or_build(source, SPEC, chunk_rows=64)
+
+  def no_room(self, rows):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(row_cache._CacheWriter, 'append', no_room)
+  with pytest.raises(OSError, match='no room to cache .*config.cache_dir'):
+    row_cache.open_or_build(source, SPEC)
+  monkeypatch.undo()
+  # Neither failure left a directory behind or touched the old cache.
+  assert sorted(os.listdir(root)) == listing
+  assert {n: open(os.path.join(old.directory, n), 'rb').read()
+          for n in os.listdir(old.directory)} == old_files
+  assert row_cache.open_or_build(source, SPEC)[0].num_rows == 299
+
+
+def test_a_disk_too_small_is_found_on_the_first_chunk(tmp_path, monkeypatch):
+  path = write(tmp_path, 'train.csv', random_elm_lines(600, seed=9))
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(
+      row_cache.open_or_build(row_cache.Source(path), SPEC, cache_root=str(tmp_path / 'a'))[
+          0].directory) for f in files)
+  for free, fits in ((int(size * 1.3), True), (int(size * 0.6), False)):
+    monkeypatch.setattr(row_cache.shutil, 'disk_usage', lambda _, free=free: (
+        shutil._ntuple_diskusage(10**12, 10**12 - free, free)))
+    root = str(tmp_path / f'b{free}')
+    if fits:
+      row_cache.open_or_build(row_cache.Source(path), SPEC, chunk_rows=100, cache_root=root)
+      continue
+    with pytest.raises(OSError, match=r'needs about .* GiB more .* bytes per row, ~6\d\d '
+                       'lines'):
+      row_cache.open_or_build(row_cache.Source(path), SPEC, chunk_rows=100, cache_root=root)
+    assert len(os.listdir(root)) == 1  # the lock file only
+
+
+def test_a_strict_build_keeps_the_good_rows_so_a_rerun_need_not_parse(tmp_path, monkeypatch):
+  lines = random_elm_lines(300, seed=10)
+  lines[249] = elm_line(ctr_30='many')
+  path = write(tmp_path, 'train.csv', lines)
+  source = row_cache.Source(path)
+  with pytest.raises(input_pipeline.DataError, match=r"train.csv:250: column 'ctr_30'.*"
+                     r"1 bad rows .*skip_bad_rows=True") as error:
+    row_cache.open_or_build(source, SPEC, chunk_rows=64)
+  assert (error.value.path, error.value.line, error.value.column) == (path, 250, 'ctr_30')
+  monkeypatch.setattr(input_pipeline, 'iter_row_chunks', None)  # nothing may be parsed now
+  cache, _, stop = row_cache.open_or_build(source, SPEC, skip_bad_rows=True)
+  assert stop == 299 and cache.manifest['stats']['bad_rows'] == 1
+  monkeypatch.undo()
+  # A file that is mostly bad (another format, say) stops at once, without a cache.
+  criteo = write(tmp_path, 'criteo.txt', ['\t'.join(['0'] * 40)] * 300)
+  with pytest.raises(input_pipeline.DataError, match="right file for the 'elm' format"):
+    row_cache.open_or_build(row_cache.Source(criteo), SPEC, chunk_rows=64)
+  assert not [n for n in os.listdir(tmp_path / 'dlrm_cache') if n.startswith('criteo.txt')
+              and not n.endswith('.lock')]
+
+
+def test_leftovers_of_killed_builds_are_removed(tmp_path):
+  path = write(tmp_path, 'train.csv', random_elm_lines(10, seed=5))
+  name = row_cache.cache_name(row_cache.Source(path), SPEC, (0, 1))
+  root = tmp_path / 'dlrm_cache'
+  dead = root / f'{name}.tmp-{socket.gethostname()}-999999999'
+  alive = root / f'{name}.tmp-{socket.gethostname()}-{os.getpid()}x'
+  other_host = root / f'{name}.tmp-elsewhere-1'
+  for d in (dead, alive, other_host):
+    d.mkdir(parents=True)
+  row_cache.open_or_build(row_cache.Source(path), SPEC)
+  assert not dead.exists() and alive.exists() and other_host.exists()
+
+
+def test_skipped_bad_rows_are_recorded_and_a_strict_run_refuses_them(tmp_path):
+  lines = random_elm_lines(20, seed=6)
+  lines[4] = elm_line(avg_price='cheap')
+  path = write(tmp_path, 'train.csv', lines)
+  cache, _, stop = row_cache.open_or_build(row_cache.Source(path), SPEC, skip_bad_rows=True)
+  assert stop == 19 and cache.manifest['stats']['bad_rows'] == 1
+  assert cache.manifest['lines'] == 20
+  stats = input_pipeline.ParseStats()
+  row_cache.add_manifest_stats(stats, cache.manifest)
+  assert (stats.rows, stats.bad_rows) == (19, 1)
+  assert "train.csv:5: column 'avg_price'" in stats.bad_row_examples[0]
+  with pytest.raises(input_pipeline.DataError, match="train.csv:5: column 'avg_price'") as e:
+    row_cache.open_or_build(row_cache.Source(path), SPEC)
+  assert (e.value.path, e.value.line, e.value.column) == (path, 5, 'avg_price')
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading.
+
+def test_unshuffled_batches_are_the_csv_batches(tmp_path):
+  path = write(tmp_path, 'train.csv', random_elm_lines(203, seed=8))
+  reader = reader_of(path, block_rows=10)
+  cached = list(reader.batches(32, drop_remainder=False))
+  csv = list(input_pipeline.batches(path, SPEC, 32, drop_remainder=False, chunk_rows=50))
+  assert len(cached) == len(csv) == 7
+  for a, b in zip(cached, csv):
+    assert_batches_equal(a, b)
+
+
+def test_shuffle_is_seeded_and_mixes_the_whole_file(tmp_path):
+  reader = reader_of(numbered(tmp_path, 500), block_rows=10)
+
+  def order(seed, epochs=1, **kwargs):
+    return stream(reader.batches(25, shuffle_buffer=50, seed=seed, num_epochs=epochs,
+                                 drop_remainder=False, **kwargs))
+
+  first = order(1)
+  assert sorted(first) == list(range(500)) and first != list(range(500))
+  assert order(1) == first and order(2) != first
+  # Blocks come from anywhere in the file: the first 50 rows reach far beyond a 50-row buffer.
+  assert max(first[:50]) > 250
+  # Each epoch has its own order; batches run across the epoch boundary.
+  two = order(1, epochs=2)
+  assert two[:500] == first and sorted(two[500:]) == list(range(500)) and two[500:] != first
+
+
+def test_first_batch_continues_the_same_order_without_reading_skipped_rows(tmp_path):
+  reader = reader_of(numbered(tmp_path, 130), block_rows=8)
+  full = list(reader.batches(16, shuffle_buffer=40, seed=3, num_epochs=None, num_batches=25))
+  assert len(full) == 25
+  reads = []
+  units = [s.read_unit for s in reader.segments]
+  reader.segments[0].read_unit = lambda u: (reads.append(u), units[0](u))[1]
+  resumed = list(reader.batches(16, shuffle_buffer=40, seed=3, num_epochs=None, first_batch=17,
+                                num_batches=25))
+  assert len(resumed) == 8
+  for a, b in zip(resumed, full[17:]):
+    assert_batches_equal(a, b)
+  # 17 batches = 272 rows = two epochs of 130 plus 12: the first two epochs are not read, only
+  # the third (17 blocks) and the first window (40 / 8 = 5 blocks) of the fourth.
+  assert len(reads) == reader.num_units + 5
+
+
+def test_num_batches_pads_with_masked_batches_or_cuts(tmp_path):
+  reader = reader_of(numbered(tmp_path, 50))
+  padded = list(reader.batches(16, drop_remainder=False, num_batches=6))
+  assert [int(b['mask'].sum()) for b in padded] == [16, 16, 16, 2, 0, 0]
+  assert not padded[-1]['ids'].any() and not padded[-1]['weights'].any()
+  assert stream(padded) == list(range(50))
+  assert len(list(reader.batches(16, num_epochs=None, num_batches=9))) == 9
+  assert len(list(reader.batches(16, drop_remainder=True))) == 3
+
+
+def test_process_shares_cover_every_row_once_with_equal_batch_counts(tmp_path):
+  path = numbered(tmp_path, 101)
+  source = row_cache.Source(path)
+  # No full cache: every process caches its own share of the lines.
+  shares, counts = [], []
+  for k in range(3):
+    cache, start, stop = row_cache.open_or_build(source, SPEC, process_index=k, process_count=3)
+    assert '.share' in cache.directory and (start, stop) == (0, cache.num_rows)
+    reader = row_cache.RowReader([row_cache.cache_segment(cache, start, stop, 8)], SPEC)
+    batches = list(reader.batches(8, drop_remainder=False, num_batches=row_cache.max_share_batches(
+        [101], 3, 8)))
+    counts.append(len(batches))
+    shares.append(stream(batches))
+  assert counts == [5, 5, 5]
+  assert shares[0][:3] == [0, 3, 6]
+  assert sorted(sum(shares, [])) == list(range(101))
+  # Once a cache of all rows exists, processes read row ranges of it.
+  full, _, _ = row_cache.open_or_build(source, SPEC)
+  ranges = [row_cache.open_or_build(source, SPEC, process_index=k, process_count=3)
+            for k in range(3)]
+  assert all(cache.directory == full.directory for cache, _, _ in ranges)
+  assert [(a, b) for _, a, b in ranges] == [(0, 33), (33, 67), (67, 101)]
+
+
+def test_readers_memory_does_not_grow_with_epochs(tmp_path):
+  # Reading uses positional reads into fresh buffers, not a growing map of the files: a long
+  # run's reader holds no reference to what it has read.
+  reader = reader_of(numbered(tmp_path, 64), block_rows=8)
+  it = reader.batches(8, shuffle_buffer=16, seed=0, num_epochs=None)
+  for _ in range(200):
+    next(it)
+  assert not any(isinstance(v, np.memmap) for v in vars(reader).values())

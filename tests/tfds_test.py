@@ -1,0 +1,89 @@
+"""The TFDS builders: array_record blocks, read with tfds.data_source, without TensorFlow."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dlrm_jax import data_sources
+from dlrm_jax import datagen
+from dlrm_jax import feature_spec
+from dlrm_jax import input_pipeline
+from dlrm_jax import tfds_builders
+from data_sources_test import config_for, numbered_lines, rows_of, write
+
+tfds = pytest.importorskip('tensorflow_datasets')
+SPEC = feature_spec.elm_spec(hash_buckets=1000, embedding_dim=4, max_list_len=4)
+
+
+def test_tensorflow_is_neither_installed_nor_needed():
+  # If TensorFlow were importable this test would prove nothing: it would be used silently.
+  code = ('import sys, importlib.util; assert importlib.util.find_spec("tensorflow") is None; '
+          'from dlrm_jax import tfds_builders; assert "tensorflow" not in sys.modules')
+  subprocess.run([sys.executable, '-c', code], check=True)
+  assert 'tensorflow' not in sys.modules
+
+
+def test_builders_say_where_the_files_go():
+  assert 'train.csv' in tfds_builders.ElmBlocks.MANUAL_DOWNLOAD_INSTRUCTIONS
+  assert 'tianchi' in tfds_builders.ElmBlocks.MANUAL_DOWNLOAD_INSTRUCTIONS
+  assert 'day_23' in tfds_builders.CriteoBlocks.MANUAL_DOWNLOAD_INSTRUCTIONS
+  assert 'train.txt' in tfds_builders.CriteoBlocks.MANUAL_DOWNLOAD_INSTRUCTIONS
+  assert {c.name for c in tfds_builders.CriteoBlocks.BUILDER_CONFIGS} == {'kaggle', 'terabyte'}
+
+
+def test_elm_blocks_hold_exactly_the_parsed_rows(tmp_path):
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  # 1100 rows: two full 512-row records and a short one.
+  write(manual / 'train.csv', numbered_lines(0, 1100))
+  write(manual / 'eval.csv', numbered_lines(5000, 30))
+  config = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), shuffle_buffer=0)
+  config.batch_size = 100
+  data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+  assert data.train_rows == 1100
+  source = tfds.data_source('elm_blocks', data_dir=str(tmp_path / 'tfds'),
+                            builder_kwargs={'config': tfds_builders.config_for(config, SPEC),
+                                            'file_format': 'array_record'}, download=False)
+  train = source['train']
+  assert len(train) == 3 and [int(train[i]['rows']) for i in range(3)] == [512, 512, 76]
+  assert list((tmp_path / 'tfds').rglob('*.array_record-*'))
+  batches = list(data_sources.train_batches(config, SPEC, data, num_steps=11, process_index=0,
+                                            process_count=1))
+  parsed = input_pipeline.parse_chunk(numbered_lines(0, 1100), SPEC, path='p', first_line=1)
+  for key in parsed:
+    got = np.concatenate([b[key] for b in batches])[:1100]
+    np.testing.assert_array_equal(got, parsed[key])
+  assert rows_of(data_sources.eval_batches(config, SPEC, data, process_index=0,
+                                           process_count=1)) == list(range(5000, 5030))
+  # Shuffled: a permutation, fixed by the seed.
+  config.shuffle_buffer = 600
+  shuffled = rows_of(data_sources.train_batches(config, SPEC, data, num_steps=11,
+                                                process_index=0, process_count=1))
+  assert sorted(shuffled) == list(range(1100)) and shuffled != list(range(1100))
+  # Two processes: disjoint record ranges, as many eval batches each.
+  counts = []
+  for k in range(2):
+    counts.append(len(list(data_sources.eval_batches(config, SPEC, data, process_index=k,
+                                                     process_count=2))))
+  assert counts[0] == counts[1]
+
+
+def test_criteo_kaggle_split_from_planted_data(tmp_path):
+  manual = tmp_path / 'criteo'
+  datagen.generate_criteo(str(manual), train_rows=700, eval_rows=1, seed=2,
+                          planted=dict(vocab_sizes=(20,) * 26))
+  spec = feature_spec.criteo_spec(100, embedding_dim=4)
+  config = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), train_files='train.txt',
+                      split_parts=7, eval_parts=1)
+  config.feature_spec = 'criteo'
+  data = data_sources.resolve(config, spec, process_index=0, process_count=1)
+  assert data.train_rows == 600  # days 0-5 of 7
+  evaluated = list(data_sources.eval_batches(config, spec, data, process_index=0,
+                                             process_count=1))
+  assert sum(int(b['mask'].sum()) for b in evaluated) == 100
+  lines = (manual / 'train.txt').read_text().splitlines()[600:]
+  parsed = input_pipeline.parse_chunk(lines, spec, path='p', first_line=601)
+  np.testing.assert_array_equal(np.concatenate([b['ids'] for b in evaluated])[:100],
+                                parsed['ids'])
