@@ -21,8 +21,23 @@ def get_config(mode: str = ''):
   config.hash_buckets = 100000         # rows of every hashed table
   config.embedding_dim = 16
   config.max_list_len = 50             # history lists keep their first values, mean-pooled
-  config.shuffle_buffer = 20000        # the reference's shuffle buffer; 0 keeps file order
+  config.shuffle_buffer = 20000        # the reference's shuffle buffer; 0 keeps file order (with
+                                       # the cache: rows per shuffled window of random blocks)
   config.skip_bad_rows = False         # True: drop and count malformed rows instead of stopping
+  config.train_files = ''              # names / globs in data_location, comma-separated; '' =
+                                       # train.csv (ELM) / train.txt (Criteo); 'x' finds x.gz too
+  config.eval_files = ''               # the same for evaluation; '' = eval.csv / eval.txt
+  config.split_parts = 0               # > 0: cut each train file by line into this many parts
+  config.eval_parts = 1                # ... and evaluate on the last eval_parts (Kaggle: 7, 1)
+  config.criteo_table_rows = ()        # Criteo: rows of each of the 26 tables; () = hash_buckets
+  config.use_cache = True              # parse each file once into a binary row cache, read it
+                                       # after; False = parse the CSV every epoch
+  config.cache_dir = ''                # '' = <data directory>/dlrm_cache
+  config.cache_block_rows = 1024       # cache shuffle: blocks of rows visited in random order
+  config.num_workers = -1              # CSV parse processes; -1 = one per core (at most 8) for
+                                       # files of 64 MB or more, else none
+  config.tfds_data_dir = ''            # read the TFDS array_record data set here instead (built
+                                       # from data_location's files if missing)
   config.planted = ml_collections.ConfigDict(dict(
       train_rows=400_000, eval_rows=100_000, seed=1))
 

@@ -14,7 +14,6 @@ replicated, and batch norm sees the global batch, so one device and N devices ag
 import dataclasses
 import functools
 import json
-import math
 import os
 import shutil
 import time
@@ -318,23 +317,21 @@ def device_batches(batches: Iterator[Dict[str, np.ndarray]], setup: Setup,
 
 
 
-def evaluate(setup: Setup, state: TrainState, config, eval_path: str,
+def evaluate(setup: Setup, state: TrainState, config, data: data_sources.DataFiles,
              stats: input_pipeline.ParseStats) -> Dict[str, float]:
-  """Exact metrics over every row of the eval file (the last batch is padded and masked)."""
+  """Exact metrics over every eval row (padded batches are masked; every process runs the same
+  number of batches)."""
   replicated = NamedSharding(setup.mesh, P())
   step = jax.jit(functools.partial(eval_step, setup), out_shardings=replicated)
-  batches = input_pipeline.batches(
-      [eval_path], setup.spec, config.eval_batch_size, drop_remainder=False,
-      skip_bad_rows=config.skip_bad_rows, stats=stats,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  batches = data_sources.eval_batches(config, setup.spec, data, stats=stats)
   labels, probs = [], []
   for batch in device_batches(batches, setup, effective_options(config)['smartstaged']):
     p, y, mask = jax.device_get(step(state, batch))
     keep = mask > 0
     probs.append(p[keep])
     labels.append(y[keep])
-  if not labels:
-    raise input_pipeline.DataError(f'{eval_path}: no rows to evaluate')
+  if not labels or not sum(len(y) for y in labels):
+    raise input_pipeline.DataError(f'{data.eval_path}: no rows to evaluate')
   return metrics.classification_metrics(np.concatenate(labels), np.concatenate(probs))
 
 
@@ -444,11 +441,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     logging.info('wrote %d probabilities to %s', count, output)
     return {'predictions': count, 'predict_output': output}
   if config.mode == 'eval':
-    data = data_sources.resolve(config, setup.spec)
+    data = data_sources.resolve(config, setup.spec, train=False)
     state = restore_for_inference(setup, config, workdir)
     results = {'steps': int(state.step), **data.oracle}
     results.update({f'eval_{k}': v for k, v in evaluate(
-        setup, state, config, data.eval_path, input_pipeline.ParseStats()).items()})
+        setup, state, config, data, input_pipeline.ParseStats()).items()})
     write_json_atomic(os.path.join(workdir, 'eval_results.json'), results)
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
     return results
@@ -473,15 +470,10 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   step_fn = compile_train_step(setup, state, options['op_fusion'])
   summarize = jax.jit(functools.partial(activation_stats, setup))
 
-  num_epochs = math.ceil(num_steps * config.batch_size / max(data.train_rows, 1)) + 1
-  host_batches = input_pipeline.batches(
-      [data.train_path], setup.spec, config.batch_size // jax.process_count(),
-      shuffle_buffer=config.shuffle_buffer, seed=config.seed, num_epochs=num_epochs,
-      drop_remainder=True, skip_bad_rows=config.skip_bad_rows, stats=stats,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  # Resuming: skip the batches the interrupted run consumed, so the data order continues.
-  for _ in range(start_step):
-    next(host_batches, None)
+  # Exactly num_steps - start_step batches on every process, from the row cache (or the CSV);
+  # a resumed run continues the same data order without reading the rows it skips.
+  host_batches = data_sources.train_batches(config, setup.spec, data, num_steps=num_steps,
+                                            start_step=start_step, stats=stats)
   batches = device_batches(host_batches, setup, options['smartstaged'])
 
   logging.info('training %d steps from step %d (batch %d, %s)', num_steps, start_step,
@@ -560,7 +552,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
              'checkpoint_stall_s': save_stall,
              **{f'option_{k}': v for k, v in options.items()}}
   if not config.no_eval:
-    eval_metrics = evaluate(setup, state, config, data.eval_path, stats)
+    eval_metrics = evaluate(setup, state, config, data, stats)
     results.update({f'eval_{k}': v for k, v in eval_metrics.items()})
     writer.write_scalars(final_step, {f'eval_{k}': results[f'eval_{k}']
                                       for k in ('auc', 'accuracy', 'logloss')})
@@ -568,7 +560,8 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     results['export_dir'] = serving.export_model(setup, state, config.export_dir)
   results.update(data.oracle)
   results.update({'rows_parsed': stats.rows, 'bad_rows': stats.bad_rows,
-                  'truncated_list_values': stats.truncated_values})
+                  'truncated_list_values': stats.truncated_values,
+                  'parse_stats': stats.as_dict()})
   writer.close()
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, 'results.json'), results)
