@@ -169,3 +169,14 @@ def test_timeline_and_summaries_are_written(tmp_path):
     assert tag in tags, (tag, sorted(tags))
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['steps'] == 16
+
+
+def test_too_little_disk_for_checkpoints_fails_before_training(tmp_path, monkeypatch):
+  import collections  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  usage = collections.namedtuple('usage', 'total used free')
+  monkeypatch.setattr(shutil, 'disk_usage', lambda _: usage(10**6, 10**6 - 1000, 1000))
+  workdir = tmp_path / 'run'
+  with pytest.raises(OSError, match='GiB free, checkpoints of this run need'):
+    train.train_and_evaluate(_config(tmp_path), str(workdir))
+  assert not (workdir / 'checkpoints').exists()  # failed before anything was written
