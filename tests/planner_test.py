@@ -23,14 +23,8 @@ TINY_CRITEO_ROWS = (1000, 3, 64, 65, 130, 7) * 4 + (2000, 1)
 
 
 def tiny_config(**overrides):
-  """The default model shrunk (hash_buckets 1000, small MLPs); no data, no devices needed."""
-  config = default.get_config()
-  config.hash_buckets = 1000
-  config.embedding_dim = 4
-  config.max_list_len = 8
-  config.bottom_mlp = (16, 4)
-  config.top_mlp = (16,)
-  config.batch_size = 64
+  """configs/default.py:tiny (hash_buckets 1000, small MLPs); no data, no devices needed."""
+  config = default.get_config('tiny')
   for key, value in overrides.items():
     config[key] = value
   return config
