@@ -38,8 +38,16 @@ def get_config(mode: str = ''):
                                        # files of 64 MB or more, else none
   config.tfds_data_dir = ''            # read the TFDS array_record data set here instead (built
                                        # from data_location's files if missing)
+  # The planted world (dlrm_jax/datagen.py, PlantedModel): small enough that one epoch of 1M
+  # rows sees every id often, so a DLRM can get close to the oracle; every kind of term is
+  # planted (per-id biases, a low-rank user x item/category interaction, history matches,
+  # price, hour and rank effects).
   config.planted = ml_collections.ConfigDict(dict(
-      train_rows=400_000, eval_rows=100_000, seed=1))
+      train_rows=1_000_000, eval_rows=100_000, seed=1,
+      num_users=2000, num_items=200, num_shops=60, num_foods=100, num_brands=30, num_aois=50,
+      num_districts=12, num_cities=3, num_categories=20, history_sharpness=3.0,
+      mean_history=20.0, target_ctr=0.06, latent_dim=2, interaction_weight=0.3,
+      history_weight=2.0))
 
   # Model.
   config.bottom_mlp = (512, 256, 64, 16)
@@ -108,8 +116,8 @@ def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.steps = 40
   config.log_every_steps = 10
   config.activation_summary_steps = 0
-  config.planted.train_rows = 8000
-  config.planted.eval_rows = 3000
-  # A small world, so that ids repeat often enough to be learnt from a few thousand rows.
-  config.planted.update(dict(num_users=2000, num_items=1000, num_shops=200, num_foods=300))
+  # The generator's default world, shrunk so ids repeat often enough in a few thousand rows.
+  config.planted = ml_collections.ConfigDict(dict(
+      train_rows=8000, eval_rows=3000, seed=1,
+      num_users=2000, num_items=1000, num_shops=200, num_foods=300))
   return config
