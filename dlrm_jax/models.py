@@ -120,7 +120,7 @@ class UniqueRows:
   Runs on the input thread (numpy; hash-based factorize), so the device neither sorts ids nor
   touches padding:
     unique_ids {array: int32 [capacity]}  each looked-up row once, padded with the out-of-range
-                                          id `rows` (reads as a zero row, scatters are dropped);
+                                          id `rows` (read clipped, weight 0, scatters dropped);
     entry_index int32 [entries]           for every live slot (weight != 0), its row in the
                                           concatenation of the arrays' unique lists;
     entry_weight f32 [entries]            its pooling weight;
@@ -196,7 +196,7 @@ class UniqueRows:
     for g, name in enumerate(self._groups):
       mine = slice(None) if self._fused else (entry_groups == g)
       codes, uniques = pd.factorize(entry_ids[mine], sort=False)
-      capacity = self._capacity_for(name, len(uniques) + 1)  # + 1: a zero row for padding
+      capacity = self._capacity_for(name, len(uniques) + 1)  # + 1: a row for the padding entries
       padded = np.full(capacity, self._rows[name], np.int32)
       padded[:len(uniques)] = uniques
       unique_ids[name] = padded
@@ -211,9 +211,25 @@ class UniqueRows:
             'entry_weight': entry_weight, 'entry_segment': entry_segment}
 
 
+def take_rows(x: Array, index: Array, mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS) -> Array:
+  """x[index] along the first axis, for non-negative indices.
+
+  A plain lax.gather: jnp indexing would first wrap negative indices, and XLA:CPU recomputes
+  that index arithmetic for every element of the fused gather. Its transpose is a scatter-add
+  with the same mode.
+  """
+  dims = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,),
+                                        start_index_map=(0,))
+  return jax.lax.gather(x, index[:, None], dims, slice_sizes=(1,) + x.shape[1:], mode=mode)
+
+
 def gather_unique_rows(tables: Tables, unique_ids: Dict[str, Array]) -> Dict[str, Array]:
-  """Each table array's unique looked-up rows [capacity, D]; padding ids read as zeros."""
-  return {name: jnp.take(tables[name], unique_ids[name], axis=0, mode='fill', fill_value=0)
+  """Each table array's unique looked-up rows [capacity, D].
+
+  Padding ids (the out-of-range id `rows`) read the clipped last row: only weight-0 entries
+  point at them, and their updates are dropped on the scatter.
+  """
+  return {name: take_rows(tables[name], unique_ids[name], jax.lax.GatherScatterMode.CLIP)
           for name in unique_ids}
 
 
@@ -226,7 +242,9 @@ def embed(unique_rows: Dict[str, Array], batch: Dict[str, Array], spec: fs.Featu
   names = list(table_groups(spec, emb_fusion))
   rows = (unique_rows[names[0]] if len(names) == 1 else
           jnp.concatenate([unique_rows[name] for name in names], axis=0))
-  values = jnp.take(rows, batch['entry_index'], axis=0) * batch['entry_weight'][:, None]
+  # UniqueRows builds every index inside `rows`, so the gather (and its transpose, the scatter-add
+  # of the backward pass) need no bounds checks or fill values.
+  values = take_rows(rows, batch['entry_index']) * batch['entry_weight'][:, None]
   batch_size = batch['label'].shape[0]
   pooled = jax.ops.segment_sum(values, batch['entry_segment'],
                                num_segments=batch_size * spec.num_sparse,

@@ -213,18 +213,25 @@ def sparse_grads(setup: Setup, state: TrainState, batch: Batch, unique_rows):
   return loss, stats, mlp_grads, row_grads
 
 
-def sparse_apply(setup: Setup, state: TrainState, batch: Batch, stats, mlp_grads,
+def sparse_apply(setup: Setup, state: TrainState, batch: Batch, stats, mlp_grads, unique_rows,
                  row_grads) -> TrainState:
-  """optax on the MLPs; the row-wise optimizer on each table array's unique rows only."""
+  """optax on the MLPs; the row-wise optimizer on each table array's unique rows only.
+
+  The update starts from the rows the forward pass gathered: each touched row is read from the
+  table once per step. (Left to itself, XLA:CPU fuses that gather into every consumer, and the
+  step then reads the table once per use.)
+  """
   updates, opt_state = setup.tx.update(mlp_grads, state.opt_state, state.params['mlp'])
   mlp = optax.apply_updates(state.params['mlp'], updates)
   tables, table_opt_state = {}, {}
   for name, table in state.params['tables'].items():
-    unique_ids, grads = batch['unique_ids'][name], row_grads[name]
+    unique_ids, grads, rows = batch['unique_ids'][name], row_grads[name], unique_rows[name]
     if setup.merge_across_processes:
+      # Ids repeated across processes are merged here, so the gathered rows no longer line up.
       unique_ids, grads = optimizers.dedup_rows(unique_ids, grads, table.shape[0])
+      rows = None
     tables[name], table_opt_state[name] = setup.row_tx.update(
-        table, state.table_opt_state[name], unique_ids, grads)
+        table, state.table_opt_state[name], unique_ids, grads, rows)
   params = {'mlp': mlp, 'tables': tables}
   return state.replace(step=state.step + 1, params=params, batch_stats=stats,
                        opt_state=opt_state, table_opt_state=table_opt_state)
@@ -237,7 +244,7 @@ def train_step(setup: Setup, state: TrainState, batch: Batch):
     return dense_apply(setup, state, stats, grads), loss
   unique_rows = lookup(state.params['tables'], batch)
   loss, stats, mlp_grads, row_grads = sparse_grads(setup, state, batch, unique_rows)
-  return sparse_apply(setup, state, batch, stats, mlp_grads, row_grads), loss
+  return sparse_apply(setup, state, batch, stats, mlp_grads, unique_rows, row_grads), loss
 
 
 def eval_step(setup: Setup, state: TrainState, batch: Batch):
@@ -285,7 +292,7 @@ def compile_train_step(setup: Setup, state: TrainState, op_fusion: bool) -> Call
   def staged_sparse(state, batch):
     unique_rows = gather_fn(state.params['tables'], batch)
     loss, stats, mlp_grads, row_grads = grads_fn(state, batch, unique_rows)
-    return apply_fn(state, batch, stats, mlp_grads, row_grads), loss
+    return apply_fn(state, batch, stats, mlp_grads, unique_rows, row_grads), loss
   return staged_sparse
 
 
