@@ -295,20 +295,39 @@ def _low_precision_matmul_bwd(residuals, g):
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
 
 
+def _widened_matmul(x: Array, w: Array) -> Array:
+  # A product of two bfloat16 values is exact in float32, so this is the bfloat16 product with
+  # float32 accumulation, run on the float32 kernel; autodiff rounds dx and dw back to bfloat16.
+  return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+
+
+def widen_bfloat16_products() -> bool:
+  """Whether bfloat16 matmuls run on exactly widened float32 operands (on CPU).
+
+  XLA:CPU (jaxlib 0.10, YNNPACK dots) multiplies bfloat16 matrices of this model's sizes more
+  slowly than float32 ones, even with AVX-512 BF16: 512x512x512 bf16 x bf16 -> f32 at about
+  0.65-0.9x the float32 rate here (`experiments/benchmark.py` reports both ceilings). Widening
+  gives the same numbers on the faster kernel. GPUs and TPUs keep native bfloat16 products.
+  """
+  return jax.default_backend() == 'cpu'
+
+
 def mixed_precision_dot_general(x, w, dimension_numbers, precision=None):
   """bfloat16 operands with float32 accumulation, forward and backward.
 
-  XLA:CPU only takes its fast bfloat16 path (AVX-512 BF16 dot products, about 2x float32 here)
-  when a bfloat16 product asks for a float32 result; a bfloat16 -> bfloat16 dot is upcast and
-  runs at float32 speed. Autodiff of that form would hand float32 cotangents to the backward
-  dots, so the backward pass is written out to keep bfloat16 operands there too. The product
-  stays float32 until after the bias: a bfloat16 bias gradient is a batch reduction that XLA
-  splits into slow pairwise windows to limit rounding.
+  Autodiff of `jnp.dot(..., preferred_element_type=float32)` would hand float32 cotangents to
+  the backward dots and make them float32 products, so on accelerators the backward pass is
+  written out to keep bfloat16 operands there too (`_low_precision_matmul`). On CPU the operands
+  are widened instead (see `widen_bfloat16_products`). Either way the product stays float32
+  until after the bias: a bfloat16 bias gradient is a batch reduction that XLA splits into slow
+  pairwise windows to limit rounding.
   """
   del precision
   (contract_x, contract_w), _ = dimension_numbers
   if x.dtype != jnp.bfloat16 or x.ndim != 2 or contract_x != (1,) or contract_w != (0,):
     return jax.lax.dot_general(x, w, dimension_numbers)
+  if widen_bfloat16_products():
+    return _widened_matmul(x, w)
   return _low_precision_matmul(x, w)
 
 
@@ -335,9 +354,11 @@ def dot_interaction(x: Array, embeddings: Array) -> Array:
   """Pairwise dot products of [x, e_1..e_F], strict lower triangle, after x: [B, D + n(n-1)/2]."""
   features = jnp.concatenate([x[:, None, :], embeddings], axis=1)
   n = features.shape[1]
+  if features.dtype == jnp.bfloat16 and widen_bfloat16_products():
+    features = features.astype(jnp.float32)  # as in mixed_precision_dot_general
   gram = jnp.einsum('bid,bjd->bij', features, features)
   rows, cols = np.tril_indices(n, k=-1)
-  return jnp.concatenate([x, gram[:, rows, cols]], axis=1)
+  return jnp.concatenate([x, gram[:, rows, cols].astype(x.dtype)], axis=1)
 
 
 def cat_interaction(x: Array, embeddings: Array) -> Array:

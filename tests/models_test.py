@@ -193,3 +193,30 @@ def test_bf16_policy_keeps_float32_params_and_logits():
   # bfloat16 keeps 8 mantissa bits: ~1% relative error through a few small layers.
   np.testing.assert_allclose(out16, out32, rtol=0.05, atol=0.05)
   assert not np.array_equal(out16, out32)
+
+
+@pytest.mark.parametrize('widen', [True, False])
+def test_bf16_matmul_is_the_rounded_operands_product_in_float32(widen, monkeypatch):
+  # Both bf16 forms (widened float32 operands on CPU, the bf16 custom VJP on accelerators) must
+  # compute the product of the bf16-rounded operands with float32 accumulation, forward and
+  # backward, with dx rounded to bf16 and dw to bf16. Reference: float64 on the same rounded
+  # values. Tolerance: float32 accumulation of 64 terms (~1e-6 relative) forward; one bf16
+  # rounding (2^-8 relative) of each gradient.
+  monkeypatch.setattr(models, 'widen_bfloat16_products', lambda: widen)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((32, 64)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((64, 16)), jnp.bfloat16)
+  g = rng.standard_normal((32, 16))
+  dims = (((1,), (0,)), ((), ()))
+
+  def loss(x, w):
+    return jnp.sum(models.mixed_precision_dot_general(x, w, dims) * g.astype(np.float32))
+
+  y = jax.jit(lambda x, w: models.mixed_precision_dot_general(x, w, dims))(x, w)
+  dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+  x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  assert y.dtype == jnp.float32 and dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(y, x64 @ w64, rtol=1e-5, atol=1e-5)
+  g64 = g if widen else np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), g64 @ w64.T, rtol=2**-8, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dw, np.float64), x64.T @ g64, rtol=2**-8, atol=1e-5)
