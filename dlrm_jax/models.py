@@ -146,8 +146,11 @@ class UniqueRows:
     self._groups = table_groups(spec, emb_fusion)
     self._rows = table_array_rows(spec, emb_fusion)
     self._fused = emb_fusion
+    if max(self._rows.values()) >= 2**31:
+      raise ValueError(f'table arrays of {max(self._rows.values())} rows: row ids must fit int32')
     self._slot_group = np.zeros(spec.num_slots, np.int32)
-    self._slot_offset = np.zeros(spec.num_slots, np.int64)
+    # int32 throughout: factorize hashes int32 ids about 3x faster than int64 ones.
+    self._slot_offset = np.zeros(spec.num_slots, np.int32)
     for g, (slots, offsets) in enumerate(self._groups.values()):
       self._slot_group[slots] = g
       self._slot_offset[slots] = offsets
@@ -174,10 +177,14 @@ class UniqueRows:
 
   def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
     ids, weights = batch['ids'], batch['weights']
-    local_batch = ids.shape[0]
+    local_batch, num_slots = ids.shape
     num_features = self._spec.num_sparse
-    rows_of_entry, slots_of_entry = np.nonzero(weights)  # row-major: sorted by (row, slot)
-    count = rows_of_entry.size
+    # Flat positions of the live slots, row-major: sorted by (row, slot). A boolean flatnonzero
+    # is several times faster than nonzero on the 2-D float array.
+    flat_weights = weights.reshape(-1)
+    live = np.flatnonzero(flat_weights != 0)
+    rows_of_entry, slots_of_entry = np.divmod(live, num_slots)
+    count = live.size
     entries = self._capacity_for('entries', count + 1)
     p, n = self._process_index, self._process_count
     segment_base = p * local_batch * num_features
@@ -185,10 +192,10 @@ class UniqueRows:
     entry_index = np.empty(entries, np.int32)
     entry_weight = np.zeros(entries, np.float32)
     entry_segment = np.full(entries, segment_base + local_batch * num_features - 1, np.int32)
-    entry_weight[:count] = weights[rows_of_entry, slots_of_entry]
+    entry_weight[:count] = flat_weights[live]
     entry_segment[:count] = (rows_of_entry * num_features +
                              self._spec.slot_feature[slots_of_entry] + segment_base)
-    entry_ids = ids[rows_of_entry, slots_of_entry].astype(np.int64)
+    entry_ids = ids.reshape(-1)[live].astype(np.int32, copy=False)
     entry_ids += self._slot_offset[slots_of_entry]
     entry_groups = None if self._fused else self._slot_group[slots_of_entry]
 
