@@ -316,6 +316,10 @@ def device_batches(batches: Iterator[Dict[str, np.ndarray]], setup: Setup,
           process_count=jax.process_count(), local_batch=len(batch['label']))
     batch = unique_rows(batch)
     shardings = batch_sharding(setup.mesh, batch)
+    if jax.process_count() == 1:
+      # The host batch is the global batch: one transfer call for all of it, about half the
+      # host time of a make_array call per array.
+      return jax.device_put(batch, shardings)
     return jax.tree.map(jax.make_array_from_process_local_data, shardings, batch)
 
   if smartstaged:

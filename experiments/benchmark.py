@@ -8,7 +8,8 @@ r"""Speed of the DLRM train step against TorchRec on this machine, with ceilings
 It prints a table and writes JSON (`--json_out`) with, per configuration:
   * samples/s of our jitted train step on synthetic batches ('step': batches already on the
     device; 'step+input': fed by train.device_batches, host-side dedup and transfer included),
-    and of end-to-end training ('end-to-end': the CSV reader too) on planted ELM data;
+    and of end-to-end training on planted ELM data ('end-to-end': the trainer's loop over the
+    row cache; 'end-to-end csv': parsing the CSV for every batch instead);
   * the same model in TorchRec (`experiments/torchrec_dlrm.py`, PyTorch on the CPU with 2
     threads) and the ratio ours / TorchRec;
   * the model's training FLOPs per sample (3x the forward's matmul FLOPs, from the layer sizes)
@@ -106,8 +107,11 @@ KINDS = {
     'step+input': 'the same step fed by train.device_batches from synthetic host batches: host '
                   'dedup and transfer in the prefetch thread, overlapping the step (the '
                   'like-for-like comparison with TorchRec, which deduplicates inside its step)',
-    'end-to-end': 'the training loop on planted ELM CSV: read, parse, hash, shuffle (buffer '
-                  '20000), dedup, transfer, step',
+    'end-to-end': "the trainer's own loop on planted ELM data (data_sources.train_batches, as "
+                  'train_and_evaluate feeds it): the row cache built from the CSV before '
+                  'training, read in shuffled blocks, then dedup, transfer, step',
+    'end-to-end csv': 'the same loop with use_cache=False: the CSV read, parsed, hashed and '
+                      'shuffled (buffer 20000) for every batch, in the same process',
 }
 
 
@@ -120,7 +124,7 @@ class Variant:
   optimizer: ours, for MLPs and tables alike ('gradientdescent' or 'adagrad'); TorchRec's MLPs use
     the torch optimizer of that name.
   table_optimizer: TorchRec's fused table optimizer: 'sgd', 'adagrad' or 'rowwise_adagrad'.
-  chunk_rows: the CSV reader's lines per parse for 'end-to-end' (see `build_groups`).
+  chunk_rows: the CSV reader's lines per parse for 'end-to-end csv' (see `build_groups`).
   """
   label: str
   framework: str
@@ -408,14 +412,20 @@ class JaxRunner:
     if 'step+input' in self.kinds:
       self.sources['step+input'] = self._train.device_batches(_cycle(host_batches), setup, True)
     if 'end-to-end' in self.kinds:
+      from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
+      config.data_location = variant['data_dir']
+      data = data_sources.resolve(config, setup.spec)  # builds the row cache, before timing
+      reader = data_sources.train_batches(config, setup.spec, data, num_steps=2**40)
+      self.sources['end-to-end'] = self._train.device_batches(reader, setup, True)
+    if 'end-to-end csv' in self.kinds:
       from dlrm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
       reader = input_pipeline.batches(
           [os.path.join(variant['data_dir'], 'train.csv')], setup.spec, config.batch_size,
           shuffle_buffer=config.shuffle_buffer, seed=config.seed, num_epochs=None,
           chunk_rows=variant['chunk_rows'])
-      self.sources['end-to-end'] = self._train.device_batches(reader, setup, True)
+      self.sources['end-to-end csv'] = self._train.device_batches(reader, setup, True)
       # A measurement window holds at least one reader chunk (it parses chunk_rows at a time).
-      self.min_steps = {'end-to-end': math.ceil(variant['chunk_rows'] / config.batch_size)}
+      self.min_steps = {'end-to-end csv': math.ceil(variant['chunk_rows'] / config.batch_size)}
     self.num_host_batches = len(host_batches)
     self.ceiling = MatmulCeiling(config.batch_size)
     self.last_loss = float('nan')
@@ -424,7 +434,7 @@ class JaxRunner:
     """Compiles every batch shape the sources produce (dedup capacities vary a little)."""
     for kind in self.kinds:
       steps = self.num_host_batches + 1
-      if kind == 'end-to-end':
+      if kind in getattr(self, 'min_steps', {}):
         steps = max(steps, 2 * self.min_steps[kind])
       self._run(kind, steps)
 
@@ -544,12 +554,14 @@ def run_group(group: Group, pairs: int, min_time: float, skip: Dict[str, str], l
 
   try:
     for v in group.variants:
-      reason = skip.get(v.framework) or ('end-to-end' in v.kinds and skip.get('end-to-end'))
+      needs_data = any(k.startswith('end-to-end') for k in v.kinds)
+      reason = skip.get(v.framework) or (needs_data and skip.get('end-to-end'))
       if reason and not (v.framework == 'jax' and len(v.kinds) > 1):
         info[v.label]['skipped'] = reason
       else:
         if reason:  # keep the variant, drop the kind that cannot run
-          v = dataclasses.replace(v, kinds=tuple(k for k in v.kinds if k != 'end-to-end'))
+          v = dataclasses.replace(v, kinds=tuple(k for k in v.kinds
+                                                 if not k.startswith('end-to-end')))
           info[v.label]['skipped_end_to_end'] = reason
         workers[v.label] = Worker(v, log_dir)
     for label in list(workers):  # they all build at once; collect each
@@ -663,7 +675,7 @@ def build_groups(quick: bool, tiny: bool) -> List[Group]:
   ours_kinds = ('step', 'step+input')
 
   def elm(label, framework, batch, interaction, **kw):
-    # The end-to-end reader parses max(4096, 2 batches) lines per chunk, not the trainer's
+    # The end-to-end csv reader parses max(4096, 2 batches) lines per chunk, not the trainer's
     # 32768: a measurement window must hold whole chunks, and 32768 lines are 64 steps of 512.
     return Variant(label=label, framework=framework, spec='elm', rows=kw.pop('rows', s['rows']),
                    batch_size=batch, interaction=interaction, chunk_rows=max(4096, 2 * batch),
@@ -683,7 +695,8 @@ def build_groups(quick: bool, tiny: bool) -> List[Group]:
           f'ELM {op} batch {batch}, SGD on both sides (ours gradientdescent; TorchRec fused '
           'EXACT_SGD + torch SGD)',
           (elm('torchrec sgd fp32', 'torchrec', batch, op),
-           elm('ours fp32', 'jax', batch, op, kinds=ours_kinds + ('end-to-end',)),
+           elm('ours fp32', 'jax', batch, op,
+               kinds=ours_kinds + ('end-to-end', 'end-to-end csv')),
            elm('ours bf16', 'jax', batch, op, bf16=True))))
   if not quick:
     batch = s['batches'][0]
@@ -776,7 +789,7 @@ def summarize(groups: List[Dict[str, Any]]) -> Dict[str, Any]:
         for dtype in ceilings:
           ceilings[dtype] += row.get('ceiling_rounds', {}).get(f'ceiling_{dtype}_flops', [])
       if row.get('ratio_vs_own_step') is not None:
-        out[f"{row['kind']}_vs_step"][key] = row['ratio_vs_own_step']
+        out.setdefault(f"{row['kind']}_vs_step", {})[key] = row['ratio_vs_own_step']
       ratio = row.get('ratio_vs_reference')
       if ratio is None or row['label'] == g['reference']:
         continue
@@ -875,7 +888,7 @@ def main(argv):
   elif importlib.util.find_spec('torchrec') is None:
     skip['torchrec'] = 'TorchRec is not installed (experiments/README.md says how)'
   data_dir = ''
-  if any('end-to-end' in v.kinds for g in groups for v in g.variants):
+  if any(k.startswith('end-to-end') for g in groups for v in g.variants for k in v.kinds):
     data_dir, why = prepare_planted_data(_FLAGS.data_dir, _FLAGS.tiny)
     if why:
       skip['end-to-end'] = why

@@ -87,7 +87,7 @@ def test_quick_tiny_run_writes_every_number(tmp_path):
   assert 'skipped' in rows['torchrec sgd fp32 step']
   expected = ['ours fp32 step', 'ours fp32 step+input', 'ours bf16 step']
   if 'end-to-end' not in report['settings']['skipped']:
-    expected.append('ours fp32 end-to-end')
+    expected += ['ours fp32 end-to-end', 'ours fp32 end-to-end csv']
   for label in expected:
     row = rows[label]
     for key in ('samples_per_s', 'step_ms', 'ratio_vs_reference', 'flops_per_sample',
