@@ -224,12 +224,14 @@ def _exactly(batches: Iterator[Batch], num_batches: int, spec: fs.FeatureSpec,
 def train_batches(config, spec: fs.FeatureSpec, data: DataFiles, *, num_steps: int,
                   start_step: int = 0, stats: Optional[input_pipeline.ParseStats] = None,
                   process_index: Optional[int] = None,
-                  process_count: Optional[int] = None) -> Iterator[Batch]:
+                  process_count: Optional[int] = None, compact: bool = False) -> Iterator[Batch]:
   """Exactly `num_steps - start_step` training batches of this process's rows.
 
   Each holds `batch_size // process_count` rows, shuffled as `shuffle_buffer` and `seed` say;
   the data repeats as long as needed. `start_step` continues a resumed run's order (the cache
-  skips the rows without reading them; the CSV path parses and drops them).
+  skips the rows without reading them; the CSV path parses and drops them). With `compact`, the
+  cache and TFDS paths give batches in row_cache.compact_batch's layout, which
+  models.UniqueRows reads without expanding every row to its padded slots.
   """
   index, count = _process(process_index, process_count)
   batch_size = config.batch_size // count
@@ -237,7 +239,7 @@ def train_batches(config, spec: fs.FeatureSpec, data: DataFiles, *, num_steps: i
     reader = _row_reader(config, spec, data, data.train_sources, stats, index, count, 'train')
     return reader.batches(batch_size, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
                           num_epochs=None, first_batch=start_step, num_batches=num_steps,
-                          process_index=index)
+                          process_index=index, compact=compact)
   paths, ranges = _csv_files(data.train_sources)
   batches = input_pipeline.batches(
       paths, spec, batch_size, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
@@ -258,21 +260,22 @@ def _closing_slice(batches, start: int, stop: int) -> Iterator[Batch]:
 def eval_batches(config, spec: fs.FeatureSpec, data: DataFiles, *,
                  stats: Optional[input_pipeline.ParseStats] = None,
                  process_index: Optional[int] = None,
-                 process_count: Optional[int] = None) -> Iterator[Batch]:
+                 process_count: Optional[int] = None, compact: bool = False) -> Iterator[Batch]:
   """Every eval row of this process once, in file order, in batches of `eval_batch_size` (the
-  last padded, mask 0), as many batches on every process."""
+  last padded, mask 0), as many batches on every process. `compact` as for train_batches."""
   index, count = _process(process_index, process_count)
   batch_size = config.eval_batch_size
   if _option(config, 'tfds_data_dir', ''):
     reader = _row_reader(config, spec, data, data.eval_sources, stats, index, count, 'eval')
     return reader.batches(batch_size, num_epochs=1, drop_remainder=False,
-                          num_batches=max(1, -(-reader.max_share_rows // batch_size)))
+                          num_batches=max(1, -(-reader.max_share_rows // batch_size)),
+                          compact=compact)
   lines = source_lines(config, spec, data.eval_sources, index, count)
   num_batches = row_cache.max_share_batches(lines, count, batch_size)
   if _option(config, 'use_cache', True):
     reader = _row_reader(config, spec, data, data.eval_sources, stats, index, count, 'eval')
     return reader.batches(batch_size, num_epochs=1, drop_remainder=False,
-                          num_batches=num_batches)
+                          num_batches=num_batches, compact=compact)
   paths, ranges = _csv_files(data.eval_sources)
   batches = input_pipeline.batches(
       paths, spec, batch_size, drop_remainder=False, skip_bad_rows=config.skip_bad_rows,

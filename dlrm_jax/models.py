@@ -51,8 +51,9 @@ def table_groups(spec: fs.FeatureSpec, emb_fusion: bool) -> Dict[str, Tuple[np.n
 ROW_MULTIPLE = 64
 
 
-# Rows drawn at a time when initialising tables (bounds the initialiser's temporaries).
-_INIT_BLOCK_ROWS = 1 << 18
+# Rows drawn at a time when initialising tables (bounds the initialiser's temporaries: about 6
+# block-sized float32 buffers, 24 MB at dim 16).
+_INIT_BLOCK_ROWS = 1 << 16
 
 
 def padded_rows(rows: int) -> int:
@@ -154,6 +155,10 @@ class UniqueRows:
     for g, (slots, offsets) in enumerate(self._groups.values()):
       self._slot_group[slots] = g
       self._slot_offset[slots] = offsets
+    # All slots of a feature read one table: per-feature views for compact batches.
+    first_slots = np.asarray(spec.slot_starts[:-1])
+    self._feature_group = self._slot_group[first_slots]
+    self._feature_offset = self._slot_offset[first_slots]
     self._process_index, self._process_count = process_index, process_count
     self._headroom = headroom
     self._fixed = process_count > 1
@@ -175,16 +180,34 @@ class UniqueRows:
       self._capacity[name] = -(-wanted // step) * step
     return self._capacity[name]
 
-  def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
-    ids, weights = batch['ids'], batch['weights']
-    local_batch, num_slots = ids.shape
+  def _live_entries(self, batch: Dict[str, np.ndarray]):
+    """(row * F + feature, weight, array row id, array group) of every live slot, in (row, slot)
+    order, from a padded batch ('ids', 'weights' [B, num_slots]) or a compact one ('counts'
+    [B, F], 'values': row_cache.compact_batch)."""
     num_features = self._spec.num_sparse
-    # Flat positions of the live slots, row-major: sorted by (row, slot). A boolean flatnonzero
-    # is several times faster than nonzero on the 2-D float array.
-    flat_weights = weights.reshape(-1)
+    if 'counts' in batch:
+      counts = batch['counts'].reshape(-1).astype(np.int64)
+      segment = np.repeat(np.arange(counts.size, dtype=np.int32), counts)
+      feature = segment % num_features
+      # float32(1 / c): the parser's mean-pooling weight.
+      weight = np.repeat((1.0 / np.maximum(counts, 1)).astype(np.float32), counts)
+      ids = batch['values'].astype(np.int32) + self._feature_offset[feature]
+      return segment, weight, ids, self._feature_group[feature]
+    num_slots = batch['ids'].shape[1]
+    # Flat positions of the live slots, row-major. A boolean flatnonzero is several times faster
+    # than nonzero on the 2-D float array.
+    flat_weights = batch['weights'].reshape(-1)
     live = np.flatnonzero(flat_weights != 0)
-    rows_of_entry, slots_of_entry = np.divmod(live, num_slots)
-    count = live.size
+    rows, slots = np.divmod(live, num_slots)
+    segment = rows * num_features + self._spec.slot_feature[slots]
+    ids = batch['ids'].reshape(-1)[live].astype(np.int32) + self._slot_offset[slots]
+    return segment, flat_weights[live], ids, self._slot_group[slots]
+
+  def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    local_batch = batch['label'].shape[0]
+    num_features = self._spec.num_sparse
+    segment, weight, entry_ids, entry_groups = self._live_entries(batch)
+    count = segment.size
     entries = self._capacity_for('entries', count + 1)
     p, n = self._process_index, self._process_count
     segment_base = p * local_batch * num_features
@@ -192,12 +215,8 @@ class UniqueRows:
     entry_index = np.empty(entries, np.int32)
     entry_weight = np.zeros(entries, np.float32)
     entry_segment = np.full(entries, segment_base + local_batch * num_features - 1, np.int32)
-    entry_weight[:count] = flat_weights[live]
-    entry_segment[:count] = (rows_of_entry * num_features +
-                             self._spec.slot_feature[slots_of_entry] + segment_base)
-    entry_ids = ids.reshape(-1)[live].astype(np.int32, copy=False)
-    entry_ids += self._slot_offset[slots_of_entry]
-    entry_groups = None if self._fused else self._slot_group[slots_of_entry]
+    entry_weight[:count] = weight
+    entry_segment[:count] = segment + segment_base
 
     unique_ids, base, padding_entry = {}, 0, None
     for g, name in enumerate(self._groups):

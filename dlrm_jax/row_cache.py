@@ -158,6 +158,42 @@ def expand_into(out: Batch, at: int, rows: Rows, row_starts: np.ndarray, index: 
   out['weights'].reshape(-1)[target] = np.repeat(_mean_weights(per_feature), per_feature)
 
 
+def empty_compact_batch(spec: feature_spec_lib.FeatureSpec, batch_size: int) -> Batch:
+  """A compact-layout batch of zero rows, all masked out."""
+  return {'label': np.zeros(batch_size, np.float32),
+          'dense': np.zeros((batch_size, spec.num_dense), np.float32),
+          'counts': np.zeros((batch_size, spec.num_sparse), counts_dtype(spec)),
+          'values': np.zeros(0, np.int32),
+          'mask': np.zeros(batch_size, np.float32)}
+
+
+def compact_batch(parts: Sequence[Tuple[Rows, np.ndarray, np.ndarray]],
+                  spec: feature_spec_lib.FeatureSpec, batch_size: int) -> Batch:
+  """The rows `index` of each (rows, row_starts, index) part as one compact-layout batch.
+
+  The compact layout is the cache's own: 'counts' [batch, num_sparse] (0 on padding rows) and
+  'values' int32 [counts.sum()], each row's ids feature after feature. It skips expanding every
+  row to num_slots padded slots (465 for ELM) only for `models.UniqueRows` to find the filled
+  ones again; `expand` gives the same rows in the padded layout.
+  """
+  out = empty_compact_batch(spec, batch_size)
+  values, at = [], 0
+  for rows, starts, index in parts:
+    k = len(index)
+    out['label'][at:at + k] = rows.label[index]
+    out['dense'][at:at + k] = rows.dense[index]
+    out['mask'][at:at + k] = 1.0
+    counts = rows.counts[index]
+    out['counts'][at:at + k] = counts
+    per_row = counts.sum(axis=1, dtype=np.int64)
+    source = (np.repeat(starts[index] - (np.cumsum(per_row) - per_row), per_row) +
+              np.arange(int(per_row.sum())))
+    values.append(rows.ids[source])
+    at += k
+  out['values'] = np.concatenate(values) if values else out['values']
+  return out
+
+
 def row_starts(rows: Rows) -> np.ndarray:
   per_row = rows.counts.sum(axis=1, dtype=np.int64)
   return np.cumsum(per_row) - per_row
@@ -702,13 +738,15 @@ class RowReader:
 
   def batches(self, batch_size: int, *, shuffle_buffer: int = 0, seed: int = 0,
               num_epochs: Optional[int] = 1, drop_remainder: bool = True, first_batch: int = 0,
-              num_batches: Optional[int] = None, process_index: int = 0) -> Iterator[Batch]:
+              num_batches: Optional[int] = None, process_index: int = 0,
+              compact: bool = False) -> Iterator[Batch]:
     """Batches of exactly `batch_size` rows with a 'mask' (as input_pipeline.batches).
 
     Batches run across epoch boundaries; `num_epochs=None` repeats forever. `num_batches` (if
     given) is the stream's exact length: it is cut there, or padded with all-masked batches, so
     every process of a multi-host run steps the same number of times. `first_batch` starts at
-    that batch of the stream, without reading the rows before it (a resumed run).
+    that batch of the stream, without reading the rows before it (a resumed run). With `compact`
+    the batches come in `compact_batch`'s layout (the same rows in the same order).
     """
     if batch_size < 1:
       raise ValueError(f'batch_size must be positive, got {batch_size}')
@@ -717,10 +755,11 @@ class RowReader:
       raise input_pipeline.DataError(f'{self.name}: no rows to read for process '
                                      f'{process_index}')
     return self._batches(batch_size, shuffle_buffer, seed, num_epochs, drop_remainder,
-                         first_batch, num_batches, process_index)
+                         first_batch, num_batches, process_index, compact)
 
   def _batches(self, batch_size, shuffle_buffer, seed, num_epochs, drop_remainder, first_batch,
-               num_batches, process_index):
+               num_batches, process_index, compact):
+    empty = empty_compact_batch if compact else empty_batch
     produced = 0
     if num_batches is not None and first_batch >= num_batches:
       return
@@ -737,24 +776,28 @@ class RowReader:
         starts = row_starts(rows)
         while len(emit):
           if out is None:
-            out, filled = empty_batch(self.spec, batch_size), 0
+            # Compact batches gather their parts (rows, starts, index) and are built when full.
+            out, filled = ([] if compact else empty_batch(self.spec, batch_size)), 0
           take = min(len(emit), batch_size - filled)
-          expand_into(out, filled, rows, starts, emit[:take], self.spec)
+          if compact:
+            out.append((rows, starts, emit[:take]))
+          else:
+            expand_into(out, filled, rows, starts, emit[:take], self.spec)
           filled += take
           emit = emit[take:]
           if filled == batch_size:
-            yield out
+            yield compact_batch(out, self.spec, batch_size) if compact else out
             produced += 1
             out = None
             if num_batches is not None and produced + first_batch >= num_batches:
               return
       skip = 0
     if out is not None and not drop_remainder:
-      yield out
+      yield compact_batch(out, self.spec, batch_size) if compact else out
       produced += 1
     if num_batches is not None:
       for _ in range(num_batches - first_batch - produced):
-        yield empty_batch(self.spec, batch_size)
+        yield empty(self.spec, batch_size)
 
 
 def max_share_batches(lines_per_source: Sequence[int], process_count: int,

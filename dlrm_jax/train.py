@@ -11,6 +11,7 @@ Both are jitted over a device mesh: the batch is split over the 'data' axis, eve
 replicated, and batch norm sees the global batch, so one device and N devices agree.
 """
 
+import ctypes
 import dataclasses
 import functools
 import json
@@ -135,7 +136,22 @@ def create_train_state(rng: jax.Array, setup: Setup) -> TrainState:
   """A fresh state, created directly in its sharded layout (tables never sit on one device)."""
   abstract = jax.eval_shape(functools.partial(_init_state, setup), rng)
   shardings = state_shardings(abstract, setup.mesh)
-  return jax.jit(functools.partial(_init_state, setup), out_shardings=shardings)(rng)
+  init = jax.jit(functools.partial(_init_state, setup), out_shardings=shardings).lower(rng)
+  init = init.compile()
+  return_freed_heap()  # before the tables are allocated on top of the compiler's leftovers
+  return init(rng)
+
+
+def return_freed_heap() -> None:
+  """Hands the heap that the compiler freed back to the OS.
+
+  glibc keeps freed small allocations in its arenas, and compiling a step leaves ~100 MB of
+  them; the tables allocated next would add to that peak. A no-op without glibc's malloc_trim.
+  """
+  try:
+    ctypes.CDLL(None).malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
 
 
 def _init_state(setup: Setup, rng: jax.Array) -> TrainState:
@@ -334,7 +350,7 @@ def evaluate(setup: Setup, state: TrainState, config, data: data_sources.DataFil
   number of batches)."""
   replicated = NamedSharding(setup.mesh, P())
   step = jax.jit(functools.partial(eval_step, setup), out_shardings=replicated)
-  batches = data_sources.eval_batches(config, setup.spec, data, stats=stats)
+  batches = data_sources.eval_batches(config, setup.spec, data, stats=stats, compact=True)
   labels, probs = [], []
   for batch in device_batches(batches, setup, effective_options(config)['smartstaged']):
     p, y, mask = jax.device_get(step(state, batch))
@@ -484,7 +500,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   # Exactly num_steps - start_step batches on every process, from the row cache (or the CSV);
   # a resumed run continues the same data order without reading the rows it skips.
   host_batches = data_sources.train_batches(config, setup.spec, data, num_steps=num_steps,
-                                            start_step=start_step, stats=stats)
+                                            start_step=start_step, stats=stats, compact=True)
   batches = device_batches(host_batches, setup, options['smartstaged'])
 
   logging.info('training %d steps from step %d (batch %d, %s)', num_steps, start_step,

@@ -415,7 +415,8 @@ class JaxRunner:
       from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
       config.data_location = variant['data_dir']
       data = data_sources.resolve(config, setup.spec)  # builds the row cache, before timing
-      reader = data_sources.train_batches(config, setup.spec, data, num_steps=2**40)
+      reader = data_sources.train_batches(config, setup.spec, data, num_steps=2**40,
+                                          compact=True)
       self.sources['end-to-end'] = self._train.device_batches(reader, setup, True)
     if 'end-to-end csv' in self.kinds:
       from dlrm_jax import input_pipeline  # pylint: disable=g-import-not-at-top

@@ -352,3 +352,31 @@ def test_readers_memory_does_not_grow_with_epochs(tmp_path):
   for _ in range(200):
     next(it)
   assert not any(isinstance(v, np.memmap) for v in vars(reader).values())
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_compact_batches_give_unique_rows_the_same_lookups_as_padded_ones(tmp_path, fused):
+  # The trainer reads the cache in the compact layout; what reaches the device (unique ids,
+  # entries, weights, segments) must be exactly what the padded layout gives, shuffled, across
+  # block boundaries, with list truncation, missing scalars and trailing all-masked batches.
+  from dlrm_jax import models  # pylint: disable=g-import-not-at-top
+  lines = random_elm_lines(300, seed=11, list_len=6)
+  lines += [elm_line(shop_id='', item_id_list=''), elm_line(time_type='x', time_type_list='x;y')]
+  reader = reader_of(write(tmp_path, 'train.csv', lines), block_rows=16)
+  kwargs = dict(shuffle_buffer=64, seed=3, drop_remainder=False, num_batches=12)
+  padded = list(reader.batches(32, **kwargs))
+  compact = list(reader.batches(32, compact=True, **kwargs))
+  assert len(padded) == len(compact) == 12
+  assert 'ids' not in compact[0] and compact[0]['values'].dtype == np.int32
+  a, b = models.UniqueRows(SPEC, fused), models.UniqueRows(SPEC, fused)
+  for p, c in zip(padded, compact):
+    want, got = a(p), b(c)
+    assert set(got) == set(want)
+    for key in want:
+      if key == 'unique_ids':
+        for name in want[key]:
+          np.testing.assert_array_equal(got[key][name], want[key][name], err_msg=name)
+      else:
+        assert got[key].dtype == want[key].dtype, key
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert np.count_nonzero(padded[0]['weights']) == compact[0]['values'].size > 0
