@@ -136,10 +136,12 @@ def create_train_state(rng: jax.Array, setup: Setup) -> TrainState:
   """A fresh state, created directly in its sharded layout (tables never sit on one device)."""
   abstract = jax.eval_shape(functools.partial(_init_state, setup), rng)
   shardings = state_shardings(abstract, setup.mesh)
-  init = jax.jit(functools.partial(_init_state, setup), out_shardings=shardings).lower(rng)
-  init = init.compile()
+  init = jax.jit(functools.partial(_init_state, setup), out_shardings=shardings)
+  if isinstance(rng, jax.core.Tracer):  # traced (e.g. under eval_shape): nothing is allocated
+    return init(rng)
+  compiled = init.lower(rng).compile()
   return_freed_heap()  # before the tables are allocated on top of the compiler's leftovers
-  return init(rng)
+  return compiled(rng)
 
 
 def return_freed_heap() -> None:
