@@ -192,7 +192,7 @@ class UniqueRows:
       feature = segment % num_features
       # float32(1 / c): the parser's mean-pooling weight.
       weight = np.repeat((1.0 / np.maximum(counts, 1)).astype(np.float32), counts)
-      ids = batch['values'].astype(np.int32) + self._feature_offset[feature]
+      ids = batch['values'].astype(np.int32, copy=False) + self._feature_offset[feature]
       return segment, weight, ids, self._feature_group[feature]
     num_slots = batch['ids'].shape[1]
     # Flat positions of the live slots, row-major. A boolean flatnonzero is several times faster
@@ -201,7 +201,7 @@ class UniqueRows:
     live = np.flatnonzero(flat_weights != 0)
     rows, slots = np.divmod(live, num_slots)
     segment = rows * num_features + self._spec.slot_feature[slots]
-    ids = batch['ids'].reshape(-1)[live].astype(np.int32) + self._slot_offset[slots]
+    ids = batch['ids'].reshape(-1)[live].astype(np.int32, copy=False) + self._slot_offset[slots]
     return segment, flat_weights[live], ids, self._slot_group[slots]
 
   def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
@@ -332,9 +332,10 @@ def widen_bfloat16_products() -> bool:
   """Whether bfloat16 matmuls run on exactly widened float32 operands (on CPU).
 
   XLA:CPU (jaxlib 0.10, YNNPACK dots) multiplies bfloat16 matrices of this model's sizes more
-  slowly than float32 ones, even with AVX-512 BF16: 512x512x512 bf16 x bf16 -> f32 at about
-  0.65-0.9x the float32 rate here (`experiments/benchmark.py` reports both ceilings). Widening
-  gives the same numbers on the faster kernel. GPUs and TPUs keep native bfloat16 products.
+  slowly than float32 ones, even with AVX-512 BF16: 512x512x512 bf16 x bf16 -> f32 at 0.60-0.66x
+  the float32 rate on the development machine (the Eigen, oneDNN and XNNPACK paths at 0.8-1.05x,
+  never faster). Widening gives the same numbers on the faster kernel. GPUs and TPUs keep native
+  bfloat16 products.
   """
   return jax.default_backend() == 'cpu'
 
