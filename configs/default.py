@@ -85,8 +85,9 @@ def get_config(mode: str = ''):
   config.bf16 = False                  # bfloat16 compute, float32 master weights and loss
   config.emb_fusion = True             # all tables in one array: one gather, one scatter
   config.op_fusion = True              # the whole step as one XLA program
-  config.smartstaged = True            # batches prepared and put on device in a thread
+  config.smartstaged = True            # batches read and deduplicated in a thread, ahead
   config.sparse_updates = True         # update only looked-up rows (lazy where the optimizer is)
+  config.keep_freed_memory = True      # glibc malloc reuses freed blocks (train.keep_freed_memory)
   config.no_acceleration = False       # True = all of the above off, for A/B runs
 
   # Devices: ('data', 'model') mesh; -1 = all devices on the data axis.

@@ -160,6 +160,10 @@ class UniqueRows:
     first_slots = np.asarray(spec.slot_starts[:-1])
     self._feature_group = self._slot_group[first_slots]
     self._feature_offset = self._slot_offset[first_slots]
+    self._per_segment_cache = {}
+    # float32(1 / c) for every slot count c: the parser's mean-pooling weight, looked up.
+    max_count = max(f.max_len for f in spec.sparse)
+    self._mean_weight = (1.0 / np.maximum(np.arange(max_count + 1), 1)).astype(np.float32)
     self._process_index, self._process_count = process_index, process_count
     self._headroom = headroom
     self._fixed = process_count > 1
@@ -181,19 +185,30 @@ class UniqueRows:
       self._capacity[name] = -(-wanted // step) * step
     return self._capacity[name]
 
+  def _per_segment(self, num_segments: int):
+    """(segment, row offset, array group) of each (row, feature) of a compact batch, as int32
+    arrays; they depend on the batch size only, and are built once per size."""
+    if num_segments not in self._per_segment_cache:
+      rows = num_segments // self._spec.num_sparse
+      self._per_segment_cache[num_segments] = (
+          np.arange(num_segments, dtype=np.int32), np.tile(self._feature_offset, rows),
+          np.tile(self._feature_group, rows))
+    return self._per_segment_cache[num_segments]
+
   def _live_entries(self, batch: Dict[str, np.ndarray]):
     """(row * F + feature, weight, array row id, array group) of every live slot, in (row, slot)
     order, from a padded batch ('ids', 'weights' [B, num_slots]) or a compact one ('counts'
     [B, F], 'values': row_cache.compact_batch)."""
     num_features = self._spec.num_sparse
     if 'counts' in batch:
-      counts = batch['counts'].reshape(-1).astype(np.int64)
-      segment = np.repeat(np.arange(counts.size, dtype=np.int32), counts)
-      feature = segment % num_features
-      # float32(1 / c): the parser's mean-pooling weight.
-      weight = np.repeat((1.0 / np.maximum(counts, 1)).astype(np.float32), counts)
-      ids = batch['values'].astype(np.int32, copy=False) + self._feature_offset[feature]
-      return segment, weight, ids, self._feature_group[feature]
+      counts = batch['counts'].reshape(-1)
+      segments, offsets, groups = self._per_segment(counts.size)
+      # Each (row, feature)'s values are contiguous, so every per-entry array is a per-segment
+      # one repeated: no per-entry division or lookup.
+      ids = np.repeat(offsets, counts)
+      ids += batch['values']
+      return (np.repeat(segments, counts), np.repeat(self._mean_weight[counts], counts), ids,
+              None if self._fused else np.repeat(groups, counts))
     num_slots = batch['ids'].shape[1]
     # Flat positions of the live slots, row-major. A boolean flatnonzero is several times faster
     # than nonzero on the 2-D float array.
@@ -202,7 +217,7 @@ class UniqueRows:
     rows, slots = np.divmod(live, num_slots)
     segment = rows * num_features + self._spec.slot_feature[slots]
     ids = batch['ids'].reshape(-1)[live].astype(np.int32, copy=False) + self._slot_offset[slots]
-    return segment, flat_weights[live], ids, self._slot_group[slots]
+    return segment, flat_weights[live], ids, None if self._fused else self._slot_group[slots]
 
   def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
     local_batch = batch['label'].shape[0]
@@ -215,20 +230,24 @@ class UniqueRows:
 
     entry_index = np.empty(entries, np.int32)
     entry_weight = np.zeros(entries, np.float32)
-    entry_segment = np.full(entries, segment_base + local_batch * num_features - 1, np.int32)
+    entry_segment = np.empty(entries, np.int32)
     entry_weight[:count] = weight
-    entry_segment[:count] = segment + segment_base
+    np.add(segment, segment_base, out=entry_segment[:count], casting='unsafe')
+    entry_segment[count:] = segment_base + local_batch * num_features - 1
 
     unique_ids, base, padding_entry = {}, 0, None
     for g, name in enumerate(self._groups):
-      mine = slice(None) if self._fused else (entry_groups == g)
-      codes, uniques = pd.factorize(entry_ids[mine], sort=False)
+      mine = None if self._fused else np.flatnonzero(entry_groups == g)
+      codes, uniques = pd.factorize(entry_ids if mine is None else entry_ids[mine], sort=False)
       capacity = self._capacity_for(name, len(uniques) + 1)  # + 1: a row for the padding entries
       padded = np.full(capacity, self._rows[name], np.int32)
       padded[:len(uniques)] = uniques
       unique_ids[name] = padded
       start = base + p * capacity  # this process's block of the global unique list
-      entry_index[:count][mine] = codes + start
+      if mine is None:
+        np.add(codes, start, out=entry_index[:count], casting='unsafe')
+      else:
+        entry_index[mine] = codes + start
       if padding_entry is None:
         padding_entry = start + len(uniques)
       base += n * capacity

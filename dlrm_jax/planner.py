@@ -51,7 +51,7 @@ from dlrm_jax import train
 
 ROW_PADDING = models.ROW_MULTIPLE
 padded_rows = models.padded_rows
-# train.device_batches stages this many batches ahead under smartstaged (its prefetch queue); one
+# train.step_batches stages this many batches ahead under smartstaged (its prefetch queue); one
 # more may be on its way to the devices while the queue is full.
 STAGED_BATCHES = 3
 # Row-wise optimizers that keep dense semantics: each step scatters the rows' gradients into a

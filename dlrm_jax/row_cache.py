@@ -194,6 +194,27 @@ def compact_batch(parts: Sequence[Tuple[Rows, np.ndarray, np.ndarray]],
   return out
 
 
+def compact_from_padded(batch: Batch, spec: feature_spec_lib.FeatureSpec) -> Batch:
+  """A padded-layout batch ('ids', 'weights' [B, num_slots]) in the compact layout.
+
+  Every feature's live slots (weight != 0) must come first and weigh float32(1 / count), as the
+  parser writes them; the compact layout cannot hold anything else.
+  """
+  live = batch['weights'] != 0
+  starts = np.asarray(spec.slot_starts[:-1])
+  counts = np.add.reduceat(live, starts, axis=1)
+  feature = np.asarray(spec.slot_feature)  # each slot's feature
+  position = np.arange(spec.num_slots) - starts[feature]
+  slot_counts = counts[:, feature]
+  if (not np.array_equal(live, position[None, :] < slot_counts) or
+      not np.array_equal(batch['weights'][live], _mean_weights(slot_counts)[live])):
+    raise ValueError('the compact layout holds mean-pooled features whose values come first')
+  out = {k: batch[k] for k in ('label', 'dense', 'mask')}
+  out['counts'] = counts.astype(counts_dtype(spec))
+  out['values'] = batch['ids'][live].astype(np.int32)
+  return out
+
+
 def row_starts(rows: Rows) -> np.ndarray:
   per_row = rows.counts.sum(axis=1, dtype=np.int64)
   return np.cumsum(per_row) - per_row

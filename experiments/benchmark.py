@@ -7,7 +7,7 @@ r"""Speed of the DLRM train step against TorchRec on this machine, with ceilings
 
 It prints a table and writes JSON (`--json_out`) with, per configuration:
   * samples/s of our jitted train step on synthetic batches ('step': batches already on the
-    device; 'step+input': fed by train.device_batches, host-side dedup and transfer included),
+    device; 'step+input': fed by train.step_batches, host-side dedup and transfer included),
     and of end-to-end training on planted ELM data ('end-to-end': the trainer's loop over the
     row cache; 'end-to-end csv': parsing the CSV for every batch instead);
   * the same model in TorchRec (`experiments/torchrec_dlrm.py`, PyTorch on the CPU with 2
@@ -34,6 +34,7 @@ values are missing. Both sides train on the same few batches, prepared before ti
 """
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -104,9 +105,10 @@ KINDS = {
     'step': 'the jitted train step over batches already on the device (their ids deduplicated '
             'on the host beforehand); TorchRec: its train step over KeyedJaggedTensors built '
             'beforehand',
-    'step+input': 'the same step fed by train.device_batches from synthetic host batches: host '
-                  'dedup and transfer in the prefetch thread, overlapping the step (the '
-                  'like-for-like comparison with TorchRec, which deduplicates inside its step)',
+    'step+input': 'the same step fed by train.step_batches from the synthetic batches in the '
+                  "row cache's compact layout: host dedup in the prefetch thread and the "
+                  "transfer in the step's dispatch, overlapping the step (the like-for-like "
+                  'comparison with TorchRec, which deduplicates inside its step)',
     'end-to-end': "the trainer's own loop on planted ELM data (data_sources.train_batches, as "
                   'train_and_evaluate feeds it): the row cache built from the CSV before '
                   'training, read in shuffled blocks, then dedup, transfer, step',
@@ -266,6 +268,12 @@ def synthetic_batches(spec: fs.FeatureSpec, batch_size: int, num_batches: int, s
 # ------------------------------------------------------------------------------------------------
 # Worker side: one process per variant, driven by JSON lines on stdin, answering on stdout.
 
+def rss_mb() -> float:
+  """This process's resident memory now (VmRSS), in MiB."""
+  with open('/proc/self/status') as f:
+    return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith('VmRSS:'))
+
+
 def peak_rss_mb() -> float:
   """This process's peak resident memory.
 
@@ -318,7 +326,7 @@ def serve(runner_factory: Callable[[Dict[str, Any], List[Dict[str, np.ndarray]]]
                  for kind in kinds}
         reply(rates=rates, loss=runner.last_loss, **runner.extra_measurements())
       elif request['cmd'] == 'stop':
-        reply(peak_rss_mb=peak_rss_mb())
+        reply(peak_rss_mb=peak_rss_mb(), **getattr(runner, 'memory', {}))
         return
       else:
         raise ValueError(f'unknown request {request!r}')
@@ -403,28 +411,45 @@ class JaxRunner:
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
     self.kinds = variant['kinds']
     config = jax_config(variant)
+    if train.effective_options(config)['keep_freed_memory']:
+      train.keep_freed_memory()
     setup = train.make_setup(config)
+    # The runtime's own memory: Python, the libraries, and XLA's compiler loaded by a first
+    # compile, before the model's first array.
+    jax.block_until_ready(jax.jit(lambda x: x + 1)(np.zeros(1)))
+    self.memory = {'runtime_rss_mb': rss_mb()}
+    # In the trainer's order: the step compiled before the state exists, here for host batches
+    # and for batches already on the device ('step'), which JAX compiles separately.
+    abstract = train.abstract_train_state(setup)
+    self.step_fn = train.compile_train_step(setup, abstract, op_fusion=True)
+    placed = functools.partial(jax.device_put, device=train.batch_sharding(setup.mesh))
+    first = next(train.step_batches(iter(host_batches), setup, False))
+    for batch in (first, placed(first)):
+      train.compile_ahead([self.step_fn], abstract, batch)
     self.state = train.create_train_state(jax.random.PRNGKey(config.seed), setup)
-    self.step_fn = train.compile_train_step(setup, self.state, op_fusion=True)
     self.sources = {}
     if 'step' in self.kinds:
-      self.sources['step'] = _cycle(list(self._train.device_batches(iter(host_batches), setup, False)))
+      self.sources['step'] = _cycle([placed(b) for b in
+                                     train.step_batches(iter(host_batches), setup, False)])
     if 'step+input' in self.kinds:
-      self.sources['step+input'] = self._train.device_batches(_cycle(host_batches), setup, True)
+      # In the row cache's compact layout, as the trainer reads its batches.
+      from dlrm_jax import row_cache  # pylint: disable=g-import-not-at-top
+      compact = [row_cache.compact_from_padded(b, setup.spec) for b in host_batches]
+      self.sources['step+input'] = self._train.step_batches(_cycle(compact), setup, True)
     if 'end-to-end' in self.kinds:
       from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
       config.data_location = variant['data_dir']
       data = data_sources.resolve(config, setup.spec)  # builds the row cache, before timing
       reader = data_sources.train_batches(config, setup.spec, data, num_steps=2**40,
                                           compact=True)
-      self.sources['end-to-end'] = self._train.device_batches(reader, setup, True)
+      self.sources['end-to-end'] = self._train.step_batches(reader, setup, True)
     if 'end-to-end csv' in self.kinds:
       from dlrm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
       reader = input_pipeline.batches(
           [os.path.join(variant['data_dir'], 'train.csv')], setup.spec, config.batch_size,
           shuffle_buffer=config.shuffle_buffer, seed=config.seed, num_epochs=None,
           chunk_rows=variant['chunk_rows'])
-      self.sources['end-to-end csv'] = self._train.device_batches(reader, setup, True)
+      self.sources['end-to-end csv'] = self._train.step_batches(reader, setup, True)
       # A measurement window holds at least one reader chunk (it parses chunk_rows at a time).
       self.min_steps = {'end-to-end csv': math.ceil(variant['chunk_rows'] / config.batch_size)}
     self.num_host_batches = len(host_batches)
@@ -590,7 +615,7 @@ def run_group(group: Group, pairs: int, min_time: float, skip: Dict[str, str], l
           for kind, rate in m['rates'].items()))
     for label in list(workers):
       try:
-        info[label]['peak_rss_mb'] = workers[label].request(cmd='stop')['peak_rss_mb']
+        info[label].update(workers[label].request(cmd='stop'))
       except WorkerError as e:
         drop(label, e)
   finally:
@@ -799,6 +824,22 @@ def summarize(groups: List[Dict[str, Any]]) -> Dict[str, Any]:
       if g['name'].startswith('rows_'):
         out['row_scaling_step_time_ratio'][key] = 1.0 / ratio
   out['matmul_ceiling_flops_per_s'] = {k: _median(v) for k, v in ceilings.items() if v}
+  out['memory'] = {f"{g['name']}/{variant}": m for g in groups
+                   for variant, m in memory_ratios(g).items()}
+  return out
+
+
+def memory_ratios(group: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
+  """Per variant that reported its runtime's memory: peak RSS over the table state, in all and
+  above the runtime (the process before the model's first array)."""
+  out = {}
+  for row in group['rows']:
+    if row.get('peak_rss_mb') and row.get('runtime_rss_mb') and row.get('table_state_mb'):
+      state = row['table_state_mb']
+      out[row['variant']] = {
+          'peak_rss_mb': row['peak_rss_mb'], 'runtime_rss_mb': row['runtime_rss_mb'],
+          'state_mb': state, 'peak_over_state': row['peak_rss_mb'] / state,
+          'above_runtime_over_state': (row['peak_rss_mb'] - row['runtime_rss_mb']) / state}
   return out
 
 
@@ -824,6 +865,11 @@ def format_table(groups: List[Dict[str, Any]], summary: Dict[str, Any]) -> str:
       lines.append(f"{row['label']:32s} {row['samples_per_s']:10,.0f} {ratio:>6s} {spread:>11s} "
                    f"{row['step_ms']:8.2f} {row['achieved_flops_per_s'] / 1e9:8.1f} "
                    f'{fraction:>8s} {rss:>8s}')
+    for variant, m in memory_ratios(g).items():
+      lines.append(f"  memory of {variant}: peak {m['peak_rss_mb']:.0f} MiB = "
+                   f"{m['peak_over_state']:.2f}x its tables and slots ({m['state_mb']:.0f} MiB); "
+                   f"{m['above_runtime_over_state']:.2f}x above the {m['runtime_rss_mb']:.0f} MiB "
+                   'the runtime held before the first array')
   lines += ['', 'What the rows are:']
   lines += [f'  {kind}: {text}' for kind, text in KINDS.items()]
   seen = set()

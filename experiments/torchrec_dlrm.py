@@ -156,6 +156,8 @@ class TorchRecRunner:
   def __init__(self, variant: Dict[str, Any], host_batches: List[Dict[str, np.ndarray]]):
     torch.set_num_threads(variant['torch_threads'])
     torch.manual_seed(variant['seed'])
+    # The runtime's own memory (Python, torch, torchrec, fbgemm), before the model's first tensor.
+    self.memory = {'runtime_rss_mb': benchmark.rss_mb()}
     self.spec = benchmark.make_spec(variant)
     self.model, self.optimizer = build_model(variant, self.spec)
     self.model.train()

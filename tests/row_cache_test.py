@@ -380,3 +380,24 @@ def test_compact_batches_give_unique_rows_the_same_lookups_as_padded_ones(tmp_pa
         assert got[key].dtype == want[key].dtype, key
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
   assert np.count_nonzero(padded[0]['weights']) == compact[0]['values'].size > 0
+
+
+def test_compact_from_padded_inverts_expand():
+  lines = random_elm_lines(200, seed=5, list_len=6)
+  lines += [elm_line(shop_id='', item_id_list=''), elm_line(time_type='x', time_type_list='x;y')]
+  rows = row_cache.compact(input_pipeline.parse_chunk(lines, SPEC, path='p', first_line=1), SPEC)
+  padded = row_cache.expand(rows, SPEC)
+  compact = row_cache.compact_from_padded(padded, SPEC)
+  expected = row_cache.compact_batch([(rows, row_cache.row_starts(rows), np.arange(len(rows)))],
+                                     SPEC, len(rows))
+  assert compact.keys() == expected.keys()
+  for k in expected:
+    np.testing.assert_array_equal(compact[k], expected[k], err_msg=k)
+  assert compact['counts'].dtype == expected['counts'].dtype
+  # A live slot after a dead one (or a weight other than the mean's) has no compact form.
+  first_list = next(i for i, f in enumerate(SPEC.sparse) if f.is_list)
+  broken = {k: v.copy() for k, v in padded.items()}
+  broken['weights'][0, SPEC.slot_starts[first_list]:SPEC.slot_starts[first_list + 1]] = 0
+  broken['weights'][0, SPEC.slot_starts[first_list] + 1] = 1.0
+  with pytest.raises(ValueError, match='values come first'):
+    row_cache.compact_from_padded(broken, SPEC)

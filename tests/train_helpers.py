@@ -44,7 +44,7 @@ def step_losses(config, train_path, num_steps):
   state = train.create_train_state(jax.random.PRNGKey(config.seed), setup)
   step_fn = train.compile_train_step(setup, state, train.effective_options(config)['op_fusion'])
   host = input_pipeline.batches([train_path], setup.spec, config.batch_size, num_epochs=None)
-  batches = train.device_batches(host, setup, smartstaged=False)
+  batches = train.step_batches(host, setup, smartstaged=False)
   losses = []
   for _ in range(num_steps):
     state, loss = step_fn(state, next(batches))
