@@ -464,39 +464,43 @@ class JaxRunner:
         steps = max(steps, 2 * self.min_steps[kind])
       self._run(kind, steps)
 
-  def _run(self, kind: str, n: int) -> None:
+  def _run(self, kind: str, n: int) -> float:
+    """Runs n steps; returns when the work they caused ended (perf_counter)."""
     loss = None
     source = self.sources[kind]
     for _ in range(n):
       self.state, loss = self.step_fn(self.state, next(source))
     self._jax.block_until_ready(self.state)
+    end = time.perf_counter()
     if loss is not None:
       self.last_loss = float(loss)
     if kind != 'step':
-      _wait_until_idle()
+      end = _wait_until_idle()
+    return end
 
   def time_steps(self, kind: str, n: int) -> float:
     start = time.perf_counter()
-    self._run(kind, n)
-    return time.perf_counter() - start
+    return self._run(kind, n) - start
 
   def extra_measurements(self) -> Dict[str, float]:
     return self.ceiling.measure()
 
 
-def _wait_until_idle(quiet_s: float = 0.05, timeout_s: float = 120.0) -> None:
-  """Returns once this process uses (almost) no CPU: the prefetch thread waits on a full queue.
+def _wait_until_idle(quiet_s: float = 0.01, timeout_s: float = 120.0) -> float:
+  """Waits until this process uses (almost) no CPU: the prefetch thread waits on a full queue.
 
   A measurement through the input thread thus starts and ends with the queue full, so a window of
   n steps contains exactly n batches prepared, and the input work it caused is inside the window
-  (the step's own threads are idle once block_until_ready returned).
+  (the step's own threads are idle once block_until_ready returned). Returns when the first quiet
+  interval began, so the window does not also hold the wait itself (at most 10% of quiet_s of
+  work falls outside it).
   """
   deadline = time.perf_counter() + timeout_s
-  while time.perf_counter() < deadline:
-    cpu = time.process_time()
+  while True:
+    began, cpu = time.perf_counter(), time.process_time()
     time.sleep(quiet_s)
-    if time.process_time() - cpu < 0.1 * quiet_s:
-      return
+    if time.process_time() - cpu < 0.1 * quiet_s or time.perf_counter() > deadline:
+      return began
 
 
 # ------------------------------------------------------------------------------------------------
@@ -866,6 +870,8 @@ def format_table(groups: List[Dict[str, Any]], summary: Dict[str, Any]) -> str:
                    f"{row['step_ms']:8.2f} {row['achieved_flops_per_s'] / 1e9:8.1f} "
                    f'{fraction:>8s} {rss:>8s}')
     for variant, m in memory_ratios(g).items():
+      if m['state_mb'] < 512:  # small tables: the ratio says more about the runtime than them
+        continue
       lines.append(f"  memory of {variant}: peak {m['peak_rss_mb']:.0f} MiB = "
                    f"{m['peak_over_state']:.2f}x its tables and slots ({m['state_mb']:.0f} MiB); "
                    f"{m['above_runtime_over_state']:.2f}x above the {m['runtime_rss_mb']:.0f} MiB "
