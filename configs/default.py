@@ -87,7 +87,6 @@ def get_config(mode: str = ''):
   config.op_fusion = True              # the whole step as one XLA program
   config.smartstaged = True            # batches read and deduplicated in a thread, ahead
   config.sparse_updates = True         # update only looked-up rows (lazy where the optimizer is)
-  config.keep_freed_memory = True      # glibc malloc reuses freed blocks (train.keep_freed_memory)
   config.no_acceleration = False       # True = all of the above off, for A/B runs
 
   # Devices: ('data', 'model') mesh; -1 = all devices on the data axis.

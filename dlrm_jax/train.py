@@ -69,7 +69,7 @@ class Setup:
 
 def effective_options(config: ml_collections.ConfigDict) -> Dict[str, bool]:
   """The acceleration switches after `no_acceleration` (DeepRec's --tf) has been applied."""
-  names = ('bf16', 'emb_fusion', 'op_fusion', 'smartstaged', 'sparse_updates', 'keep_freed_memory')
+  names = ('bf16', 'emb_fusion', 'op_fusion', 'smartstaged', 'sparse_updates')
   if config.no_acceleration:
     return {n: False for n in names}
   return {n: bool(config[n]) for n in names}
@@ -178,30 +178,6 @@ def return_freed_heap() -> None:
     ctypes.CDLL(None).malloc_trim(0)
   except (OSError, AttributeError):
     pass
-
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def keep_freed_memory(mmap_above: int = 64 << 20, keep_free: int = 256 << 20) -> bool:
-  """Has glibc's malloc keep freed blocks for reuse instead of handing them back to the OS.
-
-  Every step allocates and frees the same buffers: a batch's arrays on the input thread, the
-  step's temporaries in XLA. With glibc's defaults, blocks above an adaptive threshold (from
-  128 KB) are mapped afresh and freed heap is trimmed, so their pages fault in again each step:
-  the host work per ELM batch of 512 took 3.7 ms instead of 2.2 ms. Blocks below `mmap_above`
-  now come from the heap, and up to `keep_free` bytes of free heap stay mapped. Tables, larger,
-  are still mapped on their own, and `return_freed_heap` still returns everything when asked.
-  Process-wide and permanent; False where there is no glibc.
-  """
-  try:
-    mallopt = ctypes.CDLL(None).mallopt
-  except (OSError, AttributeError):
-    return False
-  settings = ((_M_MMAP_THRESHOLD, mmap_above), (_M_TRIM_THRESHOLD, keep_free),
-              (_M_TOP_PAD, 64 << 20))
-  return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 def _init_state(setup: Setup, rng: jax.Array) -> TrainState:
@@ -555,8 +531,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
 def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   options = effective_options(config)
-  if options['keep_freed_memory']:
-    keep_freed_memory()
   data = data_sources.resolve(config, setup.spec)
   abstract = abstract_train_state(setup)
   check_writable(workdir, abstract, config)

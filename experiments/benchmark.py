@@ -411,8 +411,6 @@ class JaxRunner:
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
     self.kinds = variant['kinds']
     config = jax_config(variant)
-    if train.effective_options(config)['keep_freed_memory']:
-      train.keep_freed_memory()
     setup = train.make_setup(config)
     # The runtime's own memory: Python, the libraries, and XLA's compiler loaded by a first
     # compile, before the model's first array.

@@ -3,8 +3,6 @@
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -135,38 +133,3 @@ def test_compile_ahead_leaves_nothing_to_compile_at_the_first_step(tmp_path, dat
   assert compiled_during(lambda: train.compile_ahead([step], abstract, batch))
   state = train.create_train_state(jax.random.PRNGKey(0), setup)
   assert compiled_during(lambda: jax.block_until_ready(step(state, batch))) == []
-
-
-MALLOC_FAULTS_SCRIPT = """
-import resource, sys
-import numpy as np
-sys.path.insert(0, {root!r})
-from dlrm_jax import train
-if {keep}:
-  assert train.keep_freed_memory()
-# Batch-sized arrays allocated and freed over and over, as the input thread does.
-live = [[np.ones(1 << 18, np.int32) for _ in range(8)] for _ in range(5)]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for i in range(200):
-  live[i % 5] = [np.ones((1 << 18) + 4096 * (i % 3), np.int32) for _ in range(8)]
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 200)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc')
-def test_keep_freed_memory_stops_refaulting_freed_blocks():
-  faults = {}
-  for keep in (False, True):
-    out = subprocess.run([sys.executable, '-c', MALLOC_FAULTS_SCRIPT.format(root=th.ROOT,
-                                                                           keep=keep)],
-                         check=True, capture_output=True, text=True).stdout
-    faults[keep] = float(out.split()[-1])
-  # Each iteration allocates 8 MB: glibc's defaults fault most of its 2048 pages in afresh
-  # (~800 measured); kept blocks are reused (~60, the numpy fill's own). A 4x margin on both.
-  assert faults[True] * 4 < faults[False], faults
-
-
-def test_no_acceleration_turns_the_allocator_setting_off_too(tmp_path):
-  assert train.effective_options(th.tiny_config(tmp_path))['keep_freed_memory']
-  assert not train.effective_options(th.tiny_config(tmp_path, no_acceleration=True))[
-      'keep_freed_memory']
