@@ -314,15 +314,15 @@ def batch_sharding(mesh: Mesh) -> Dict[str, NamedSharding]:
   return shardings
 
 
-def jit_on_batches(fun: Callable, setup: Setup, state_sharding: Any = None, **kwargs) -> Callable:
+def jit_on_batches(fun: Callable, mesh: Mesh, state_sharding: Any = None, **kwargs) -> Callable:
   """jax.jit of fun(state, batch, ...), taking its batch as `step_batches` yields it.
 
   In one process those are numpy arrays: with the batch's in_shardings given, the jitted call
-  copies them over in its C++ dispatch, at a fifth of the host time of a jax.device_put (about
-  80 us of Python per array, seven arrays a batch). Arrays already placed so are taken as they
-  are.
+  copies them over in its C++ dispatch, in about a third of the host time of a jax.device_put
+  (mostly Python per array, seven arrays a batch; `experiments/data_benchmark.py
+  --only=transfer`). Arrays already placed so are taken as they are.
   """
-  return jax.jit(fun, in_shardings=(state_sharding, batch_sharding(setup.mesh)), **kwargs)
+  return jax.jit(fun, in_shardings=(state_sharding, batch_sharding(mesh)), **kwargs)
 
 
 def compile_train_step(setup: Setup, state: TrainState, op_fusion: bool) -> Callable:
@@ -333,7 +333,7 @@ def compile_train_step(setup: Setup, state: TrainState, op_fusion: bool) -> Call
   replicated = NamedSharding(setup.mesh, P())
   state_sharding = state_shardings(state, setup.mesh)
   if op_fusion:
-    return jit_on_batches(functools.partial(train_step, setup), setup, state_sharding,
+    return jit_on_batches(functools.partial(train_step, setup), setup.mesh, state_sharding,
                           out_shardings=(state_sharding, replicated), donate_argnums=0)
   # Stage by stage, the batch is placed once, not copied again by each stage's call.
   place = functools.partial(jax.device_put, device=batch_sharding(setup.mesh))
@@ -396,7 +396,8 @@ def evaluate(setup: Setup, state: TrainState, config, data: data_sources.DataFil
   """Exact metrics over every eval row (padded batches are masked; every process runs the same
   number of batches)."""
   replicated = NamedSharding(setup.mesh, P())
-  step = jit_on_batches(functools.partial(eval_step, setup), setup, out_shardings=replicated)
+  step = jit_on_batches(functools.partial(eval_step, setup), setup.mesh,
+                        out_shardings=replicated)
   batches = data_sources.eval_batches(config, setup.spec, data, stats=stats, compact=True)
   labels, probs = [], []
   for batch in step_batches(batches, setup, effective_options(config)['smartstaged']):
@@ -487,7 +488,8 @@ def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
 def predict(setup: Setup, state: TrainState, config, input_path: str, output_path: str) -> int:
   """Writes one click probability per row of `input_path`, in row order; returns the count."""
   replicated = NamedSharding(setup.mesh, P())
-  step = jit_on_batches(functools.partial(eval_step, setup), setup, out_shardings=replicated)
+  step = jit_on_batches(functools.partial(eval_step, setup), setup.mesh,
+                        out_shardings=replicated)
   batches = input_pipeline.batches([input_path], setup.spec, config.eval_batch_size,
                                    drop_remainder=False, skip_bad_rows=False)
   tmp = f'{output_path}.tmp-{os.getpid()}'
@@ -542,7 +544,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   start_step = checkpoints.latest_step(manager) or 0
   num_steps = steps_for(config, data.train_rows)
   step_fn = compile_train_step(setup, abstract, options['op_fusion'])
-  summarize = jit_on_batches(functools.partial(activation_stats, setup), setup)
+  summarize = jit_on_batches(functools.partial(activation_stats, setup), setup.mesh)
 
   # Exactly num_steps - start_step batches on every process, from the row cache (or the CSV);
   # a resumed run continues the same data order without reading the rows it skips.

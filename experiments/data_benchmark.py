@@ -14,6 +14,9 @@ reference's max_list_len 50 and ~10-value lists, Criteo with 26 tables of 10000 
     thread, alone and followed by the trainer's host-side id dedup (models.UniqueRows, the rest
     of what the input thread does per batch);
   * the CSV reader for comparison (parsing every epoch, one process);
+  * transfer: a deduplicated batch of 512 handed to a jitted function as numpy arrays (copied
+    in its dispatch, as the trainer does) against a jax.device_put of it first, alternately in
+    one process (ELM only);
   * TFDS: array_record records of one 512-row block, and of one row each, read back;
   * RSS: peak resident memory of a process that caches a file and reads every batch of an
     epoch and of the evaluation through data_sources (what train.py calls), at each size of
@@ -45,7 +48,7 @@ flags.DEFINE_integer('rows', 300_000, 'rows of the throughput files')
 flags.DEFINE_list('formats', ['criteo', 'elm'], 'formats to measure')
 flags.DEFINE_list('rss_rows', ['1000000', '10000000'], 'file sizes (rows) of the RSS test; '
                   'Criteo format')
-flags.DEFINE_list('only', [], 'subset of: parse, read, csv, tfds, rss')
+flags.DEFINE_list('only', [], 'subset of: parse, read, csv, transfer, tfds, rss')
 flags.DEFINE_string('child', '', 'internal: run one measurement (JSON) and print its result')
 
 
@@ -131,6 +134,55 @@ def _measure_csv(kind: str, path: str) -> Dict[str, Any]:
     rows += len(batch['label'])
   wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
   return {'rows': rows, 'rows_per_s': rows / wall, 'rows_per_cpu_s': rows / cpu}
+
+
+def _measure_transfer(kind: str, path: str, batches: int = 64, rounds: int = 7) -> Dict[str, Any]:
+  """Host milliseconds per batch of getting deduplicated batches into a jitted function."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import models  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import row_cache  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import train  # pylint: disable=g-import-not-at-top
+  spec = _spec(kind)
+  root = os.path.join(FLAGS.out_dir, f'cache_read_{kind}')
+  cache, start, stop = row_cache.open_or_build(row_cache.Source(path), spec, cache_root=root,
+                                               num_workers=2)
+  reader = row_cache.RowReader([row_cache.cache_segment(cache, start, stop, 1024)], spec)
+  unique = models.UniqueRows(spec, emb_fusion=True)
+  host = [unique(b) for _, b in zip(range(batches), reader.batches(512, compact=True))]
+  mesh = train.make_mesh(default.get_config())
+  shardings = train.batch_sharding(mesh)
+  # Reads one element of each array, so that every array is an argument the program uses.
+  consume = train.jit_on_batches(
+      lambda s, b: s + sum(x.reshape(-1)[0].astype('float32') for x in jax.tree.leaves(b)), mesh)
+  zero = jax.numpy.zeros(())
+
+  def numpy_args():
+    s = zero
+    for b in host:
+      s = consume(s, b)
+    return s
+
+  def placed_first():
+    s = zero
+    for b in host:
+      s = consume(s, jax.device_put(b, shardings))
+    return s
+
+  ways = {'numpy_into_jit': numpy_args, 'device_put_then_jit': placed_first}
+  times = {name: [] for name in ways}
+  for name, run in ways.items():
+    jax.block_until_ready(run())  # compiles
+  for _ in range(rounds):
+    for name, run in ways.items():
+      start_s = time.perf_counter()
+      jax.block_until_ready(run())
+      times[name].append((time.perf_counter() - start_s) / len(host) * 1e3)
+  out = {f'{name}_ms_per_batch': statistics.median(t) for name, t in times.items()}
+  out['device_put_over_numpy'] = statistics.median(
+      [a / b for a, b in zip(times['device_put_then_jit'], times['numpy_into_jit'])])
+  return out
 
 
 def _measure_tfds(kind: str, path: str) -> Dict[str, Any]:
@@ -237,7 +289,8 @@ def _measure_rss(path_dir: str, use_cache: bool) -> Dict[str, Any]:
 def _child(request: Dict[str, Any]) -> Dict[str, Any]:
   what = request.pop('what')
   return {'parse': _measure_parse, 'read': _measure_read, 'csv': _measure_csv,
-          'tfds': _measure_tfds, 'rss': _measure_rss}[what](**request)
+          'transfer': _measure_transfer, 'tfds': _measure_tfds, 'rss': _measure_rss}[what](
+              **request)
 
 
 def _run_child(**request) -> Dict[str, Any]:
@@ -256,7 +309,7 @@ def main(argv):
     print('RESULT ' + json.dumps(_child(json.loads(FLAGS.child))), flush=True)
     return
   os.makedirs(FLAGS.out_dir, exist_ok=True)
-  only = set(FLAGS.only) or {'parse', 'read', 'csv', 'tfds', 'rss'}
+  only = set(FLAGS.only) or {'parse', 'read', 'csv', 'transfer', 'tfds', 'rss'}
   results: Dict[str, Any] = {'cpus': os.cpu_count(), 'load_avg': os.getloadavg()}
 
   def report(name, value):
@@ -276,6 +329,8 @@ def main(argv):
                                                     dedup=True))
     if 'csv' in only:
       report(f'{kind}/csv_every_epoch', _run_child(what='csv', kind=kind, path=path))
+    if 'transfer' in only and kind == 'elm':
+      report(f'{kind}/transfer', _run_child(what='transfer', kind=kind, path=path))
     if 'tfds' in only:
       report(f'{kind}/tfds', _run_child(what='tfds', kind=kind, path=path))
   if 'rss' in only:

@@ -92,8 +92,10 @@ def test_quick_tiny_run_writes_every_number(tmp_path):
     row = rows[label]
     for key in ('samples_per_s', 'step_ms', 'ratio_vs_reference', 'flops_per_sample',
                 'achieved_flops_per_s', 'ceiling_flops_per_s', 'ceiling_fraction',
-                'peak_rss_mb', 'table_state_mb'):
+                'peak_rss_mb', 'runtime_rss_mb', 'table_state_mb'):
       assert _positive_finite(row[key]), (label, key, row.get(key))
+    # The runtime (before the model's first array) is part of the peak, never more.
+    assert row['runtime_rss_mb'] < row['peak_rss_mb']
     assert len(row['samples_per_s_rounds']) == 2
 
   summary = report['summary']
