@@ -430,7 +430,10 @@ def steps_for(config, num_train_rows: int) -> int:
 
 @jax.jit
 def all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+  # x * 0 is 0 where x is finite and NaN where it is not, so one fused sum per leaf answers.
+  # jnp.all(jnp.isfinite(x)) made XLA:CPU write a bool copy of each table first (300 MB for
+  # Criteo's) before every checkpoint.
+  return jnp.isfinite(sum(jnp.sum(x * 0) for x in jax.tree.leaves(tree)))
 
 
 def check_writable(workdir: str, state: TrainState, config) -> None:

@@ -133,3 +133,11 @@ def test_compile_ahead_leaves_nothing_to_compile_at_the_first_step(tmp_path, dat
   assert compiled_during(lambda: train.compile_ahead([step], abstract, batch))
   state = train.create_train_state(jax.random.PRNGKey(0), setup)
   assert compiled_during(lambda: jax.block_until_ready(step(state, batch))) == []
+
+
+def test_all_finite_finds_any_nan_or_inf():
+  tree = {'a': jax.numpy.ones((64, 16)), 'b': jax.numpy.zeros(7), 'step': jax.numpy.int32(3)}
+  assert bool(train.all_finite(tree))
+  for leaf, index, bad in (('a', (5, 3), np.nan), ('a', (63, 15), -np.inf), ('b', 6, np.inf)):
+    broken = dict(tree, **{leaf: tree[leaf].at[index].set(bad)})
+    assert not bool(train.all_finite(broken)), (leaf, index, bad)
