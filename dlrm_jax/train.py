@@ -134,24 +134,23 @@ def state_shardings(state, mesh: Mesh):
   return jax.tree_util.tree_map_with_path(sharding, state)
 
 
-def create_train_state(rng: jax.Array, setup: Setup) -> TrainState:
-  """A fresh state, created directly in its sharded layout (tables never sit on one device)."""
-  abstract = jax.eval_shape(functools.partial(_init_state, setup), rng)
-  shardings = state_shardings(abstract, setup.mesh)
-  init = jax.jit(functools.partial(_init_state, setup), out_shardings=shardings)
-  if isinstance(rng, jax.core.Tracer):  # traced (e.g. under eval_shape): nothing is allocated
-    return init(rng)
-  compiled = init.lower(rng).compile()
-  return_freed_heap()  # before the tables are allocated on top of the compiler's leftovers
-  return compiled(rng)
-
-
 def abstract_train_state(setup: Setup) -> TrainState:
   """The state's shapes, dtypes and shardings, with nothing allocated: for compiling, sizing and
   restoring before any state exists."""
   abstract = jax.eval_shape(functools.partial(_init_state, setup), jax.random.PRNGKey(0))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract, state_shardings(abstract, setup.mesh))
+
+
+def create_train_state(rng: jax.Array, setup: Setup) -> TrainState:
+  """A fresh state, created directly in its sharded layout (tables never sit on one device)."""
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_train_state(setup))
+  init = jax.jit(functools.partial(_init_state, setup), out_shardings=shardings)
+  if isinstance(rng, jax.core.Tracer):  # traced (e.g. under eval_shape): nothing is allocated
+    return init(rng)
+  compiled = init.lower(rng).compile()
+  return_freed_heap()  # before the tables are allocated on top of the compiler's leftovers
+  return compiled(rng)
 
 
 def compile_ahead(functions: Sequence[Callable], abstract_state: TrainState, batch: Batch) -> None:

@@ -268,10 +268,21 @@ def synthetic_batches(spec: fs.FeatureSpec, batch_size: int, num_batches: int, s
 # ------------------------------------------------------------------------------------------------
 # Worker side: one process per variant, driven by JSON lines on stdin, answering on stdout.
 
-def rss_mb() -> float:
+def _status_mb(field: str) -> Optional[float]:
+  """A memory field of /proc/self/status (kB there) in MiB, or None where there is none."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith(field + ':'):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return None
+
+
+def rss_mb() -> Optional[float]:
   """This process's resident memory now (VmRSS), in MiB."""
-  with open('/proc/self/status') as f:
-    return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith('VmRSS:'))
+  return _status_mb('VmRSS')
 
 
 def peak_rss_mb() -> float:
@@ -280,14 +291,8 @@ def peak_rss_mb() -> float:
   VmHWM, not getrusage's ru_maxrss: a child's ru_maxrss starts at its parent's peak (Linux copies
   it at fork), so every worker would report at least the parent's memory.
   """
-  try:
-    with open('/proc/self/status') as f:
-      for line in f:
-        if line.startswith('VmHWM:'):
-          return int(line.split()[1]) / 1024.0  # kB
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  peak = _status_mb('VmHWM')
+  return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def serve(runner_factory: Callable[[Dict[str, Any], List[Dict[str, np.ndarray]]], Any]) -> None:
@@ -433,21 +438,21 @@ class JaxRunner:
       # In the row cache's compact layout, as the trainer reads its batches.
       from dlrm_jax import row_cache  # pylint: disable=g-import-not-at-top
       compact = [row_cache.compact_from_padded(b, setup.spec) for b in host_batches]
-      self.sources['step+input'] = self._train.step_batches(_cycle(compact), setup, True)
+      self.sources['step+input'] = train.step_batches(_cycle(compact), setup, True)
     if 'end-to-end' in self.kinds:
       from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
       config.data_location = variant['data_dir']
       data = data_sources.resolve(config, setup.spec)  # builds the row cache, before timing
       reader = data_sources.train_batches(config, setup.spec, data, num_steps=2**40,
                                           compact=True)
-      self.sources['end-to-end'] = self._train.step_batches(reader, setup, True)
+      self.sources['end-to-end'] = train.step_batches(reader, setup, True)
     if 'end-to-end csv' in self.kinds:
       from dlrm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
       reader = input_pipeline.batches(
           [os.path.join(variant['data_dir'], 'train.csv')], setup.spec, config.batch_size,
           shuffle_buffer=config.shuffle_buffer, seed=config.seed, num_epochs=None,
           chunk_rows=variant['chunk_rows'])
-      self.sources['end-to-end csv'] = self._train.step_batches(reader, setup, True)
+      self.sources['end-to-end csv'] = train.step_batches(reader, setup, True)
       # A measurement window holds at least one reader chunk (it parses chunk_rows at a time).
       self.min_steps = {'end-to-end csv': math.ceil(variant['chunk_rows'] / config.batch_size)}
     self.num_host_batches = len(host_batches)

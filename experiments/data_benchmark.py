@@ -10,9 +10,9 @@ Every measurement runs in its own child process on planted data (`datagen`, gene
 reference's max_list_len 50 and ~10-value lists, Criteo with 26 tables of 10000 rows):
   * first pass: the CSV parsed into the row cache (what the first epoch of a run costs), with
     0 and 2 worker processes; rows/s of wall time, and CPU seconds of all processes per 1M rows;
-  * cache read: one epoch of 512-row batches, shuffled as training is (buffer 20000), in one
-    thread, alone and followed by the trainer's host-side id dedup (models.UniqueRows, the rest
-    of what the input thread does per batch);
+  * cache read: one epoch of 512-row batches in the trainer's compact layout, shuffled as
+    training is (buffer 20000), in one thread, alone and followed by the trainer's host-side id
+    dedup (models.UniqueRows, the rest of what the input thread does per batch);
   * the CSV reader for comparison (parsing every epoch, one process);
   * transfer: a deduplicated batch of 512 handed to a jitted function as numpy arrays (copied
     in its dispatch, as the trainer does) against a jax.device_put of it first, alternately in
@@ -107,18 +107,24 @@ def _measure_parse(kind: str, path: str, workers: int) -> Dict[str, Any]:
   return out
 
 
-def _measure_read(kind: str, path: str, dedup: bool) -> Dict[str, Any]:
-  from dlrm_jax import models  # pylint: disable=g-import-not-at-top
+def _cache_reader(kind: str, path: str):
+  """A reader of `path`'s row cache (built on first use, kept under out_dir)."""
   from dlrm_jax import row_cache  # pylint: disable=g-import-not-at-top
   spec = _spec(kind)
   root = os.path.join(FLAGS.out_dir, f'cache_read_{kind}')
   cache, start, stop = row_cache.open_or_build(row_cache.Source(path), spec, cache_root=root,
                                                num_workers=2)
-  reader = row_cache.RowReader([row_cache.cache_segment(cache, start, stop, 1024)], spec)
-  unique = models.UniqueRows(spec, emb_fusion=True) if dedup else None
+  return row_cache.RowReader([row_cache.cache_segment(cache, start, stop, 1024)], spec)
+
+
+def _measure_read(kind: str, path: str, dedup: bool) -> Dict[str, Any]:
+  from dlrm_jax import models  # pylint: disable=g-import-not-at-top
+  reader = _cache_reader(kind, path)
+  unique = models.UniqueRows(_spec(kind), emb_fusion=True) if dedup else None
   rows = 0
   wall, cpu = time.perf_counter(), time.process_time()
-  for batch in reader.batches(512, shuffle_buffer=20000, seed=1):
+  # The compact layout, as the trainer reads the cache.
+  for batch in reader.batches(512, shuffle_buffer=20000, seed=1, compact=True):
     if unique is not None:
       unique(batch)
     rows += 512
@@ -142,15 +148,10 @@ def _measure_transfer(kind: str, path: str, batches: int = 64, rounds: int = 7) 
   import jax  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
   from dlrm_jax import models  # pylint: disable=g-import-not-at-top
-  from dlrm_jax import row_cache  # pylint: disable=g-import-not-at-top
   from dlrm_jax import train  # pylint: disable=g-import-not-at-top
-  spec = _spec(kind)
-  root = os.path.join(FLAGS.out_dir, f'cache_read_{kind}')
-  cache, start, stop = row_cache.open_or_build(row_cache.Source(path), spec, cache_root=root,
-                                               num_workers=2)
-  reader = row_cache.RowReader([row_cache.cache_segment(cache, start, stop, 1024)], spec)
-  unique = models.UniqueRows(spec, emb_fusion=True)
-  host = [unique(b) for _, b in zip(range(batches), reader.batches(512, compact=True))]
+  unique = models.UniqueRows(_spec(kind), emb_fusion=True)
+  host = [unique(b) for _, b in zip(range(batches),
+                                    _cache_reader(kind, path).batches(512, compact=True))]
   mesh = train.make_mesh(default.get_config())
   shardings = train.batch_sharding(mesh)
   # Reads one element of each array, so that every array is an argument the program uses.

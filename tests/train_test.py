@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import train_helpers as th
+from dlrm_jax import input_pipeline
 from dlrm_jax import train
 
 
@@ -95,7 +96,7 @@ def test_one_device_and_four_devices_agree(tmp_path, data_dir, sparse):
 
 def _first_batches(config, path, n):
   setup = train.make_setup(config)
-  host = th.input_pipeline.batches([path], setup.spec, config.batch_size, num_epochs=None)
+  host = input_pipeline.batches([path], setup.spec, config.batch_size, num_epochs=None)
   return setup, list(itertools.islice(train.step_batches(host, setup, smartstaged=False), n))
 
 
