@@ -77,6 +77,10 @@ def get_config(mode: str = ''):
   config.checkpoint = ''               # run directory; '' = output_dir/model_DLRM_<timestamp>
   config.save_steps = 0                # 0 = save only at the end
   config.keep_checkpoint_max = 1
+  # True: training goes on while a checkpoint is written. On CPU the save reads the state in place,
+  # so the steps during it cannot reuse (donate) the state's buffers: 2x the tables until the
+  # write is done. False: each save completes first, and the peak stays at one state.
+  config.async_checkpointing = True
   config.timeline = 0                  # profile this many steps after warm-up; 0 = off
   config.activation_summary_steps = 1000  # zero fractions and histograms of MLP layers; 0 = off
   config.export_dir = ''               # write a serving artifact here after training; '' = none

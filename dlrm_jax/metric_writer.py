@@ -5,14 +5,32 @@ without it. Only process 0 writes, so multi-host runs produce one set of summari
 """
 
 import glob
+import importlib
 import os
 import struct
+import sys
 from typing import Dict, Iterator, Set, Tuple
 
 from absl import logging
 import jax
 import numpy as np
 import tqdm
+
+
+def _tensorboardx(module: str = 'tensorboardX'):
+  """Imports a tensorboardX module without importing torch.
+
+  tensorboardX's writer imports torch whenever it is installed, only to accept torch tensors:
+  in a JAX process that is ~190 MB of resident memory and ~2 s of start-up for nothing. A `None`
+  entry in sys.modules makes that `import torch` raise ImportError, which tensorboardX handles.
+  """
+  if 'torch' in sys.modules:
+    return importlib.import_module(module)
+  sys.modules['torch'] = None
+  try:
+    return importlib.import_module(module)
+  finally:
+    del sys.modules['torch']
 
 
 class MetricWriter:
@@ -22,8 +40,7 @@ class MetricWriter:
     self._enabled = enabled
     self._writer = None
     if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(logdir=workdir, flush_secs=10)
+      self._writer = _tensorboardx().SummaryWriter(logdir=workdir, flush_secs=10)
     self._workdir = workdir
 
   def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
@@ -129,7 +146,7 @@ def _records(path: str) -> Iterator[bytes]:
 
 
 def _scalar_events(workdir: str) -> Iterator[Tuple[str, int, float, float]]:
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  event_pb2 = _tensorboardx('tensorboardX.proto.event_pb2')
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
     for record in _records(path):
       event = event_pb2.Event.FromString(record)

@@ -1,6 +1,9 @@
 """Exact AUC, logloss and accuracy against brute-force definitions."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -42,3 +45,31 @@ def test_logloss_and_accuracy_match_definitions():
   assert metrics.accuracy(labels, probs) == 0.5
   # Clipping keeps a confident mistake finite.
   assert np.isfinite(metrics.logloss([1], [0.0]))
+
+
+def test_metric_writer_does_not_import_torch_and_reads_back(tmp_path):
+  # A stand-in torch package on the path: importing it leaves a marker file. tensorboardX would
+  # import it (and the real torch costs ~190 MB in a JAX process); the writer must not.
+  fake = tmp_path / 'site' / 'torch'
+  fake.mkdir(parents=True)
+  marker = tmp_path / 'torch_was_imported'
+  (fake / '__init__.py').write_text(f'open({str(marker)!r}, "w").close()\nTensor = object\n')
+  script = (
+      'import sys\n'
+      'from dlrm_jax import metric_writer\n'
+      f'w = metric_writer.MetricWriter({str(tmp_path / "run")!r})\n'
+      'w.write_scalars(3, {"train_loss": 0.5})\n'
+      'w.write_histograms(3, {"h": __import__("numpy").arange(5.0)})\n'
+      'w.close()\n'
+      f'steps, values = metric_writer.read_scalars({str(tmp_path / "run")!r}, "train_loss")\n'
+      'assert list(steps) == [3] and list(values) == [0.5], (steps, values)\n'
+      'import torch  # still importable afterwards\n')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(tmp_path / 'site'), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]))
+  subprocess.run([sys.executable, '-c', script], check=True, env=env)
+  # The script's own `import torch` at the end ran the stand-in exactly once, after the writer.
+  assert marker.exists()
+  marker.unlink()
+  script_without_import = script.rsplit('import torch', 1)[0]
+  subprocess.run([sys.executable, '-c', script_without_import], check=True, env=env)
+  assert not marker.exists()
