@@ -1,0 +1,120 @@
+"""Peak memory of whole training runs (the trainer, checkpoints included) over the state they train.
+
+  python -m experiments.memory_benchmark [--rows 20000] [--steps 30] [--out memory.json]
+      [--optimizers adamasync,adagrad,gradientdescent] [--table_rows deeprec|small]
+
+Every run is `train.train_and_evaluate` (what `python -m dlrm_jax.main` calls) in a process of its
+own, on planted Criteo rows (`datagen criteo`) with the Criteo config (`configs/criteo_kaggle.py`)
+and DeepRec's 26 table sizes (19.0M rows of 16 floats: 1162 MiB), `dot`, no eval. Each optimizer
+trains `--steps` steps and saves once at the end; SGD (`gradientdescent`, no slots: the hardest
+case for the ratio) also saves every 10 steps, asynchronously and synchronously
+(`async_checkpointing`).
+
+Per run: the process's peak resident memory (VmHWM), the resident memory of the runtime before
+the run (Python, JAX after a first compile, and every module the trainer imports), and the train
+state (parameters, optimizer slots and batch-norm statistics, from their abstract shapes). The
+table prints the peak over the state in all and the part above the runtime. Memory does not depend
+on the machine's speed, so one run per variant is enough.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from experiments import benchmark
+
+WORKER = r'''
+import json, sys
+sys.path.insert(0, {root!r})
+def status_mb(key):
+  return int(open('/proc/self/status').read().split(key + ':')[1].split()[0]) / 1024
+import jax
+from dlrm_jax import train
+from configs import criteo_kaggle
+jax.jit(lambda x: x + 1)(jax.numpy.zeros(4)).block_until_ready()
+runtime = status_mb('VmRSS')
+config = criteo_kaggle.get_config()
+config.update_from_flattened_dict({overrides!r})
+config.criteo_table_rows = tuple(config.criteo_table_rows)
+train.train_and_evaluate(config, {workdir!r})
+print('RESULT', json.dumps(dict(peak_rss_mb=status_mb('VmHWM'), runtime_rss_mb=runtime)))
+'''
+
+
+def variants(optimizers, steps):
+  out = [(f'{opt}, save at the end', dict(optimizer=opt)) for opt in optimizers]
+  if 'gradientdescent' in optimizers and steps > 10:
+    for mode in (True, False):
+      out.append((f"gradientdescent, save every 10 steps, {'async' if mode else 'sync'}",
+                  dict(optimizer='gradientdescent', save_steps=10, async_checkpointing=mode)))
+  return out
+
+
+def state_mb(overrides) -> float:
+  """MiB of the train state the run creates, from abstract shapes (nothing is allocated)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import criteo_kaggle  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import train  # pylint: disable=g-import-not-at-top
+  config = criteo_kaggle.get_config()
+  config.update_from_flattened_dict(overrides)
+  config.criteo_table_rows = tuple(config.criteo_table_rows)
+  abstract = train.abstract_train_state(train.make_setup(config))
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract)) / 2**20
+
+
+def run_one(overrides, workdir: str) -> dict:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = WORKER.format(root=root, overrides=overrides, workdir=workdir)
+  proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  if proc.returncode != 0 or not lines:
+    raise RuntimeError(f'memory run {overrides} failed (exit {proc.returncode}):\n'
+                       f'{proc.stderr[-3000:]}')
+  return json.loads(lines[-1][len('RESULT '):])
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--rows', type=int, default=20000, help='planted train rows')
+  parser.add_argument('--steps', type=int, default=30)
+  parser.add_argument('--optimizers', default='adamasync,adagrad,gradientdescent')
+  parser.add_argument('--table_rows', default='deeprec', choices=('deeprec', 'small'),
+                      help="'small': DeepRec's sizes / 5000 (for smoke tests)")
+  parser.add_argument('--out', default='', help='write the results here as JSON')
+  args = parser.parse_args(argv)
+  rows = benchmark.DEEPREC_CRITEO_ROWS
+  if args.table_rows == 'small':
+    rows = tuple(max(2, r // 5000) for r in rows)
+
+  with tempfile.TemporaryDirectory(prefix='dlrm_memory_') as tmp:
+    data = os.path.join(tmp, 'criteo')
+    subprocess.run([sys.executable, '-m', 'dlrm_jax.datagen', 'criteo', '--out_dir', data,
+                    '--train_rows', str(args.rows), '--eval_rows', '1', '--seed', '1'],
+                   check=True, capture_output=True)
+    results = []
+    for i, (name, extra) in enumerate(variants(args.optimizers.split(','), args.steps)):
+      overrides = dict(data_location=data, criteo_table_rows=list(rows), steps=args.steps,
+                       interaction_op='dot', no_eval=True, **extra)
+      row = dict(variant=name, state_mb=state_mb(overrides),
+                 **run_one(overrides, os.path.join(tmp, f'run{i}')))
+      row['peak_over_state'] = row['peak_rss_mb'] / row['state_mb']
+      row['above_runtime_over_state'] = ((row['peak_rss_mb'] - row['runtime_rss_mb'])
+                                         / row['state_mb'])
+      results.append(row)
+      print(f"{name:48s} state {row['state_mb']:7.0f} MiB  peak {row['peak_rss_mb']:7.0f} MiB "
+            f"= {row['peak_over_state']:.2f}x  ({row['above_runtime_over_state']:.2f}x above the "
+            f"{row['runtime_rss_mb']:.0f} MiB runtime)", flush=True)
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(dict(rows=args.rows, steps=args.steps, table_rows=list(rows), results=results),
+                f, indent=2)
+  return results
+
+
+if __name__ == '__main__':
+  main()
