@@ -43,7 +43,7 @@ def get_config(variant: str = 'deeprec'):
   config.top_mlp = (512, 256)
   config.interaction_op = 'dot'
   # Each save completes before the next step: on CPU an asynchronous save holds the tables while
-  # the steps after it allocate new ones (2x the state, 2.3 GB more with DeepRec's tables and
+  # the steps after it allocate new ones (2x the state: 3.4 GB more with DeepRec's tables and
   # adamasync); a save of those tables stalls training for ~5 s instead.
   config.async_checkpointing = False
   return config

@@ -18,7 +18,8 @@ def test_memory_runs_report_peak_runtime_and_state(tmp_path):
                           check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   rows = {r['variant']: r for r in json.loads(out.read_text())['results']}
-  assert set(rows) == {'gradientdescent, save at the end', 'adagrad, save at the end'}
+  assert set(rows) == {'gradientdescent, save at the end', 'adagrad, save at the end',
+                       'gradientdescent, save at the end, then eval'}
   sgd, adagrad = rows['gradientdescent, save at the end'], rows['adagrad, save at the end']
   for row in rows.values():
     assert row['peak_rss_mb'] >= row['runtime_rss_mb'] > 0, row
