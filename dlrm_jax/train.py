@@ -435,6 +435,11 @@ def all_finite(tree) -> jax.Array:
   return jnp.isfinite(sum(jnp.sum(x * 0) for x in jax.tree.leaves(tree)))
 
 
+def state_bytes(state) -> int:
+  """Bytes of every array of `state`, which may be abstract (ShapeDtypeStructs)."""
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+
+
 def check_writable(workdir: str, state: TrainState, config) -> None:
   """Fails before training when the run directory cannot hold the run's checkpoints."""
   try:
@@ -445,10 +450,8 @@ def check_writable(workdir: str, state: TrainState, config) -> None:
     os.remove(probe)
   except OSError as e:
     raise OSError(f'run directory {workdir} is not writable: {e}') from e
-  state_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                    for x in jax.tree.leaves(state))
   # orbax keeps up to keep_checkpoint_max steps plus the one being written.
-  needed = state_bytes * (max(int(config.keep_checkpoint_max), 1) + 1)
+  needed = state_bytes(state) * (max(int(config.keep_checkpoint_max), 1) + 1)
   free = shutil.disk_usage(workdir).free
   if free < needed:
     raise OSError(f'{workdir}: {free / 2**30:.2f} GiB free, checkpoints of this run need about '

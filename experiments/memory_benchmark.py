@@ -5,9 +5,9 @@
 
 Every run is `train.train_and_evaluate` (what `python -m dlrm_jax.main` calls) in a process of its
 own, on planted Criteo rows (`datagen criteo`) with the Criteo config (`configs/criteo_kaggle.py`)
-and DeepRec's 26 table sizes (19.0M rows of 16 floats: 1162 MiB), `dot`, no eval. Each optimizer
-trains `--steps` steps and saves once at the end, without eval; SGD (`gradientdescent`, no slots:
-the hardest case for the ratio) also runs with eval (the last seventh of the rows, as the config
+and DeepRec's 26 table sizes (19.0M rows of 16 floats: 1162 MiB), `dot`. Each optimizer trains
+`--steps` steps and saves once at the end, without eval; SGD (`gradientdescent`, no slots: the
+hardest case for the ratio) also runs with eval (the last seventh of the rows, as the config
 splits train.txt), and saves every 10 steps, asynchronously and synchronously
 (`async_checkpointing`).
 
@@ -26,25 +26,18 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
-
 from experiments import benchmark
 
 WORKER = r'''
 import json, sys
 sys.path.insert(0, {root!r})
-def status_mb(key):
-  return int(open('/proc/self/status').read().split(key + ':')[1].split()[0]) / 1024
 import jax
 from dlrm_jax import train
-from configs import criteo_kaggle
+from experiments import benchmark, memory_benchmark
 jax.jit(lambda x: x + 1)(jax.numpy.zeros(4)).block_until_ready()
-runtime = status_mb('VmRSS')
-config = criteo_kaggle.get_config()
-config.update_from_flattened_dict({overrides!r})
-config.criteo_table_rows = tuple(config.criteo_table_rows)
-train.train_and_evaluate(config, {workdir!r})
-print('RESULT', json.dumps(dict(peak_rss_mb=status_mb('VmHWM'), runtime_rss_mb=runtime)))
+runtime = benchmark.rss_mb()
+train.train_and_evaluate(memory_benchmark.make_config({overrides!r}), {workdir!r})
+print('RESULT', json.dumps(dict(peak_rss_mb=benchmark.peak_rss_mb(), runtime_rss_mb=runtime)))
 '''
 
 
@@ -60,16 +53,20 @@ def variants(optimizers, steps):
   return out
 
 
-def state_mb(overrides) -> float:
-  """MiB of the train state the run creates, from abstract shapes (nothing is allocated)."""
-  import jax  # pylint: disable=g-import-not-at-top
+def make_config(overrides):
+  """The Criteo config with a run's overrides (flattened field names)."""
   from configs import criteo_kaggle  # pylint: disable=g-import-not-at-top
-  from dlrm_jax import train  # pylint: disable=g-import-not-at-top
   config = criteo_kaggle.get_config()
   config.update_from_flattened_dict(overrides)
   config.criteo_table_rows = tuple(config.criteo_table_rows)
-  abstract = train.abstract_train_state(train.make_setup(config))
-  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract)) / 2**20
+  return config
+
+
+def state_mb(overrides) -> float:
+  """MiB of the train state the run creates, from abstract shapes (nothing is allocated)."""
+  from dlrm_jax import train  # pylint: disable=g-import-not-at-top
+  setup = train.make_setup(make_config(overrides))
+  return train.state_bytes(train.abstract_train_state(setup)) / 2**20
 
 
 def run_one(overrides, workdir: str) -> dict:
