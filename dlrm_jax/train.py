@@ -450,12 +450,13 @@ def check_writable(workdir: str, state: TrainState, config) -> None:
     os.remove(probe)
   except OSError as e:
     raise OSError(f'run directory {workdir} is not writable: {e}') from e
+  per_step = state_bytes(state)
   # orbax keeps up to keep_checkpoint_max steps plus the one being written.
-  needed = state_bytes(state) * (max(int(config.keep_checkpoint_max), 1) + 1)
+  needed = per_step * (max(int(config.keep_checkpoint_max), 1) + 1)
   free = shutil.disk_usage(workdir).free
   if free < needed:
     raise OSError(f'{workdir}: {free / 2**30:.2f} GiB free, checkpoints of this run need about '
-                  f'{needed / 2**30:.2f} GiB ({state_bytes / 2**20:.0f} MiB per step x '
+                  f'{needed / 2**30:.2f} GiB ({per_step / 2**20:.0f} MiB per step x '
                   f'{max(int(config.keep_checkpoint_max), 1) + 1})')
 
 
