@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from absl import logging
 import flax.linen as nn
@@ -153,17 +153,17 @@ def create_train_state(rng: jax.Array, setup: Setup) -> TrainState:
   return compiled(rng)
 
 
-def compile_ahead(functions: Sequence[Callable], abstract_state: TrainState, batch: Batch) -> None:
-  """Compiles jitted fun(state, batch) functions for `batch`'s shapes before the state exists.
+def compile_ahead(calls: Sequence[Tuple[Callable, tuple]]) -> None:
+  """Compiles jitted functions for (abstract) arguments before the state exists.
 
   The compiler's heap (about 100 MB for the Criteo step) then comes and goes, and is handed back
   to the OS, before the tables are allocated, instead of adding to their peak. Each function's
   first call finds its program in JAX's compilation cache. Functions that are not jitted (the
   staged step, op_fusion off) compile at their first call.
   """
-  for fun in functions:
+  for fun, args in calls:
     if hasattr(fun, 'lower'):
-      fun.lower(abstract_state, batch).compile()
+      fun.lower(*args).compile()
   return_freed_heap()
 
 
@@ -559,8 +559,11 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   batches = step_batches(host_batches, setup, options['smartstaged'])
   first = next(batches, None)
   if first is not None:
-    compile_ahead([step_fn, summarize] if config.activation_summary_steps else [step_fn],
-                  abstract, first)
+    # The finiteness check before each save too: compiled later, it would sit on the state.
+    calls = [(step_fn, (abstract, first)), (all_finite, (abstract.params,))]
+    if config.activation_summary_steps:
+      calls.append((summarize, (abstract, first)))
+    compile_ahead(calls)
     batches = itertools.chain([first], batches)
   # A resumed run restores straight into the abstract state: no fresh state beside it.
   if start_step:

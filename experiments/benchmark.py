@@ -428,7 +428,7 @@ class JaxRunner:
     placed = functools.partial(jax.device_put, device=train.batch_sharding(setup.mesh))
     first = next(train.step_batches(iter(host_batches), setup, False))
     for batch in (first, placed(first)):
-      train.compile_ahead([self.step_fn], abstract, batch)
+      train.compile_ahead([(self.step_fn, (abstract, batch))])
     self.state = train.create_train_state(jax.random.PRNGKey(config.seed), setup)
     self.sources = {}
     if 'step' in self.kinds:

@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from dlrm_jax import models
 from experiments import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,13 +16,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_memory_runs_report_peak_runtime_and_state(tmp_path):
   out = tmp_path / 'memory.json'
   command = [sys.executable, '-m', 'experiments.memory_benchmark', '--table_rows=small',
-             '--rows=1000', '--steps=4', '--optimizers=gradientdescent,adagrad', f'--out={out}']
+             '--rows=1000', '--steps=4', '--optimizers=gradientdescent,adagrad', '--scales=2', f'--out={out}']
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  rows = {r['variant']: r for r in json.loads(out.read_text())['results']}
+  report = json.loads(out.read_text())
+  rows = {r['variant']: r for r in report['results']}
   assert set(rows) == {'gradientdescent, save at the end', 'adagrad, save at the end',
-                       'gradientdescent, save at the end, then eval'}
+                       'gradientdescent, save at the end, then eval',
+                       'gradientdescent, tables x2, save at the end'}
   sgd, adagrad = rows['gradientdescent, save at the end'], rows['adagrad, save at the end']
   for row in rows.values():
     assert row['peak_rss_mb'] >= row['runtime_rss_mb'] > 0, row
@@ -29,3 +34,12 @@ def test_memory_runs_report_peak_runtime_and_state(tmp_path):
   table_mb = sum(max(2, r // 5000) for r in benchmark.DEEPREC_CRITEO_ROWS) * 16 * 4 / 2**20
   assert sgd['state_mb'] >= table_mb
   assert sgd['state_mb'] + table_mb <= adagrad['state_mb'] <= 2 * sgd['state_mb'] + 1e-6
+  # Twice the rows of every table: the SGD state grows by the tables once more (the fused array
+  # is padded to a multiple of 64 rows, so by up to 64 rows more), and the marginal figure is
+  # computed from exactly these two runs.
+  double = rows['gradientdescent, tables x2, save at the end']
+  padding_mb = models.ROW_MULTIPLE * 16 * 4 / 2**20
+  assert table_mb - padding_mb <= double['state_mb'] - sgd['state_mb'] <= table_mb + padding_mb
+  assert report['marginal']['scale'] == 2
+  assert report['marginal']['peak_growth_over_state_growth'] == pytest.approx(
+      (double['peak_rss_mb'] - sgd['peak_rss_mb']) / (double['state_mb'] - sgd['state_mb']))

@@ -117,7 +117,8 @@ def test_step_takes_host_batches_and_placed_batches_alike(tmp_path, data_dir):
   assert losses['host'] == losses['placed']  # the same program on the same values: bit-equal
 
 
-def test_compile_ahead_leaves_nothing_to_compile_at_the_first_step(tmp_path, data_dir, caplog):
+def test_compile_ahead_leaves_nothing_to_compile_at_the_first_step_or_save(tmp_path, data_dir,
+                                                                          caplog):
   config = th.tiny_config(tmp_path)
   setup, (batch,) = _first_batches(config, os.path.join(data_dir, 'train.csv'), 1)
   abstract = train.abstract_train_state(setup)
@@ -128,12 +129,17 @@ def test_compile_ahead_leaves_nothing_to_compile_at_the_first_step(tmp_path, dat
     caplog.clear()
     with jax.log_compiles(True), caplog.at_level('WARNING'):
       fn()
-    return [r.getMessage() for r in caplog.records if 'train_step' in r.getMessage()
-            and 'Compiling' in r.getMessage()]
+    return [m for m in (r.getMessage() for r in caplog.records) if 'Compiling' in m
+            and ('train_step' in m or 'all_finite' in m)]
 
-  assert compiled_during(lambda: train.compile_ahead([step], abstract, batch))
+  compiled = compiled_during(lambda: train.compile_ahead(
+      [(step, (abstract, batch)), (train.all_finite, (abstract.params,))]))
+  assert any('train_step' in m for m in compiled) and any('all_finite' in m for m in compiled)
   state = train.create_train_state(jax.random.PRNGKey(0), setup)
-  assert compiled_during(lambda: jax.block_until_ready(step(state, batch))) == []
+  stepped = []
+  assert compiled_during(lambda: stepped.append(jax.block_until_ready(step(state, batch)))) == []
+  # The check before each save, on the stepped state.
+  assert compiled_during(lambda: bool(train.all_finite(stepped[0][0].params))) == []
 
 
 def test_all_finite_finds_any_nan_or_inf():
