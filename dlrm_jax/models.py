@@ -317,65 +317,65 @@ def pool_slots(rows: Array, weights: Array, spec: fs.FeatureSpec) -> Array:
 dense_init = nn.initializers.glorot_uniform()
 
 
+def gather_transposes() -> bool:
+  """Whether the bfloat16 backward dots take transposes built by a gather (on CPU).
+
+  XLA:CPU multiplies bfloat16 matrices natively (YNNPACK, bf16 x bf16 -> f32, AVX-512 BF16
+  where the CPU has it) only when both operands are plain row-major arrays. A transpose that it
+  can see, it folds into the dot as a transposed operand, and that dot then runs on float32
+  copies: the backward pass's g w^T and x^T g would lose the bf16 kernel. A gather through a
+  permutation is a transpose that XLA does not fold. GPUs and TPUs take transposed operands
+  natively.
+  """
+  return jax.default_backend() == 'cpu'
+
+
+def row_major_transpose(a: Array) -> Array:
+  """a.T [C, R] of a [R, C] matrix, as an array of its own (see `gather_transposes`)."""
+  if not gather_transposes():
+    return a.T
+  rows, cols = a.shape
+  # Element (i, j) of the transpose is element j * cols + i of `a` flattened. Built from iotas
+  # (not a constant), so the program does not carry a [R * C] index table per shape.
+  source = (jax.lax.broadcasted_iota(jnp.int32, (cols, rows), 0)
+            + jax.lax.broadcasted_iota(jnp.int32, (cols, rows), 1) * cols)
+  return take_rows(a.reshape(-1, 1), source.reshape(-1)).reshape(cols, rows)
+
+
 @jax.custom_vjp
-def _low_precision_matmul(x: Array, w: Array) -> Array:
+def _bf16_matmul(x: Array, w: Array) -> Array:
   return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
-def _low_precision_matmul_fwd(x, w):
-  return _low_precision_matmul(x, w), (x, w)
+def _bf16_matmul_fwd(x, w):
+  return _bf16_matmul(x, w), (x, w)
 
 
-def _low_precision_matmul_bwd(residuals, g):
+def _bf16_matmul_bwd(residuals, g):
   x, w = residuals
   g = g.astype(x.dtype)
-  # The fast path also wants plain (non-transposed) operands; left alone, XLA folds these
-  # transposes into the dots and then upcasts them to float32. The barrier keeps the (cheap)
-  # bfloat16 transposes as real copies.
-  w_t, x_t = jax.lax.optimization_barrier((w.T, x.T))
-  dx = jnp.dot(g, w_t, preferred_element_type=jnp.float32).astype(x.dtype)
-  dw = jnp.dot(x_t, g, preferred_element_type=jnp.float32).astype(w.dtype)
+  dx = jnp.dot(g, row_major_transpose(w), preferred_element_type=jnp.float32).astype(x.dtype)
+  dw = jnp.dot(row_major_transpose(x), g, preferred_element_type=jnp.float32).astype(w.dtype)
   return dx, dw
 
 
-_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
-
-
-def _widened_matmul(x: Array, w: Array) -> Array:
-  # A product of two bfloat16 values is exact in float32, so this is the bfloat16 product with
-  # float32 accumulation, run on the float32 kernel; autodiff rounds dx and dw back to bfloat16.
-  return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
-
-
-def widen_bfloat16_products() -> bool:
-  """Whether bfloat16 matmuls run on exactly widened float32 operands (on CPU).
-
-  XLA:CPU (jaxlib 0.10, YNNPACK dots) multiplies bfloat16 matrices of this model's sizes more
-  slowly than float32 ones, even with AVX-512 BF16: 512x512x512 bf16 x bf16 -> f32 at 0.60-0.66x
-  the float32 rate on the development machine (the Eigen, oneDNN and XNNPACK paths at 0.8-1.05x,
-  never faster). Widening gives the same numbers on the faster kernel. GPUs and TPUs keep native
-  bfloat16 products.
-  """
-  return jax.default_backend() == 'cpu'
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
 def mixed_precision_dot_general(x, w, dimension_numbers, precision=None):
   """bfloat16 operands with float32 accumulation, forward and backward.
 
   Autodiff of `jnp.dot(..., preferred_element_type=float32)` would hand float32 cotangents to
-  the backward dots and make them float32 products, so on accelerators the backward pass is
-  written out to keep bfloat16 operands there too (`_low_precision_matmul`). On CPU the operands
-  are widened instead (see `widen_bfloat16_products`). Either way the product stays float32
-  until after the bias: a bfloat16 bias gradient is a batch reduction that XLA splits into slow
-  pairwise windows to limit rounding.
+  the backward dots and make them float32 products, so the backward pass is written out: the
+  cotangent is rounded to bfloat16 and both backward dots take bfloat16 operands
+  (`_bf16_matmul`). The product stays float32 until after the bias: a bfloat16 bias gradient is
+  a batch reduction that XLA splits into slow pairwise windows to limit rounding.
   """
   del precision
   (contract_x, contract_w), _ = dimension_numbers
   if x.dtype != jnp.bfloat16 or x.ndim != 2 or contract_x != (1,) or contract_w != (0,):
     return jax.lax.dot_general(x, w, dimension_numbers)
-  if widen_bfloat16_products():
-    return _widened_matmul(x, w)
-  return _low_precision_matmul(x, w)
+  return _bf16_matmul(x, w)
 
 
 class MLP(nn.Module):
@@ -432,8 +432,11 @@ def _pairwise_dots(n: int):
 def dot_interaction(x: Array, embeddings: Array) -> Array:
   """Pairwise dot products of [x, e_1..e_F], strict lower triangle, after x: [B, D + n(n-1)/2]."""
   features = jnp.concatenate([x[:, None, :], embeddings], axis=1)
-  if features.dtype == jnp.bfloat16 and widen_bfloat16_products():
-    features = features.astype(jnp.float32)  # as in mixed_precision_dot_general
+  if features.dtype == jnp.bfloat16 and gather_transposes():
+    # The Gram matrix's batched dots have a transposed operand, which XLA:CPU runs on float32
+    # copies anyway (see `gather_transposes`); widening first (exact: bf16 values fit float32)
+    # makes the float32 accumulation explicit. The pairs are rounded back to bfloat16 below.
+    features = features.astype(jnp.float32)
   pairs = _pairwise_dots(features.shape[1])(features)
   return jnp.concatenate([x, pairs.astype(x.dtype)], axis=1)
 

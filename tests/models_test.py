@@ -1,5 +1,7 @@
 """Model pieces on tiny inputs: shapes, the dot interaction, pooling, shared tables, fusion."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,14 +217,14 @@ def test_bf16_policy_keeps_float32_params_and_logits():
   assert not np.array_equal(out16, out32)
 
 
-@pytest.mark.parametrize('widen', [True, False])
-def test_bf16_matmul_is_the_rounded_operands_product_in_float32(widen, monkeypatch):
-  # Both bf16 forms (widened float32 operands on CPU, the bf16 custom VJP on accelerators) must
-  # compute the product of the bf16-rounded operands with float32 accumulation, forward and
-  # backward, with dx rounded to bf16 and dw to bf16. Reference: float64 on the same rounded
-  # values. Tolerance: float32 accumulation of 64 terms (~1e-6 relative) forward; one bf16
-  # rounding (2^-8 relative) of each gradient.
-  monkeypatch.setattr(models, 'widen_bfloat16_products', lambda: widen)
+@pytest.mark.parametrize('gather', [True, False])
+def test_bf16_matmul_is_the_rounded_operands_product_in_float32(gather, monkeypatch):
+  # Both transposes of the backward pass (a gather on CPU, a plain .T on accelerators) must give
+  # the product of the bf16-rounded operands with float32 accumulation, forward and backward,
+  # with the cotangent rounded to bf16 and dx, dw rounded to bf16. Reference: float64 on the
+  # same rounded values. Tolerance: float32 accumulation of 64 terms (~1e-6 relative) forward;
+  # one bf16 rounding (2^-8 relative) of each gradient.
+  monkeypatch.setattr(models, 'gather_transposes', lambda: gather)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((32, 64)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((64, 16)), jnp.bfloat16)
@@ -237,6 +239,35 @@ def test_bf16_matmul_is_the_rounded_operands_product_in_float32(widen, monkeypat
   x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
   assert y.dtype == jnp.float32 and dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
   np.testing.assert_allclose(y, x64 @ w64, rtol=1e-5, atol=1e-5)
-  g64 = g if widen else np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)
+  g64 = np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)
   np.testing.assert_allclose(np.asarray(dx, np.float64), g64 @ w64.T, rtol=2**-8, atol=1e-5)
   np.testing.assert_allclose(np.asarray(dw, np.float64), x64.T @ g64, rtol=2**-8, atol=1e-5)
+
+
+def test_row_major_transpose_is_the_transpose():
+  a = jnp.arange(7 * 5, dtype=jnp.float32).reshape(7, 5)
+  np.testing.assert_array_equal(jax.jit(models.row_major_transpose)(a), np.asarray(a).T)
+
+
+def _operand_dtypes_of_dots(hlo: str):
+  """(lhs dtype, rhs dtype) of every dot in optimized HLO text (fused computations included)."""
+  dtype_of = dict(re.findall(r'%([\w.\-]+) = (\w+)\[', hlo))
+  return [tuple(dtype_of.get(o) for o in operands)
+          for operands in re.findall(r' dot\(%([\w.\-]+), %([\w.\-]+)\)', hlo)]
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU layout of bf16 dots')
+def test_bf16_dense_layer_runs_bf16_dots_forward_and_backward_on_cpu():
+  # The point of the gathered transposes: XLA:CPU must not turn the backward dots (g w^T and
+  # x^T g) into float32 ones. Checked on the compiled program: its three dots all multiply
+  # bfloat16 operands. (With a plain .T, two of the three become float32 dots.)
+  x = jnp.ones((256, 128), jnp.bfloat16)
+  w = jnp.ones((128, 64), jnp.bfloat16)
+  dims = (((1,), (0,)), ((), ()))
+
+  def loss(x, w):
+    return jnp.sum(models.mixed_precision_dot_general(x, w, dims) ** 2)
+
+  hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+  dots = _operand_dtypes_of_dots(hlo)
+  assert len(dots) == 3 and all(d == ('bf16', 'bf16') for d in dots), dots
