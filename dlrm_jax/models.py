@@ -326,8 +326,12 @@ def gather_transposes() -> bool:
   copies: the backward pass's g w^T and x^T g would lose the bf16 kernel. A gather through a
   permutation is a transpose that XLA does not fold. GPUs and TPUs take transposed operands
   natively.
+
+  One device only: with the batch split over several, the SPMD partitioner cannot see that the
+  gather is a transpose, and assembles each activation's transpose by an all-reduce of the
+  whole global array (a plain transpose stays local to each device).
   """
-  return jax.default_backend() == 'cpu'
+  return jax.default_backend() == 'cpu' and jax.device_count() == 1
 
 
 def row_major_transpose(a: Array) -> Array:

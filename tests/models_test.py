@@ -1,6 +1,9 @@
 """Model pieces on tiny inputs: shapes, the dot interaction, pooling, shared tables, fusion."""
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -271,3 +274,30 @@ def test_bf16_dense_layer_runs_bf16_dots_forward_and_backward_on_cpu():
   hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
   dots = _operand_dtypes_of_dots(hlo)
   assert len(dots) == 3 and all(d == ('bf16', 'bf16') for d in dots), dots
+
+
+_SHARDED_BF16_LAYER = r'''
+import math, re, jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from dlrm_jax import models
+mesh = jax.sharding.Mesh(jax.devices(), ('data',))
+x = jax.device_put(jnp.ones((256, 128), jnp.bfloat16), NamedSharding(mesh, P('data')))
+w = jax.device_put(jnp.ones((128, 64), jnp.bfloat16), NamedSharding(mesh, P()))
+loss = lambda x, w: jnp.sum(models.mixed_precision_dot_general(x, w, (((1,), (0,)), ((), ()))) ** 2)
+hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+# Values each collective moves: the element counts of its result shape(s).
+moved = [sum(math.prod(int(d) for d in dims.split(',') if d)
+             for dims in re.findall(r'\[([\d,]*)\]', line.split(' = ', 1)[1].split(' all-')[0]))
+         for line in hlo.splitlines() if re.search(r' all-(reduce|gather)(-start)?\(', line)]
+print(models.gather_transposes(), max(moved))
+'''
+
+
+def test_sharded_bf16_layer_keeps_activations_local():
+  # With the batch over 2 devices, a gathered transpose of x would be assembled by an
+  # all-reduce of all of x^T (256 x 128 = 32768 values): the only communication must be the
+  # weight gradient (128 x 64 = 8192 values).
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  out = subprocess.run([sys.executable, '-c', _SHARDED_BF16_LAYER], env=env, capture_output=True,
+                       text=True, timeout=300, check=True).stdout.split()
+  assert out == ['False', str(128 * 64)], out
