@@ -436,7 +436,7 @@ def _pairwise_dots(n: int):
 def dot_interaction(x: Array, embeddings: Array) -> Array:
   """Pairwise dot products of [x, e_1..e_F], strict lower triangle, after x: [B, D + n(n-1)/2]."""
   features = jnp.concatenate([x[:, None, :], embeddings], axis=1)
-  if features.dtype == jnp.bfloat16 and gather_transposes():
+  if features.dtype == jnp.bfloat16 and jax.default_backend() == 'cpu':
     # The Gram matrix's batched dots have a transposed operand, which XLA:CPU runs on float32
     # copies anyway (see `gather_transposes`); widening first (exact: bf16 values fit float32)
     # makes the float32 accumulation explicit. The pairs are rounded back to bfloat16 below.
