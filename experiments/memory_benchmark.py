@@ -46,18 +46,17 @@ print('RESULT', json.dumps(dict(peak_rss_mb=benchmark.peak_rss_mb(), runtime_rss
 def variants(optimizers, steps, table_rows, scales=()):
   """(name, overrides, table scale) of each run."""
   out = [(f'{opt}, save at the end', dict(optimizer=opt), 1) for opt in optimizers]
-  if 'gradientdescent' in optimizers:
-    out.append(('gradientdescent, save at the end, then eval',
-                dict(optimizer='gradientdescent', no_eval=False), 1))
-  if 'gradientdescent' in optimizers and steps > 10:
+  if 'gradientdescent' not in optimizers:
+    return out
+  sgd = dict(optimizer='gradientdescent')
+  out.append(('gradientdescent, save at the end, then eval', dict(sgd, no_eval=False), 1))
+  if steps > 10:
     for mode in (True, False):
       out.append((f"gradientdescent, save every 10 steps, {'async' if mode else 'sync'}",
-                  dict(optimizer='gradientdescent', save_steps=10, async_checkpointing=mode), 1))
-  if 'gradientdescent' in optimizers:
-    for scale in scales:
-      out.append((f'gradientdescent, tables x{scale}, save at the end',
-                  dict(optimizer='gradientdescent',
-                       criteo_table_rows=[r * scale for r in table_rows]), scale))
+                  dict(sgd, save_steps=10, async_checkpointing=mode), 1))
+  for scale in scales:
+    out.append((f'gradientdescent, tables x{scale}, save at the end',
+                dict(sgd, criteo_table_rows=[r * scale for r in table_rows]), scale))
   return out
 
 
@@ -125,8 +124,8 @@ def main(argv=None):
     scales = [int(x) for x in args.scales.split(',') if x]
     for i, (name, extra, scale) in enumerate(variants(args.optimizers.split(','), args.steps,
                                                       rows, scales)):
-      overrides = dict(dict(data_location=data, criteo_table_rows=list(rows), steps=args.steps,
-                            interaction_op='dot', no_eval=True), **extra)
+      overrides = {**dict(data_location=data, criteo_table_rows=list(rows), steps=args.steps,
+                          interaction_op='dot', no_eval=True), **extra}
       row = dict(variant=name, table_scale=scale, state_mb=state_mb(overrides),
                  **run_one(overrides, os.path.join(tmp, f'run{i}')))
       row['peak_over_state'] = row['peak_rss_mb'] / row['state_mb']

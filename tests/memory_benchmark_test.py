@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_memory_runs_report_peak_runtime_and_state(tmp_path):
   out = tmp_path / 'memory.json'
   command = [sys.executable, '-m', 'experiments.memory_benchmark', '--table_rows=small',
-             '--rows=1000', '--steps=4', '--optimizers=gradientdescent,adagrad', '--scales=2', f'--out={out}']
+             '--rows=1000', '--steps=4', '--optimizers=gradientdescent,adagrad', '--scales=2',
+             f'--out={out}']
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
