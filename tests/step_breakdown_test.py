@@ -1,0 +1,23 @@
+"""Smoke test of experiments/step_breakdown.py on tiny sizes (timings not asserted)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_breakdown_reports_every_program_against_the_step(tmp_path):
+  out = tmp_path / 'breakdown.json'
+  command = [sys.executable, '-m', 'experiments.step_breakdown', '--tiny', '--batches=64',
+             '--rounds=2', '--min_time=0.02', f'--json_out={out}']
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  rows = json.loads(out.read_text())['results']['dot_b64']
+  assert set(rows) == {'step', 'dense model', 'dense model, no batch norm', 'MLPs alone'}
+  assert rows['step']['of_step'] == 1.0  # every round's step over itself
+  assert all(math.isfinite(r['ms']) and r['ms'] > 0 and r['of_step'] > 0
+             for r in rows.values()), rows
