@@ -78,7 +78,9 @@ flags.DEFINE_integer('torch_threads', 2, 'PyTorch intra-op threads of the TorchR
 flags.DEFINE_string('torch_omp_wait_policy', 'PASSIVE',
                     "OMP_WAIT_POLICY of the TorchRec workers ('' = OpenMP's default, spinning). "
                     'On a shared CPU a spinning thread waits for a peer that is not running: '
-                    'PyTorch with 2 threads then runs 2-4x slower than with 1.')
+                    'PyTorch with 2 threads then runs 2-4x slower than with 1. When both cores '
+                    'are there, spinning can be the faster setting: measure both '
+                    '(experiments/README.md).')
 flags.DEFINE_string('data_dir', '', 'Planted ELM data for the end-to-end runs; default: a '
                     'directory under the system temp dir, generated on first use.')
 flags.DEFINE_string('jax_cache_dir', None, "JAX's persistent compilation cache for the workers "
