@@ -203,12 +203,18 @@ def _init_state(setup: Setup, rng: jax.Array) -> TrainState:
 def forward(setup: Setup, mlp_params, batch_stats, batch: Batch, unique_rows, train: bool):
   """Logits from the batch's unique rows; in training also the updated batch statistics."""
   pooled = models.embed(unique_rows, batch, setup.spec, setup.emb_fusion)
+  return apply_model(setup, mlp_params, batch_stats, batch['dense'], pooled, train)
+
+
+def apply_model(setup: Setup, mlp_params, batch_stats, dense: jax.Array, pooled: jax.Array,
+                train: bool):
+  """Logits from dense features and pooled embeddings (the model without its tables)."""
   variables = {'params': mlp_params, 'batch_stats': batch_stats}
   if train:
-    logits, updates = setup.model.apply(variables, batch['dense'], pooled, train=True,
+    logits, updates = setup.model.apply(variables, dense, pooled, train=True,
                                         mutable=['batch_stats'])
     return logits, updates['batch_stats']
-  return setup.model.apply(variables, batch['dense'], pooled, train=False), batch_stats
+  return setup.model.apply(variables, dense, pooled, train=False), batch_stats
 
 
 def bce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:

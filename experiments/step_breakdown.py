@@ -15,8 +15,9 @@ per-round ratios):
     an input: no lookup, pooling, row gradients or table update;
   * dense model, no batch norm: the same without the bottom MLP's batch norm.
   * MLPs alone: the bottom and top MLPs' forward and backward, each its own program.
-step - dense model is what the embedding path costs; dense model - the MLPs alone is what the
-interaction, batch norm, loss and optimizer add.
+step - dense model is what the embedding path costs; dense model - the MLPs alone is roughly
+what the interaction, batch norm, loss and optimizer add (roughly: programs of their own are not
+a lower bound, the MLPs alone have come out slower than the dense model on a noisy round).
 """
 
 import argparse
@@ -54,10 +55,8 @@ def _setup(interaction: str, batch_size: int, batch_norm: bool, tiny: bool) -> t
 def _dense_step(setup: train.Setup, mlp, batch_stats, opt_state, batch, pooled):
   """The train step's dense half: the model from pooled embeddings, and optax on its MLPs."""
   def loss_fn(mlp):
-    logits, updates = setup.model.apply({'params': mlp, 'batch_stats': batch_stats},
-                                        batch['dense'], pooled, train=True,
-                                        mutable=['batch_stats'])
-    return train.bce_loss(logits, batch['label'], batch['mask']), updates['batch_stats']
+    logits, stats = train.apply_model(setup, mlp, batch_stats, batch['dense'], pooled, True)
+    return train.bce_loss(logits, batch['label'], batch['mask']), stats
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(mlp)
   updates, opt_state = setup.tx.update(grads, opt_state, mlp)
   return optax.apply_updates(mlp, updates), batch_stats, opt_state, loss
@@ -77,13 +76,24 @@ def runners(interaction: str, batch_size: int, tiny: bool) -> Dict[str, Callable
   state = train.create_train_state(jax.random.PRNGKey(0), setup)
   pooled = [models.embed(train.lookup(state.params['tables'], b), b, setup.spec,
                          setup.emb_fusion) for b in batches]
+  step = jax.jit(functools.partial(train.train_step, setup), donate_argnums=0)
   carry = {'step': state}
-  programs = {'step': jax.jit(functools.partial(train.train_step, setup), donate_argnums=0)}
-  for name, batch_norm in (('dense model', True), ('dense model, no batch norm', False)):
-    s = setup if batch_norm else _setup(interaction, batch_size, False, tiny)
+
+  def run_step(n):
+    for i in range(n):
+      carry['step'], _ = step(carry['step'], batches[i % len(batches)])
+    jax.block_until_ready(carry['step'])
+
+  def dense_runner(s: train.Setup):
     fresh = train.create_train_state(jax.random.PRNGKey(0), s)
-    carry[name] = (fresh.params['mlp'], fresh.batch_stats, fresh.opt_state)
-    programs[name] = jax.jit(functools.partial(_dense_step, s), donate_argnums=(0, 1, 2))
+    program = jax.jit(functools.partial(_dense_step, s), donate_argnums=(0, 1, 2))
+    parts = [fresh.params['mlp'], fresh.batch_stats, fresh.opt_state]
+
+    def run(n):
+      for i in range(n):
+        parts[:] = program(*parts, batches[i % len(batches)], pooled[i % len(batches)])[:3]
+      jax.block_until_ready(parts)
+    return run
 
   model = setup.model
   top_in = models.interaction_width(setup.spec, model.bottom_mlp[-1], model.interaction_op)
@@ -94,20 +104,14 @@ def runners(interaction: str, batch_size: int, tiny: bool) -> Dict[str, Callable
     x = jax.random.normal(key, (batch_size, width))
     mlps.append((_mlp_grads(mlp), mlp.init(key, x, True), x))
 
-  def run(name, n):
-    if name == 'MLPs alone':
-      out = [f(p, x) for _ in range(n) for f, p, x in mlps]
-    else:
-      c = carry[name]
-      for i in range(n):
-        if name == 'step':
-          c, _ = programs[name](c, batches[i % len(batches)])
-        else:
-          *c, _ = programs[name](*c, batches[i % len(batches)], pooled[i % len(batches)])
-      carry[name] = out = c
-    jax.block_until_ready(out)
+  def run_mlps(n):
+    jax.block_until_ready([f(p, x) for _ in range(n) for f, p, x in mlps])
 
-  return {name: functools.partial(run, name) for name in list(programs) + ['MLPs alone']}
+  return {'step': run_step,
+          'dense model': dense_runner(setup),
+          'dense model, no batch norm': dense_runner(
+              _setup(interaction, batch_size, False, tiny)),
+          'MLPs alone': run_mlps}
 
 
 def measure(run: Dict[str, Callable[[int], None]], rounds: int, min_time: float
