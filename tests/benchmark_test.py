@@ -7,6 +7,7 @@ only that the report has every expected number, positive and finite.
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -84,7 +85,9 @@ def test_quick_tiny_run_writes_every_number(tmp_path):
   assert set(groups) == {'elm_dot_b64', 'rows_elm_dot_b64'}
 
   rows = {row['label']: row for row in groups['elm_dot_b64']['rows']}
-  assert 'skipped' in rows['torchrec sgd fp32 step']
+  # One TorchRec worker per OpenMP wait policy (the default two), both skipped here.
+  assert 'skipped' in rows['torchrec sgd fp32 passive step']
+  assert 'skipped' in rows['torchrec sgd fp32 default step']
   expected = ['ours fp32 step', 'ours fp32 step+input', 'ours bf16 step']
   if 'end-to-end' not in report['settings']['skipped']:
     expected += ['ours fp32 end-to-end', 'ours fp32 end-to-end csv']
@@ -106,3 +109,32 @@ def test_quick_tiny_run_writes_every_number(tmp_path):
   assert all(_positive_finite(v) for v in scaling.values())
   assert all(_positive_finite(v) for v in summary['peak_rss_mb'].values())
   assert summary['ours_vs_torchrec'] == {}  # TorchRec was not run
+
+
+def test_ratios_are_against_the_fastest_wait_policy_in_each_round():
+  group = benchmark.build_groups(quick=True, tiny=True)[0]
+  group = benchmark.per_wait_policy(group, ['PASSIVE', 'default'])
+  labels = [v.label for v in group.variants]
+  assert labels[:2] == ['torchrec sgd fp32 passive', 'torchrec sgd fp32 default']
+  assert [v.omp_wait_policy for v in group.variants[:2]] == ['PASSIVE', '']
+  # Round 1: PASSIVE is faster; round 2: the default policy is. Ours runs at 300/s in both.
+  rounds = [{'torchrec sgd fp32 passive': {'rates': {'step': 200.0}},
+             'torchrec sgd fp32 default': {'rates': {'step': 100.0}},
+             'ours fp32': {'rates': {'step': 300.0}}},
+            {'torchrec sgd fp32 passive': {'rates': {'step': 100.0}},
+             'torchrec sgd fp32 default': {'rates': {'step': 250.0}},
+             'ours fp32': {'rates': {'step': 300.0}}}]
+  info = {label: {} for label in labels}
+  result = benchmark.summarize_group(group, info, rounds, load=[0.0, 0.0])
+  rows = {row['label']: row for row in result['rows']}
+  assert result['reference_labels'] == ['torchrec sgd fp32 passive step',
+                                        'torchrec sgd fp32 default step']
+  assert rows['ours fp32 step']['ratio_rounds'] == pytest.approx([1.5, 1.2])
+  assert rows['torchrec sgd fp32 passive step']['ratio_rounds'] == pytest.approx([1.0, 0.4])
+  summary = benchmark.summarize([result])
+  assert summary['ours_vs_torchrec'] == {
+      f'{group.name}/ours fp32 step': pytest.approx(statistics.median([1.5, 1.2]))}
+  # One policy: the labels stay as they were.
+  single = benchmark.per_wait_policy(benchmark.build_groups(True, True)[0], ['default'])
+  assert single.variants[0].label == 'torchrec sgd fp32'
+  assert single.variants[0].omp_wait_policy == ''
