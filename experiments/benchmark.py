@@ -160,7 +160,8 @@ class Variant:
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-  """Variants measured in alternation; ratios are against the first one's first kind."""
+  """Variants measured in alternation; ratios are against the first one's first kind, or the
+  fastest of it and its wait-policy twins in each round (`per_wait_policy`)."""
   name: str
   what: str
   variants: Tuple[Variant, ...]

@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 
+from absl import app
 import numpy as np
 import pytest
 
@@ -138,3 +139,5 @@ def test_ratios_are_against_the_fastest_wait_policy_in_each_round():
   single = benchmark.per_wait_policy(benchmark.build_groups(True, True)[0], ['default'])
   assert single.variants[0].label == 'torchrec sgd fp32'
   assert single.variants[0].omp_wait_policy == ''
+  with pytest.raises(app.UsageError, match='spin'):
+    benchmark.per_wait_policy(group, ['PASSIVE', 'spin'])
