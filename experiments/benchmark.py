@@ -655,11 +655,9 @@ def summarize_group(group: Group, info: Dict[str, Dict[str, Any]],
   reference = ran[0] if ran else (group.variants[0].label, group.variants[0].kinds[0])
   family = reference_family(group, reference[0])
 
-  def reference_rate(r):
-    # The reference configuration under each OpenMP wait policy: the fastest in this round.
-    rates = [rate(r, label, reference[1]) for label in family]
-    rates = [x for x in rates if x]
-    return max(rates) if rates else None
+  # Per round, the reference configuration under its fastest OpenMP wait policy.
+  reference_rates = [max([rate(r, label, reference[1]) or 0.0 for label in family]) or None
+                     for r in rounds]
 
   rows = []
   for v in group.variants:
@@ -675,8 +673,8 @@ def summarize_group(group: Group, info: Dict[str, Dict[str, Any]],
       if not rates:
         rows.append(row)
         continue
-      ratios = [rate(r, v.label, kind) / reference_rate(r) for r in rounds
-                if rate(r, v.label, kind) and reference_rate(r)]
+      ratios = [rate(r, v.label, kind) / ref for r, ref in zip(rounds, reference_rates)
+                if rate(r, v.label, kind) and ref]
       median_rate = _median(rates)
       row.update({
           'samples_per_s': median_rate,
