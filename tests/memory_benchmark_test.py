@@ -44,3 +44,13 @@ def test_memory_runs_report_peak_runtime_and_state(tmp_path):
   assert report['marginal']['scale'] == 2
   assert report['marginal']['peak_growth_over_state_growth'] == pytest.approx(
       (double['peak_rss_mb'] - sgd['peak_rss_mb']) / (double['state_mb'] - sgd['state_mb']))
+
+
+def test_the_trainer_imports_neither_pandas_nor_pyarrow():
+  # Together they hold ~64 MiB resident in every training process (pandas imports pyarrow when
+  # it is installed, and tensorflow-datasets installs it); the trainer dedups ids with numpy.
+  probe = ('import sys; from dlrm_jax import main, train; '
+           'print(sorted(m for m in ("pandas", "pyarrow") if m in sys.modules))')
+  result = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, check=True)
+  assert result.stdout.strip().splitlines()[-1] == '[]', result.stdout + result.stderr

@@ -135,6 +135,33 @@ def test_training_pooling_equals_naive_mean_pooling(fused):
              for n, arr in batch['unique_ids'].items()) == len(live_ids)
 
 
+@pytest.mark.parametrize('fused', [True, False])
+def test_unique_rows_are_ascending_and_entries_point_at_their_ids(fused):
+  # Ascending lists read and write each table array in address order; every entry's index must
+  # still name its own id's row in the concatenated unique lists.
+  spec = tiny_spec()
+  _, ids, weights = random_batch(spec, batch=8, seed=6)
+  weights[weights < 0.3] = 0.0
+  batch = models.UniqueRows(spec, fused)({'ids': ids, 'weights': weights,
+                                          'label': np.zeros(8), 'dense': np.zeros((8, 1)),
+                                          'mask': np.ones(8)})
+  rows = models.table_array_rows(spec, fused)
+  concatenated = []
+  for name, arr in batch['unique_ids'].items():
+    real = arr[arr < rows[name]]
+    assert np.all(np.diff(real) > 0), name  # strictly ascending: sorted and deduplicated
+    concatenated.append(arr)
+  concatenated = np.concatenate(concatenated)
+  live = weights.reshape(-1) != 0
+  count = int(live.sum())
+  slot = np.tile(np.arange(spec.num_slots), 8)[live]
+  expected = ids.reshape(-1)[live].astype(np.int64)
+  if fused:
+    expected += np.asarray(spec.table_offsets)[[spec.table_index(spec.sparse[
+        int(np.searchsorted(spec.slot_starts, s, side='right')) - 1].table) for s in slot]]
+  np.testing.assert_array_equal(concatenated[batch['entry_index'][:count]], expected)
+
+
 def test_pool_is_weighted_mean_over_each_features_slots():
   spec = tiny_spec(max_list_len=3)
   _, ids, _ = random_batch(spec, batch=2)
