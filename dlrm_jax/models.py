@@ -115,10 +115,30 @@ def _pooling_layout(spec: fs.FeatureSpec):
   return slot_order, groups, np.argsort(features)
 
 
+def unique_inverse(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """np.unique(ids, return_inverse=True) for non-negative int32 ids, as int32 arrays.
+
+  One sort of int64 keys (id << 32 | position) replaces np.unique's argsort: NumPy sorts int64
+  with its vectorized (AVX-512) sort, several times faster than it argsorts, and the positions
+  ride along in the low bits. 1.3-2x faster than np.unique for a batch's 10^4-10^5 ids.
+  """
+  n = ids.size
+  keys = ids.astype(np.int64) << 32
+  keys |= np.arange(n, dtype=np.int64)
+  keys.sort()
+  sorted_ids = (keys >> 32).astype(np.int32)
+  first = np.empty(n, bool)
+  first[:1] = True
+  np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=first[1:])
+  codes = np.empty(n, np.int32)
+  codes[keys.astype(np.int32)] = np.cumsum(first, dtype=np.int32) - 1  # low bits: positions
+  return sorted_ids[first], codes
+
+
 class UniqueRows:
   """Host-side preparation of a batch's lookups: dedup per table array, and the live entries.
 
-  Runs on the input thread (numpy's np.unique), so the device neither sorts ids nor
+  Runs on the input thread (numpy: `unique_inverse`), so the device neither sorts ids nor
   touches padding:
     unique_ids {array: int32 [capacity]}  each looked-up row once, padded with the out-of-range
                                           id `rows` (read clipped, weight 0, scatters dropped);
@@ -150,7 +170,7 @@ class UniqueRows:
     if max(self._rows.values()) >= 2**31:
       raise ValueError(f'table arrays of {max(self._rows.values())} rows: row ids must fit int32')
     self._slot_group = np.zeros(spec.num_slots, np.int32)
-    # int32 throughout: np.unique sorts int32 ids faster than int64 ones.
+    # int32 ids throughout: they pack with their positions into one int64 sort key.
     self._slot_offset = np.zeros(spec.num_slots, np.int32)
     for g, (slots, offsets) in enumerate(self._groups.values()):
       self._slot_group[slots] = g
@@ -237,8 +257,7 @@ class UniqueRows:
     unique_ids, base, padding_entry = {}, 0, None
     for g, name in enumerate(self._groups):
       mine = None if self._fused else np.flatnonzero(entry_groups == g)
-      uniques, codes = np.unique(entry_ids if mine is None else entry_ids[mine],
-                                 return_inverse=True)
+      uniques, codes = unique_inverse(entry_ids if mine is None else entry_ids[mine])
       capacity = self._capacity_for(name, len(uniques) + 1)  # + 1: a row for the padding entries
       padded = np.full(capacity, self._rows[name], np.int32)
       padded[:len(uniques)] = uniques

@@ -135,6 +135,20 @@ def test_training_pooling_equals_naive_mean_pooling(fused):
              for n, arr in batch['unique_ids'].items()) == len(live_ids)
 
 
+@pytest.mark.parametrize('ids', [
+    [], [7], [3, 3, 3], [2**31 - 1, 0, 2**31 - 1, 5],
+    np.random.default_rng(0).integers(0, 50, 1000),  # many repeats
+    np.random.default_rng(1).zipf(1.2, 5000) % 1000003,  # skewed, as hashed ids are
+])
+def test_unique_inverse_equals_numpy_unique(ids):
+  ids = np.asarray(ids, np.int32)
+  uniques, codes = models.unique_inverse(ids)
+  expected_uniques, expected_codes = np.unique(ids, return_inverse=True)
+  np.testing.assert_array_equal(uniques, expected_uniques)
+  np.testing.assert_array_equal(codes, expected_codes.reshape(-1))
+  assert uniques.dtype == np.int32 and codes.dtype == np.int32
+
+
 @pytest.mark.parametrize('fused', [True, False])
 def test_unique_rows_are_ascending_and_entries_point_at_their_ids(fused):
   # Ascending lists read and write each table array in address order; every entry's index must
