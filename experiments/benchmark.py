@@ -90,6 +90,9 @@ flags.DEFINE_string('jax_cache_dir', None, "JAX's persistent compilation cache f
 flags.DEFINE_string('jemalloc', '', 'Path of libjemalloc.so.2: adds "ours fp32 jemalloc" '
                     '(LD_PRELOAD, freed memory kept instead of returned to the OS) to the ELM '
                     'and Criteo groups.')
+flags.DEFINE_integer('malloc_arena_max', 0, 'N > 0 adds "ours fp32 arenas N" (MALLOC_ARENA_MAX=N: '
+                     "glibc's per-thread heaps capped at N, less freed memory kept per thread) to "
+                     'the ELM and Criteo groups.')
 flags.DEFINE_bool('list', False, 'Print the groups of the mode and exit.')
 flags.DEFINE_bool('worker', False, 'Internal: serve one JAX configuration on stdin/stdout.')
 
@@ -823,6 +826,17 @@ def with_jemalloc(group: Group, library: str) -> Group:
   return dataclasses.replace(group, variants=group.variants + (variant,))
 
 
+def with_malloc_arena_max(group: Group, arenas: int) -> Group:
+  """Adds our fp32 step and step+input with glibc's malloc arenas capped at `arenas`."""
+  ours = [v for v in group.variants if v.label == 'ours fp32']
+  if not ours:
+    return group
+  variant = dataclasses.replace(
+      ours[0], label=f'ours fp32 arenas {arenas}', kinds=('step', 'step+input'),
+      env=(('MALLOC_ARENA_MAX', str(arenas)),))
+  return dataclasses.replace(group, variants=group.variants + (variant,))
+
+
 def select_groups(groups: List[Group], wanted: Sequence[str]) -> List[Group]:
   if not wanted:
     return groups
@@ -982,6 +996,8 @@ def main(argv):
   groups = select_groups(build_groups(quick, _FLAGS.tiny), _FLAGS.configs)
   if _FLAGS.jemalloc:
     groups = [with_jemalloc(g, _FLAGS.jemalloc) for g in groups]
+  if _FLAGS.malloc_arena_max > 0:
+    groups = [with_malloc_arena_max(g, _FLAGS.malloc_arena_max) for g in groups]
   if not _FLAGS.torch_omp_wait_policies:
     raise app.UsageError('--torch_omp_wait_policies: give at least one of PASSIVE, ACTIVE, '
                          'default')

@@ -4,6 +4,7 @@ Timings are never asserted (this machine's speed changes by 2x from one minute t
 only that the report has every expected number, positive and finite.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -141,3 +142,19 @@ def test_ratios_are_against_the_fastest_wait_policy_in_each_round():
   assert single.variants[0].omp_wait_policy == ''
   with pytest.raises(app.UsageError, match='spin'):
     benchmark.per_wait_policy(group, ['PASSIVE', 'spin'])
+
+
+def test_malloc_arena_max_adds_our_fp32_step_with_the_capped_allocator():
+  groups = benchmark.build_groups(quick=False, tiny=True)
+  elm, rows = groups[0], [g for g in groups if g.name.startswith('rows_')][0]
+  capped = benchmark.with_malloc_arena_max(elm, 2)
+  added = capped.variants[len(elm.variants):]
+  assert [v.label for v in added] == ['ours fp32 arenas 2']
+  ours = [v for v in elm.variants if v.label == 'ours fp32'][0]
+  # Only the allocator and what is timed differ from the variant it is compared with.
+  assert dataclasses.replace(added[0], label=ours.label, kinds=ours.kinds, env=()) == ours
+  assert dict(added[0].env) == {'MALLOC_ARENA_MAX': '2'}
+  assert added[0].kinds == ('step', 'step+input')
+  assert 'MALLOC_ARENA_MAX=2' in benchmark.describe(added[0])
+  # The row-scaling group has no 'ours fp32' and is left as it is.
+  assert benchmark.with_malloc_arena_max(rows, 2) == rows
