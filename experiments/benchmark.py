@@ -814,27 +814,29 @@ def build_groups(quick: bool, tiny: bool) -> List[Group]:
   return groups
 
 
-def with_jemalloc(group: Group, library: str) -> Group:
-  """Adds our fp32 step under jemalloc that keeps freed memory (see experiments/README.md)."""
+def with_ours_fp32_twin(group: Group, label: str, kinds: Tuple[str, ...],
+                        env: Tuple[Tuple[str, str], ...]) -> Group:
+  """Adds 'ours fp32' again under `label`, timing `kinds` in the environment `env`: an A/B of
+  the process's surroundings (allocator, its settings). Groups without 'ours fp32' are unchanged."""
   ours = [v for v in group.variants if v.label == 'ours fp32']
   if not ours:
     return group
-  variant = dataclasses.replace(
-      ours[0], label='ours fp32 jemalloc', kinds=('step',),
-      env=(('LD_PRELOAD', library),
-           ('MALLOC_CONF', 'retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1')))
+  variant = dataclasses.replace(ours[0], label=label, kinds=kinds, env=env)
   return dataclasses.replace(group, variants=group.variants + (variant,))
+
+
+def with_jemalloc(group: Group, library: str) -> Group:
+  """Adds our fp32 step under jemalloc that keeps freed memory (see experiments/README.md)."""
+  return with_ours_fp32_twin(
+      group, 'ours fp32 jemalloc', ('step',),
+      (('LD_PRELOAD', library),
+       ('MALLOC_CONF', 'retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1')))
 
 
 def with_malloc_arena_max(group: Group, arenas: int) -> Group:
   """Adds our fp32 step and step+input with glibc's malloc arenas capped at `arenas`."""
-  ours = [v for v in group.variants if v.label == 'ours fp32']
-  if not ours:
-    return group
-  variant = dataclasses.replace(
-      ours[0], label=f'ours fp32 arenas {arenas}', kinds=('step', 'step+input'),
-      env=(('MALLOC_ARENA_MAX', str(arenas)),))
-  return dataclasses.replace(group, variants=group.variants + (variant,))
+  return with_ours_fp32_twin(group, f'ours fp32 arenas {arenas}', ('step', 'step+input'),
+                             (('MALLOC_ARENA_MAX', str(arenas)),))
 
 
 def select_groups(groups: List[Group], wanted: Sequence[str]) -> List[Group]:
