@@ -120,19 +120,24 @@ def unique_inverse(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
   One sort of int64 keys (id << 32 | position) replaces np.unique's argsort: NumPy sorts int64
   with its vectorized (AVX-512) sort, several times faster than it argsorts, and the positions
-  ride along in the low bits. 1.3-2x faster than np.unique for a batch's 10^4-10^5 ids.
+  ride along in the low bits. Each id's code is spread over its run of the sorted keys by one
+  np.repeat of the run lengths (a bool cumsum is a scalar loop in NumPy), and scattered back
+  through the positions as int64 indices (int32 ones are converted first). 1.3-2x faster than
+  np.unique for a batch's 10^4-10^5 ids.
   """
   n = ids.size
   keys = ids.astype(np.int64) << 32
   keys |= np.arange(n, dtype=np.int64)
   keys.sort()
   sorted_ids = (keys >> 32).astype(np.int32)
-  first = np.empty(n, bool)
-  first[:1] = True
-  np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=first[1:])
+  is_first = np.empty(n, bool)
+  is_first[:1] = True
+  np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=is_first[1:])
+  firsts = np.flatnonzero(is_first)
+  keys &= 0xFFFFFFFF  # the positions
   codes = np.empty(n, np.int32)
-  codes[keys.astype(np.int32)] = np.cumsum(first, dtype=np.int32) - 1  # low bits: positions
-  return sorted_ids[first], codes
+  codes[keys] = np.repeat(np.arange(firsts.size, dtype=np.int32), np.diff(firsts, append=n))
+  return sorted_ids[firsts], codes
 
 
 class UniqueRows:

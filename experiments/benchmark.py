@@ -429,6 +429,7 @@ class JaxRunner:
       # seconds instead of a minute on this machine.
       jax.config.update('jax_compilation_cache_dir', variant['jax_cache_dir'])
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    train.map_large_buffers_afresh()  # as the trainer does
     self.kinds = variant['kinds']
     config = jax_config(variant)
     setup = train.make_setup(config)
@@ -444,6 +445,8 @@ class JaxRunner:
     first = next(train.step_batches(iter(host_batches), setup, False))
     for batch in (first, placed(first)):
       train.compile_ahead([(self.step_fn, (abstract, batch))])
+    # Before the state, as the step: its compiler's leftovers are handed back with the step's.
+    self.ceiling = MatmulCeiling(config.batch_size)
     self.state = train.create_train_state(jax.random.PRNGKey(config.seed), setup)
     self.sources = {}
     if 'step' in self.kinds:
@@ -471,7 +474,6 @@ class JaxRunner:
       # A measurement window holds at least one reader chunk (it parses chunk_rows at a time).
       self.min_steps = {'end-to-end csv': math.ceil(variant['chunk_rows'] / config.batch_size)}
     self.num_host_batches = len(host_batches)
-    self.ceiling = MatmulCeiling(config.batch_size)
     self.last_loss = float('nan')
 
   def warm_up(self) -> None:
