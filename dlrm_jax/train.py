@@ -179,33 +179,6 @@ def return_freed_heap() -> None:
     pass
 
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-# Host buffers of at least this size are mapped for each use and unmapped when freed.
-LARGE_HOST_BUFFER = 4 << 20
-
-
-def map_large_buffers_afresh() -> None:
-  """Keeps the step's large host buffers out of glibc's heaps.
-
-  XLA:CPU allocates each execution's temporaries in one block (12 MB for the Criteo step at
-  batch 512) and frees it afterwards. glibc's default mmap threshold is dynamic: once the first
-  such block is freed, the threshold rises above it, later blocks come from the per-thread
-  heaps, and smaller allocations split the freed blocks, so every heap a step runs on keeps a
-  block-sized hole: +48 MB of resident memory after the first steps for Criteo, for nothing. A
-  fixed threshold maps every block of LARGE_HOST_BUFFER or more afresh; the page faults that
-  costs measured within the noise of the step (0.99x Criteo, 1.01x ELM, in-process A/B). A
-  fixed trim threshold at the same size returns what a heap frees at its top above it. A no-op
-  without glibc.
-  """
-  try:
-    mallopt = ctypes.CDLL(None).mallopt
-  except (OSError, AttributeError):
-    return
-  mallopt(_M_MMAP_THRESHOLD, LARGE_HOST_BUFFER)
-  mallopt(_M_TRIM_THRESHOLD, LARGE_HOST_BUFFER)
-
-
 def _init_state(setup: Setup, rng: jax.Array) -> TrainState:
   table_rng, mlp_rng = jax.random.split(rng)
   spec = setup.spec
@@ -548,7 +521,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   Training resumes from the newest checkpoint in `workdir`, continuing the same data order.
   """
-  map_large_buffers_afresh()
   initialize_distributed(config)
   setup = make_setup(config)
   if config.mode == 'predict':

@@ -429,7 +429,6 @@ class JaxRunner:
       # seconds instead of a minute on this machine.
       jax.config.update('jax_compilation_cache_dir', variant['jax_cache_dir'])
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-    train.map_large_buffers_afresh()  # as the trainer does
     self.kinds = variant['kinds']
     config = jax_config(variant)
     setup = train.make_setup(config)
