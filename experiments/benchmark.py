@@ -444,7 +444,8 @@ class JaxRunner:
     first = next(train.step_batches(iter(host_batches), setup, False))
     for batch in (first, placed(first)):
       train.compile_ahead([(self.step_fn, (abstract, batch))])
-    # Before the state, as the step: its compiler's leftovers are handed back with the step's.
+    # Compiled before the state, as the step is: the heap its compiles free is handed back
+    # (create_train_state trims) before the tables are allocated, not left beside them.
     self.ceiling = MatmulCeiling(config.batch_size)
     self.state = train.create_train_state(jax.random.PRNGKey(config.seed), setup)
     self.sources = {}
