@@ -96,6 +96,10 @@ def get_config(mode: str = ''):
   # Devices: ('data', 'model') mesh; -1 = all devices on the data axis.
   # Tables are split by rows over 'model'; the batch over 'data'.
   config.mesh_shape = (-1, 1)
+  # XLA:CPU runs each step on the thread that dispatches it (False) instead of a pool thread
+  # (True, JAX's default): ~50 MiB less peak on Criteo at the same speed (train.set_cpu_dispatch).
+  # Set before the process's first JAX computation; GPUs and multi-device CPU steps ignore it.
+  config.cpu_async_dispatch = False
   # Multi-process runs: every process starts with the same coordinator_address and its own
   # process_id (e.g. --config.distributed.process_id=$RANK). '' = one process.
   config.distributed = ml_collections.ConfigDict(dict(

@@ -90,6 +90,35 @@ def make_mesh(config) -> Mesh:
   return Mesh(np.asarray(devices).reshape(data, model), ('data', 'model'))
 
 
+def set_cpu_dispatch(config) -> None:
+  """Chooses where XLA:CPU runs a computation: on a pool thread or on the thread that calls it.
+
+  JAX's default hands each computation to a pool thread and returns at once. Every pool thread
+  then keeps a glibc heap of its own for the step's temporaries, and the caller can run many
+  steps ahead; with `cpu_async_dispatch=False` a step runs and frees its temporaries on the
+  caller's thread, and the next step reuses them. On the Criteo config that is ~50 MiB less peak
+  at the same step speed (README, "Memory"). The batches are still read and deduplicated ahead
+  in their own thread (smartstaged). It only takes effect before JAX creates its CPU backend: a
+  process that has already run JAX keeps the setting it started with.
+  """
+  wanted = bool(config.cpu_async_dispatch)
+  current = jax.config.read('jax_cpu_enable_async_dispatch')
+  if current == wanted:
+    return
+  if _backends_started():
+    logging.warning('cpu_async_dispatch=%s has no effect: JAX already runs with %s (set it before '
+                    'the first JAX computation of the process)', wanted, current)
+    return
+  jax.config.update('jax_cpu_enable_async_dispatch', wanted)
+
+
+def _backends_started() -> bool:
+  # JAX has no public query for this; without it, assume the worst (the setting is skipped).
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  started = getattr(xla_bridge, 'backends_are_initialized', None)
+  return started() if started else True
+
+
 def initialize_distributed(config) -> None:
   """Joins a multi-process run when the config names a coordinator (once per process)."""
   dist = config.distributed
@@ -150,7 +179,10 @@ def create_train_state(rng: jax.Array, setup: Setup) -> TrainState:
     return init(rng)
   compiled = init.lower(rng).compile()
   return_freed_heap()  # before the tables are allocated on top of the compiler's leftovers
-  return compiled(rng)
+  state = jax.block_until_ready(compiled(rng))
+  del compiled
+  return_freed_heap()  # the initialiser's program and temporaries, freed only now
+  return state
 
 
 def compile_ahead(calls: Sequence[Tuple[Callable, tuple]]) -> None:
@@ -521,6 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   Training resumes from the newest checkpoint in `workdir`, continuing the same data order.
   """
+  set_cpu_dispatch(config)
   initialize_distributed(config)
   setup = make_setup(config)
   if config.mode == 'predict':

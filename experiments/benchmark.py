@@ -93,6 +93,8 @@ flags.DEFINE_string('jemalloc', '', 'Path of libjemalloc.so.2: adds "ours fp32 j
 flags.DEFINE_integer('malloc_arena_max', 0, 'N > 0 adds "ours fp32 arenas N" (MALLOC_ARENA_MAX=N: '
                      "glibc's per-thread heaps capped at N, less freed memory kept per thread) to "
                      'the ELM and Criteo groups.')
+flags.DEFINE_bool('async_dispatch', False, 'Adds "ours fp32 async dispatch" (cpu_async_dispatch=True, '
+                  "JAX's default: each step runs on a pool thread) to the ELM and Criteo groups.")
 flags.DEFINE_bool('list', False, 'Print the groups of the mode and exit.')
 flags.DEFINE_bool('worker', False, 'Internal: serve one JAX configuration on stdin/stdout.')
 
@@ -159,6 +161,7 @@ class Variant:
   chunk_rows: int = 4096
   jax_cache_dir: str = ''
   env: Tuple[Tuple[str, str], ...] = ()  # extra environment of the worker process
+  async_dispatch: bool = False  # ours: config.cpu_async_dispatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +192,9 @@ def describe(v: Variant) -> str:
             f'backward, MLPs {mlp}, {dtype}, PyTorch CPU {v.torch_threads} threads, '
             f"OMP_WAIT_POLICY={v.omp_wait_policy or 'default'}")
   env = ''.join(f', {k}={v}' for k, v in v.env)
+  dispatch = 'pool threads (async)' if v.async_dispatch else 'the calling thread'
   return (f'ours, optimizer {v.optimizer} (MLPs optax, tables row-wise on the touched rows), '
-          f'{dtype}, emb_fusion + op_fusion + sparse_updates{env}')
+          f'{dtype}, emb_fusion + op_fusion + sparse_updates, XLA:CPU steps on {dispatch}{env}')
 
 
 def table_summary(spec: fs.FeatureSpec) -> str:
@@ -408,6 +412,7 @@ def jax_config(variant: Dict[str, Any]):
   config.learning_rate = variant['learning_rate']
   config.bf16 = variant['bf16']
   config.seed = variant['seed']
+  config.cpu_async_dispatch = variant['async_dispatch']
   return config
 
 
@@ -431,6 +436,7 @@ class JaxRunner:
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
     self.kinds = variant['kinds']
     config = jax_config(variant)
+    train.set_cpu_dispatch(config)  # before anything starts the backend, as the trainer does
     setup = train.make_setup(config)
     # The runtime's own memory: Python, the libraries, and XLA's compiler loaded by a first
     # compile, before the model's first array.
@@ -817,13 +823,14 @@ def build_groups(quick: bool, tiny: bool) -> List[Group]:
 
 
 def with_ours_fp32_twin(group: Group, label: str, kinds: Tuple[str, ...],
-                        env: Tuple[Tuple[str, str], ...]) -> Group:
-  """Adds 'ours fp32' again under `label`, timing `kinds` in the environment `env`: an A/B of
-  the process's surroundings (allocator, its settings). Groups without 'ours fp32' are unchanged."""
+                        env: Tuple[Tuple[str, str], ...] = (), **changes) -> Group:
+  """Adds 'ours fp32' again under `label`, timing `kinds` in the environment `env` and with the
+  Variant fields `changes`: an A/B of the process's surroundings (allocator, its settings,
+  dispatch). Groups without 'ours fp32' are unchanged."""
   ours = [v for v in group.variants if v.label == 'ours fp32']
   if not ours:
     return group
-  variant = dataclasses.replace(ours[0], label=label, kinds=kinds, env=env)
+  variant = dataclasses.replace(ours[0], label=label, kinds=kinds, env=env, **changes)
   return dataclasses.replace(group, variants=group.variants + (variant,))
 
 
@@ -839,6 +846,12 @@ def with_malloc_arena_max(group: Group, arenas: int) -> Group:
   """Adds our fp32 step and step+input with glibc's malloc arenas capped at `arenas`."""
   return with_ours_fp32_twin(group, f'ours fp32 arenas {arenas}', ('step', 'step+input'),
                              (('MALLOC_ARENA_MAX', str(arenas)),))
+
+
+def with_async_dispatch(group: Group) -> Group:
+  """Adds our fp32 step and step+input with each step run on XLA:CPU's pool threads."""
+  return with_ours_fp32_twin(group, 'ours fp32 async dispatch', ('step', 'step+input'),
+                             async_dispatch=True)
 
 
 def select_groups(groups: List[Group], wanted: Sequence[str]) -> List[Group]:
@@ -1002,6 +1015,8 @@ def main(argv):
     groups = [with_jemalloc(g, _FLAGS.jemalloc) for g in groups]
   if _FLAGS.malloc_arena_max > 0:
     groups = [with_malloc_arena_max(g, _FLAGS.malloc_arena_max) for g in groups]
+  if _FLAGS.async_dispatch:
+    groups = [with_async_dispatch(g) for g in groups]
   if not _FLAGS.torch_omp_wait_policies:
     raise app.UsageError('--torch_omp_wait_policies: give at least one of PASSIVE, ACTIVE, '
                          'default')

@@ -48,8 +48,10 @@ def _setup(interaction: str, batch_size: int, batch_norm: bool, tiny: bool) -> t
                  max_list_len=s['max_list_len'], bottom_mlp=s['bottom_mlp'],
                  top_mlp=s['top_mlp'], interaction=interaction, batch_norm=batch_norm,
                  batch_size=batch_size, optimizer='gradientdescent', learning_rate=0.01,
-                 bf16=False, seed=0)
-  return train.make_setup(benchmark.jax_config(variant))
+                 bf16=False, seed=0, async_dispatch=False)
+  config = benchmark.jax_config(variant)
+  train.set_cpu_dispatch(config)  # as the trainer runs its steps
+  return train.make_setup(config)
 
 
 def _dense_step(setup: train.Setup, mlp, batch_stats, opt_state, batch, pooled):

@@ -158,3 +158,21 @@ def test_malloc_arena_max_adds_our_fp32_step_with_the_capped_allocator():
   assert 'MALLOC_ARENA_MAX=2' in benchmark.describe(added[0])
   # The row-scaling group has no 'ours fp32' and is left as it is.
   assert benchmark.with_malloc_arena_max(rows, 2) == rows
+
+
+def test_async_dispatch_adds_our_fp32_step_on_xla_pool_threads():
+  groups = benchmark.build_groups(quick=False, tiny=True)
+  elm, rows = groups[0], [g for g in groups if g.name.startswith('rows_')][0]
+  twin = benchmark.with_async_dispatch(elm)
+  added = twin.variants[len(elm.variants):]
+  assert [v.label for v in added] == ['ours fp32 async dispatch']
+  ours = [v for v in elm.variants if v.label == 'ours fp32'][0]
+  assert not ours.async_dispatch  # ours runs as the trainer does: steps on the calling thread
+  assert dataclasses.replace(added[0], label=ours.label, kinds=ours.kinds,
+                             async_dispatch=False) == ours
+  assert added[0].kinds == ('step', 'step+input')
+  assert 'pool threads' in benchmark.describe(added[0])
+  assert 'calling thread' in benchmark.describe(ours)
+  config = benchmark.jax_config(dataclasses.asdict(added[0]))
+  assert config.cpu_async_dispatch is True
+  assert benchmark.with_async_dispatch(rows) == rows

@@ -2,13 +2,17 @@
 
 import itertools
 import json
+import logging
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 import train_helpers as th
+from configs import default
 from dlrm_jax import input_pipeline
 from dlrm_jax import train
 
@@ -78,8 +82,13 @@ def test_bf16_trains_close_to_float32(tmp_path, data_dir):
   path = os.path.join(data_dir, 'train.csv')
   f32, _ = th.step_losses(th.tiny_config(tmp_path, bf16=False), path, 20)
   b16, _ = th.step_losses(th.tiny_config(tmp_path, bf16=True), path, 20)
-  # bfloat16 compute (8 mantissa bits) shifts each loss by ~1%; trajectories stay together.
-  np.testing.assert_allclose(b16, f32, rtol=0.05)
+  # bfloat16 compute (8 mantissa bits) moves the typical loss by a few tenths of a percent
+  # (median 0.2-0.4% over three table initialisations), and the trajectories stay together: the
+  # worst single batch of the 20 differed by 1.5-9.4% in those runs, hence 15%; a broken bf16
+  # path (wrong casts, float32 master weights lost) is off by far more from the first steps.
+  relative = np.abs(np.asarray(b16) - np.asarray(f32)) / np.asarray(f32)
+  assert np.median(relative) < 0.01, relative
+  assert relative.max() < 0.15, relative
   assert not np.array_equal(b16, f32)
 
 
@@ -149,3 +158,43 @@ def test_all_finite_finds_any_nan_or_inf():
   for leaf, index, bad in (('a', (5, 3), np.nan), ('a', (63, 15), -np.inf), ('b', 6, np.inf)):
     broken = dict(tree, **{leaf: tree[leaf].at[index].set(bad)})
     assert not bool(train.all_finite(broken)), (leaf, index, bad)
+
+
+def test_cpu_dispatch_follows_the_config_in_a_fresh_process():
+  # With cpu_async_dispatch=False a call returns only once its result is computed (the step's
+  # temporaries are then allocated and freed on the calling thread).
+  code = """
+import json, sys
+import jax
+from configs import default
+from dlrm_jax import train
+config = default.get_config()
+config.cpu_async_dispatch = sys.argv[1] == 'async'
+train.set_cpu_dispatch(config)
+chain = jax.jit(lambda a: [a := jnp.tanh(a @ a) for _ in range(8)][-1])
+jnp = jax.numpy
+x = jnp.ones((768, 768)) / 768
+chain(x).block_until_ready()
+out = chain(x)
+print(json.dumps(dict(flag=jax.config.read('jax_cpu_enable_async_dispatch'),
+                      ready=out.is_ready())))
+"""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  results = {}
+  for mode in ('sync', 'async'):
+    proc = subprocess.run([sys.executable, '-c', code, mode], cwd=root, capture_output=True,
+                          text=True, check=True)
+    results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert results['sync'] == {'flag': False, 'ready': True}
+  assert results['async']['flag'] is True
+
+
+def test_cpu_dispatch_is_left_alone_once_jax_runs(caplog):
+  jax.devices()  # this process's backend exists
+  before = jax.config.read('jax_cpu_enable_async_dispatch')
+  config = default.get_config()
+  config.cpu_async_dispatch = not before
+  with caplog.at_level(logging.WARNING):
+    train.set_cpu_dispatch(config)
+  assert jax.config.read('jax_cpu_enable_async_dispatch') == before
+  assert 'has no effect' in caplog.text
