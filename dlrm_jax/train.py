@@ -428,13 +428,27 @@ def step_batches(batches: Iterator[Dict[str, np.ndarray]], setup: Setup,
   return map(prepare, batches)
 
 
+def make_eval_step(setup: Setup) -> Callable:
+  return jit_on_batches(functools.partial(eval_step, setup), setup.mesh,
+                        out_shardings=NamedSharding(setup.mesh, P()))
+
+
+def first_eval_batch(setup: Setup, config, data: data_sources.DataFiles) -> Optional[Batch]:
+  """The first eval batch as `evaluate` will prepare it (its shapes, for compiling ahead)."""
+  host = data_sources.eval_batches(config, setup.spec, data, compact=True)
+  try:
+    first = next(host, None)
+  finally:
+    if hasattr(host, 'close'):
+      host.close()  # a generator's readers and parse workers stop here
+  return None if first is None else next(step_batches(iter([first]), setup, False))
+
+
 def evaluate(setup: Setup, state: TrainState, config, data: data_sources.DataFiles,
-             stats: input_pipeline.ParseStats) -> Dict[str, float]:
+             stats: input_pipeline.ParseStats, step: Optional[Callable] = None) -> Dict[str, float]:
   """Exact metrics over every eval row (padded batches are masked; every process runs the same
-  number of batches)."""
-  replicated = NamedSharding(setup.mesh, P())
-  step = jit_on_batches(functools.partial(eval_step, setup), setup.mesh,
-                        out_shardings=replicated)
+  number of batches). `step`: a `make_eval_step` compiled ahead, else one is made here."""
+  step = step or make_eval_step(setup)
   batches = data_sources.eval_batches(config, setup.spec, data, stats=stats, compact=True)
   labels, probs = [], []
   for batch in step_batches(batches, setup, effective_options(config)['smartstaged']):
@@ -531,9 +545,7 @@ def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
 
 def predict(setup: Setup, state: TrainState, config, input_path: str, output_path: str) -> int:
   """Writes one click probability per row of `input_path`, in row order; returns the count."""
-  replicated = NamedSharding(setup.mesh, P())
-  step = jit_on_batches(functools.partial(eval_step, setup), setup.mesh,
-                        out_shardings=replicated)
+  step = make_eval_step(setup)
   batches = input_pipeline.batches([input_path], setup.spec, config.eval_batch_size,
                                    drop_remainder=False, skip_bad_rows=False)
   tmp = f'{output_path}.tmp-{os.getpid()}'
@@ -590,6 +602,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   num_steps = steps_for(config, data.train_rows)
   step_fn = compile_train_step(setup, abstract, options['op_fusion'])
   summarize = jit_on_batches(functools.partial(activation_stats, setup), setup.mesh)
+  eval_fn = make_eval_step(setup)
 
   # Exactly num_steps - start_step batches on every process, from the row cache (or the CSV);
   # a resumed run continues the same data order without reading the rows it skips.
@@ -602,7 +615,13 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     calls = [(step_fn, (abstract, first)), (all_finite, (abstract.params,))]
     if config.activation_summary_steps:
       calls.append((summarize, (abstract, first)))
+    # Evaluation at the end too: compiled then, its compiler heap (~30 MiB on Criteo at eval
+    # batch 4096) would come on top of the state. Its first batch is read now for the shapes.
+    first_eval = None if config.no_eval else first_eval_batch(setup, config, data)
+    if first_eval is not None:
+      calls.append((eval_fn, (abstract, first_eval)))
     compile_ahead(calls)
+    del first_eval
     batches = itertools.chain([first], batches)
   # A resumed run restores straight into the abstract state: no fresh state beside it.
   if start_step:
@@ -689,7 +708,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
              'checkpoint_stall_s': save_stall,
              **{f'option_{k}': v for k, v in options.items()}}
   if not config.no_eval:
-    eval_metrics = evaluate(setup, state, config, data, stats)
+    eval_metrics = evaluate(setup, state, config, data, stats, step=eval_fn)
     results.update({f'eval_{k}': v for k, v in eval_metrics.items()})
     writer.write_scalars(final_step, {f'eval_{k}': results[f'eval_{k}']
                                       for k in ('auc', 'accuracy', 'logloss')})

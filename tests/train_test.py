@@ -152,6 +152,28 @@ def test_compile_ahead_leaves_nothing_to_compile_at_the_first_step_or_save(tmp_p
   assert compiled_during(lambda: bool(train.all_finite(stepped[0][0].params))) == []
 
 
+def test_trainer_compiles_evaluation_before_it_trains(tmp_path, data_dir, caplog, monkeypatch):
+  # Compiled at the end, the eval program's compiler heap would sit on top of the state.
+  config = th.tiny_config(tmp_path, data_location=data_dir, steps=3)
+  messages = lambda: [r.getMessage() for r in caplog.records]
+  compiled_in_eval = []
+  evaluate = train.evaluate
+
+  def watched(*args, **kwargs):
+    before = len(caplog.records)
+    out = evaluate(*args, **kwargs)
+    compiled_in_eval.extend(m for m in messages()[before:] if 'Compiling' in m)
+    return out
+
+  monkeypatch.setattr(train, 'evaluate', watched)
+  jax.clear_caches()
+  with jax.log_compiles(True), caplog.at_level('WARNING'):
+    results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert 0.0 < results['eval_auc'] < 1.0
+  assert any('Compiling' in m and 'eval_step' in m for m in messages())  # it was compiled ...
+  assert compiled_in_eval == []  # ... before evaluation
+
+
 def test_all_finite_finds_any_nan_or_inf():
   tree = {'a': jax.numpy.ones((64, 16)), 'b': jax.numpy.zeros(7), 'step': jax.numpy.int32(3)}
   assert bool(train.all_finite(tree))
