@@ -96,8 +96,8 @@ def set_cpu_dispatch(config) -> None:
   JAX's default hands each computation to a pool thread and returns at once. Every pool thread
   then keeps a glibc heap of its own for the step's temporaries, and the caller can run many
   steps ahead; with `cpu_async_dispatch=False` a step runs and frees its temporaries on the
-  caller's thread, and the next step reuses them. On the Criteo config that is ~50 MiB less peak
-  at the same step speed (README, "Memory"). The batches are still read and deduplicated ahead
+  caller's thread, and the next step reuses them. On the Criteo config that is 23-61 MiB less
+  peak at the same step speed (README, "Speed"). The batches are still read and deduplicated ahead
   in their own thread (smartstaged). It only takes effect before JAX creates its CPU backend: a
   process that has already run JAX keeps the setting it started with.
   """
@@ -615,8 +615,8 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     calls = [(step_fn, (abstract, first)), (all_finite, (abstract.params,))]
     if config.activation_summary_steps:
       calls.append((summarize, (abstract, first)))
-    # Evaluation at the end too: compiled then, its compiler heap (~30 MiB on Criteo at eval
-    # batch 4096) would come on top of the state. Its first batch is read now for the shapes.
+    # Evaluation at the end too: compiled then, its compiler's leftovers would come on top of
+    # the state (17 MiB of the Criteo run's peak). Its first batch is read now for the shapes.
     first_eval = None if config.no_eval else first_eval_batch(setup, config, data)
     if first_eval is not None:
       calls.append((eval_fn, (abstract, first_eval)))
