@@ -184,6 +184,22 @@ def test_too_little_disk_for_checkpoints_fails_before_training(tmp_path, monkeyp
   assert not (workdir / 'checkpoints').exists()  # failed before anything was written
 
 
+def test_a_bad_eval_file_fails_before_training(tmp_path):
+  # The eval program is compiled from the first eval batch before the first step, so the eval
+  # file's row cache is built then, and a bad row in it stops the run before anything is written.
+  data = th.planted_dir(tmp_path / 'data', train_rows=400, eval_rows=50)
+  path = os.path.join(data, 'eval.csv')
+  with open(path) as f:
+    lines = f.read().splitlines()
+  lines[1] += ',surplus'
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  workdir, config = str(tmp_path / 'run'), _config(tmp_path, data_location=data)
+  with pytest.raises(input_pipeline.DataError, match=r'eval\.csv:2: column'):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoints.latest_step(checkpoints.make_manager(workdir, config)) is None
+
+
 def test_saving_a_table_holds_no_copy_of_it(tmp_path):
   # A compressed write keeps every encoded chunk until the write completes (random floats do not
   # compress, so one table's worth: 1.08 GB for the Criteo tables). Saving a 256 MiB random table
