@@ -193,8 +193,8 @@ from dlrm_jax import train
 config = default.get_config()
 config.cpu_async_dispatch = sys.argv[1] == 'async'
 train.set_cpu_dispatch(config)
-chain = jax.jit(lambda a: [a := jnp.tanh(a @ a) for _ in range(8)][-1])
 jnp = jax.numpy
+chain = jax.jit(lambda a: [a := jnp.tanh(a @ a) for _ in range(8)][-1])
 x = jnp.ones((768, 768)) / 768
 chain(x).block_until_ready()
 out = chain(x)
