@@ -444,7 +444,7 @@ class JaxRunner:
     # In the trainer's order: the step compiled before the state exists. The batches of 'step'
     # are put on the (one) device uncommitted: the step takes them without a copy and from the
     # program it compiled for host batches. Committed to the batch's sharding, they made JAX
-    # trace and compile the step a second time (~10 MiB more in this worker, same speed).
+    # trace and compile the step a second time (~20 MiB more in this worker, same speed).
     abstract = train.abstract_train_state(setup)
     self.step_fn = train.compile_train_step(setup, abstract, op_fusion=True)
     first = next(train.step_batches(iter(host_batches), setup, False))
