@@ -47,13 +47,17 @@ def test_logloss_and_accuracy_match_definitions():
   assert np.isfinite(metrics.logloss([1], [0.0]))
 
 
-def test_metric_writer_does_not_import_torch_and_reads_back(tmp_path):
-  # A stand-in torch package on the path: importing it leaves a marker file. tensorboardX would
-  # import it (and the real torch costs ~190 MB in a JAX process); the writer must not.
-  fake = tmp_path / 'site' / 'torch'
-  fake.mkdir(parents=True)
-  marker = tmp_path / 'torch_was_imported'
-  (fake / '__init__.py').write_text(f'open({str(marker)!r}, "w").close()\nTensor = object\n')
+def test_metric_writer_skips_unneeded_imports_and_reads_back(tmp_path):
+  # Stand-in torch and boto3 packages on the path: importing one leaves a marker file.
+  # tensorboardX would import both (the real torch costs ~190 MB in a JAX process, boto3 ~9 MB);
+  # the writer must import neither, unless the log directory is on S3.
+  markers = {}
+  for name in ('torch', 'boto3'):
+    fake = tmp_path / 'site' / name
+    fake.mkdir(parents=True)
+    markers[name] = tmp_path / f'{name}_was_imported'
+    (fake / '__init__.py').write_text(
+        f'open({str(markers[name])!r}, "a").write("x")\nTensor = object\n')
   script = (
       'import sys\n'
       'from dlrm_jax import metric_writer\n'
@@ -63,13 +67,18 @@ def test_metric_writer_does_not_import_torch_and_reads_back(tmp_path):
       'w.close()\n'
       f'steps, values = metric_writer.read_scalars({str(tmp_path / "run")!r}, "train_loss")\n'
       'assert list(steps) == [3] and list(values) == [0.5], (steps, values)\n'
-      'import torch  # still importable afterwards\n')
+      'import torch, boto3  # still importable afterwards\n')
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(tmp_path / 'site'), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]))
   subprocess.run([sys.executable, '-c', script], check=True, env=env)
-  # The script's own `import torch` at the end ran the stand-in exactly once, after the writer.
-  assert marker.exists()
-  marker.unlink()
+  # The script's own import at the end ran each stand-in exactly once, after the writer.
+  assert {name: m.read_text() for name, m in markers.items()} == {'torch': 'x', 'boto3': 'x'}
+  for m in markers.values():
+    m.unlink()
   script_without_import = script.rsplit('import torch', 1)[0]
   subprocess.run([sys.executable, '-c', script_without_import], check=True, env=env)
-  assert not marker.exists()
+  assert not any(m.exists() for m in markers.values())
+  # An S3 log directory keeps the client tensorboardX writes through.
+  subprocess.run([sys.executable, '-c', 'from dlrm_jax import metric_writer\n'
+                  'metric_writer._tensorboardx(logdir="s3://bucket/run")\n'], check=True, env=env)
+  assert markers['boto3'].exists() and not markers['torch'].exists()
