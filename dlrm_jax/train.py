@@ -699,6 +699,10 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   progress.close()
   profiler.close()
   final_step = int(state.step)
+  # The steps' temporaries and the input thread's batches are freed now but still resident;
+  # handed back, the save and the evaluation reuse pages instead of adding to the peak (-29 MiB
+  # of the Criteo run's, which evaluation would otherwise set).
+  return_freed_heap()
   if final_step != last_saved and bool(all_finite(state.params)):
     checkpoints.save(manager, final_step, state)
   checkpoints.wait(manager)
@@ -708,6 +712,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
              'checkpoint_stall_s': save_stall,
              **{f'option_{k}': v for k, v in options.items()}}
   if not config.no_eval:
+    return_freed_heap()  # what the save freed
     eval_metrics = evaluate(setup, state, config, data, stats, step=eval_fn)
     results.update({f'eval_{k}': v for k, v in eval_metrics.items()})
     writer.write_scalars(final_step, {f'eval_{k}': results[f'eval_{k}']
