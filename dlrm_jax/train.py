@@ -97,9 +97,9 @@ def set_cpu_dispatch(config) -> None:
   then keeps a glibc heap of its own for the step's temporaries, and the caller can run many
   steps ahead; with `cpu_async_dispatch=False` a step runs and frees its temporaries on the
   caller's thread, and the next step reuses them. On the Criteo config that is 23-61 MiB less
-  peak at the same step speed (README, "Speed"). The batches are still read and deduplicated ahead
-  in their own thread (smartstaged). It only takes effect before JAX creates its CPU backend: a
-  process that has already run JAX keeps the setting it started with.
+  peak at the same step speed (docs/performance.md, "Memory"). The batches are still read and
+  deduplicated ahead in their own thread (smartstaged). It only takes effect before JAX creates
+  its CPU backend: a process that has already run JAX keeps the setting it started with.
   """
   wanted = bool(config.cpu_async_dispatch)
   current = jax.config.read('jax_cpu_enable_async_dispatch')
