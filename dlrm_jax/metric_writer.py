@@ -19,7 +19,7 @@ import tqdm
 
 # Optional packages tensorboardX imports whenever they are installed, and what it needs each for.
 # Imported for nothing they cost memory in every run: torch ~190 MB (it accepts torch tensors),
-# boto3 ~9 MB (S3 log directories), comet_ml (Comet logging, never used here).
+# boto3 ~8 MB (S3 log directories), comet_ml (Comet logging, never used here).
 _UNNEEDED_BY_TENSORBOARDX = {'torch': None, 'comet_ml': None, 'boto3': 's3://',
                              'google.cloud.storage': 'gs://'}
 

@@ -49,7 +49,7 @@ def test_logloss_and_accuracy_match_definitions():
 
 def test_metric_writer_skips_unneeded_imports_and_reads_back(tmp_path):
   # Stand-in torch and boto3 packages on the path: importing one leaves a marker file.
-  # tensorboardX would import both (the real torch costs ~190 MB in a JAX process, boto3 ~9 MB);
+  # tensorboardX would import both (the real torch costs ~190 MB in a JAX process, boto3 ~8 MB);
   # the writer must import neither, unless the log directory is on S3.
   markers = {}
   for name in ('torch', 'boto3'):
