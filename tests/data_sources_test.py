@@ -179,6 +179,9 @@ def test_criteo_configs(tmp_path):
   kaggle = criteo_kaggle.get_config()
   assert (kaggle.train_files, kaggle.split_parts, kaggle.eval_parts) == ('train.txt', 7, 1)
   assert feature_spec.from_config(kaggle).total_rows == 26 * 10000
+  # DeepRec reads its test set in batches of the train batch size (and a larger eval batch
+  # would set the Criteo run's peak memory).
+  assert kaggle.eval_batch_size == kaggle.batch_size == 512
   reference = feature_spec.from_config(criteo_kaggle.get_config('reference'))
   assert [t.rows for t in reference.tables] == list(criteo_kaggle.KAGGLE_REFERENCE_ROWS)
   terabyte = criteo_1tb.get_config()
