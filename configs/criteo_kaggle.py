@@ -44,7 +44,7 @@ def get_config(variant: str = 'deeprec'):
   config.interaction_op = 'dot'
   # Evaluated in batches of the train batch size, as DeepRec does: at 4096 the eval program's
   # temporaries (the dot interaction's [4096, 27, 27] products among them) add 25 MiB on top of
-  # the tables, and set the run's peak; 512 costs ~7% of evaluation speed.
+  # the tables, and set the run's peak; at 512 evaluation takes 7-12% longer.
   config.eval_batch_size = config.batch_size
   # Each save completes before the next step: on CPU an asynchronous save holds the tables while
   # the steps after it allocate new ones (2x the state: 3.4 GB more with DeepRec's tables and
