@@ -178,7 +178,7 @@ def create_train_state(rng: jax.Array, setup: Setup) -> TrainState:
   if isinstance(rng, jax.core.Tracer):  # traced (e.g. under eval_shape): nothing is allocated
     return init(rng)
   compiled = init.lower(rng).compile()
-  # The jitted function keeps its trace and lowering (~10 MiB for the Criteo tables' initialiser)
+  # The jitted function keeps its trace and lowering (~12 MiB for the Criteo tables' initialiser)
   # for as long as it lives: dropped now, they are handed back with the compiler's leftovers.
   del init
   return_freed_heap()  # before the tables are allocated on top of the compiler's leftovers

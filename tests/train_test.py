@@ -199,9 +199,9 @@ def test_trainer_hands_the_heap_back_before_its_final_save_and_evaluation(tmp_pa
 
 def test_state_creation_drops_the_initialiser_before_handing_back_the_heap(tmp_path,
                                                                          monkeypatch):
-  # A live jitted initialiser keeps its trace and lowering (~10 MiB for the Criteo tables);
+  # A live jitted initialiser keeps its trace and lowering (~12 MiB for the Criteo tables);
   # dropped before the heap is handed back, that memory does not lie under the tables: measured,
-  # 8-14 MiB off the Criteo run's peak.
+  # 6-14 MiB off the Criteo run's peak.
   setup = train.make_setup(th.tiny_config(tmp_path))
   jitted, alive_at_trim = [], []
   real_jit = jax.jit
