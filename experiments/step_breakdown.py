@@ -2,6 +2,7 @@ r"""Where the train step's time goes: the whole step against the dense model alo
 
   python -m experiments.step_breakdown                          # ELM dot, batch 512 and 4096
   python -m experiments.step_breakdown --interaction=cat --batches=512 --rounds=9
+  python -m experiments.step_breakdown --batches=512 --bf16       # the bf16 compute policy
   python -m experiments.step_breakdown --json_out=/tmp/breakdown.json
 
 Per-op durations in a `jax.profiler` trace do not add up on XLA:CPU: its thunk executor runs
@@ -9,8 +10,8 @@ independent ops at once (the embedding lookup beside the bottom MLP, a layer's t
 side by side), so an op's duration includes the time it shared the cores. This measures
 wall-clock differences instead, in one process, alternately (A B C A B C ..., median of the
 per-round ratios):
-  * step: the trainer's jitted train step (sparse updates, fp32, SGD) on synthetic batches already
-    on the device, as the benchmark's 'step' row;
+  * step: the trainer's jitted train step (sparse updates, fp32 or `--bf16`, SGD) on synthetic
+    batches already on the device, as the benchmark's 'step' row;
   * dense model: the same MLPs, interaction and SGD update, with the pooled embeddings fed in as
     an input: no lookup, pooling, row gradients or table update;
   * dense model, no batch norm: the same without the bottom MLP's batch norm.
@@ -42,13 +43,14 @@ from dlrm_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-p
 from experiments import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def _setup(interaction: str, batch_size: int, batch_norm: bool, tiny: bool) -> train.Setup:
+def _setup(interaction: str, batch_size: int, batch_norm: bool, tiny: bool,
+           bf16: bool) -> train.Setup:
   s = benchmark._sizes(tiny)  # pylint: disable=protected-access
   variant = dict(spec='elm', rows=s['rows'], embedding_dim=s['embedding_dim'],
                  max_list_len=s['max_list_len'], bottom_mlp=s['bottom_mlp'],
                  top_mlp=s['top_mlp'], interaction=interaction, batch_norm=batch_norm,
                  batch_size=batch_size, optimizer='gradientdescent', learning_rate=0.01,
-                 bf16=False, seed=0, async_dispatch=False)
+                 bf16=bf16, seed=0, async_dispatch=False)
   config = benchmark.jax_config(variant)
   train.set_cpu_dispatch(config)  # as the trainer runs its steps
   return train.make_setup(config)
@@ -69,9 +71,10 @@ def _mlp_grads(mlp: models.MLP) -> Callable:
                                        argnums=(0, 1))(p, x))
 
 
-def runners(interaction: str, batch_size: int, tiny: bool) -> Dict[str, Callable[[int], None]]:
+def runners(interaction: str, batch_size: int, tiny: bool,
+            bf16: bool = False) -> Dict[str, Callable[[int], None]]:
   """name -> run(n): n calls of that program, returning when their work is done."""
-  setup = _setup(interaction, batch_size, True, tiny)
+  setup = _setup(interaction, batch_size, True, tiny, bf16)
   host = benchmark.synthetic_batches(setup.spec, batch_size, 4, seed=0)
   placed = functools.partial(jax.device_put, device=train.batch_sharding(setup.mesh))
   batches = [placed(b) for b in train.step_batches(iter(host), setup, False)]
@@ -101,9 +104,9 @@ def runners(interaction: str, batch_size: int, tiny: bool) -> Dict[str, Callable
   top_in = models.interaction_width(setup.spec, model.bottom_mlp[-1], model.interaction_op)
   key = jax.random.PRNGKey(1)
   mlps = []
-  for mlp, width in ((models.MLP(model.bottom_mlp, False), setup.spec.num_dense),
-                     (models.MLP(model.top_mlp, False), top_in)):
-    x = jax.random.normal(key, (batch_size, width))
+  for mlp, width in ((models.MLP(model.bottom_mlp, False, model.dtype), setup.spec.num_dense),
+                     (models.MLP(model.top_mlp, False, model.dtype), top_in)):
+    x = jax.random.normal(key, (batch_size, width)).astype(model.dtype)
     mlps.append((_mlp_grads(mlp), mlp.init(key, x, True), x))
 
   def run_mlps(n):
@@ -112,7 +115,7 @@ def runners(interaction: str, batch_size: int, tiny: bool) -> Dict[str, Callable
   return {'step': run_step,
           'dense model': dense_runner(setup),
           'dense model, no batch norm': dense_runner(
-              _setup(interaction, batch_size, False, tiny)),
+              _setup(interaction, batch_size, False, tiny, bf16)),
           'MLPs alone': run_mlps}
 
 
@@ -143,15 +146,20 @@ def main():
   parser.add_argument('--rounds', type=int, default=7, help='alternation rounds')
   parser.add_argument('--min_time', type=float, default=0.4,
                       help='seconds of work per measurement of the step')
+  parser.add_argument('--bf16', action='store_true',
+                      help='bfloat16 compute (float32 weights), as the trainer under bf16')
   parser.add_argument('--tiny', action='store_true',
                       help='tiny tables and MLPs: checks the machinery in seconds (tests)')
   parser.add_argument('--json_out', default='', help='where to write the results (optional)')
   args = parser.parse_args()
   results = {}
   for batch_size in (int(b) for b in args.batches.split(',')):
-    rows = measure(runners(args.interaction, batch_size, args.tiny), args.rounds, args.min_time)
-    results[f'{args.interaction}_b{batch_size}'] = rows
-    print(f'ELM {args.interaction} batch {batch_size}, fp32 SGD, median of {args.rounds} rounds:')
+    rows = measure(runners(args.interaction, batch_size, args.tiny, args.bf16), args.rounds,
+                   args.min_time)
+    dtype = 'bf16' if args.bf16 else 'fp32'
+    results[f'{args.interaction}_b{batch_size}' + ('_bf16' if args.bf16 else '')] = rows
+    print(f'ELM {args.interaction} batch {batch_size}, {dtype} SGD, median of {args.rounds} '
+          'rounds:')
     for name, row in rows.items():
       print(f"  {name:28s} {row['ms']:9.2f} ms  {row['of_step']:6.3f} of the step")
   if args.json_out:
