@@ -42,9 +42,10 @@ def get_config(variant: str = 'deeprec'):
   config.bottom_mlp = (512, 256, 64, 16)
   config.top_mlp = (512, 256)
   config.interaction_op = 'dot'
-  # Evaluated in batches of the train batch size, as DeepRec does: at 4096 the eval program's
-  # temporaries (the dot interaction's [4096, 27, 27] products among them) add 25 MiB on top of
-  # the tables, and set the run's peak; at 512 evaluation takes 7-12% longer.
+  # Evaluated in batches of the train batch size, as DeepRec does (a command-line batch_size does
+  # not carry over: set eval_batch_size too). At 4096 the eval program's temporaries (the dot
+  # interaction's [4096, 27, 27] products among them) add 25 MiB on top of the tables and set the
+  # run's peak; at 512 evaluation takes 7-12% longer.
   config.eval_batch_size = config.batch_size
   # Each save completes before the next step: on CPU an asynchronous save holds the tables while
   # the steps after it allocate new ones (2x the state: 3.4 GB more with DeepRec's tables and
