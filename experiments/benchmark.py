@@ -338,9 +338,8 @@ def serve(runner_factory: Callable[[Dict[str, Any], List[Dict[str, np.ndarray]]]
         steps = {kind: max(n, min_steps.get(kind, 1)) for kind in kinds}
         reply(steps=steps, step_s=per_step)
       elif request['cmd'] == 'measure':
-        rates = {kind: steps[kind] * variant['batch_size'] / runner.time_steps(kind, steps[kind])
-                 for kind in kinds}
-        reply(rates=rates, loss=runner.last_loss, **runner.extra_measurements())
+        rates, extra = measure_round(runner, kinds, steps, variant['batch_size'])
+        reply(rates=rates, loss=runner.last_loss, **extra)
       elif request['cmd'] == 'stop':
         reply(peak_rss_mb=peak_rss_mb(), **getattr(runner, 'memory', {}))
         return
@@ -349,6 +348,19 @@ def serve(runner_factory: Callable[[Dict[str, Any], List[Dict[str, np.ndarray]]]
   except Exception:  # pylint: disable=broad-except
     reply(error=traceback.format_exc())
     sys.exit(1)
+
+
+def measure_round(runner, kinds: Sequence[str], steps: Dict[str, int],
+                  batch_size: int) -> Tuple[Dict[str, float], Dict[str, float]]:
+  """One round of a worker: samples/s of every kind, and the runner's extra measurements (the
+  matmul ceiling) taken right after the first kind, the step, not after all of them: the
+  machine's speed drifts within seconds, and the ceiling share pairs the two."""
+  rates, extra = {}, None
+  for kind in kinds:
+    rates[kind] = steps[kind] * batch_size / runner.time_steps(kind, steps[kind])
+    if extra is None:
+      extra = runner.extra_measurements()
+  return rates, extra or {}
 
 
 class MatmulCeiling:

@@ -144,6 +144,25 @@ def test_ratios_are_against_the_fastest_wait_policy_in_each_round():
     benchmark.per_wait_policy(group, ['PASSIVE', 'spin'])
 
 
+def test_the_ceiling_is_measured_right_after_the_step():
+  class Runner:
+    calls = []
+
+    def time_steps(self, kind, n):
+      self.calls.append(kind)
+      return {'step': 0.5, 'step+input': 1.0, 'end-to-end': 2.0}[kind] * n / 10
+
+    def extra_measurements(self):
+      self.calls.append('ceiling')
+      return {'ceiling_fp32_flops': 7.0}
+
+  kinds = ('step', 'step+input', 'end-to-end')
+  rates, extra = benchmark.measure_round(Runner(), kinds, dict.fromkeys(kinds, 10), 4)
+  assert Runner.calls == ['step', 'ceiling', 'step+input', 'end-to-end']
+  assert rates == pytest.approx({'step': 80.0, 'step+input': 40.0, 'end-to-end': 20.0})
+  assert extra == {'ceiling_fp32_flops': 7.0}
+
+
 def test_malloc_arena_max_adds_our_fp32_step_with_the_capped_allocator():
   groups = benchmark.build_groups(quick=False, tiny=True)
   elm, rows = groups[0], [g for g in groups if g.name.startswith('rows_')][0]
