@@ -146,7 +146,8 @@ def test_ratios_are_against_the_fastest_wait_policy_in_each_round():
 
 def test_the_ceiling_is_measured_right_after_the_step():
   class Runner:
-    calls = []
+    def __init__(self):
+      self.calls = []
 
     def time_steps(self, kind, n):
       self.calls.append(kind)
@@ -157,8 +158,9 @@ def test_the_ceiling_is_measured_right_after_the_step():
       return {'ceiling_fp32_flops': 7.0}
 
   kinds = ('step', 'step+input', 'end-to-end')
-  rates, extra = benchmark.measure_round(Runner(), kinds, dict.fromkeys(kinds, 10), 4)
-  assert Runner.calls == ['step', 'ceiling', 'step+input', 'end-to-end']
+  runner = Runner()
+  rates, extra = benchmark.measure_round(runner, kinds, dict.fromkeys(kinds, 10), 4)
+  assert runner.calls == ['step', 'ceiling', 'step+input', 'end-to-end']
   assert rates == pytest.approx({'step': 80.0, 'step+input': 40.0, 'end-to-end': 20.0})
   assert extra == {'ceiling_fp32_flops': 7.0}
 
