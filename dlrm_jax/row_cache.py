@@ -588,9 +588,11 @@ class Cache:
       self.close()
       raise
 
-  def close(self) -> None:
+  def close(self, _close=os.close) -> None:
+    # os.close bound at definition: __del__ can run at interpreter exit, after the module's
+    # globals (os among them) were cleared.
     for fd in self._fds.values():
-      os.close(fd)
+      _close(fd)
     self._fds = {}
 
   def __del__(self):

@@ -149,6 +149,51 @@ def test_unique_inverse_equals_numpy_unique(ids):
   assert uniques.dtype == np.int32 and codes.dtype == np.int32
 
 
+def test_unique_inverse_through_a_reused_row_scratch_equals_numpy_unique():
+  # The scratch is never cleared: whatever an earlier batch (or np.empty) left in it must not
+  # leak into the codes.
+  rng = np.random.default_rng(2)
+  scratch = np.full(1000003, -7, np.int32)
+  cases = [[], [7], [3, 3, 3], [1000002, 0, 1000002, 5], rng.integers(0, 50, 1000),
+           rng.zipf(1.2, 5000) % 1000003, rng.integers(0, 1000003, 3000)]
+  for ids in cases:
+    ids = np.asarray(ids, np.int32)
+    uniques, codes = models.unique_inverse(ids, scratch)
+    expected_uniques, expected_codes = np.unique(ids, return_inverse=True)
+    np.testing.assert_array_equal(uniques, expected_uniques)
+    np.testing.assert_array_equal(codes, expected_codes.reshape(-1))
+    assert uniques.dtype == np.int32 and codes.dtype == np.int32
+
+
+@pytest.mark.parametrize('fused,scratch_rows', [(True, 0), (True, 1 << 22), (False, 0),
+                                                (False, 120), (False, 1 << 22)])
+def test_unique_rows_give_the_same_batch_with_or_without_row_scratches(fused, scratch_rows,
+                                                                        monkeypatch):
+  # 120 rows: the smallest of the unfused ELM arrays get a scratch and the rest sort.
+  spec = tiny_spec()
+  _, ids, weights = random_batch(spec, batch=16, seed=9)
+  weights[weights < 0.4] = 0.0
+  batch = {'ids': ids, 'weights': weights, 'label': np.zeros(16), 'dense': np.zeros((16, 1)),
+           'mask': np.ones(16)}
+  monkeypatch.setattr(models, 'SCRATCH_ROWS', 0)
+  expected = models.UniqueRows(spec, fused)(batch)
+  monkeypatch.setattr(models, 'SCRATCH_ROWS', scratch_rows)
+  prepare = models.UniqueRows(spec, fused)
+  rows = models.table_array_rows(spec, fused)
+  with_scratch = [name for name in rows if name in prepare._scratch]
+  assert sum(rows[name] for name in with_scratch) <= scratch_rows
+  if scratch_rows == 1 << 22:
+    assert len(with_scratch) == len(rows)
+  elif scratch_rows:
+    assert 0 < len(with_scratch) < len(rows)
+  for _ in range(2):  # the second call reads scratches the first one filled
+    got = prepare(batch)
+    for key in ('entry_index', 'entry_weight', 'entry_segment'):
+      np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    for name in expected['unique_ids']:
+      np.testing.assert_array_equal(got['unique_ids'][name], expected['unique_ids'][name])
+
+
 @pytest.mark.parametrize('fused', [True, False])
 def test_unique_rows_are_ascending_and_entries_point_at_their_ids(fused):
   # Ascending lists read and write each table array in address order; every entry's index must
