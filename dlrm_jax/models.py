@@ -116,6 +116,14 @@ def _pooling_layout(spec: fs.FeatureSpec):
   return slot_order, groups, np.argsort(features)
 
 
+def _run_starts(sorted_ids: np.ndarray) -> np.ndarray:
+  """Positions where a run of equal values begins in a sorted array."""
+  is_first = np.empty(sorted_ids.size, bool)
+  is_first[:1] = True
+  np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=is_first[1:])
+  return np.flatnonzero(is_first)
+
+
 def unique_inverse(ids: np.ndarray, row_scratch: Optional[np.ndarray] = None
                    ) -> Tuple[np.ndarray, np.ndarray]:
   """np.unique(ids, return_inverse=True) for non-negative int32 ids, as int32 arrays.
@@ -136,22 +144,16 @@ def unique_inverse(ids: np.ndarray, row_scratch: Optional[np.ndarray] = None
   n = ids.size
   if row_scratch is not None:
     sorted_ids = np.sort(ids)
-    is_first = np.empty(n, bool)
-    is_first[:1] = True
-    np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=is_first[1:])
     # take/put with intp indices: fancy indexing with int32 ones converts them element by
     # element, at about twice the cost.
-    uniques = sorted_ids.take(np.flatnonzero(is_first))
+    uniques = sorted_ids.take(_run_starts(sorted_ids))
     row_scratch.put(uniques, np.arange(uniques.size, dtype=np.int32))
     return uniques, row_scratch.take(ids.astype(np.intp))
   keys = ids.astype(np.int64) << 32
   keys |= np.arange(n, dtype=np.int64)
   keys.sort()
   sorted_ids = (keys >> 32).astype(np.int32)
-  is_first = np.empty(n, bool)
-  is_first[:1] = True
-  np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=is_first[1:])
-  firsts = np.flatnonzero(is_first)
+  firsts = _run_starts(sorted_ids)
   keys &= 0xFFFFFFFF  # the positions
   codes = np.empty(n, np.int32)
   codes[keys] = np.repeat(np.arange(firsts.size, dtype=np.int32), np.diff(firsts, append=n))
