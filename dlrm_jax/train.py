@@ -708,11 +708,15 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   return_freed_heap()
   if final_step != last_saved and bool(all_finite(state.params)):
     checkpoints.save(manager, final_step, state)
+    saves += 1
+    last_saved = final_step
   checkpoints.wait(manager)
 
+  # checkpoint_stall_s: the periodic saves' time on the training loop (the final save's wait is
+  # not training time).
   results = {'steps': final_step, 'train_time_s': train_time, 'train_samples_per_s': rate,
              'batch_size': config.batch_size, 'checkpoint_saves': saves,
-             'checkpoint_stall_s': save_stall,
+             'last_checkpoint_step': last_saved, 'checkpoint_stall_s': save_stall,
              **{f'option_{k}': v for k, v in options.items()}}
   if not config.no_eval:
     return_freed_heap()  # what the save freed

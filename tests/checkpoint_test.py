@@ -38,7 +38,8 @@ def _assert_same_params(a, b):
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
   straight = _config(tmp_path)
-  train.train_and_evaluate(straight, str(tmp_path / 'straight'))
+  straight_results = train.train_and_evaluate(straight, str(tmp_path / 'straight'))
+  assert (straight_results['checkpoint_saves'], straight_results['last_checkpoint_step']) == (4, 20)
   # The first half saves synchronously, the rest (and the straight run) asynchronously: the
   # mode changes only when a save completes, never what is saved.
   half = _config(tmp_path, steps=10, async_checkpointing=False)
@@ -46,6 +47,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert checkpoints.latest_step(checkpoints.make_manager(str(tmp_path / 'resumed'), half)) == 10
   results = train.train_and_evaluate(_config(tmp_path), str(tmp_path / 'resumed'))
   assert results['steps'] == 20
+  # This run's saves only: steps 15 and 20.
+  assert (results['checkpoint_saves'], results['last_checkpoint_step']) == (2, 20)
   a = _restored(straight, str(tmp_path / 'straight'))
   b = _restored(straight, str(tmp_path / 'resumed'))
   # Same batches in the same order from the same state, on CPU: bit-identical parameters,
@@ -159,11 +162,16 @@ def test_unwritable_run_directory_fails_before_training(tmp_path):
     train.train_and_evaluate(_config(tmp_path), str(blocker / 'run'))
 
 
-def test_timeline_and_summaries_are_written(tmp_path):
+def test_timeline_summaries_and_checkpoint_counts_are_written(tmp_path):
   from dlrm_jax import metric_writer
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(_config(tmp_path, steps=16, timeline=2,
-                                   activation_summary_steps=5), workdir)
+  config = _config(tmp_path, steps=16, timeline=2, activation_summary_steps=5)
+  results = train.train_and_evaluate(config, workdir)
+  # Saves at steps 5, 10 and 15, then the final step 16 (not a multiple of save_steps).
+  assert (results['checkpoint_saves'], results['last_checkpoint_step']) == (4, 16)
+  assert checkpoints.latest_step(checkpoints.make_manager(workdir, config)) == 16
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['last_checkpoint_step'] == 16
   assert glob.glob(os.path.join(workdir, 'timeline', 'plugins', 'profile', '*', '*.xplane.pb'))
   tags = metric_writer.read_scalar_tags(workdir)
   for tag in ('train_loss', 'train_samples_per_s', 'learning_rate', 'eval_auc', 'eval_logloss',
