@@ -11,7 +11,6 @@ import logging as std_logging
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from dlrm_jax import train
@@ -33,8 +32,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  logging.info('JAX process %d / %d, local devices: %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
+  # Nothing here may touch JAX: train_and_evaluate first sets what only takes effect before the
+  # backend starts (CPU dispatch, joining a multi-process run).
   workdir = FLAGS.workdir or train.resolve_workdir(FLAGS.config)
   train.train_and_evaluate(FLAGS.config, workdir)
 

@@ -570,6 +570,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   """
   set_cpu_dispatch(config)
   initialize_distributed(config)
+  logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(),
+               jax.local_devices())
   setup = make_setup(config)
   if config.mode == 'predict':
     state = restore_for_inference(setup, config, workdir)
@@ -717,7 +719,8 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   results = {'steps': final_step, 'train_time_s': train_time, 'train_samples_per_s': rate,
              'batch_size': config.batch_size, 'checkpoint_saves': saves,
              'last_checkpoint_step': last_saved, 'checkpoint_stall_s': save_stall,
-             **{f'option_{k}': v for k, v in options.items()}}
+             **{f'option_{k}': v for k, v in options.items()},
+             'cpu_async_dispatch': jax.config.read('jax_cpu_enable_async_dispatch')}
   if not config.no_eval:
     return_freed_heap()  # what the save freed
     eval_metrics = evaluate(setup, state, config, data, stats, step=eval_fn)
