@@ -585,7 +585,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     results = {'steps': int(state.step), **data.oracle}
     results.update({f'eval_{k}': v for k, v in evaluate(
         setup, state, config, data, input_pipeline.ParseStats()).items()})
-    write_json_atomic(os.path.join(workdir, 'eval_results.json'), results)
+    write_results(os.path.join(workdir, 'eval_results.json'), results)
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
     return results
   if config.mode != 'train':
@@ -735,7 +735,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
                   'parse_stats': stats.as_dict()})
   writer.close()
   if jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, 'results.json'), results)
+    write_results(os.path.join(workdir, 'results.json'), results)
   if not config.no_eval:
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
   return results
@@ -746,4 +746,27 @@ def write_json_atomic(path: str, obj) -> None:
   tmp = f'{path}.tmp-{os.getpid()}'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=float)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def write_results(path: str, results: Dict[str, Any]) -> None:
+  """`results` to `path` (a .json file); what it replaces goes to `<name>_history.jsonl` first.
+
+  A resumed run, or a second evaluation, then loses none of an earlier invocation's figures
+  (a resume with no_eval would otherwise drop the earlier eval_auc). Never raises over the old
+  file: the new results matter more than a damaged old one, which is kept as its text.
+  """
+  if os.path.exists(path):
+    with open(path) as f:
+      text = f.read()
+    try:
+      previous = json.loads(text)
+    except ValueError:
+      previous = {'unreadable_results': text}
+    with open(path[:-len('.json')] + '_history.jsonl', 'a') as f:
+      f.write(json.dumps(previous, sort_keys=True, default=float) + '\n')
+      f.flush()
+      os.fsync(f.fileno())
+  write_json_atomic(path, results)

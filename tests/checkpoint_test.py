@@ -49,6 +49,12 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert results['steps'] == 20
   # This run's saves only: steps 15 and 20.
   assert (results['checkpoint_saves'], results['last_checkpoint_step']) == (2, 20)
+  # The first half's results moved to the history; results.json is the latest invocation's.
+  with open(tmp_path / 'resumed' / 'results_history.jsonl') as f:
+    history = [json.loads(line) for line in f]
+  assert [h['steps'] for h in history] == [10]
+  with open(tmp_path / 'resumed' / 'results.json') as f:
+    assert json.load(f)['steps'] == 20
   a = _restored(straight, str(tmp_path / 'straight'))
   b = _restored(straight, str(tmp_path / 'resumed'))
   # Same batches in the same order from the same state, on CPU: bit-identical parameters,
@@ -147,6 +153,22 @@ def test_eval_and_predict_modes_and_exported_artifact_agree(tmp_path):
   served = np.load(str(tmp_path / 'served.npy'))
   # Same float32 math, different XLA programs (direct gather vs unique rows): ~1e-6 apart.
   np.testing.assert_allclose(served, probs, rtol=1e-4, atol=1e-6)
+
+
+def test_results_keep_every_earlier_invocation_even_a_damaged_one(tmp_path):
+  path = str(tmp_path / 'results.json')
+  train.write_results(path, {'steps': 5})
+  with open(path, 'a') as f:
+    f.write('{ torn')  # e.g. edited by hand
+  train.write_results(path, {'steps': 9})
+  train.write_results(path, {'steps': 12})
+  with open(tmp_path / 'results_history.jsonl') as f:
+    history = [json.loads(line) for line in f]
+  assert history[0] == {'unreadable_results': '{\n  "steps": 5\n}{ torn'}
+  assert history[1] == {'steps': 9}
+  with open(path) as f:
+    assert json.load(f) == {'steps': 12}
+  assert sorted(os.listdir(tmp_path)) == ['results.json', 'results_history.jsonl']
 
 
 def test_eval_mode_without_checkpoint_says_so(tmp_path):
