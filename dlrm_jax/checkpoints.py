@@ -5,11 +5,15 @@ file is written, so a crash or kill mid-save leaves the previous checkpoint as t
 complete one; `restore_latest` only ever sees complete steps.
 """
 
+import contextlib
 import os
-from typing import Optional
+import signal
+import threading
+from typing import Callable, Iterator, Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 
@@ -55,3 +59,37 @@ def save(manager: ocp.CheckpointManager, step: int, state) -> None:
 
 def wait(manager: ocp.CheckpointManager) -> None:
   manager.wait_until_finished()
+
+
+class Preempted(SystemExit):
+  """Training stopped at a preemption notice (SIGTERM) after checkpointing its last step.
+
+  A SystemExit, so that `python -m dlrm_jax.main` prints the message and exits with status 1
+  (no traceback: nothing went wrong), while a scheduler's wrapper still sees that the run did
+  not finish. Running the same command again resumes from the checkpoint.
+  """
+
+
+@contextlib.contextmanager
+def preemption_notices() -> Iterator[Callable[[int], bool]]:
+  """Yields `stop(step)`, to be asked after every train step: save this step, then stop?
+
+  Multi-process runs use JAX's preemption service, which catches SIGTERM from the moment
+  `jax.distributed.initialize` runs and makes every process answer True at the same step, so
+  that their collective save lines up. Without it SIGTERM would never end such a run: the
+  service swallows the signal. A single process answers from a Python handler installed only
+  while the loop runs, so SIGTERM while the data is cached or the model evaluates still ends
+  the process at once, as it did before (the newest complete checkpoint stays the newest).
+  """
+  if jax.distributed.is_initialized():
+    yield multihost_utils.reached_preemption_sync_point
+    return
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda step: False  # Python delivers signals to the main thread only
+    return
+  noticed = threading.Event()
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: noticed.set())
+  try:
+    yield lambda step: noticed.is_set()
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

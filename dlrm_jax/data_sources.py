@@ -30,7 +30,7 @@ import dataclasses
 import glob
 import itertools
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -107,6 +107,24 @@ def _process(process_index: Optional[int], process_count: Optional[int]) -> Tupl
   return process_index, process_count
 
 
+def _planted_data(config, spec: fs.FeatureSpec, directory: str) -> Dict[str, Any]:
+  """datagen.ensure_planted_data, with the processes of a multi-process run taking turns.
+
+  Process 0 writes the files while the others wait for it; they then reuse them (on a shared
+  disk) or write the same files to their own. Writing at once, two processes on one disk would
+  replace each other's files while the other is caching them.
+  """
+  planted = config.planted.to_dict()
+  import jax  # pylint: disable=g-import-not-at-top
+  if not (jax.distributed.is_initialized() and jax.process_count() > 1):
+    return datagen.ensure_planted_data(directory, spec.name, **planted)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    datagen.ensure_planted_data(directory, spec.name, **planted)
+  multihost_utils.sync_global_devices(f'planted data in {directory}')
+  return datagen.ensure_planted_data(directory, spec.name, **planted)
+
+
 def resolve(config, spec: fs.FeatureSpec, *, train: bool = True,
             process_index: Optional[int] = None,
             process_count: Optional[int] = None) -> DataFiles:
@@ -122,8 +140,7 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True,
     oracle = {}
   else:
     directory = os.path.join(config.output_dir, f'planted_{spec.name}')
-    planted = config.planted.to_dict()
-    oracle = datagen.ensure_planted_data(directory, spec.name, **planted)
+    oracle = _planted_data(config, spec, directory)
     oracle = {k: v for k, v in oracle.items() if k in ('oracle_auc', 'oracle_logloss')}
   if _option(config, 'tfds_data_dir', ''):
     # The TFDS data set (prepared from `directory` if it is not yet) is the data.

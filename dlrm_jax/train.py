@@ -658,44 +658,49 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
           f'checkpoint is step {last_saved} in {manager.directory} (left intact)')
     return values
 
-  for step in range(start_step, num_steps):
-    profiler.before_step(step)
-    batch = next(batches, None)
-    if batch is None:
-      logging.warning('train data ran out at step %d', step)
-      break
-    state, loss = step_fn(state, batch)
-    pending_losses.append(loss)
-    if step == start_step:
-      jax.block_until_ready(loss)  # the first step compiles; time from the second on
-      timed_since = time.perf_counter()
-    else:
-      timed_steps += 1
-    profiler.after_step(step, loss)
-    done = step + 1
-    log_now = done % config.log_every_steps == 0 or done == num_steps
-    save_now = bool(config.save_steps) and done % config.save_steps == 0
-    if log_now or save_now:
-      values = check_losses(done)  # never checkpoint a state that has gone non-finite
-      if log_now:
-        elapsed = time.perf_counter() - timed_since
-        rate = timed_steps * config.batch_size / elapsed if elapsed > 0 else float('nan')
-        writer.write_scalars(done, {'train_loss': float(values.mean()),
-                                    'train_samples_per_s': rate,
-                                    'learning_rate': config.learning_rate})
-        progress.update(done, loss=float(values.mean()), samples_per_s=rate)
-      if config.activation_summary_steps and done % config.activation_summary_steps == 0:
-        write_activation_summaries(writer, done, summarize(state, batch))
-      if save_now:
-        t = time.perf_counter()
-        if not bool(all_finite(state.params)):
-          raise FloatingPointError(
-              f'non-finite parameters after step {done}; the last good checkpoint is step '
-              f'{last_saved} in {manager.directory} (left intact)')
-        checkpoints.save(manager, done, state)
-        save_stall += time.perf_counter() - t
-        saves += 1
-        last_saved = done
+  stopped_at = None  # the step of a preemption notice (SIGTERM)
+  with checkpoints.preemption_notices() as preempted:
+    for step in range(start_step, num_steps):
+      profiler.before_step(step)
+      batch = next(batches, None)
+      if batch is None:
+        logging.warning('train data ran out at step %d', step)
+        break
+      state, loss = step_fn(state, batch)
+      pending_losses.append(loss)
+      if step == start_step:
+        jax.block_until_ready(loss)  # the first step compiles; time from the second on
+        timed_since = time.perf_counter()
+      else:
+        timed_steps += 1
+      profiler.after_step(step, loss)
+      done = step + 1
+      log_now = done % config.log_every_steps == 0 or done == num_steps
+      save_now = bool(config.save_steps) and done % config.save_steps == 0
+      if log_now or save_now:
+        values = check_losses(done)  # never checkpoint a state that has gone non-finite
+        if log_now:
+          elapsed = time.perf_counter() - timed_since
+          rate = timed_steps * config.batch_size / elapsed if elapsed > 0 else float('nan')
+          writer.write_scalars(done, {'train_loss': float(values.mean()),
+                                      'train_samples_per_s': rate,
+                                      'learning_rate': config.learning_rate})
+          progress.update(done, loss=float(values.mean()), samples_per_s=rate)
+        if config.activation_summary_steps and done % config.activation_summary_steps == 0:
+          write_activation_summaries(writer, done, summarize(state, batch))
+        if save_now:
+          t = time.perf_counter()
+          if not bool(all_finite(state.params)):
+            raise FloatingPointError(
+                f'non-finite parameters after step {done}; the last good checkpoint is step '
+                f'{last_saved} in {manager.directory} (left intact)')
+          checkpoints.save(manager, done, state)
+          save_stall += time.perf_counter() - t
+          saves += 1
+          last_saved = done
+      if preempted(done):
+        stopped_at = done
+        break
   check_losses(int(state.step))
   jax.block_until_ready(state)
   train_time = time.perf_counter() - train_start
@@ -721,13 +726,16 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
              'last_checkpoint_step': last_saved, 'checkpoint_stall_s': save_stall,
              **{f'option_{k}': v for k, v in options.items()},
              'cpu_async_dispatch': jax.config.read('jax_cpu_enable_async_dispatch')}
-  if not config.no_eval:
+  if stopped_at is not None:
+    results['preempted_at_step'] = stopped_at
+  evaluate_now = not config.no_eval and stopped_at is None
+  if evaluate_now:
     return_freed_heap()  # what the save freed
     eval_metrics = evaluate(setup, state, config, data, stats, step=eval_fn)
     results.update({f'eval_{k}': v for k, v in eval_metrics.items()})
     writer.write_scalars(final_step, {f'eval_{k}': results[f'eval_{k}']
                                       for k in ('auc', 'accuracy', 'logloss')})
-  if config.export_dir:
+  if config.export_dir and stopped_at is None:
     results['export_dir'] = serving.export_model(setup, state, config.export_dir)
   results.update(data.oracle)
   results.update({'rows_parsed': stats.rows, 'bad_rows': stats.bad_rows,
@@ -736,7 +744,11 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   writer.close()
   if jax.process_index() == 0:
     write_results(os.path.join(workdir, 'results.json'), results)
-  if not config.no_eval:
+  if stopped_at is not None:
+    raise checkpoints.Preempted(
+        f'preemption notice (SIGTERM): stopped after step {stopped_at} of {num_steps}, saved as '
+        f'checkpoint {last_saved} in {manager.directory}; the same command resumes from it')
+  if evaluate_now:
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
   return results
 

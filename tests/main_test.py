@@ -1,34 +1,138 @@
-"""`python -m dlrm_jax.main`: the command line itself, in a fresh process."""
+"""`python -m dlrm_jax.main`: the command line itself, in fresh processes."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
+from dlrm_jax import checkpoints
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _command(tmp_path, steps, *extra):
+  return [sys.executable, '-m', 'dlrm_jax.main', '--config=configs/default.py:tiny',
+          f'--config.output_dir={tmp_path}', f'--workdir={tmp_path / "run"}',
+          f'--config.steps={steps}', '--config.log_every_steps=50', *extra]
+
+
+def _distributed(port, num_processes, process_id):
+  return [f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+          f'--config.distributed.num_processes={num_processes}',
+          f'--config.distributed.process_id={process_id}',
+          '--config.distributed.cpu_collectives=True']
+
+
+def _start(command, log_path):
+  log = open(log_path, 'w')  # pylint: disable=consider-using-with
+  return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+
+
+def _wait_for_training(log_path, seconds=300):
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    with open(log_path) as f:
+      if 'training 100000 steps' in f.read():
+        time.sleep(2)  # some steps in
+        return
+    time.sleep(0.2)
+  raise AssertionError(f'training never started: {open(log_path).read()[-3000:]}')
+
+
+def _results(tmp_path):
+  with open(tmp_path / 'run' / 'results.json') as f:
+    return json.load(f)
+
+
+def _latest_checkpoint(tmp_path):
+  saved = [int(name) for name in os.listdir(tmp_path / 'run' / 'checkpoints') if name.isdigit()]
+  return max(saved)
 
 
 @pytest.mark.slow
 def test_main_sets_dispatch_and_joins_a_multi_process_run_before_jax_starts(tmp_path):
   # Both settings only take effect before the process's JAX backend exists: a main that touched
   # JAX first (even to log its devices) would warn about the dispatch and fail to join.
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  workdir = tmp_path / 'run'
-  command = [sys.executable, '-m', 'dlrm_jax.main', '--config=configs/default.py:tiny',
-             f'--config.output_dir={tmp_path}', f'--workdir={workdir}', '--config.steps=3',
-             '--config.no_eval=True', f'--config.distributed.coordinator_address=127.0.0.1:{port}',
-             '--config.distributed.num_processes=1', '--config.distributed.process_id=0',
-             '--config.distributed.cpu_collectives=True']
+  command = _command(tmp_path, 3, '--config.no_eval=True', *_distributed(_free_port(), 1, 0))
   proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert 'has no effect' not in proc.stderr
-  with open(workdir / 'results.json') as f:
-    results = json.load(f)
+  results = _results(tmp_path)
   assert results['steps'] == 3
   assert results['cpu_async_dispatch'] is False  # configs/default.py's setting
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step_then_a_rerun_resumes(tmp_path):
+  log_path = tmp_path / 'log.txt'
+  proc = _start(_command(tmp_path, 100000), log_path)
+  _wait_for_training(log_path)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 1
+  with open(log_path) as f:
+    log = f.read()
+  assert 'preemption notice (SIGTERM)' in log, log[-3000:]
+  results = _results(tmp_path)
+  stopped = results['preempted_at_step']
+  assert 0 < stopped < 100000
+  assert results['steps'] == results['last_checkpoint_step'] == stopped
+  assert _latest_checkpoint(tmp_path) == stopped
+  assert 'eval_auc' not in results  # stopping does not evaluate
+
+  rerun = subprocess.run(_command(tmp_path, stopped + 3), cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert rerun.returncode == 0, rerun.stderr[-4000:]
+  assert f'training {stopped + 3} steps from step {stopped}' in rerun.stderr
+  results = _results(tmp_path)
+  assert results['steps'] == stopped + 3 and 'preempted_at_step' not in results
+  assert 'eval_auc' in results
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_one_checkpointed_step(tmp_path):
+  # JAX's preemption service catches SIGTERM once a process has joined a multi-process run;
+  # without asking it, the run would ignore the signal. Here only process 1 gets it.
+  port = _free_port()
+  procs, logs = [], []
+  for pid in (0, 1):
+    logs.append(tmp_path / f'log{pid}.txt')
+    procs.append(_start(_command(tmp_path, 100000, *_distributed(port, 2, pid)), logs[-1]))
+  try:
+    _wait_for_training(logs[1])
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=180) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  texts = [open(path).read() for path in logs]
+  assert codes == [1, 1], [t[-3000:] for t in texts]
+  steps = {t.split('stopped after step ')[1].split()[0] for t in texts}
+  assert len(steps) == 1, steps  # the same step on both
+  stopped = int(steps.pop())
+  assert _latest_checkpoint(tmp_path) == stopped
+  assert _results(tmp_path)['preempted_at_step'] == stopped
+
+
+def test_preemption_notices_take_sigterm_only_inside_the_block():
+  before = signal.getsignal(signal.SIGTERM)
+  with checkpoints.preemption_notices() as stop:
+    assert not stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while not stop(2) and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert stop(2)
+  assert signal.getsignal(signal.SIGTERM) == before
