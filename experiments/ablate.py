@@ -11,9 +11,9 @@ only in what the grid and the seed change. Compiled programs go to JAX's persist
 cache in `out_dir/jax_cache` (unless one is configured already): a seed only changes data, so
 every seed after a variant's first skips compiling.
 
-A cell is finished when its `results.json` exists (train.py writes it atomically, last), so an
-interrupted grid resumes: finished cells are read back, an interrupted cell resumes from its
-newest checkpoint, and the rest train. Each cell keeps the config it was trained with in
+A cell is finished when its `results.json` exists (train.py writes it atomically, last) and
+does not say that a preemption notice stopped it, so an interrupted grid resumes: finished cells
+are read back, an interrupted cell resumes from its newest checkpoint, and the rest train. Each cell keeps the config it was trained with in
 `cell_config.json`; resuming into an `out_dir` made from a different config is an error rather
 than a table that mixes two experiments.
 
@@ -226,7 +226,11 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str,
   _check_same_config(workdir, config)
   results_path = os.path.join(workdir, RESULTS)
   if os.path.exists(results_path):
-    return _read_json(results_path), False
+    results = _read_json(results_path)
+    if 'preempted_at_step' not in results:
+      return results, False
+    logging.info('%s: stopped by a preemption notice at step %d; resuming it', workdir,
+                 results['preempted_at_step'])
   if train_fn is None:
     from dlrm_jax import train  # pylint: disable=g-import-not-at-top
     train_fn = train.train_and_evaluate

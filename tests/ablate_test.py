@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from configs import ablation_interactions
+from dlrm_jax import checkpoints
 from experiments import ablate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,15 +147,20 @@ def test_resume_trains_only_the_unfinished_cell(finished, tmp_path, shared_compi
   assert resumed['eval_auc'] == pytest.approx(first['eval_auc'], abs=1e-6)
 
 
-def fake_train(fail_at=None):
+def fake_train(fail_at=None, preempt_at=None):
   """A stand-in for train_and_evaluate: AUC 0.6 + seed / 100 + 0.1 for dot, written as train.py
-  writes it; raises at the cell named `fail_at`, as an interrupted grid would stop."""
+  writes it; raises at the cell named `fail_at`, as an interrupted grid would stop, and at the
+  cell named `preempt_at` writes a preempted run's results and raises as train.py does."""
   calls = []
 
   def train_fn(config, workdir):
     name = os.path.basename(workdir)
     if name == fail_at:
       raise KeyboardInterrupt(name)
+    if name == preempt_at:
+      with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump({'steps': 3, 'preempted_at_step': 3}, f)
+      raise checkpoints.Preempted('preemption notice (SIGTERM)')
     calls.append(name)
     auc = 0.6 + config.seed / 100 + (0.1 if config.interaction_op == 'dot' else 0.0)
     results = {'steps': 7, 'eval_auc': auc, 'eval_logloss': 0.2, 'eval_accuracy': 0.9,
@@ -187,6 +193,20 @@ def test_interrupted_grid_resumes_where_it_stopped(tmp_path):
   path = ablate.plot_auc_panels({'a': result, 'b': result}, str(tmp_path / 'panels.png'))
   with open(path, 'rb') as f:
     assert f.read().startswith(PNG_MAGIC)
+
+
+def test_a_cell_stopped_by_preemption_trains_again_on_resume(tmp_path):
+  grid, seeds = {'interaction_op': ('dot', 'cat')}, [1]
+  preempted, first_calls = fake_train(preempt_at='interaction_op-cat_seed-1')
+  with pytest.raises(checkpoints.Preempted):
+    ablate.run_ablation(tiny_base(), grid, seeds, str(tmp_path), plots=False,
+                        train_fn=preempted, compilation_cache=False)
+  assert first_calls == ['interaction_op-dot_seed-1']
+  resuming, second_calls = fake_train()
+  result = ablate.run_ablation(tiny_base(), grid, seeds, str(tmp_path), plots=False,
+                               train_fn=resuming, compilation_cache=False)
+  assert second_calls == ['interaction_op-cat_seed-1']
+  assert list(result.cells['eval_auc']) == pytest.approx([0.71, 0.61])
 
 
 def test_resume_refuses_an_out_dir_of_another_config(tmp_path):
