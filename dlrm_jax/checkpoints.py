@@ -74,12 +74,13 @@ class Preempted(SystemExit):
 def preemption_notices() -> Iterator[Callable[[int], bool]]:
   """Yields `stop(step)`, to be asked after every train step: save this step, then stop?
 
-  Multi-process runs use JAX's preemption service, which catches SIGTERM from the moment
-  `jax.distributed.initialize` runs and makes every process answer True at the same step, so
-  that their collective save lines up. Without it SIGTERM would never end such a run: the
-  service swallows the signal. A single process answers from a Python handler installed only
-  while the loop runs, so SIGTERM while the data is cached or the model evaluates still ends
-  the process at once, as it did before (the newest complete checkpoint stays the newest).
+  Multi-process runs ask JAX's preemption service, which makes every process answer True at the
+  same step, so that their collective save lines up. Asking it is the only way such a run
+  notices SIGTERM at all: from `jax.distributed.initialize` on, the service catches the signal,
+  which then no longer ends the process. A single process answers from a Python handler
+  installed only while the loop runs, so SIGTERM while the data is cached or the model evaluates
+  still ends the process at once, as it did before (the newest complete checkpoint stays the
+  newest).
   """
   if jax.distributed.is_initialized():
     yield multihost_utils.reached_preemption_sync_point

@@ -13,9 +13,9 @@ every seed after a variant's first skips compiling.
 
 A cell is finished when its `results.json` exists (train.py writes it atomically, last) and
 does not say that a preemption notice stopped it, so an interrupted grid resumes: finished cells
-are read back, an interrupted cell resumes from its newest checkpoint, and the rest train. Each cell keeps the config it was trained with in
-`cell_config.json`; resuming into an `out_dir` made from a different config is an error rather
-than a table that mixes two experiments.
+are read back, an interrupted cell resumes from its newest checkpoint, and the rest train. Each
+cell keeps the config it was trained with in `cell_config.json`; resuming into an `out_dir` made
+from a different config is an error rather than a table that mixes two experiments.
 
 Writes, in `out_dir`:
   results.csv, results.md  mean and spread (sample std over seeds) of eval AUC, logloss, accuracy,
