@@ -13,6 +13,8 @@ import pytest
 from dlrm_jax import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS='cpu')
+MANY_STEPS = 100000  # more than a test waits for: the run ends only by its SIGTERM
 
 
 def _free_port() -> int:
@@ -35,20 +37,23 @@ def _distributed(port, num_processes, process_id):
 
 
 def _start(command, log_path):
-  log = open(log_path, 'w')  # pylint: disable=consider-using-with
-  return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  with open(log_path, 'w') as log:  # the child keeps its own descriptor
+    return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+
+
+def _read(path):
+  with open(path) as f:
+    return f.read()
 
 
 def _wait_for_training(log_path, seconds=300):
   deadline = time.monotonic() + seconds
   while time.monotonic() < deadline:
-    with open(log_path) as f:
-      if 'training 100000 steps' in f.read():
-        time.sleep(2)  # some steps in
-        return
+    if f'training {MANY_STEPS} steps' in _read(log_path):
+      time.sleep(2)  # some steps in
+      return
     time.sleep(0.2)
-  raise AssertionError(f'training never started: {open(log_path).read()[-3000:]}')
+  raise AssertionError(f'training never started: {_read(log_path)[-3000:]}')
 
 
 def _results(tmp_path):
@@ -66,8 +71,7 @@ def test_main_sets_dispatch_and_joins_a_multi_process_run_before_jax_starts(tmp_
   # Both settings only take effect before the process's JAX backend exists: a main that touched
   # JAX first (even to log its devices) would warn about the dispatch and fail to join.
   command = _command(tmp_path, 3, '--config.no_eval=True', *_distributed(_free_port(), 1, 0))
-  proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert 'has no effect' not in proc.stderr
   results = _results(tmp_path)
@@ -78,22 +82,21 @@ def test_main_sets_dispatch_and_joins_a_multi_process_run_before_jax_starts(tmp_
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_then_a_rerun_resumes(tmp_path):
   log_path = tmp_path / 'log.txt'
-  proc = _start(_command(tmp_path, 100000), log_path)
+  proc = _start(_command(tmp_path, MANY_STEPS), log_path)
   _wait_for_training(log_path)
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=120) == 1
-  with open(log_path) as f:
-    log = f.read()
+  log = _read(log_path)
   assert 'preemption notice (SIGTERM)' in log, log[-3000:]
   results = _results(tmp_path)
   stopped = results['preempted_at_step']
-  assert 0 < stopped < 100000
+  assert 0 < stopped < MANY_STEPS
   assert results['steps'] == results['last_checkpoint_step'] == stopped
   assert _latest_checkpoint(tmp_path) == stopped
   assert 'eval_auc' not in results  # stopping does not evaluate
 
   rerun = subprocess.run(_command(tmp_path, stopped + 3), cwd=ROOT, capture_output=True,
-                         text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+                         text=True, timeout=600, env=ENV)
   assert rerun.returncode == 0, rerun.stderr[-4000:]
   assert f'training {stopped + 3} steps from step {stopped}' in rerun.stderr
   results = _results(tmp_path)
@@ -109,7 +112,7 @@ def test_sigterm_to_one_process_stops_every_process_at_one_checkpointed_step(tmp
   procs, logs = [], []
   for pid in (0, 1):
     logs.append(tmp_path / f'log{pid}.txt')
-    procs.append(_start(_command(tmp_path, 100000, *_distributed(port, 2, pid)), logs[-1]))
+    procs.append(_start(_command(tmp_path, MANY_STEPS, *_distributed(port, 2, pid)), logs[-1]))
   try:
     _wait_for_training(logs[1])
     procs[1].send_signal(signal.SIGTERM)
@@ -117,7 +120,7 @@ def test_sigterm_to_one_process_stops_every_process_at_one_checkpointed_step(tmp
   finally:
     for p in procs:
       p.kill()
-  texts = [open(path).read() for path in logs]
+  texts = [_read(path) for path in logs]
   assert codes == [1, 1], [t[-3000:] for t in texts]
   steps = {t.split('stopped after step ')[1].split()[0] for t in texts}
   assert len(steps) == 1, steps  # the same step on both
