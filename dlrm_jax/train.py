@@ -547,7 +547,10 @@ def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
 
 
 def predict(setup: Setup, state: TrainState, config, input_path: str, output_path: str) -> int:
-  """Writes one click probability per row of `input_path`, in row order; returns the count."""
+  """Writes one click probability per row of `input_path`, in row order; returns the count.
+
+  One process only (see train_and_evaluate).
+  """
   step = make_eval_step(setup)
   batches = input_pipeline.batches([input_path], setup.spec, config.eval_batch_size,
                                    drop_remainder=False, skip_bad_rows=False)
@@ -574,6 +577,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                jax.local_devices())
   setup = make_setup(config)
   if config.mode == 'predict':
+    # Every process would read the whole file as its share of the global batch and write each
+    # row twice; a multi-process run's checkpoint restores into one process instead.
+    if jax.process_count() > 1:
+      raise ValueError(f'mode=predict runs in a single process, not {jax.process_count()}: run '
+                       'it without config.distributed (the checkpoint restores onto one host)')
     state = restore_for_inference(setup, config, workdir)
     output = config.predict_output or os.path.join(workdir, 'predictions.txt')
     count = predict(setup, state, config, config.predict_input, output)
@@ -585,7 +593,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     results = {'steps': int(state.step), **data.oracle}
     results.update({f'eval_{k}': v for k, v in evaluate(
         setup, state, config, data, input_pipeline.ParseStats()).items()})
-    write_results(os.path.join(workdir, 'eval_results.json'), results)
+    if jax.process_index() == 0:
+      write_results(os.path.join(workdir, 'eval_results.json'), results)
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
     return results
   if config.mode != 'train':

@@ -171,6 +171,14 @@ def test_results_keep_every_earlier_invocation_even_a_damaged_one(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['results.json', 'results_history.jsonl']
 
 
+def test_predict_mode_refuses_several_processes(tmp_path, monkeypatch):
+  # Each process would read the whole file as its share of the batch (rows written twice).
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  config = _config(tmp_path, mode='predict', predict_input=str(tmp_path / 'rows.csv'))
+  with pytest.raises(ValueError, match='single process, not 2'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
 def test_eval_mode_without_checkpoint_says_so(tmp_path):
   config = _config(tmp_path, mode='eval')
   with pytest.raises(FileNotFoundError, match='needs a checkpoint'):

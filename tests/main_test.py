@@ -128,6 +128,20 @@ def test_sigterm_to_one_process_stops_every_process_at_one_checkpointed_step(tmp
   assert _latest_checkpoint(tmp_path) == stopped
   assert _results(tmp_path)['preempted_at_step'] == stopped
 
+  # The same two processes evaluate the checkpoint; only process 0 writes the results.
+  port = _free_port()
+  procs = [_start(_command(tmp_path, MANY_STEPS, '--config.mode=eval', *_distributed(port, 2, pid)),
+                  tmp_path / f'eval{pid}.txt') for pid in (0, 1)]
+  try:
+    codes = [p.wait(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert codes == [0, 0], [_read(tmp_path / f'eval{pid}.txt')[-3000:] for pid in (0, 1)]
+  with open(tmp_path / 'run' / 'eval_results.json') as f:
+    assert json.load(f)['steps'] == stopped
+  assert not os.path.exists(tmp_path / 'run' / 'eval_results_history.jsonl')
+
 
 def test_preemption_notices_take_sigterm_only_inside_the_block():
   before = signal.getsignal(signal.SIGTERM)
