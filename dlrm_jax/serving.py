@@ -31,7 +31,11 @@ def _flatten(tree) -> Dict[str, np.ndarray]:
 
 
 def export_model(setup, state, directory: str) -> str:
-  """Writes the artifact atomically (temporary directory, then rename); returns its path."""
+  """Writes the artifact atomically (temporary directory, then rename); returns its path.
+
+  With several processes only process 0 writes: each process holds every parameter whole
+  (`train.make_mesh` keeps a table's shards within one process).
+  """
   from dlrm_jax import models  # pylint: disable=g-import-not-at-top
 
   spec = setup.spec
@@ -54,20 +58,32 @@ def export_model(setup, state, directory: str) -> str:
           jax.ShapeDtypeStruct((batch, spec.num_slots), jnp.int32),
           jax.ShapeDtypeStruct((batch, spec.num_slots), jnp.float32))
   exported = jax.export.export(jax.jit(score))(*args)
+  if jax.process_index() != 0:
+    return directory
 
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
-  with open(os.path.join(tmp, ARTIFACT), 'wb') as f:
-    f.write(exported.serialize())
-  np.savez(os.path.join(tmp, PARAMS), **_flatten(params))
-  with open(os.path.join(tmp, SPEC), 'w') as f:
-    json.dump({'name': spec.name, 'num_dense': spec.num_dense, 'num_slots': spec.num_slots,
-               'num_sparse': spec.num_sparse, 'embedding_dim': spec.embedding_dim,
-               'tables': {t.name: t.rows for t in spec.tables}}, f, indent=2)
+  try:
+    with open(os.path.join(tmp, ARTIFACT), 'wb') as f:
+      f.write(exported.serialize())
+    np.savez(os.path.join(tmp, PARAMS), **_flatten(params))
+    with open(os.path.join(tmp, SPEC), 'w') as f:
+      json.dump({'name': spec.name, 'num_dense': spec.num_dense, 'num_slots': spec.num_slots,
+                 'num_sparse': spec.num_sparse, 'embedding_dim': spec.embedding_dim,
+                 'tables': {t.name: t.rows for t in spec.tables}}, f, indent=2)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  # The previous artifact is moved aside, not deleted, until the new one is in place: a crash in
+  # between leaves it in `.export-old-*` beside the directory.
+  previous = None
   if os.path.exists(directory):
-    shutil.rmtree(directory)
+    previous = tempfile.mkdtemp(prefix='.export-old-', dir=parent)
+    os.replace(directory, os.path.join(previous, 'artifact'))
   os.replace(tmp, directory)
+  if previous:
+    shutil.rmtree(previous)
   return directory
 
 

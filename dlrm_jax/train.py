@@ -87,7 +87,24 @@ def make_mesh(config) -> Mesh:
   if models.ROW_MULTIPLE % model:
     raise ValueError(f'the model axis ({model}) must divide {models.ROW_MULTIPLE}, the multiple '
                      'table rows are padded to')
-  return Mesh(np.asarray(devices).reshape(data, model), ('data', 'model'))
+  grid = np.asarray(devices).reshape(data, model)
+  # Each process reads rows of its own into the batch's 'data' shards. Devices that share a data
+  # index are replicas of one shard, so they must be one process's: across processes they would
+  # hold different rows under one name, and the "replicated" weights would drift apart.
+  for row in grid:
+    owners = sorted({d.process_index for d in row})
+    if len(owners) > 1:
+      raise ValueError(
+          f'mesh_shape {tuple(config.mesh_shape)}: the model axis ({model}) spans processes '
+          f'{owners}; with {jax.process_count()} processes of {jax.local_device_count()} devices '
+          f'each, the model axis must lie within a process (at most {jax.local_device_count()}, '
+          'dividing it): tables split over one host\'s devices, and the data axis spans hosts')
+  # models.UniqueRows numbers process p's rows as block p of the batch: processes in data order.
+  row_owners = [row[0].process_index for row in grid]
+  if row_owners != sorted(row_owners):
+    raise ValueError(f'jax.devices() puts the processes along the data axis in the order '
+                     f'{row_owners}; this trainer needs process p to hold block p of the batch')
+  return Mesh(grid, ('data', 'model'))
 
 
 def set_cpu_dispatch(config) -> None:

@@ -8,9 +8,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from dlrm_jax import checkpoints
+from dlrm_jax import feature_spec
+from dlrm_jax import input_pipeline
+from dlrm_jax import serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS='cpu')
@@ -153,3 +157,59 @@ def test_preemption_notices_take_sigterm_only_inside_the_block():
       time.sleep(0.01)
     assert stop(2)
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _run_processes(tmp_path, name, *extra, devices=1):
+  """Runs main in two processes of `devices` CPU devices each; their exit codes and logs."""
+  port = _free_port()
+  env = dict(ENV, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  logs = [tmp_path / f'{name}{pid}.txt' for pid in (0, 1)]
+  procs = []
+  for pid, log_path in enumerate(logs):
+    with open(log_path, 'w') as log:
+      procs.append(subprocess.Popen(_command(tmp_path, 5, *extra, *_distributed(port, 2, pid)),
+                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env))
+  try:
+    codes = [p.wait(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return codes, [_read(path) for path in logs]
+
+
+@pytest.mark.slow
+def test_a_model_axis_across_processes_is_refused(tmp_path):
+  # Each process reads its own rows: devices sharing a data index in different processes would
+  # be replicas holding different batches (their "replicated" weights drifted apart).
+  codes, logs = _run_processes(tmp_path, 'mesh', '--config.mesh_shape=(1,2)')
+  assert codes == [1, 1], [t[-3000:] for t in logs]
+  assert all('the model axis (2) spans processes [0, 1]' in t for t in logs)
+
+
+@pytest.mark.slow
+def test_two_processes_with_sharded_tables_export_one_artifact(tmp_path):
+  # No process holds the tables as one addressable array: the export gathers them and process 0
+  # alone writes. The artifact scores as the checkpoint does in one process.
+  export = tmp_path / 'export'
+  codes, logs = _run_processes(tmp_path, 'log', '--config.no_eval=True',
+                               f'--config.export_dir={export}', '--config.mesh_shape=(2,2)',
+                               devices=2)
+  assert codes == [0, 0], [t[-3000:] for t in logs]
+  assert sorted(os.listdir(tmp_path)).count('export') == 1
+  assert not [n for n in os.listdir(tmp_path) if n.startswith('.export-')]
+
+  eval_path = tmp_path / 'planted_elm' / 'eval.csv'
+  predicted = subprocess.run(
+      _command(tmp_path, 5, '--config.mode=predict', f'--config.predict_input={eval_path}',
+               f'--config.predict_output={tmp_path / "probs.txt"}'),
+      cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+  assert predicted.returncode == 0, predicted.stderr[-4000:]
+  probs = np.loadtxt(tmp_path / 'probs.txt')
+
+  score = serving.load(str(export))
+  spec = feature_spec.elm_spec(1000, 4, 8)  # the tiny config's
+  served = np.concatenate([
+      score(b['dense'], b['ids'], b['weights'])[b['mask'] > 0]
+      for b in input_pipeline.batches([str(eval_path)], spec, 512, drop_remainder=False)])
+  # Same float32 math, different XLA programs (direct gather vs unique rows): ~1e-6 apart.
+  np.testing.assert_allclose(served, probs, rtol=1e-4, atol=1e-6)
