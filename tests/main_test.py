@@ -40,9 +40,9 @@ def _distributed(port, num_processes, process_id):
           '--config.distributed.cpu_collectives=True']
 
 
-def _start(command, log_path):
+def _start(command, log_path, env=ENV):
   with open(log_path, 'w') as log:  # the child keeps its own descriptor
-    return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def _read(path):
@@ -58,6 +58,25 @@ def _wait_for_training(log_path, seconds=300):
       return
     time.sleep(0.2)
   raise AssertionError(f'training never started: {_read(log_path)[-3000:]}')
+
+
+def _two_processes(tmp_path, name, steps, *extra, devices=1, sigterm_to=None):
+  """main in two processes of `devices` CPU devices each: their exit codes and logs. With
+  `sigterm_to`, that process gets SIGTERM once training has started."""
+  port = _free_port()
+  env = dict(ENV, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  logs = [tmp_path / f'{name}{pid}.txt' for pid in (0, 1)]
+  procs = [_start(_command(tmp_path, steps, *extra, *_distributed(port, 2, pid)), log, env)
+           for pid, log in enumerate(logs)]
+  try:
+    if sigterm_to is not None:
+      _wait_for_training(logs[sigterm_to])
+      procs[sigterm_to].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return codes, [_read(path) for path in logs]
 
 
 def _results(tmp_path):
@@ -112,19 +131,7 @@ def test_sigterm_checkpoints_the_current_step_then_a_rerun_resumes(tmp_path):
 def test_sigterm_to_one_process_stops_every_process_at_one_checkpointed_step(tmp_path):
   # JAX's preemption service catches SIGTERM once a process has joined a multi-process run;
   # without asking it, the run would ignore the signal. Here only process 1 gets it.
-  port = _free_port()
-  procs, logs = [], []
-  for pid in (0, 1):
-    logs.append(tmp_path / f'log{pid}.txt')
-    procs.append(_start(_command(tmp_path, MANY_STEPS, *_distributed(port, 2, pid)), logs[-1]))
-  try:
-    _wait_for_training(logs[1])
-    procs[1].send_signal(signal.SIGTERM)
-    codes = [p.wait(timeout=180) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  texts = [_read(path) for path in logs]
+  codes, texts = _two_processes(tmp_path, 'log', MANY_STEPS, sigterm_to=1)
   assert codes == [1, 1], [t[-3000:] for t in texts]
   steps = {t.split('stopped after step ')[1].split()[0] for t in texts}
   assert len(steps) == 1, steps  # the same step on both
@@ -133,15 +140,8 @@ def test_sigterm_to_one_process_stops_every_process_at_one_checkpointed_step(tmp
   assert _results(tmp_path)['preempted_at_step'] == stopped
 
   # The same two processes evaluate the checkpoint; only process 0 writes the results.
-  port = _free_port()
-  procs = [_start(_command(tmp_path, MANY_STEPS, '--config.mode=eval', *_distributed(port, 2, pid)),
-                  tmp_path / f'eval{pid}.txt') for pid in (0, 1)]
-  try:
-    codes = [p.wait(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert codes == [0, 0], [_read(tmp_path / f'eval{pid}.txt')[-3000:] for pid in (0, 1)]
+  codes, texts = _two_processes(tmp_path, 'eval', MANY_STEPS, '--config.mode=eval')
+  assert codes == [0, 0], [t[-3000:] for t in texts]
   with open(tmp_path / 'run' / 'eval_results.json') as f:
     assert json.load(f)['steps'] == stopped
   assert not os.path.exists(tmp_path / 'run' / 'eval_results_history.jsonl')
@@ -159,29 +159,11 @@ def test_preemption_notices_take_sigterm_only_inside_the_block():
   assert signal.getsignal(signal.SIGTERM) == before
 
 
-def _run_processes(tmp_path, name, *extra, devices=1):
-  """Runs main in two processes of `devices` CPU devices each; their exit codes and logs."""
-  port = _free_port()
-  env = dict(ENV, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  logs = [tmp_path / f'{name}{pid}.txt' for pid in (0, 1)]
-  procs = []
-  for pid, log_path in enumerate(logs):
-    with open(log_path, 'w') as log:
-      procs.append(subprocess.Popen(_command(tmp_path, 5, *extra, *_distributed(port, 2, pid)),
-                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env))
-  try:
-    codes = [p.wait(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  return codes, [_read(path) for path in logs]
-
-
 @pytest.mark.slow
 def test_a_model_axis_across_processes_is_refused(tmp_path):
   # Each process reads its own rows: devices sharing a data index in different processes would
   # be replicas holding different batches (their "replicated" weights drifted apart).
-  codes, logs = _run_processes(tmp_path, 'mesh', '--config.mesh_shape=(1,2)')
+  codes, logs = _two_processes(tmp_path, 'mesh', 5, '--config.mesh_shape=(1,2)')
   assert codes == [1, 1], [t[-3000:] for t in logs]
   assert all('the model axis (2) spans processes [0, 1]' in t for t in logs)
 
@@ -191,7 +173,7 @@ def test_two_processes_with_sharded_tables_export_one_artifact(tmp_path):
   # No process holds the tables as one addressable array: the export gathers them and process 0
   # alone writes. The artifact scores as the checkpoint does in one process.
   export = tmp_path / 'export'
-  codes, logs = _run_processes(tmp_path, 'log', '--config.no_eval=True',
+  codes, logs = _two_processes(tmp_path, 'log', 5, '--config.no_eval=True',
                                f'--config.export_dir={export}', '--config.mesh_shape=(2,2)',
                                devices=2)
   assert codes == [0, 0], [t[-3000:] for t in logs]
