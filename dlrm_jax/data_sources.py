@@ -27,6 +27,7 @@ for the largest possible share, padded with all-masked batches.
 """
 
 import dataclasses
+import functools
 import glob
 import itertools
 import os
@@ -114,15 +115,16 @@ def _planted_data(config, spec: fs.FeatureSpec, directory: str) -> Dict[str, Any
   disk) or write the same files to their own. Writing at once, two processes on one disk would
   replace each other's files while the other is caching them.
   """
-  planted = config.planted.to_dict()
+  ensure = functools.partial(datagen.ensure_planted_data, directory, spec.name,
+                             **config.planted.to_dict())
   import jax  # pylint: disable=g-import-not-at-top
   if not (jax.distributed.is_initialized() and jax.process_count() > 1):
-    return datagen.ensure_planted_data(directory, spec.name, **planted)
+    return ensure()
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    datagen.ensure_planted_data(directory, spec.name, **planted)
+  first = jax.process_index() == 0
+  oracle = ensure() if first else None
   multihost_utils.sync_global_devices(f'planted data in {directory}')
-  return datagen.ensure_planted_data(directory, spec.name, **planted)
+  return oracle if first else ensure()
 
 
 def resolve(config, spec: fs.FeatureSpec, *, train: bool = True,
