@@ -6,10 +6,11 @@ complete one; `restore_latest` only ever sees complete steps.
 """
 
 import contextlib
+import json
 import os
 import signal
 import threading
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from absl import logging
 import jax
@@ -32,6 +33,71 @@ def make_manager(workdir: str, config) -> ocp.CheckpointManager:
 
 def latest_step(manager: ocp.CheckpointManager) -> Optional[int]:
   return manager.latest_step()
+
+
+def _leaves(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+  """`tree`'s array leaves by dotted path ('params.tables.fused'), as (shape, dtype)."""
+  def name(key):
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  return {'.'.join(name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def config_differences(saved: Dict[str, Any], current: Dict[str, Any], prefix: str = '') -> List[str]:
+  """'field: saved -> current' for every (dotted) field whose value differs between two configs."""
+  lines = []
+  for key in sorted(set(saved) | set(current)):
+    old, new = saved.get(key, '(absent)'), current.get(key, '(absent)')
+    if isinstance(old, dict) and isinstance(new, dict):
+      lines += config_differences(old, new, f'{prefix}{key}.')
+    elif old != new:
+      lines.append(f'{prefix}{key}: {json.dumps(old)} -> {json.dumps(new)}')
+  return lines
+
+
+def check_fits(manager: ocp.CheckpointManager, abstract_state, config, workdir: str) -> None:
+  """Fails before a run writes anything when the newest checkpoint cannot restore into `config`'s
+  state, naming the arrays and config fields that differ.
+
+  Without it a changed model size, optimizer or emb_fusion would surface as orbax's tree dump,
+  after the data were cached and the step compiled, and the run would already have replaced
+  the run directory's config.json, the one record of the settings the checkpoint was made with.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return
+  try:
+    saved = _leaves(manager.item_metadata(step))
+  except Exception:  # pylint: disable=broad-except
+    return  # no readable metadata (another writer): the restore's own check still applies
+  wanted = _leaves(abstract_state)
+  show = lambda leaf: f'{leaf[0]} {leaf[1]}'  # pylint: disable=unnecessary-lambda-assignment
+  kinds = [
+      ('arrays of another shape or dtype',
+       [f'{p}: {show(saved[p])} saved, {show(wanted[p])} now'
+        for p in sorted(wanted) if p in saved and saved[p] != wanted[p]]),
+      ('arrays this config needs and the checkpoint lacks', sorted(set(wanted) - set(saved))),
+      ('arrays in the checkpoint this config has no place for', sorted(set(saved) - set(wanted)))]
+  kinds = [f'{len(paths)} {kind} (first: {paths[0]})' for kind, paths in kinds if paths]
+  if not kinds:
+    return
+  message = [f'the checkpoint at step {step} in {manager.directory} does not fit this config: '
+             + '; '.join(kinds) + '.']
+  config_path = os.path.join(workdir, 'config.json')
+  try:
+    with open(config_path) as f:
+      differences = config_differences(json.load(f),
+                                       json.loads(config.to_json_best_effort()))
+    message.append(f'The config differs from {config_path} (the settings the checkpoint was '
+                   'made with) in: ' + (', '.join(differences) or 'nothing') + '.')
+  except (OSError, ValueError):
+    pass
+  message.append('Use the run\'s settings for these, or train into a new run directory '
+                 '(--config.checkpoint).')
+  raise ValueError(' '.join(message))
 
 
 def restore_latest(manager: ocp.CheckpointManager, state):

@@ -6,6 +6,7 @@ without it. Only process 0 writes, so multi-host runs produce one set of summari
 
 import glob
 import importlib
+import json
 import os
 import struct
 import sys
@@ -66,11 +67,25 @@ class MetricWriter:
       self._writer.add_histogram(name, values, global_step=step)
 
   def write_config(self, config) -> None:
-    """The config as JSON beside the summaries, and as text in TensorBoard."""
+    """The config as JSON beside the summaries, and as text in TensorBoard.
+
+    A resumed run with other settings (more steps, another learning rate) appends the config.json
+    it replaces to config_history.jsonl: each invocation's settings stay on record.
+    """
     if not self._enabled:
       return
     text = config.to_json_best_effort(indent=2, sort_keys=True)
     path = os.path.join(self._workdir, 'config.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        previous = f.read()
+      if previous != text:
+        try:
+          record = json.dumps(json.loads(previous), sort_keys=True)
+        except ValueError:
+          record = json.dumps({'unreadable_config': previous})
+        with open(os.path.join(self._workdir, 'config_history.jsonl'), 'a') as f:
+          f.write(record + '\n')
     with open(path + '.tmp', 'w') as f:
       f.write(text)
     os.replace(path + '.tmp', path)

@@ -560,6 +560,7 @@ def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
   if checkpoints.latest_step(manager) is None:
     raise FileNotFoundError(f'mode={config.mode} needs a checkpoint in {workdir}/checkpoints, '
                             'and there is none; train first or point --workdir at a run')
+  checkpoints.check_fits(manager, state, config, workdir)
   return checkpoints.restore_latest(manager, state)
 
 
@@ -624,11 +625,12 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   data = data_sources.resolve(config, setup.spec)
   abstract = abstract_train_state(setup)
   check_writable(workdir, abstract, config)
+  manager = checkpoints.make_manager(workdir, config)
+  checkpoints.check_fits(manager, abstract, config, workdir)
   writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.write_config(config)
   stats = input_pipeline.ParseStats()
 
-  manager = checkpoints.make_manager(workdir, config)
   start_step = checkpoints.latest_step(manager) or 0
   num_steps = steps_for(config, data.train_rows)
   step_fn = compile_train_step(setup, abstract, options['op_fusion'])

@@ -171,6 +171,52 @@ def test_results_keep_every_earlier_invocation_even_a_damaged_one(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['results.json', 'results_history.jsonl']
 
 
+def _run_files(workdir):
+  return {os.path.relpath(p, workdir): os.path.getmtime(p)
+          for p in glob.glob(os.path.join(workdir, '**'), recursive=True) if os.path.isfile(p)}
+
+
+def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_path):
+  workdir = str(tmp_path / 'run')
+  trained = _config(tmp_path, steps=5, save_steps=0, no_eval=True)
+  train.train_and_evaluate(trained, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved_config = f.read()
+  before = _run_files(workdir)
+  cases = [  # (override, a field the message must name, the array kind it must report)
+      (dict(hash_buckets=2000), 'hash_buckets: 1000 -> 2000', 'of another shape'),
+      (dict(emb_fusion=False), 'emb_fusion: true -> false', 'checkpoint lacks'),
+      (dict(optimizer='adagrad'), 'optimizer: "adamasync" -> "adagrad"', 'has no place for'),
+  ]
+  for override, field, kind in cases:
+    resumed = _config(tmp_path, steps=10, save_steps=0, no_eval=True, **override)
+    with pytest.raises(ValueError) as error:
+      train.train_and_evaluate(resumed, workdir)
+    assert field in str(error.value) and kind in str(error.value), (override, error.value)
+    assert 'steps: 5 -> 10' in str(error.value)
+  # Refused before writing: the run directory (its config.json above all, the one record of the
+  # checkpoint's settings) is as the first run left it.
+  assert _run_files(workdir) == before
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert f.read() == saved_config
+  with pytest.raises(ValueError, match='embedding_dim: 4 -> 8'):
+    _restored(_config(tmp_path, embedding_dim=8, mode='eval'), workdir)
+
+
+def test_resume_with_other_settings_keeps_the_earlier_config(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(tmp_path, steps=5, save_steps=0, no_eval=True), workdir)
+  results = train.train_and_evaluate(
+      _config(tmp_path, steps=8, save_steps=0, no_eval=True, learning_rate=0.02), workdir)
+  assert results['steps'] == 8
+  with open(os.path.join(workdir, 'config_history.jsonl')) as f:
+    history = [json.loads(line) for line in f]
+  assert [(c['steps'], c['learning_rate']) for c in history] == [(5, 0.01)]
+  with open(os.path.join(workdir, 'config.json')) as f:
+    current = json.load(f)
+  assert (current['steps'], current['learning_rate']) == (8, 0.02)
+
+
 def test_predict_mode_refuses_several_processes(tmp_path, monkeypatch):
   # Each process would read the whole file as its share of the batch (rows written twice).
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
