@@ -58,21 +58,17 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any], prefix: s
   return lines
 
 
-def check_fits(manager: ocp.CheckpointManager, abstract_state, config, workdir: str) -> None:
-  """Fails before a run writes anything when the newest checkpoint cannot restore into `config`'s
-  state, naming the arrays and config fields that differ.
-
-  Without it a changed model size, optimizer or emb_fusion would surface as orbax's tree dump,
-  after the data were cached and the step compiled, and the run would already have replaced
-  the run directory's config.json, the one record of the settings the checkpoint was made with.
-  """
+def misfits(manager: ocp.CheckpointManager, abstract_state) -> List[str]:
+  """How the newest checkpoint's arrays differ from `abstract_state`'s, read from its metadata
+  (nothing is loaded); [] when they fit, or when there is no checkpoint or no readable metadata
+  (the restore's own check then still applies)."""
   step = manager.latest_step()
   if step is None:
-    return
+    return []
   try:
     saved = _leaves(manager.item_metadata(step))
   except Exception:  # pylint: disable=broad-except
-    return  # no readable metadata (another writer): the restore's own check still applies
+    return []
   wanted = _leaves(abstract_state)
   show = lambda leaf: f'{leaf[0]} {leaf[1]}'  # pylint: disable=unnecessary-lambda-assignment
   kinds = [
@@ -81,11 +77,20 @@ def check_fits(manager: ocp.CheckpointManager, abstract_state, config, workdir: 
         for p in sorted(wanted) if p in saved and saved[p] != wanted[p]]),
       ('arrays this config needs and the checkpoint lacks', sorted(set(wanted) - set(saved))),
       ('arrays in the checkpoint this config has no place for', sorted(set(saved) - set(wanted)))]
-  kinds = [f'{len(paths)} {kind} (first: {paths[0]})' for kind, paths in kinds if paths]
-  if not kinds:
-    return
-  message = [f'the checkpoint at step {step} in {manager.directory} does not fit this config: '
-             + '; '.join(kinds) + '.']
+  return [f'{len(paths)} {kind} (first: {paths[0]})' for kind, paths in kinds if paths]
+
+
+def refuse(manager: ocp.CheckpointManager, problems: List[str], config, workdir: str):
+  """Raises the error for a checkpoint that does not fit `config`: the arrays that differ
+  (`misfits`), and the config fields that differ from the run's config.json.
+
+  Raised before a run writes anything. Otherwise a changed model size or optimizer would
+  surface as orbax's tree dump, after the data were cached and the step compiled, and the run
+  would already have replaced config.json, the record of the settings the checkpoint was made
+  with.
+  """
+  message = [f'the checkpoint at step {manager.latest_step()} in {manager.directory} does not '
+             'fit this config: ' + '; '.join(problems) + '.']
   config_path = os.path.join(workdir, 'config.json')
   try:
     with open(config_path) as f:

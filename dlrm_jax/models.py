@@ -97,6 +97,40 @@ def init_tables(rng: Array, spec: fs.FeatureSpec, emb_fusion: bool,
           for t, start in zip(spec.tables, spec.table_offsets)}
 
 
+def relayout_tables(tree, spec: fs.FeatureSpec, emb_fusion: bool):
+  """`tree` (a train state, say) with every group of table arrays moved to the `emb_fusion`
+  layout: the tables, and the row-wise or optax optimizer slots kept beside them.
+
+  A group is a dict keyed by the other layout's table arrays. Row-shaped leaves are cut at the
+  table offsets or concatenated; scalars (per-array step counts, equal across arrays) are copied.
+  Padding rows are zero, as in fresh tables: they are never looked up.
+  """
+  source = set(table_array_rows(spec, not emb_fusion))
+  is_group = lambda x: isinstance(x, dict) and set(x) == source  # pylint: disable=unnecessary-lambda-assignment
+
+  def pad_to(rows, leaf):
+    return jnp.pad(leaf, [(0, rows - leaf.shape[0])] + [(0, 0)] * (leaf.ndim - 1))
+
+  def fuse(group):
+    def concatenate(*leaves):
+      if leaves[0].ndim == 0:
+        return leaves[0]
+      cut = [leaf[:table.rows] for leaf, table in zip(leaves, spec.tables)]
+      return pad_to(padded_rows(spec.total_rows), jnp.concatenate(cut))
+    return {FUSED: jax.tree.map(concatenate, *[group[t.name] for t in spec.tables])}
+
+  def split(group):
+    def cut(table, start, leaf):
+      if leaf.ndim == 0:
+        return leaf
+      return pad_to(padded_rows(table.rows), leaf[start:start + table.rows])
+    return {t.name: jax.tree.map(functools.partial(cut, t, start), group[FUSED])
+            for t, start in zip(spec.tables, spec.table_offsets)}
+
+  convert = fuse if emb_fusion else split
+  return jax.tree.map(lambda x: convert(x) if is_group(x) else x, tree, is_leaf=is_group)
+
+
 def _pooling_layout(spec: fs.FeatureSpec):
   """Slots regrouped so that features of equal max_len sit together.
 

@@ -554,14 +554,47 @@ def write_activation_summaries(writer, step: int, activations) -> None:
                                  for k, v in activations.items()})
 
 
+def checkpoint_setup(manager, setup: Setup, config, workdir: str) -> Setup:
+  """The setup whose state the newest checkpoint in `manager` holds (or `setup` if there is none).
+
+  That is `setup` itself, or `setup` with the other emb_fusion layout: emb_fusion is an
+  acceleration, as in DeepRec, and a run may turn it on or off when it resumes (restore_state
+  re-lays the tables). Anything else that changes the state's shapes is refused here, before the
+  run writes anything.
+  """
+  problems = checkpoints.misfits(manager, abstract_train_state(setup))
+  if not problems:
+    return setup
+  other = dataclasses.replace(setup, emb_fusion=not setup.emb_fusion)
+  if not checkpoints.misfits(manager, abstract_train_state(other)):
+    return other
+  checkpoints.refuse(manager, problems, config, workdir)
+
+
+def restore_state(manager, setup: Setup, saved: Setup) -> TrainState:
+  """The newest checkpoint as a state of `setup`'s layout; `saved` is its own (checkpoint_setup).
+
+  A checkpoint of the other emb_fusion layout is restored as it is and then re-laid: the
+  tables and their optimizer slots are held twice while that runs, once per resume.
+  """
+  abstract = abstract_train_state(setup)
+  if saved.emb_fusion == setup.emb_fusion:
+    return checkpoints.restore_latest(manager, abstract)
+  restored = checkpoints.restore_latest(manager, abstract_train_state(saved))
+  logging.info('re-laying the checkpoint\'s tables from emb_fusion=%s to emb_fusion=%s',
+               saved.emb_fusion, setup.emb_fusion)
+  relayout = jax.jit(functools.partial(models.relayout_tables, spec=setup.spec,
+                                       emb_fusion=setup.emb_fusion),
+                     out_shardings=jax.tree.map(lambda x: x.sharding, abstract))
+  return relayout(restored)
+
+
 def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
-  state = create_train_state(jax.random.PRNGKey(config.seed), setup)
   manager = checkpoints.make_manager(workdir, config)
   if checkpoints.latest_step(manager) is None:
     raise FileNotFoundError(f'mode={config.mode} needs a checkpoint in {workdir}/checkpoints, '
                             'and there is none; train first or point --workdir at a run')
-  checkpoints.check_fits(manager, state, config, workdir)
-  return checkpoints.restore_latest(manager, state)
+  return restore_state(manager, setup, checkpoint_setup(manager, setup, config, workdir))
 
 
 def predict(setup: Setup, state: TrainState, config, input_path: str, output_path: str) -> int:
@@ -626,7 +659,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   abstract = abstract_train_state(setup)
   check_writable(workdir, abstract, config)
   manager = checkpoints.make_manager(workdir, config)
-  checkpoints.check_fits(manager, abstract, config, workdir)
+  saved_setup = checkpoint_setup(manager, setup, config, workdir)
   writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.write_config(config)
   stats = input_pipeline.ParseStats()
@@ -658,15 +691,20 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     batches = itertools.chain([first], batches)
   # A resumed run restores straight into the abstract state: no fresh state beside it.
   if start_step:
-    state = checkpoints.restore_latest(manager, abstract)
+    state = restore_state(manager, setup, saved_setup)
     if int(state.step) != start_step:
       raise ValueError(f'the checkpoint at step {start_step} in {manager.directory} holds a state '
                        f'of step {int(state.step)}: it was not written by this trainer')
   else:
     state = create_train_state(jax.random.PRNGKey(config.seed), setup)
 
-  logging.info('training %d steps from step %d (batch %d, %s)', num_steps, start_step,
-               config.batch_size, ', '.join(f'{k}={v}' for k, v in options.items()))
+  if start_step >= num_steps:
+    # As TF's Estimator: a run asked for fewer steps than its checkpoint holds trains none.
+    logging.warning('the checkpoint in %s is at step %d, at or past steps=%d: no training, the '
+                    'checkpoint is evaluated as it is', manager.directory, start_step, num_steps)
+  else:
+    logging.info('training to step %d from step %d (batch %d, %s)', num_steps, start_step,
+                 config.batch_size, ', '.join(f'{k}={v}' for k, v in options.items()))
   pending_losses = []
   last_saved = checkpoints.latest_step(manager)
   save_stall, saves = 0.0, 0

@@ -15,6 +15,7 @@ import pytest
 import train_helpers as th
 from dlrm_jax import checkpoints
 from dlrm_jax import input_pipeline
+from dlrm_jax import models
 from dlrm_jax import train
 
 
@@ -185,7 +186,7 @@ def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_pat
   before = _run_files(workdir)
   cases = [  # (override, a field the message must name, the array kind it must report)
       (dict(hash_buckets=2000), 'hash_buckets: 1000 -> 2000', 'of another shape'),
-      (dict(emb_fusion=False), 'emb_fusion: true -> false', 'checkpoint lacks'),
+      (dict(sparse_updates=False), 'sparse_updates: true -> false', 'checkpoint lacks'),
       (dict(optimizer='adagrad'), 'optimizer: "adamasync" -> "adagrad"', 'has no place for'),
   ]
   for override, field, kind in cases:
@@ -201,6 +202,41 @@ def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_pat
     assert f.read() == saved_config
   with pytest.raises(ValueError, match='embedding_dim: 4 -> 8'):
     _restored(_config(tmp_path, embedding_dim=8, mode='eval'), workdir)
+
+
+@pytest.mark.parametrize('optimizer,sparse', [('adamasync', True), ('adagraddecay', True),
+                                              ('adam', False)])
+def test_a_resume_may_switch_emb_fusion(tmp_path, optimizer, sparse):
+  # adagraddecay decays every 3 steps here, so its per-row decay periods must move with the rows;
+  # adam on the dense path keeps optax slots for the tables inside opt_state.
+  def config(steps, fused):
+    return _config(tmp_path, steps=steps, save_steps=0, no_eval=True, optimizer=optimizer,
+                   sparse_updates=sparse, emb_fusion=fused,
+                   optimizer_hparams={'accumulator_decay_step': 3} if optimizer == 'adagraddecay'
+                   else {})
+  straight, switched = str(tmp_path / 'straight'), str(tmp_path / 'switched')
+  train.train_and_evaluate(config(12, True), straight)
+  for steps, fused in [(4, True), (8, False), (12, True)]:
+    train.train_and_evaluate(config(steps, fused), switched)
+  spec = train.make_setup(config(12, True)).spec
+  rows = {models.FUSED: spec.total_rows, **{t.name: t.rows for t in spec.tables}}
+
+  def real_rows(path, leaf):
+    # A re-laid array's padding rows are zero where a fresh one holds the optimizer's initial
+    # value (adagrad: 0.1); they are never looked up, so only the tables' real rows compare.
+    names = [getattr(k, 'key', None) for k in path]
+    cut = [rows[n] for n in names if n in rows]
+    return np.asarray(leaf, np.float64)[:cut[0]] if cut and np.ndim(leaf) else leaf
+
+  for fused in (True, False):  # eval and predict restore either layout too
+    want = jax.device_get(_restored(config(12, fused), straight))
+    got = jax.device_get(_restored(config(12, fused), switched))
+    assert int(got.step) == 12
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    # Fused and per-table steps sum each row's gradients in another order: float32 rounding.
+    for x, y in zip(jax.tree_util.tree_leaves(jax.tree_util.tree_map_with_path(real_rows, got)),
+                    jax.tree_util.tree_leaves(jax.tree_util.tree_map_with_path(real_rows, want))):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
 def test_resume_with_other_settings_keeps_the_earlier_config(tmp_path):

@@ -53,7 +53,7 @@ def _read(path):
 def _wait_for_training(log_path, seconds=300):
   deadline = time.monotonic() + seconds
   while time.monotonic() < deadline:
-    if f'training {MANY_STEPS} steps' in _read(log_path):
+    if f'training to step {MANY_STEPS}' in _read(log_path):
       time.sleep(2)  # some steps in
       return
     time.sleep(0.2)
@@ -121,7 +121,7 @@ def test_sigterm_checkpoints_the_current_step_then_a_rerun_resumes(tmp_path):
   rerun = subprocess.run(_command(tmp_path, stopped + 3), cwd=ROOT, capture_output=True,
                          text=True, timeout=600, env=ENV)
   assert rerun.returncode == 0, rerun.stderr[-4000:]
-  assert f'training {stopped + 3} steps from step {stopped}' in rerun.stderr
+  assert f'training to step {stopped + 3} from step {stopped}' in rerun.stderr
   results = _results(tmp_path)
   assert results['steps'] == stopped + 3 and 'preempted_at_step' not in results
   assert 'eval_auc' in results

@@ -280,6 +280,35 @@ def test_fused_and_per_table_lookups_agree():
                              rtol=1e-6, atol=1e-7)
 
 
+def test_relayout_moves_tables_and_row_slots_between_layouts():
+  spec = tiny_spec()
+  per_table = models.init_tables(jax.random.PRNGKey(2), spec, emb_fusion=False)
+  fused = models.init_tables(jax.random.PRNGKey(2), spec, emb_fusion=True)
+  # A state-like tree: tables, and row-wise slots (rows and a scalar count) beside other leaves.
+  def state(tables):
+    slots = {name: {'count': jnp.int32(7), 'nu': 2 * table + 1} for name, table in tables.items()}
+    return {'params': {'tables': tables, 'mlp': {'w': jnp.ones(3)}}, 'table_opt_state': slots}
+  def assert_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  as_fused = models.relayout_tables(state(per_table), spec, emb_fusion=True)
+  # Rows of the fused init and of the per-table init are the same draws; slot padding differs
+  # (2 * 0 + 1 in the slots built here, zero after the re-layout), so only tables compare whole.
+  assert_equal(as_fused['params'], state(fused)['params'])
+  rows = spec.total_rows
+  np.testing.assert_array_equal(as_fused['table_opt_state'][models.FUSED]['nu'][:rows],
+                                state(fused)['table_opt_state'][models.FUSED]['nu'][:rows])
+  assert int(as_fused['table_opt_state'][models.FUSED]['count']) == 7
+  back = models.relayout_tables(as_fused, spec, emb_fusion=False)
+  assert_equal(back['params'], state(per_table)['params'])
+  for t in spec.tables:
+    np.testing.assert_array_equal(back['table_opt_state'][t.name]['nu'][:t.rows],
+                                  state(per_table)['table_opt_state'][t.name]['nu'][:t.rows])
+  # A tree already in the wanted layout is left as it is.
+  assert_equal(models.relayout_tables(state(fused), spec, emb_fusion=True), state(fused))
+
+
 def test_embedding_init_is_truncated_normal_with_reference_stddev():
   spec = fs.elm_spec(hash_buckets=2000, embedding_dim=16)
   table = np.asarray(models.init_tables(jax.random.PRNGKey(0), spec, True)[models.FUSED])
