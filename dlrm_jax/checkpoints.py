@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 
 def make_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max(int(config.keep_checkpoint_max), 1),
+      # 0 keeps every checkpoint, as TensorFlow's Saver(max_to_keep=0) under DeepRec.
+      max_to_keep=int(config.keep_checkpoint_max) or None,
       enable_async_checkpointing=bool(config.async_checkpointing),
       create=True)
   # Uncompressed: float tables barely compress, and tensorstore holds every encoded chunk of a

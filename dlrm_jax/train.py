@@ -107,6 +107,37 @@ def make_mesh(config) -> Mesh:
   return Mesh(grid, ('data', 'model'))
 
 
+def check_config(config) -> None:
+  """Fails at once, naming every field, on values that would otherwise fail mid-run (a zero
+  eval batch after training, a zero embedding dim at the first save) or silently do something
+  else (a negative save_steps saving every step, negative steps training none)."""
+  problems = []
+
+  def need(field, ok, rule):
+    if not ok:
+      problems.append(f'config.{field}={config[field]!r} must be {rule}')
+
+  for field in ('batch_size', 'eval_batch_size', 'embedding_dim', 'hash_buckets', 'max_list_len',
+                'log_every_steps', 'cache_block_rows'):
+    need(field, config[field] > 0, 'positive')
+  for field in ('steps', 'save_steps', 'keep_checkpoint_max', 'shuffle_buffer', 'timeline',
+                'activation_summary_steps', 'split_parts'):
+    need(field, config[field] >= 0, '0 or more')
+  need('learning_rate', math.isfinite(config.learning_rate) and config.learning_rate >= 0,
+       'a finite number, 0 or more')
+  need('bottom_mlp', len(config.bottom_mlp) > 0 and min(config.bottom_mlp) > 0,
+       'one or more positive layer widths')
+  need('top_mlp', all(width > 0 for width in config.top_mlp), 'positive layer widths')
+  need('criteo_table_rows', all(rows > 0 for rows in config.criteo_table_rows),
+       'positive row counts (or empty: hash_buckets each)')
+  need('num_workers', config.num_workers >= -1, '-1 (one per core) or 0 or more')
+  need('mode', config.mode in ('train', 'eval', 'predict'), "'train', 'eval' or 'predict'")
+  if config.mode == 'predict':
+    need('predict_input', bool(config.predict_input), 'a file to score in mode=predict')
+  if problems:
+    raise ValueError('bad config: ' + '; '.join(problems))
+
+
 def set_cpu_dispatch(config) -> None:
   """Chooses where XLA:CPU runs a computation: on a pool thread or on the thread that calls it.
 
@@ -512,7 +543,7 @@ def state_bytes(state) -> int:
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
 
 
-def check_writable(workdir: str, state: TrainState, config) -> None:
+def check_writable(workdir: str, state: TrainState, config, num_steps: int) -> None:
   """Fails before training when the run directory cannot hold the run's checkpoints."""
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -523,13 +554,14 @@ def check_writable(workdir: str, state: TrainState, config) -> None:
   except OSError as e:
     raise OSError(f'run directory {workdir} is not writable: {e}') from e
   per_step = state_bytes(state)
-  # orbax keeps up to keep_checkpoint_max steps plus the one being written.
-  needed = per_step * (max(int(config.keep_checkpoint_max), 1) + 1)
+  saves = num_steps // config.save_steps + 1 if config.save_steps else 1
+  # orbax keeps up to keep_checkpoint_max steps (0: all of them) plus the one being written.
+  kept = min(config.keep_checkpoint_max or saves, saves) + 1
+  needed = per_step * kept
   free = shutil.disk_usage(workdir).free
   if free < needed:
     raise OSError(f'{workdir}: {free / 2**30:.2f} GiB free, checkpoints of this run need about '
-                  f'{needed / 2**30:.2f} GiB ({per_step / 2**20:.0f} MiB per step x '
-                  f'{max(int(config.keep_checkpoint_max), 1) + 1})')
+                  f'{needed / 2**30:.2f} GiB ({per_step / 2**20:.0f} MiB per step x {kept})')
 
 
 def activation_stats(setup: Setup, state: TrainState, batch: Batch) -> Dict[str, jax.Array]:
@@ -622,6 +654,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   Training resumes from the newest checkpoint in `workdir`, continuing the same data order.
   """
+  check_config(config)
   set_cpu_dispatch(config)
   initialize_distributed(config)
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(),
@@ -648,8 +681,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       write_results(os.path.join(workdir, 'eval_results.json'), results)
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
     return results
-  if config.mode != 'train':
-    raise ValueError(f"mode={config.mode!r}: expected 'train', 'eval' or 'predict'")
   return train_and_eval(setup, config, workdir)
 
 
@@ -657,7 +688,8 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   options = effective_options(config)
   data = data_sources.resolve(config, setup.spec)
   abstract = abstract_train_state(setup)
-  check_writable(workdir, abstract, config)
+  num_steps = steps_for(config, data.train_rows)
+  check_writable(workdir, abstract, config, num_steps)
   manager = checkpoints.make_manager(workdir, config)
   saved_setup = checkpoint_setup(manager, setup, config, workdir)
   writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
@@ -665,7 +697,6 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   stats = input_pipeline.ParseStats()
 
   start_step = checkpoints.latest_step(manager) or 0
-  num_steps = steps_for(config, data.train_rows)
   step_fn = compile_train_step(setup, abstract, options['op_fusion'])
   summarize = jit_on_batches(functools.partial(activation_stats, setup), setup.mesh)
   eval_fn = make_eval_step(setup)

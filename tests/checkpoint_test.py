@@ -1,8 +1,10 @@
 """Checkpoints, exact resume, crash safety, non-finite losses, eval/predict modes, export."""
 
 import glob
+import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -265,6 +267,36 @@ def test_eval_mode_without_checkpoint_says_so(tmp_path):
   config = _config(tmp_path, mode='eval')
   with pytest.raises(FileNotFoundError, match='needs a checkpoint'):
     train.train_and_evaluate(config, str(tmp_path / 'empty'))
+
+
+@pytest.mark.parametrize('field,value', [
+    ('eval_batch_size', 0), ('embedding_dim', 0), ('hash_buckets', 0), ('log_every_steps', 0),
+    ('steps', -3), ('save_steps', -1), ('activation_summary_steps', -1), ('learning_rate', -0.1),
+    ('learning_rate', float('nan')), ('bottom_mlp', ()), ('top_mlp', (16, 0)),
+    ('cache_block_rows', 0), ('mode', 'serve')])
+def test_bad_config_values_fail_first_naming_the_field(tmp_path, field, value):
+  # Each of these used to fail mid-run (after training, for eval_batch_size and embedding_dim)
+  # or quietly did something else (save_steps=-1 saved every step).
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=re.escape(f'config.{field}={value!r} must be')):
+    train.train_and_evaluate(_config(tmp_path, **{field: value}), str(workdir))
+  assert not os.path.exists(workdir) and not os.path.exists(tmp_path / 'out')
+
+
+def test_every_shipped_config_passes_the_config_check():
+  names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(th.ROOT, 'configs', '*.py'))
+                 if not p.endswith('__init__.py'))
+  assert len(names) >= 7, names
+  for name in names:
+    train.check_config(importlib.import_module(f'configs.{name}').get_config())
+
+
+def test_keep_checkpoint_max_zero_keeps_every_checkpoint(tmp_path):
+  # DeepRec passes keep_checkpoint_max to TensorFlow's Saver, where 0 means keep them all.
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(tmp_path, steps=15, save_steps=5, keep_checkpoint_max=0,
+                                   no_eval=True), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '15', '5']
 
 
 def test_unwritable_run_directory_fails_before_training(tmp_path):
