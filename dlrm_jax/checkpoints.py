@@ -47,7 +47,8 @@ def _leaves(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def config_differences(saved: Dict[str, Any], current: Dict[str, Any], prefix: str = '') -> List[str]:
+def config_differences(saved: Dict[str, Any], current: Dict[str, Any],
+                       prefix: str = '') -> List[str]:
   """'field: saved -> current' for every (dotted) field whose value differs between two configs."""
   lines = []
   for key in sorted(set(saved) | set(current)):

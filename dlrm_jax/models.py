@@ -106,7 +106,9 @@ def relayout_tables(tree, spec: fs.FeatureSpec, emb_fusion: bool):
   Padding rows are zero, as in fresh tables: they are never looked up.
   """
   source = set(table_array_rows(spec, not emb_fusion))
-  is_group = lambda x: isinstance(x, dict) and set(x) == source  # pylint: disable=unnecessary-lambda-assignment
+
+  def is_group(x):
+    return isinstance(x, dict) and set(x) == source
 
   def pad_to(rows, leaf):
     return jnp.pad(leaf, [(0, rows - leaf.shape[0])] + [(0, 0)] * (leaf.ndim - 1))

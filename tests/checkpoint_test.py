@@ -284,8 +284,8 @@ def test_bad_config_values_fail_first_naming_the_field(tmp_path, field, value):
 
 
 def test_every_shipped_config_passes_the_config_check():
-  names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(th.ROOT, 'configs', '*.py'))
-                 if not p.endswith('__init__.py'))
+  paths = glob.glob(os.path.join(th.ROOT, 'configs', '*.py'))
+  names = sorted(os.path.basename(p)[:-3] for p in paths if not p.endswith('__init__.py'))
   assert len(names) >= 7, names
   for name in names:
     train.check_config(importlib.import_module(f'configs.{name}').get_config())
