@@ -278,6 +278,10 @@ _POWERS_OF_TEN = np.array([float(10 ** k) for k in range(_FAST_DIGITS + 1)])  # 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+# A number column's "value" that reads as a column name ('clicked', 'I1'): a header line.
+_HEADER_LIKE = re.compile(r"got '[A-Za-z_][A-Za-z0-9_ ]*'$")
+
+
 def _number_problem(value: str, kind: str) -> Optional[str]:
   """Why `value` is not a valid `kind` number, or None if it is."""
   grammar = _INT_GRAMMAR if kind == 'int' else _FLOAT_GRAMMAR
@@ -642,8 +646,10 @@ def _report(problems: List[_Problem], plan: _Plan, path: str, first_line: int,
     first_per_line.setdefault(index, (column, message))
   messages = []
   for index, (column, message) in first_per_line.items():
-    messages.append(f'{path}:{first_line + index * line_step}: column {plan.names[column]!r}: '
-                    f'{message}')
+    line = first_line + index * line_step
+    if line == 1 and _HEADER_LIKE.search(message):
+      message += ' (a header line? The ELM and Criteo files have none: remove it)'
+    messages.append(f'{path}:{line}: column {plan.names[column]!r}: {message}')
   return messages
 
 

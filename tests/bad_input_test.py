@@ -104,6 +104,20 @@ def test_bad_rows_name_file_line_and_column_or_are_counted(tmp_path, bad_line, l
   assert len(train) == 2 and sum(b['mask'].sum() for b in evaluated) == 6
 
 
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_a_header_line_is_named_as_one(tmp_path, use_cache):
+  header = ','.join(c.name for c in feature_spec.ELM_COLUMNS)
+  make(tmp_path, lines_bytes([header] + GOOD))
+  with pytest.raises(input_pipeline.DataError, match=r":1: column 'clicked': .*a header line\?"):
+    run(tmp_path, use_cache=use_cache)
+  # Text at line 1 that is no column name, and a name-like value below line 1, get no such hint.
+  for lines in ([elm_line(clicked='1.0')] + GOOD, GOOD[:2] + [header] + GOOD[2:]):
+    make(tmp_path, lines_bytes(lines))
+    with pytest.raises(input_pipeline.DataError) as error:
+      run(tmp_path, use_cache=use_cache)
+    assert 'a header line' not in str(error.value), error.value
+
+
 def test_a_truncated_last_line_is_the_only_bad_row(tmp_path):
   data = lines_bytes(GOOD)[:-20]  # the download stopped inside the last row
   make(tmp_path, data)
