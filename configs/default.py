@@ -70,6 +70,8 @@ def get_config(mode: str = ''):
   config.optimizer_hparams = ml_collections.ConfigDict()  # e.g. accumulator_decay_step
   config.seed = 2021
   config.no_eval = False
+  config.eval_every_steps = 0          # also evaluate every N steps during training (the Facebook
+                                       # reference's --test-freq); 0 = only at the end
   config.log_every_steps = 100
 
   # Output.

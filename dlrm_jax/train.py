@@ -121,7 +121,7 @@ def check_config(config) -> None:
                 'log_every_steps', 'cache_block_rows'):
     need(field, config[field] > 0, 'positive')
   for field in ('steps', 'save_steps', 'keep_checkpoint_max', 'shuffle_buffer', 'timeline',
-                'activation_summary_steps', 'split_parts'):
+                'activation_summary_steps', 'split_parts', 'eval_every_steps'):
     need(field, config[field] >= 0, '0 or more')
   need('learning_rate', math.isfinite(config.learning_rate) and config.learning_rate >= 0,
        'a finite number, 0 or more')
@@ -755,6 +755,21 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
           f'checkpoint is step {last_saved} in {manager.directory} (left intact)')
     return values
 
+  def evaluate_during_training(step):
+    """An evaluation every eval_every_steps: logged, kept for results.json, and its time kept
+    out of the training rate."""
+    nonlocal timed_since, eval_time
+    start = time.perf_counter()
+    # Its own parse counters: the eval rows are counted once, by the final evaluation.
+    values = evaluate(setup, state, config, data, input_pipeline.ParseStats(), step=eval_fn)
+    writer.write_scalars(step, {f'eval_{k}': values[k] for k in ('auc', 'accuracy', 'logloss')})
+    eval_history.append({'step': step, **values})
+    spent = time.perf_counter() - start
+    timed_since += spent
+    eval_time += spent
+
+  eval_every = 0 if config.no_eval else config.eval_every_steps
+  eval_history, eval_time = [], 0.0
   stopped_at = None  # the step of a preemption notice (SIGTERM)
   with checkpoints.preemption_notices() as preempted:
     for step in range(start_step, num_steps):
@@ -795,12 +810,14 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
           save_stall += time.perf_counter() - t
           saves += 1
           last_saved = done
+      if eval_every and done % eval_every == 0 and done < num_steps:
+        evaluate_during_training(done)
       if preempted(done):
         stopped_at = done
         break
   check_losses(int(state.step))
   jax.block_until_ready(state)
-  train_time = time.perf_counter() - train_start
+  train_time = time.perf_counter() - train_start - eval_time
   rate = (timed_steps * config.batch_size / (time.perf_counter() - timed_since)
           if timed_since and timed_steps else float('nan'))
   progress.close()
@@ -825,6 +842,9 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
              'cpu_async_dispatch': jax.config.read('jax_cpu_enable_async_dispatch')}
   if stopped_at is not None:
     results['preempted_at_step'] = stopped_at
+  if eval_history:
+    results['eval_history'] = eval_history  # the evaluations during training, by step
+    results['eval_during_training_s'] = eval_time
   evaluate_now = not config.no_eval and stopped_at is None
   if evaluate_now:
     return_freed_heap()  # what the save freed

@@ -71,6 +71,24 @@ def test_sparse_updates_equal_dense_path(tmp_path, data_dir, optimizer):
   _assert_states_close(sparse, dense, rtol=1e-4, atol=1e-6)
 
 
+def test_evaluation_during_training_equals_a_run_that_stops_there(tmp_path):
+  short = train.train_and_evaluate(th.tiny_config(tmp_path / 'out', steps=10),
+                                   str(tmp_path / 'short'))
+  long = train.train_and_evaluate(th.tiny_config(tmp_path / 'out', steps=20, eval_every_steps=5),
+                                  str(tmp_path / 'long'))
+  history = long['eval_history']
+  assert [h['step'] for h in history] == [5, 10, 15]  # step 20 is the final evaluation
+  # The same state on the same rows: the step-10 evaluation is the 10-step run's, exactly.
+  assert history[1]['auc'] == short['eval_auc']
+  assert history[1]['logloss'] == short['eval_logloss']
+  assert len({h['auc'] for h in history} | {long['eval_auc']}) == 4
+  # Evaluating in between leaves training alone: the final AUC is that of a run without it.
+  plain = train.train_and_evaluate(th.tiny_config(tmp_path / 'out', steps=20),
+                                   str(tmp_path / 'plain'))
+  assert plain['eval_auc'] == long['eval_auc']
+  assert 'eval_history' not in plain
+
+
 @pytest.mark.parametrize('switch', ['emb_fusion', 'op_fusion'])
 def test_fusion_switches_do_not_change_results(tmp_path, data_dir, switch):
   path = os.path.join(data_dir, 'train.csv')
