@@ -6,6 +6,8 @@ complete one; `restore_latest` only ever sees complete steps.
 """
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import signal
@@ -107,20 +109,48 @@ def refuse(manager: ocp.CheckpointManager, problems: List[str], config, workdir:
   raise ValueError(' '.join(message))
 
 
-def restore_latest(manager: ocp.CheckpointManager, state):
-  """The newest complete checkpoint restored into `state`'s structure, or `state` if none."""
+def _reloaded_latest_step(manager: ocp.CheckpointManager, attempts: int = 5) -> Optional[int]:
+  """The newest step on disk now; listing the steps races with a trainer deleting old ones."""
+  for attempt in range(attempts):
+    try:
+      manager.reload()
+      return manager.latest_step()
+    except FileNotFoundError:
+      if attempt + 1 == attempts:
+        raise
+  return None
+
+
+def restore_latest(manager: ocp.CheckpointManager, state, attempts: int = 5):
+  """The newest complete checkpoint restored into `state`'s structure, or `state` if none.
+
+  An evaluator that follows a run still training can see its chosen step deleted under it (the
+  trainer keeps keep_checkpoint_max steps); it then takes the newer step instead.
+  """
   step = manager.latest_step()
   if step is None:
     return state
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  try:
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
-  except ValueError as e:
-    raise ValueError(
-        f'the checkpoint at step {step} in {manager.directory} does not fit this config (another '
-        'optimizer, model size, feature spec or emb_fusion?); compare with the config.json beside '
-        f'it, or use a new run directory. orbax says: {str(e)[:2000]}') from e
+  for attempt in range(attempts):
+    try:
+      restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+          abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+      break
+    except Exception as e:  # pylint: disable=broad-except
+      newer = _reloaded_latest_step(manager)
+      if attempt + 1 < attempts and newer is not None and newer > step and not os.path.exists(
+          os.path.join(str(manager.directory), str(step))):
+        logging.warning('checkpoint %d was deleted while it was read (a run still training '
+                        'there?); restoring %d instead', step, newer)
+        step = newer
+        continue
+      if isinstance(e, ValueError):
+        raise ValueError(
+            f'the checkpoint at step {step} in {manager.directory} does not fit this config '
+            '(another optimizer, model size, feature spec or emb_fusion?); compare with the '
+            f'config.json beside it, or use a new run directory. orbax says: {str(e)[:2000]}'
+        ) from e
+      raise
   logging.info('restored checkpoint at step %d from %s', step, manager.directory)
   return restored
 
@@ -132,6 +162,53 @@ def save(manager: ocp.CheckpointManager, step: int, state) -> None:
 
 def wait(manager: ocp.CheckpointManager) -> None:
   manager.wait_until_finished()
+
+
+class RunDirectoryInUse(RuntimeError):
+  """Another training run holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def training_lock(workdir: str) -> Iterator[None]:
+  """Holds `workdir/.train.lock` while a training run writes into `workdir`.
+
+  Two runs started on one directory (the same --config.checkpoint twice) would save the same
+  steps into one checkpoint directory and overwrite each other's results; the second one now
+  stops at once instead. flock is released by the kernel when the process ends, so a crashed or
+  killed run leaves no stale lock. Evaluation and prediction only read, and take no lock: an
+  evaluator may follow a run that is still training. In a multi-process run process 0 holds it.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  path = os.path.join(workdir, '.train.lock')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    lock = open(path, 'a+')  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise OSError(f'run directory {workdir} is not writable: {e}') from e
+  with lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        # A file system without flock (some network mounts): train unguarded, as before.
+        logging.warning('cannot lock %s (%s): nothing stops a second run on this directory',
+                        path, e)
+        yield
+        return
+      lock.seek(0)
+      raise RunDirectoryInUse(
+          f'run directory {workdir} is being trained by another process ({lock.read().strip()}); '
+          'wait for it to end, or train into another directory (--config.checkpoint)') from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f'pid {os.getpid()} on {os.uname().nodename}\n')
+    lock.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Preempted(SystemExit):

@@ -681,7 +681,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       write_results(os.path.join(workdir, 'eval_results.json'), results)
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
     return results
-  return train_and_eval(setup, config, workdir)
+  with checkpoints.training_lock(workdir):
+    return train_and_eval(setup, config, workdir)
 
 
 def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:

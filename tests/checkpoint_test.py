@@ -396,3 +396,46 @@ def test_synchronous_save_is_complete_on_return_and_frees_the_state_for_donation
   restored = checkpoints.restore_latest(manager, {'table': updated})
   np.testing.assert_array_equal(np.asarray(restored['table']),
                                 np.arange(4096.0, dtype=np.float32).reshape(256, 16))
+
+
+def test_a_second_training_run_on_one_directory_stops_and_the_lock_dies_with_its_run(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(tmp_path, steps=5, save_steps=0), workdir)
+  # While the directory's lock is held, as by a run in progress, training there is refused and
+  # reading is not: an evaluator may follow a run that is still training.
+  with checkpoints.training_lock(workdir):
+    with pytest.raises(checkpoints.RunDirectoryInUse, match=f'pid {os.getpid()} on '):
+      train.train_and_evaluate(_config(tmp_path, steps=10, save_steps=0), workdir)
+    assert _restored(_config(tmp_path, mode='eval'), workdir).step == 5
+  # A run that fails inside the lock releases it.
+  with pytest.raises(ValueError, match='does not fit'):
+    train.train_and_evaluate(_config(tmp_path, steps=10, save_steps=0, embedding_dim=8), workdir)
+  assert train.train_and_evaluate(_config(tmp_path, steps=10, save_steps=0), workdir)['steps'] == 10
+  # So does a process that dies holding it (the kernel drops its flock).
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time\nfrom dlrm_jax import checkpoints\n'
+       f'with checkpoints.training_lock({workdir!r}):\n  print("held", flush=True)\n'
+       '  time.sleep(600)'],
+      stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    with pytest.raises(checkpoints.RunDirectoryInUse, match=f'pid {holder.pid} '):
+      train.train_and_evaluate(_config(tmp_path, steps=12, save_steps=0), workdir)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert train.train_and_evaluate(_config(tmp_path, steps=12, save_steps=0), workdir)['steps'] == 12
+
+
+def test_an_evaluator_takes_the_newer_step_when_its_step_is_deleted(tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = th.tiny_config(tmp_path / 'out', async_checkpointing=False, keep_checkpoint_max=1)
+  trainer = checkpoints.make_manager(workdir, config)
+  checkpoints.save(trainer, 1, {'w': jax.numpy.zeros(4)})
+  evaluator = checkpoints.make_manager(workdir, config)
+  assert evaluator.latest_step() == 1
+  # The trainer saves step 2 and deletes step 1 after the evaluator listed the steps.
+  checkpoints.save(trainer, 2, {'w': jax.numpy.ones(4)})
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '1'))
+  restored = checkpoints.restore_latest(evaluator, {'w': jax.numpy.zeros(4)})
+  np.testing.assert_array_equal(np.asarray(restored['w']), np.ones(4))
