@@ -637,6 +637,7 @@ def predict(setup: Setup, state: TrainState, config, input_path: str, output_pat
   step = make_eval_step(setup)
   batches = input_pipeline.batches([input_path], setup.spec, config.eval_batch_size,
                                    drop_remainder=False, skip_bad_rows=False)
+  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   tmp = f'{output_path}.tmp-{os.getpid()}'
   count = 0
   with open(tmp, 'w') as f:

@@ -140,6 +140,10 @@ def test_eval_and_predict_modes_and_exported_artifact_agree(tmp_path):
   probs = np.loadtxt(predicted['predict_output'])
   assert probs.shape == (input_pipeline.count_rows(eval_path),)
   assert np.all((probs > 0) & (probs < 1))
+  # Into a directory that does not exist yet: made, as the run directory is.
+  config.predict_output = str(tmp_path / 'scores' / 'day8' / 'p.txt')
+  train.train_and_evaluate(config, workdir)
+  np.testing.assert_array_equal(np.loadtxt(config.predict_output), probs)
 
   # A fresh process that imports only serving and the reader scores the same rows.
   script = (
