@@ -14,6 +14,7 @@ replicated, and batch norm sees the global batch, so one device and N devices ag
 import ctypes
 import dataclasses
 import functools
+import glob
 import itertools
 import json
 import math
@@ -622,10 +623,19 @@ def restore_state(manager, setup: Setup, saved: Setup) -> TrainState:
 
 
 def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
-  manager = checkpoints.make_manager(workdir, config)
-  if checkpoints.latest_step(manager) is None:
-    raise FileNotFoundError(f'mode={config.mode} needs a checkpoint in {workdir}/checkpoints, '
-                            'and there is none; train first or point --workdir at a run')
+  # Checked before make_manager, which would create the directory: a mistyped run directory
+  # leaves nothing behind.
+  has_steps = os.path.isdir(os.path.join(workdir, 'checkpoints')) and any(
+      name.isdigit() for name in os.listdir(os.path.join(workdir, 'checkpoints')))
+  manager = checkpoints.make_manager(workdir, config) if has_steps else None
+  if manager is None or checkpoints.latest_step(manager) is None:
+    runs = sorted(glob.glob(os.path.join(config.output_dir, '*', 'checkpoints', '[0-9]*')),
+                  key=os.path.getmtime, reverse=True)
+    newest = os.path.dirname(os.path.dirname(runs[0])) if runs else None
+    raise FileNotFoundError(
+        f'mode={config.mode} needs a checkpoint in {workdir}/checkpoints, and there is none; '
+        'train first, or name the run with --config.checkpoint (or --workdir)'
+        + (f'; the newest run under {config.output_dir} is {newest}' if newest else ''))
   return restore_state(manager, setup, checkpoint_setup(manager, setup, config, workdir))
 
 

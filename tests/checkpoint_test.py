@@ -267,10 +267,16 @@ def test_predict_mode_refuses_several_processes(tmp_path, monkeypatch):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
-def test_eval_mode_without_checkpoint_says_so(tmp_path):
+def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path):
   config = _config(tmp_path, mode='eval')
   with pytest.raises(FileNotFoundError, match='needs a checkpoint'):
     train.train_and_evaluate(config, str(tmp_path / 'empty'))
+  assert not os.path.exists(tmp_path / 'empty')  # a mistyped run directory is not created
+  trained = os.path.join(config.output_dir, 'model_DLRM_1')
+  train.train_and_evaluate(_config(tmp_path, steps=3, save_steps=0, no_eval=True), trained)
+  with pytest.raises(FileNotFoundError, match=re.escape(f'the newest run under '
+                                                        f'{config.output_dir} is {trained}')):
+    train.train_and_evaluate(config, os.path.join(config.output_dir, 'model_DLRM_2'))
 
 
 @pytest.mark.parametrize('field,value', [
