@@ -212,7 +212,8 @@ def training_lock(workdir: str) -> Iterator[None]:
 
 
 class Preempted(SystemExit):
-  """Training stopped at a preemption notice (SIGTERM) after checkpointing its last step.
+  """Training stopped at a preemption notice (SIGTERM) or a Ctrl-C after checkpointing its last
+  step.
 
   A SystemExit, so that `python -m dlrm_jax.main` prints the message and exits with status 1
   (no traceback: nothing went wrong), while a scheduler's wrapper still sees that the run did
@@ -221,26 +222,36 @@ class Preempted(SystemExit):
 
 
 @contextlib.contextmanager
-def preemption_notices() -> Iterator[Callable[[int], bool]]:
-  """Yields `stop(step)`, to be asked after every train step: save this step, then stop?
+def preemption_notices() -> Iterator[Callable[[int], str]]:
+  """Yields `stop(step)`, to be asked after every train step: save this step, then stop? It
+  answers the signal's name ('SIGTERM', 'SIGINT'), or '' to go on.
 
-  Multi-process runs ask JAX's preemption service, which makes every process answer True at the
-  same step, so that their collective save lines up. Asking it is the only way such a run
-  notices SIGTERM at all: from `jax.distributed.initialize` on, the service catches the signal,
-  which then no longer ends the process. A single process answers from a Python handler
-  installed only while the loop runs, so SIGTERM while the data is cached or the model evaluates
-  still ends the process at once, as it did before (the newest complete checkpoint stays the
-  newest).
+  Multi-process runs ask JAX's preemption service, which makes every process answer at the same
+  step, so that their collective save lines up. Asking it is the only way such a run notices
+  SIGTERM at all: from `jax.distributed.initialize` on, the service catches the signal, which
+  then no longer ends the process. A single process answers from Python handlers installed only
+  while the loop runs: SIGTERM, and a first Ctrl-C (a second one aborts at once, as before). So
+  a signal while the data is cached or the model evaluates still ends the process at once (the
+  newest complete checkpoint stays the newest).
   """
   if jax.distributed.is_initialized():
-    yield multihost_utils.reached_preemption_sync_point
+    yield lambda step: 'SIGTERM' if multihost_utils.reached_preemption_sync_point(step) else ''
     return
   if threading.current_thread() is not threading.main_thread():
-    yield lambda step: False  # Python delivers signals to the main thread only
+    yield lambda step: ''  # Python delivers signals to the main thread only
     return
-  noticed = threading.Event()
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: noticed.set())
+  noticed = []
+
+  def notice(signum, frame):
+    del frame
+    noticed.append(signal.Signals(signum).name)
+    if signum == signal.SIGINT:
+      logging.warning('Ctrl-C: saving the current step, then stopping (Ctrl-C again aborts)')
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  previous = {s: signal.signal(s, notice) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    yield lambda step: noticed.is_set()
+    yield lambda step: noticed[0] if noticed else ''
   finally:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    for s, handler in previous.items():
+      signal.signal(s, signal.SIG_DFL if handler is None else handler)

@@ -782,7 +782,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
 
   eval_every = 0 if config.no_eval else config.eval_every_steps
   eval_history, eval_time = [], 0.0
-  stopped_at = None  # the step of a preemption notice (SIGTERM)
+  stopped_at, stopped_by = None, ''  # the step of a preemption notice (SIGTERM) or Ctrl-C
   with checkpoints.preemption_notices() as preempted:
     for step in range(start_step, num_steps):
       profiler.before_step(step)
@@ -824,7 +824,8 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
           last_saved = done
       if eval_every and done % eval_every == 0 and done < num_steps:
         evaluate_during_training(done)
-      if preempted(done):
+      stopped_by = preempted(done)
+      if stopped_by:
         stopped_at = done
         break
   check_losses(int(state.step))
@@ -854,6 +855,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
              'cpu_async_dispatch': jax.config.read('jax_cpu_enable_async_dispatch')}
   if stopped_at is not None:
     results['preempted_at_step'] = stopped_at
+    results['preempted_by'] = stopped_by
   if eval_history:
     results['eval_history'] = eval_history  # the evaluations during training, by step
     results['eval_during_training_s'] = eval_time
@@ -874,9 +876,10 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   if jax.process_index() == 0:
     write_results(os.path.join(workdir, 'results.json'), results)
   if stopped_at is not None:
+    what = 'Ctrl-C (SIGINT)' if stopped_by == 'SIGINT' else f'preemption notice ({stopped_by})'
     raise checkpoints.Preempted(
-        f'preemption notice (SIGTERM): stopped after step {stopped_at} of {num_steps}, saved as '
-        f'checkpoint {last_saved} in {manager.directory}; the same command resumes from it')
+        f'{what}: stopped after step {stopped_at} of {num_steps}, saved as checkpoint '
+        f'{last_saved} in {manager.directory}; the same command resumes from it')
   if evaluate_now:
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
   return results

@@ -103,15 +103,20 @@ def test_main_sets_dispatch_and_joins_a_multi_process_run_before_jax_starts(tmp_
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_the_current_step_then_a_rerun_resumes(tmp_path):
+@pytest.mark.parametrize('signum,said', [(signal.SIGTERM, 'preemption notice (SIGTERM)'),
+                                         (signal.SIGINT, 'Ctrl-C (SIGINT)')])
+def test_sigterm_or_ctrl_c_checkpoints_the_current_step_then_a_rerun_resumes(tmp_path, signum,
+                                                                            said):
   log_path = tmp_path / 'log.txt'
   proc = _start(_command(tmp_path, MANY_STEPS), log_path)
   _wait_for_training(log_path)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   assert proc.wait(timeout=120) == 1
   log = _read(log_path)
-  assert 'preemption notice (SIGTERM)' in log, log[-3000:]
+  assert f'{said}: stopped after step' in log, log[-3000:]
+  assert 'Traceback' not in log, log[-3000:]
   results = _results(tmp_path)
+  assert results['preempted_by'] == signal.Signals(signum).name
   stopped = results['preempted_at_step']
   assert 0 < stopped < MANY_STEPS
   assert results['steps'] == results['last_checkpoint_step'] == stopped
@@ -147,16 +152,21 @@ def test_sigterm_to_one_process_stops_every_process_at_one_checkpointed_step(tmp
   assert not os.path.exists(tmp_path / 'run' / 'eval_results_history.jsonl')
 
 
-def test_preemption_notices_take_sigterm_only_inside_the_block():
-  before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_preemption_notices_take_signals_only_inside_the_block(signum):
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   with checkpoints.preemption_notices() as stop:
     assert not stop(1)
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signum)
     deadline = time.monotonic() + 10
     while not stop(2) and time.monotonic() < deadline:
       time.sleep(0.01)
-    assert stop(2)
-  assert signal.getsignal(signal.SIGTERM) == before
+    assert stop(2) == signal.Signals(signum).name
+    if signum == signal.SIGINT:  # a second Ctrl-C aborts at once
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+  assert {s: signal.getsignal(s) for s in before} == before
 
 
 @pytest.mark.slow
