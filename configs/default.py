@@ -83,7 +83,8 @@ def get_config(mode: str = ''):
   # so the steps during it cannot reuse (donate) the state's buffers: 2x the tables until the
   # write is done. False: each save completes first, and the peak stays at one state.
   config.async_checkpointing = True
-  config.timeline = 0                  # profile this many steps after warm-up; 0 = off
+  config.timeline = 0                  # trace one step every N steps (DeepRec's --timeline),
+                                       # from the 10th on; 0 = off
   config.activation_summary_steps = 1000  # zero fractions and histograms of MLP layers; 0 = off
   config.export_dir = ''               # write a serving artifact here after training; '' = none
 

@@ -10,6 +10,7 @@ import json
 import os
 import struct
 import sys
+import time
 from typing import Dict, Iterator, Set, Tuple
 
 from absl import logging
@@ -102,34 +103,43 @@ class MetricWriter:
 
 
 class Timeline:
-  """Records a jax.profiler trace of `num_steps` steps from `first_step` into workdir/timeline.
+  """A jax.profiler trace of one step every `every` steps, as DeepRec's --timeline N
+  (TensorFlow's ProfilerHook(save_steps=N)) records one step's timeline every N steps.
 
-  Steps before `first_step` are skipped so compilation and warm-up stay out of the trace.
+  The first traced step is `first_step`, so that compilation and warm-up stay out; each trace
+  goes to workdir/timeline/step_<number of steps done after it>, a TensorBoard run of its own.
+  `seconds` is the time starting and writing the traces took, to keep out of training rates.
   """
 
-  def __init__(self, workdir: str, num_steps: int, first_step: int):
+  def __init__(self, workdir: str, every: int, first_step: int):
     self.logdir = os.path.join(workdir, 'timeline')
+    self._every = every
     self._first = first_step
-    self._last = first_step + num_steps
     self._active = False
-    self._enabled = num_steps > 0 and jax.process_index() == 0
+    self._enabled = every > 0 and jax.process_index() == 0
+    self.seconds = 0.0
 
   def before_step(self, step: int) -> None:
-    if self._enabled and step == self._first and not self._active:
-      jax.profiler.start_trace(self.logdir)
+    if (self._enabled and not self._active and step >= self._first
+        and (step - self._first) % self._every == 0):
+      start = time.perf_counter()
+      jax.profiler.start_trace(os.path.join(self.logdir, f'step_{step + 1}'))
       self._active = True
+      self.seconds += time.perf_counter() - start
 
   def after_step(self, step: int, result) -> None:
-    if self._active and step + 1 >= self._last:
+    if self._active:
       jax.block_until_ready(result)
+      start = time.perf_counter()
       self.close()
+      self.seconds += time.perf_counter() - start
+      logging.info('profiler timeline of step %d written to %s', step + 1,
+                   os.path.join(self.logdir, f'step_{step + 1}'))
 
   def close(self) -> None:
     if self._active:
       jax.profiler.stop_trace()
       self._active = False
-      self._enabled = False
-      logging.info('profiler timeline written to %s', self.logdir)
 
 
 class _Progress:

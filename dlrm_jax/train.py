@@ -785,6 +785,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   stopped_at, stopped_by = None, ''  # the step of a preemption notice (SIGTERM) or Ctrl-C
   with checkpoints.preemption_notices() as preempted:
     for step in range(start_step, num_steps):
+      traced = profiler.seconds
       profiler.before_step(step)
       batch = next(batches, None)
       if batch is None:
@@ -798,6 +799,8 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
       else:
         timed_steps += 1
       profiler.after_step(step, loss)
+      if timed_since is not None:
+        timed_since += profiler.seconds - traced  # writing a trace is not training time
       done = step + 1
       log_now = done % config.log_every_steps == 0 or done == num_steps
       save_now = bool(config.save_steps) and done % config.save_steps == 0

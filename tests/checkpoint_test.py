@@ -326,7 +326,11 @@ def test_timeline_summaries_and_checkpoint_counts_are_written(tmp_path):
   assert checkpoints.latest_step(checkpoints.make_manager(workdir, config)) == 16
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f)['last_checkpoint_step'] == 16
-  assert glob.glob(os.path.join(workdir, 'timeline', 'plugins', 'profile', '*', '*.xplane.pb'))
+  # DeepRec's --timeline 2: one step's trace every 2 steps, here from the 10th step (index) on.
+  traces = glob.glob(os.path.join(workdir, 'timeline', '*', 'plugins', 'profile', '*',
+                                  '*.xplane.pb'))
+  assert sorted(os.path.relpath(t, os.path.join(workdir, 'timeline')).split(os.sep)[0]
+                for t in traces) == ['step_11', 'step_13', 'step_15']
   tags = metric_writer.read_scalar_tags(workdir)
   for tag in ('train_loss', 'train_samples_per_s', 'learning_rate', 'eval_auc', 'eval_logloss',
               'eval_accuracy', 'zero_fraction/bottom_mlp/Dense_0'):
