@@ -8,6 +8,7 @@ named like a DeepRec flag means what that flag means.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(mode: str = ''):
@@ -67,7 +68,15 @@ def get_config(mode: str = ''):
   config.eval_batch_size = 4096
   config.learning_rate = 0.01          # the reference script's value (its README says 0.1)
   config.optimizer = 'adamasync'       # adam, adamasync, adagrad, adagraddecay, gradientdescent
-  config.optimizer_hparams = ml_collections.ConfigDict()  # e.g. accumulator_decay_step
+  # DeepRec's optimizer arguments; unset (None) = its default. Each optimizer takes its own: beta1
+  # (0.9), beta2 (0.999), epsilon (1e-8) for adam and adamasync; initial_accumulator_value (0.1)
+  # for adagrad and adagraddecay; accumulator_decay_step (100000), accumulator_decay_rate (0.9)
+  # and decay_all_missed_periods (True) for adagraddecay. E.g.
+  # --config.optimizer_hparams.accumulator_decay_step=5000
+  config.optimizer_hparams = ml_collections.ConfigDict(dict(
+      beta1=placeholder(float), beta2=placeholder(float), epsilon=placeholder(float),
+      initial_accumulator_value=placeholder(float), accumulator_decay_step=placeholder(int),
+      accumulator_decay_rate=placeholder(float), decay_all_missed_periods=placeholder(bool)))
   config.seed = 2021
   config.no_eval = False
   config.eval_every_steps = 0          # also evaluate every N steps during training (the Facebook

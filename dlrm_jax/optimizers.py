@@ -74,6 +74,7 @@ touched row; XLA may still fuse a multiply and an add differently in the two pro
 agree to a few ulps (bit for bit on CPU in most cases), and rows neither may move stay bit-exact.
 """
 
+import inspect
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -295,7 +296,14 @@ def create(name: str, learning_rate: float, **hparams) -> optax.GradientTransfor
   Returns:
     An optax GradientTransformation; its updates already include -learning_rate.
   """
-  return _builder(_DENSE_BUILDERS, name)(learning_rate, **hparams)
+  builder = _builder(_DENSE_BUILDERS, name)
+  takes = [p.name for p in inspect.signature(builder).parameters.values()
+           if p.kind == p.KEYWORD_ONLY]
+  unknown = sorted(set(hparams) - set(takes))
+  if unknown:
+    raise ValueError(f'optimizer {name!r} takes no {", ".join(unknown)}; its arguments: '
+                     f'{", ".join(takes) or "none (learning_rate only)"}')
+  return builder(learning_rate, **hparams)
 
 
 # Row-wise (sparse) optimizers for embedding tables.

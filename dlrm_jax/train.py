@@ -188,7 +188,7 @@ def make_setup(config) -> Setup:
       bottom_mlp=tuple(config.bottom_mlp), top_mlp=tuple(config.top_mlp),
       interaction_op=config.interaction_op, batch_norm=config.batch_norm,
       dtype=jnp.bfloat16 if options['bf16'] else jnp.float32)
-  hparams = dict(config.optimizer_hparams)
+  hparams = {k: v for k, v in config.optimizer_hparams.items() if v is not None}
   tx = optimizers.create(config.optimizer, config.learning_rate, **hparams)
   row_tx = (optimizers.create_sparse(config.optimizer, config.learning_rate, **hparams)
             if options['sparse_updates'] else None)

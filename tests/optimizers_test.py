@@ -15,6 +15,7 @@ move are compared bit for bit.
 """
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -274,8 +275,30 @@ def test_invalid_hparams_are_rejected():
     optimizers.create('adagraddecay', 0.1, accumulator_decay_rate=1.5)
   with pytest.raises(ValueError):
     optimizers.create_sparse('adagrad', 0.1, initial_accumulator_value=0.0)
-  with pytest.raises(TypeError):
+  # Another optimizer's argument is named, with the ones this optimizer takes.
+  with pytest.raises(ValueError, match="'gradientdescent' takes no beta1; its arguments: none"):
     optimizers.create('gradientdescent', 0.1, beta1=0.9)
+  with pytest.raises(ValueError, match='takes no beta1; its arguments: initial_accumulator_value'):
+    optimizers.create('adagrad', 0.1, beta1=0.9)
+
+
+def test_config_optimizer_hparams_reach_the_optimizer_and_unset_ones_keep_its_defaults(
+    monkeypatch):
+  # The command line can only set fields the config has (it is locked): every optimizer
+  # argument is a field, unset (None) unless given.
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import train  # pylint: disable=g-import-not-at-top
+  seen, create = [], optimizers.create
+  monkeypatch.setattr(optimizers, 'create', lambda name, lr, **h: seen.append(h) or
+                      create(name, lr, **h))
+  config = default.get_config('tiny')
+  config.optimizer = 'adagraddecay'
+  config.lock()
+  config.optimizer_hparams.accumulator_decay_step = 5000
+  train.make_setup(config)
+  assert seen == [{'accumulator_decay_step': 5000}]
 
 
 def test_dedup_rows_sums_repeats_and_pads():
