@@ -116,6 +116,10 @@ def parse_grid(specs: Sequence[str],
     if field in grid:
       raise ValueError(f'--grid names {field!r} twice')
     current = get_field(config, field)
+    if current is None:  # an unset placeholder (optimizer_hparams.*): its declared type's zero
+      *parents, last = field.split('.')
+      node = get_field(config, '.'.join(parents)) if parents else config
+      current = node.get_ref(last).get_type()()
     grid[field] = tuple(parse_value(v.strip(), current) for v in values.split(','))
   return grid
 

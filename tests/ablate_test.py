@@ -238,6 +238,14 @@ def test_grid_values_take_the_type_of_their_field():
   for bad in ('no_such_field=1', 'seed=1,2', 'interaction_op', 'batch_norm=maybe'):
     with pytest.raises((KeyError, ValueError)):
       ablate.parse_grid([bad], tiny_base())
+  # An unset optimizer argument (a placeholder, None) takes its declared type.
+  grid = ablate.parse_grid(['optimizer_hparams.accumulator_decay_step=10,1000',
+                            'optimizer_hparams.beta1=0.5'], tiny_base())
+  assert grid == {'optimizer_hparams.accumulator_decay_step': (10, 1000),
+                  'optimizer_hparams.beta1': (0.5,)}
+  cell = ablate.make_cells(grid, [1])[1]
+  config = ablate.cell_config(tiny_base(), cell, '/out')
+  assert config.optimizer_hparams.accumulator_decay_step == 1000
 
 
 def test_each_planted_setting_gets_its_own_data_directory():
