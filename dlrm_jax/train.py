@@ -510,7 +510,11 @@ def evaluate(setup: Setup, state: TrainState, config, data: data_sources.DataFil
     labels.append(y[keep])
   if not labels or not sum(len(y) for y in labels):
     raise input_pipeline.DataError(f'{data.eval_path}: no rows to evaluate')
-  return metrics.classification_metrics(np.concatenate(labels), np.concatenate(probs))
+  values = metrics.classification_metrics(np.concatenate(labels), np.concatenate(probs))
+  if math.isnan(values['auc']):
+    logging.warning('eval AUC is undefined (NaN): all %d rows of %s have label %d',
+                    values['num_examples'], data.eval_path, int(values['positive_rate'] > 0.5))
+  return values
 
 
 def resolve_workdir(config) -> str:
