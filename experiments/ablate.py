@@ -247,10 +247,18 @@ def run_grid(base: ml_collections.ConfigDict, grid: Mapping[str, Sequence[Any]],
              train_fn: Optional[TrainFn] = None) -> pd.DataFrame:
   """Trains every unfinished cell; one row per cell: grid fields, seed, cell, then results."""
   cells = make_cells(grid, seeds)
+  configs = [cell_config(base, cell, out_dir) for cell in cells]
+  # Every cell's values are checked before the first cell trains: a bad value late in the grid
+  # would otherwise stop it hours in.
+  from dlrm_jax import train  # pylint: disable=g-import-not-at-top
+  for cell, config in zip(cells, configs):
+    try:
+      train.check_config(config)
+    except ValueError as e:
+      raise ValueError(f'grid cell {cell.name}: {e}') from None
   rows = []
-  for i, cell in enumerate(cells):
+  for i, (cell, config) in enumerate(zip(cells, configs)):
     workdir = os.path.join(out_dir, cell.name)
-    config = cell_config(base, cell, out_dir)
     logging.info('cell %d/%d: %s, seed %d', i + 1, len(cells), cell.variant_name, cell.seed)
     results, trained = run_cell(config, workdir, train_fn)
     if not trained:

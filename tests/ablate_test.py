@@ -209,6 +209,15 @@ def test_a_cell_stopped_by_preemption_trains_again_on_resume(tmp_path):
   assert list(result.cells['eval_auc']) == pytest.approx([0.71, 0.61])
 
 
+def test_a_bad_value_anywhere_in_the_grid_stops_it_before_the_first_cell(tmp_path):
+  train_fn, calls = fake_train()
+  with pytest.raises(ValueError, match=r'grid cell learning_rate--0.1_seed-1: bad config: '
+                                       r'config.learning_rate=-0.1 must be'):
+    ablate.run_ablation(tiny_base(), {'learning_rate': (0.1, -0.1)}, [1, 2], str(tmp_path),
+                        plots=False, train_fn=train_fn, compilation_cache=False)
+  assert calls == []
+
+
 def test_resume_refuses_an_out_dir_of_another_config(tmp_path):
   grid = {'interaction_op': ('dot',)}
   train_fn, _ = fake_train()
