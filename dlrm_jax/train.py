@@ -747,8 +747,8 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
 
   if start_step >= num_steps:
     # As TF's Estimator: a run asked for fewer steps than its checkpoint holds trains none.
-    logging.warning('the checkpoint in %s is at step %d, at or past steps=%d: no training, the '
-                    'checkpoint is evaluated as it is', manager.directory, start_step, num_steps)
+    logging.warning('the checkpoint in %s is at step %d, at or past steps=%d: nothing to train',
+                    manager.directory, start_step, num_steps)
   else:
     logging.info('training to step %d from step %d (batch %d, %s)', num_steps, start_step,
                  config.batch_size, ', '.join(f'{k}={v}' for k, v in options.items()))
