@@ -147,7 +147,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, attempts: int = 5):
       if isinstance(e, ValueError):
         raise ValueError(
             f'the checkpoint at step {step} in {manager.directory} does not fit this config '
-            '(another optimizer, model size, feature spec or emb_fusion?); compare with the '
+            '(another optimizer, model size or feature spec?); compare with the '
             f'config.json beside it, or use a new run directory. orbax says: {str(e)[:2000]}'
         ) from e
       raise

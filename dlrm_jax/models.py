@@ -90,11 +90,7 @@ def init_tables(rng: Array, spec: fs.FeatureSpec, emb_fusion: bool,
   fused = jax.lax.fori_loop(0, num_blocks, draw, jnp.zeros((rows, spec.embedding_dim), dtype))
   fused = jnp.where(jax.lax.broadcasted_iota(jnp.int32, fused.shape, 0) < spec.total_rows,
                     fused, 0)
-  if emb_fusion:
-    return {FUSED: fused}
-  sizes = table_array_rows(spec, emb_fusion)
-  return {t.name: jnp.pad(fused[start:start + t.rows], ((0, sizes[t.name] - t.rows), (0, 0)))
-          for t, start in zip(spec.tables, spec.table_offsets)}
+  return relayout_tables({FUSED: fused}, spec, emb_fusion)
 
 
 def relayout_tables(tree, spec: fs.FeatureSpec, emb_fusion: bool):
