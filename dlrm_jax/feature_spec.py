@@ -100,10 +100,20 @@ class FeatureSpec:
     for f in self.dense:
       if f.column not in known:
         raise ValueError(f'spec {self.name}: dense feature on unknown column {f.column!r}')
-    if self.label not in known:
+    if self.label and self.label not in known:
       raise ValueError(f'spec {self.name}: unknown label column {self.label!r}')
     if len({t.dim for t in self.tables}) != 1:
       raise ValueError(f'spec {self.name}: all tables need one embedding dim for the interaction')
+
+  def unlabeled(self) -> 'FeatureSpec':
+    """The spec of rows to score that lack the label column (Criteo's test.txt has none).
+
+    Its `label` is '': the parser gives such rows label 0.
+    """
+    if not self.label:
+      return self
+    return dataclasses.replace(
+        self, columns=tuple(c for c in self.columns if c.name != self.label), label='')
 
   def column_index(self, name: str) -> int:
     return [c.name for c in self.columns].index(name)

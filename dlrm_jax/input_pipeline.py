@@ -163,7 +163,7 @@ class _Plan:
   defaults: Tuple[str, ...]
   delimiter: str
   separator: str
-  label: int
+  label: int                     # -1: the rows have no label column (label 0)
   numeric: Tuple[int, ...]       # every 'int' / 'float' column: all are validated
   strings: Tuple[int, ...]       # the other columns some feature reads
   sparse: Tuple[_SparsePlan, ...]
@@ -204,7 +204,7 @@ def _plan(spec: feature_spec_lib.FeatureSpec) -> _Plan:
   strings = tuple(sorted(i for i in used if kinds[i] == 'str'))
   return _Plan(names=names, kinds=kinds, defaults=tuple(c.default for c in spec.columns),
                delimiter=spec.delimiter, separator=spec.list_separator,
-               label=spec.column_index(spec.label), numeric=numeric, strings=strings,
+               label=spec.column_index(spec.label) if spec.label else -1, numeric=numeric, strings=strings,
                sparse=tuple(sparse), dense=tuple(dense), num_slots=spec.num_slots)
 
 
@@ -612,7 +612,10 @@ def _numeric_inputs(columns: Dict[int, List[str]], plan: _Plan, line_of: np.ndar
 
   for c in plan.numeric:
     numbers[c] = check(c, columns[c], plan.kinds[c])
-  label = numbers[plan.label]  # 0 where it did not parse, so reported once
+  if plan.label < 0:
+    label = np.zeros(len(line_of), np.float64)
+  else:
+    label = numbers[plan.label]  # 0 where it did not parse, so reported once
   for row in np.flatnonzero((label != 0) & (label != 1)).tolist():
     problems.append((int(line_of[row]), plan.label,
                      f'label must be 0 or 1, got {columns[plan.label][row]!r}'))
@@ -1041,6 +1044,18 @@ def count_rows(path: Paths) -> int:
       last = block[-1:]
     total += last != b'\n'
   return total
+
+
+def scoring_spec(paths: Paths, spec: feature_spec_lib.FeatureSpec) -> feature_spec_lib.FeatureSpec:
+  """The spec to read rows to score with: `spec`, or `spec.unlabeled()` when the first file's
+  first line has one field fewer than `spec` has columns (rows without the label, as Criteo's
+  test.txt). Every row must then have the same form: a row of the other one is a bad row."""
+  files = _expand_paths(paths)
+  first = next(_line_chunks(files[0], 1, limit=1), None) if files else None
+  if not spec.label or first is None:
+    return spec
+  fields = first[1][0].count(spec.delimiter) + 1
+  return spec.unlabeled() if fields == len(spec.columns) - 1 else spec
 
 
 # ------------------------------------------------------------------------------------------------

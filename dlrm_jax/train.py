@@ -646,10 +646,13 @@ def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
 def predict(setup: Setup, state: TrainState, config, input_path: str, output_path: str) -> int:
   """Writes one click probability per row of `input_path`, in row order; returns the count.
 
-  One process only (see train_and_evaluate).
+  The rows may lack the label column (`input_pipeline.scoring_spec`). One process only (see train_and_evaluate).
   """
   step = make_eval_step(setup)
-  batches = input_pipeline.batches([input_path], setup.spec, config.eval_batch_size,
+  spec = input_pipeline.scoring_spec([input_path], setup.spec)
+  if not spec.label:
+    logging.info('%s: rows without the label column %r', input_path, setup.spec.label)
+  batches = input_pipeline.batches([input_path], spec, config.eval_batch_size,
                                    drop_remainder=False, skip_bad_rows=False)
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   tmp = f'{output_path}.tmp-{os.getpid()}'

@@ -1,6 +1,7 @@
 """Checkpoints, exact resume, crash safety, non-finite losses, eval/predict modes, export."""
 
 import glob
+import gzip
 import importlib
 import json
 import os
@@ -142,6 +143,17 @@ def test_eval_and_predict_modes_and_exported_artifact_agree(tmp_path):
   assert np.all((probs > 0) & (probs < 1))
   # Into a directory that does not exist yet: made, as the run directory is.
   config.predict_output = str(tmp_path / 'scores' / 'day8' / 'p.txt')
+  train.train_and_evaluate(config, workdir)
+  np.testing.assert_array_equal(np.loadtxt(config.predict_output), probs)
+  # Rows without the label column (a gzip'd file, as data to score often comes) score the same.
+  label = train.make_setup(config).spec.column_index('clicked')
+  with open(eval_path) as f:
+    rows = [line.rstrip('\n').split(',') for line in f]
+  unlabeled = str(tmp_path / 'to_score.csv.gz')
+  with gzip.open(unlabeled, 'wt') as f:
+    f.writelines(','.join(r[:label] + r[label + 1:]) + '\n' for r in rows)
+  config.predict_input = unlabeled
+  config.predict_output = str(tmp_path / 'unlabeled.txt')
   train.train_and_evaluate(config, workdir)
   np.testing.assert_array_equal(np.loadtxt(config.predict_output), probs)
 

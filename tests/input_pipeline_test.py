@@ -442,6 +442,36 @@ def test_criteo_rows():
     parse(['\t'.join(['0', '1', '2.5'] + ['1'] * 11 + cats)], spec)
 
 
+
+@pytest.mark.parametrize('spec', [SPEC, feature_spec.criteo_spec(10000)], ids=['elm', 'criteo'])
+def test_rows_to_score_may_lack_the_label_column(tmp_path, spec):
+  rng = np.random.default_rng(5)
+  if spec.name == 'elm':
+    labeled = random_elm_lines(20, seed=12)
+  else:
+    labeled = ['\t'.join([str(i % 2)] + [str(v) for v in rng.integers(0, 50, 13)]
+                         + [f'{v:08x}' for v in rng.integers(0, 2**32, 26)]) for i in range(20)]
+  label = spec.column_index(spec.label)
+
+  def drop_label(line):
+    fields = line.split(spec.delimiter)
+    return spec.delimiter.join(fields[:label] + fields[label + 1:])
+
+  with_path = write(tmp_path, 'with.txt', '\n'.join(labeled) + '\n')
+  without_path = write(tmp_path, 'without.txt', '\n'.join(map(drop_label, labeled)) + '\n')
+  assert input_pipeline.scoring_spec([with_path], spec) is spec
+  unlabeled = input_pipeline.scoring_spec([without_path], spec)
+  assert unlabeled == spec.unlabeled() and not unlabeled.label
+  expected, got = read_all(with_path, spec), read_all(without_path, unlabeled)
+  for key in ('dense', 'ids', 'weights'):
+    np.testing.assert_array_equal(got[key], expected[key])
+  assert expected['label'].any() and not got['label'].any()
+  # One form per file: a labeled row among unlabeled ones is a bad row, named.
+  mixed = write(tmp_path, 'mixed.txt', '\n'.join([drop_label(labeled[0]), labeled[1]]) + '\n')
+  with pytest.raises(input_pipeline.DataError, match=r'mixed.txt:2: .*extra fields'):
+    read_all(mixed, input_pipeline.scoring_spec([mixed], spec))
+
+
 # ------------------------------------------------------------------------------------------------
 # Batches.
 
