@@ -182,6 +182,7 @@ def training_lock(workdir: str) -> Iterator[None]:
     yield
     return
   path = os.path.join(workdir, '.train.lock')
+  created = not os.path.isdir(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     lock = open(path, 'a+')  # pylint: disable=consider-using-with
@@ -207,6 +208,13 @@ def training_lock(workdir: str) -> Iterator[None]:
     lock.flush()
     try:
       yield
+    except BaseException:
+      # A run that fails before writing anything (missing data, say) leaves no empty
+      # model_DLRM_<timestamp> directory behind it for every try.
+      if created and os.listdir(workdir) == ['.train.lock']:
+        os.remove(path)
+        os.rmdir(workdir)
+      raise
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -133,6 +133,11 @@ def check_config(config) -> None:
        'positive row counts (or empty: hash_buckets each)')
   need('num_workers', config.num_workers >= -1, '-1 (one per core) or 0 or more')
   need('mode', config.mode in ('train', 'eval', 'predict'), "'train', 'eval' or 'predict'")
+  need('feature_spec', config.feature_spec in ('elm', 'criteo'), "'elm' or 'criteo'")
+  need('interaction_op', config.interaction_op in models.INTERACTIONS,
+       ' or '.join(map(repr, sorted(models.INTERACTIONS))))
+  need('optimizer', config.optimizer in optimizers.OPTIMIZER_NAMES,
+       'one of ' + ', '.join(optimizers.OPTIMIZER_NAMES))
   if config.mode == 'predict':
     need('predict_input', bool(config.predict_input), 'a file to score in mode=predict')
   if problems:

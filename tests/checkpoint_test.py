@@ -295,10 +295,12 @@ def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path)
     ('eval_batch_size', 0), ('embedding_dim', 0), ('hash_buckets', 0), ('log_every_steps', 0),
     ('steps', -3), ('save_steps', -1), ('activation_summary_steps', -1), ('learning_rate', -0.1),
     ('learning_rate', float('nan')), ('bottom_mlp', ()), ('top_mlp', (16, 0)),
-    ('cache_block_rows', 0), ('mode', 'serve')])
+    ('cache_block_rows', 0), ('mode', 'serve'), ('interaction_op', 'Dot'), ('optimizer', 'sgd'),
+    ('feature_spec', 'avazu')])
 def test_bad_config_values_fail_first_naming_the_field(tmp_path, field, value):
   # Each of these used to fail mid-run (after training, for eval_batch_size and embedding_dim)
-  # or quietly did something else (save_steps=-1 saved every step).
+  # or quietly did something else (save_steps=-1 saved every step). A misspelt interaction_op
+  # or optimizer failed only after the planted data were written (a minute for the default's).
   workdir = tmp_path / 'run'
   with pytest.raises(ValueError, match=re.escape(f'config.{field}={value!r} must be')):
     train.train_and_evaluate(_config(tmp_path, **{field: value}), str(workdir))
@@ -451,6 +453,19 @@ def test_a_second_training_run_on_one_directory_stops_and_the_lock_dies_with_its
     holder.kill()
     holder.wait()
   assert train.train_and_evaluate(_config(tmp_path, steps=12, save_steps=0), workdir)['steps'] == 12
+
+
+def test_a_run_that_fails_before_writing_leaves_no_new_directory(tmp_path):
+  missing = str(tmp_path / 'no_data')
+  workdir = tmp_path / 'model_DLRM_new'
+  with pytest.raises(FileNotFoundError, match='no_data'):
+    train.train_and_evaluate(_config(tmp_path, data_location=missing), str(workdir))
+  assert not workdir.exists()
+  # A directory that was there before (named by the user) stays, lock file and all.
+  workdir.mkdir()
+  with pytest.raises(FileNotFoundError, match='no_data'):
+    train.train_and_evaluate(_config(tmp_path, data_location=missing), str(workdir))
+  assert os.listdir(workdir) == ['.train.lock']
 
 
 def test_an_evaluator_takes_the_newer_step_when_its_step_is_deleted(tmp_path):
