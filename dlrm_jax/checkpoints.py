@@ -230,6 +230,31 @@ class Preempted(SystemExit):
 
 
 @contextlib.contextmanager
+def _ctrl_c_as_sigterm(install: bool) -> Iterator[List[str]]:
+  """In a multi-process run, turns a first Ctrl-C into a SIGTERM to this process, which JAX's
+  preemption service takes as a notice for every process; a second one aborts at once. Yields
+  a list that holds 'SIGINT' once that happened."""
+  noticed: List[str] = []
+  if not install:
+    yield noticed
+    return
+
+  def notice(signum, frame):
+    del signum, frame
+    noticed.append('SIGINT')
+    logging.warning('Ctrl-C: every process saves the step they agree on, then stops (Ctrl-C '
+                    'again aborts)')
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  previous = signal.signal(signal.SIGINT, notice)
+  try:
+    yield noticed
+  finally:
+    signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
+@contextlib.contextmanager
 def preemption_notices() -> Iterator[Callable[[int], str]]:
   """Yields `stop(step)`, to be asked after every train step: save this step, then stop? It
   answers the signal's name ('SIGTERM', 'SIGINT'), or '' to go on.
@@ -237,15 +262,19 @@ def preemption_notices() -> Iterator[Callable[[int], str]]:
   Multi-process runs ask JAX's preemption service, which makes every process answer at the same
   step, so that their collective save lines up. Asking it is the only way such a run notices
   SIGTERM at all: from `jax.distributed.initialize` on, the service catches the signal, which
-  then no longer ends the process. A single process answers from Python handlers installed only
+  then no longer ends the process. The service takes no SIGINT, so there a first Ctrl-C is
+  passed on to it as a SIGTERM to the process. A single process answers from Python handlers installed only
   while the loop runs: SIGTERM, and a first Ctrl-C (a second one aborts at once, as before). So
   a signal while the data is cached or the model evaluates still ends the process at once (the
   newest complete checkpoint stays the newest).
   """
+  on_main_thread = threading.current_thread() is threading.main_thread()
   if jax.distributed.is_initialized():
-    yield lambda step: 'SIGTERM' if multihost_utils.reached_preemption_sync_point(step) else ''
+    with _ctrl_c_as_sigterm(on_main_thread) as ctrl_c:
+      yield lambda step: ((ctrl_c[0] if ctrl_c else 'SIGTERM')
+                          if multihost_utils.reached_preemption_sync_point(step) else '')
     return
-  if threading.current_thread() is not threading.main_thread():
+  if not on_main_thread:
     yield lambda step: ''  # Python delivers signals to the main thread only
     return
   noticed = []

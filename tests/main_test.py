@@ -60,9 +60,10 @@ def _wait_for_training(log_path, seconds=300):
   raise AssertionError(f'training never started: {_read(log_path)[-3000:]}')
 
 
-def _two_processes(tmp_path, name, steps, *extra, devices=1, sigterm_to=None):
+def _two_processes(tmp_path, name, steps, *extra, devices=1, sigterm_to=None,
+                   signum=signal.SIGTERM):
   """main in two processes of `devices` CPU devices each: their exit codes and logs. With
-  `sigterm_to`, that process gets SIGTERM once training has started."""
+  `sigterm_to`, that process gets `signum` once training has started."""
   port = _free_port()
   env = dict(ENV, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   logs = [tmp_path / f'{name}{pid}.txt' for pid in (0, 1)]
@@ -71,7 +72,7 @@ def _two_processes(tmp_path, name, steps, *extra, devices=1, sigterm_to=None):
   try:
     if sigterm_to is not None:
       _wait_for_training(logs[sigterm_to])
-      procs[sigterm_to].send_signal(signal.SIGTERM)
+      procs[sigterm_to].send_signal(signum)
     codes = [p.wait(timeout=300) for p in procs]
   finally:
     for p in procs:
@@ -133,16 +134,23 @@ def test_sigterm_or_ctrl_c_checkpoints_the_current_step_then_a_rerun_resumes(tmp
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_every_process_at_one_checkpointed_step(tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_a_signal_to_one_process_stops_every_process_at_one_checkpointed_step(tmp_path, signum):
   # JAX's preemption service catches SIGTERM once a process has joined a multi-process run;
-  # without asking it, the run would ignore the signal. Here only process 1 gets it.
-  codes, texts = _two_processes(tmp_path, 'log', MANY_STEPS, sigterm_to=1)
+  # without asking it, the run would ignore the signal. It takes no SIGINT: a Ctrl-C used to
+  # kill the processes mid-step. Only one process gets the signal: process 1 SIGTERM, process 0
+  # (which writes the results) the Ctrl-C.
+  to = 1 if signum == signal.SIGTERM else 0
+  codes, texts = _two_processes(tmp_path, 'log', MANY_STEPS, sigterm_to=to, signum=signum)
   assert codes == [1, 1], [t[-3000:] for t in texts]
   steps = {t.split('stopped after step ')[1].split()[0] for t in texts}
   assert len(steps) == 1, steps  # the same step on both
   stopped = int(steps.pop())
   assert _latest_checkpoint(tmp_path) == stopped
   assert _results(tmp_path)['preempted_at_step'] == stopped
+  assert _results(tmp_path)['preempted_by'] == signal.Signals(signum).name
+  if signum == signal.SIGINT:
+    return
 
   # The same two processes evaluate the checkpoint; only process 0 writes the results.
   codes, texts = _two_processes(tmp_path, 'eval', MANY_STEPS, '--config.mode=eval')
