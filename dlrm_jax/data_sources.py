@@ -13,7 +13,8 @@ the test set, as in the Facebook reference).
 Reading. With `use_cache` (the default) each source is parsed once into a row cache
 (`row_cache`, under `cache_dir` or `<data dir>/dlrm_cache`) and every epoch and evaluation reads
 the cache; `resolve` builds the train caches (it needs their row counts), the eval caches are
-built at the first evaluation. Otherwise the CSV is parsed every epoch (`num_workers`
+built when the first eval batch is read (a training run reads it before its first step, to
+compile the evaluation). Otherwise the CSV is parsed every epoch (`num_workers`
 processes). With `tfds_data_dir` set, the TFDS array_record data sets of `tfds_builders` are
 read instead. `python -m dlrm_jax.data_sources --config=...` builds a config's caches ahead.
 
