@@ -294,7 +294,8 @@ class Source:
     return f'{self.path} (parts {first + 1}-{stop} of {num})'
 
 
-def _file_identity(path: str) -> Dict[str, Any]:
+def file_identity(path: str) -> Dict[str, Any]:
+  """What tells a source file apart from its replacement: path, size and modification time."""
   st = os.stat(path)
   return {'path': os.path.abspath(path), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
 
@@ -422,7 +423,7 @@ def _expected_manifest(source: Source, spec: feature_spec_lib.FeatureSpec,
   """The fields a valid cache's manifest must have, as they are now."""
   return {'cache_format': CACHE_FORMAT, 'parser_version': input_pipeline.PARSER_VERSION,
           'spec_name': spec.name, 'spec_fingerprint': parse_fingerprint(spec),
-          'source': _file_identity(source.path),
+          'source': file_identity(source.path),
           'part': list(source.part) if source.part else None, 'share': list(share)}
 
 
@@ -511,7 +512,7 @@ def _build(source: Source, spec: feature_spec_lib.FeatureSpec, directory: str,
                      source.describe(), done, expected_lines, rate, left / 60)
         last_log = now
     arrays = writer.close()
-    if _file_identity(source.path) != expected['source']:
+    if file_identity(source.path) != expected['source']:
       raise input_pipeline.DataError(
           f'{source.path} changed while it was being cached; not using the cache', source.path)
     seconds = time.perf_counter() - started

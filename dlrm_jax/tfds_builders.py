@@ -19,8 +19,10 @@ The rows are parsed by `input_pipeline` as the trainer parses them, so a builder
 to a feature spec (hash buckets, max_list_len, Criteo table sizes): `config_for` names the
 config after the spec's parse fingerprint, and the reader refuses data built for another spec.
 Manual download: the files are not downloadable from here; `MANUAL_DOWNLOAD_INSTRUCTIONS` say
-where to put them. TFDS does not notice a changed source file: delete the data set's directory
-(or use the row cache, which does notice) after replacing the files.
+where to put them. A data set records the size and modification time of each file it was built
+from; when a file of that name in the manual directory differs from it (replaced, or another
+directory's file), reading it is refused, naming the file: TFDS does not rebuild a prepared data
+set, so delete its directory to rebuild it. Source files deleted after the build are fine.
 """
 
 import dataclasses
@@ -141,6 +143,7 @@ class _Blocks(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.info.metadata[f'{split}_lines'] = stats.source_lines
     self.info.metadata[f'{split}_stats'] = stats.as_dict()
     self.info.metadata['spec_fingerprint'] = row_cache.parse_fingerprint(spec)
+    self.info.metadata[f'{split}_sources'] = [row_cache.file_identity(s.path) for s in sources]
 
 
 def _slice(rows: row_cache.Rows, starts: np.ndarray, first: int, stop: int) -> row_cache.Rows:
@@ -214,13 +217,38 @@ def config_for(config, spec: fs.FeatureSpec) -> BlocksConfig:
       num_workers=max(0, int(config.get('num_workers', 0))))
 
 
+class SourceChanged(ValueError):
+  """A prepared data set was built from other versions of the files the run names."""
+
+
+def check_sources(sources, manual_dir: str) -> None:
+  """Refuses a prepared data set when a file it was built from differs from the file of that
+  name in `manual_dir` (TFDS would read the old rows without a word)."""
+  for split, source in sources.items():
+    for built in source.dataset_info.metadata.get(f'{split}_sources', ()):
+      path = os.path.join(manual_dir, os.path.basename(built['path']))
+      if not os.path.exists(path):
+        continue  # deleted after the build: the data set is what is left of it
+      now = row_cache.file_identity(path)
+      if (now['size'], now['mtime_ns']) != (built['size'], built['mtime_ns']):
+        raise SourceChanged(
+            f'{path} ({now["size"]} bytes) is not the file the TFDS data set in '
+            f'{source.dataset_info.data_dir} was built from ({built["path"]}, '
+            f'{built["size"]} bytes, another modification time): TFDS does not rebuild a '
+            'prepared data set, so delete that directory to rebuild it from the current files '
+            '(or read them through the row cache: tfds_data_dir=\'\')')
+
+
 def data_source(config, spec: fs.FeatureSpec, manual_dir: str):
-  """tfds.data_source of the run's data set, prepared from `manual_dir` first if needed."""
-  return tfds.data_source(
+  """tfds.data_source of the run's data set, prepared from `manual_dir` first if needed, and
+  checked against the files there (`check_sources`)."""
+  sources = tfds.data_source(
       BUILDERS[spec.name].name, data_dir=config.tfds_data_dir,
       builder_kwargs={'config': config_for(config, spec), 'file_format': 'array_record'},
       download_and_prepare_kwargs={'download_config': tfds.download.DownloadConfig(
           manual_dir=manual_dir)})
+  check_sources(sources, manual_dir)
+  return sources
 
 
 def split_rows(config, spec: fs.FeatureSpec, manual_dir: str, split: str) -> int:

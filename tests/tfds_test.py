@@ -1,5 +1,7 @@
 """The TFDS builders: array_record blocks, read with tfds.data_source, without TensorFlow."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -68,6 +70,13 @@ def test_elm_blocks_hold_exactly_the_parsed_rows(tmp_path):
     counts.append(len(list(data_sources.eval_batches(config, SPEC, data, process_index=k,
                                                      process_count=2))))
   assert counts[0] == counts[1]
+
+  # The source files may go once the data set is built; a replaced one is refused, named.
+  os.remove(manual / 'train.csv')
+  assert data_sources.resolve(config, SPEC, process_index=0, process_count=1).train_rows == 1100
+  write(manual / 'eval.csv', numbered_lines(7000, 31))
+  with pytest.raises(tfds_builders.SourceChanged, match=re.escape(f'{manual / "eval.csv"} (')):
+    data_sources.resolve(config, SPEC, process_index=0, process_count=1)
 
 
 def test_criteo_kaggle_split_from_planted_data(tmp_path):
