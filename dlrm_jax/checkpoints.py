@@ -263,10 +263,10 @@ def preemption_notices() -> Iterator[Callable[[int], str]]:
   step, so that their collective save lines up. Asking it is the only way such a run notices
   SIGTERM at all: from `jax.distributed.initialize` on, the service catches the signal, which
   then no longer ends the process. The service takes no SIGINT, so there a first Ctrl-C is
-  passed on to it as a SIGTERM to the process. A single process answers from Python handlers installed only
-  while the loop runs: SIGTERM, and a first Ctrl-C (a second one aborts at once, as before). So
-  a signal while the data is cached or the model evaluates still ends the process at once (the
-  newest complete checkpoint stays the newest).
+  passed on to it as a SIGTERM to the process. A single process answers from Python handlers
+  installed only while the loop runs: SIGTERM, and a first Ctrl-C (a second one aborts at once,
+  as before). So a signal while the data is cached or the model evaluates still ends the
+  process at once (the newest complete checkpoint stays the newest).
   """
   on_main_thread = threading.current_thread() is threading.main_thread()
   if jax.distributed.is_initialized():

@@ -204,8 +204,9 @@ def _plan(spec: feature_spec_lib.FeatureSpec) -> _Plan:
   strings = tuple(sorted(i for i in used if kinds[i] == 'str'))
   return _Plan(names=names, kinds=kinds, defaults=tuple(c.default for c in spec.columns),
                delimiter=spec.delimiter, separator=spec.list_separator,
-               label=spec.column_index(spec.label) if spec.label else -1, numeric=numeric, strings=strings,
-               sparse=tuple(sparse), dense=tuple(dense), num_slots=spec.num_slots)
+               label=spec.column_index(spec.label) if spec.label else -1, numeric=numeric,
+               strings=strings, sparse=tuple(sparse), dense=tuple(dense),
+               num_slots=spec.num_slots)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -651,7 +651,8 @@ def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
 def predict(setup: Setup, state: TrainState, config, input_path: str, output_path: str) -> int:
   """Writes one click probability per row of `input_path`, in row order; returns the count.
 
-  The rows may lack the label column (`input_pipeline.scoring_spec`). One process only (see train_and_evaluate).
+  The rows may lack the label column (`input_pipeline.scoring_spec`). One process only (see
+  train_and_evaluate).
   """
   step = make_eval_step(setup)
   spec = input_pipeline.scoring_spec([input_path], setup.spec)
