@@ -631,6 +631,39 @@ def restore_state(manager, setup: Setup, saved: Setup) -> TrainState:
   return relayout(restored)
 
 
+# The fields that decide which rows make batch k of a run; the rest may change on a resume
+# without touching the data order.
+DATA_ORDER_FIELDS = ('data_location', 'train_files', 'split_parts', 'batch_size', 'seed',
+                     'shuffle_buffer', 'cache_block_rows', 'use_cache', 'tfds_data_dir',
+                     'skip_bad_rows', 'max_list_len', 'planted')
+
+
+def warn_if_data_order_changes(config, workdir: str, start_step: int) -> None:
+  """Warns when a resume changes what decides the data order (config.json has the run's).
+
+  A resumed run goes on at batch `start_step` of its config's order, which continues the
+  checkpointed run's exactly only when that order is the same; otherwise the rest of the epoch
+  may repeat some rows and skip others (DeepRec restarts its input at every resume).
+  """
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return
+  current = json.loads(config.to_json_best_effort())
+
+  def order_fields(c):  # each process reads its share of the rows: their count matters too
+    return dict({k: c[k] for k in DATA_ORDER_FIELDS if k in c},
+                num_processes=c.get('distributed', {}).get('num_processes', 1))
+
+  changes = checkpoints.config_differences(order_fields(saved), order_fields(current))
+  if changes:
+    logging.warning(
+        'resuming at step %d with another data order (%s): training goes on at batch %d of the '
+        'new order, so the rest of this epoch may repeat some rows and skip others',
+        start_step, '; '.join(changes), start_step)
+
+
 def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
   # Checked before make_manager, which would create the directory: a mistyped run directory
   # leaves nothing behind.
@@ -717,11 +750,13 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   check_writable(workdir, abstract, config, num_steps)
   manager = checkpoints.make_manager(workdir, config)
   saved_setup = checkpoint_setup(manager, setup, config, workdir)
+  start_step = checkpoints.latest_step(manager) or 0
+  if start_step:
+    warn_if_data_order_changes(config, workdir, start_step)
   writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.write_config(config)
   stats = input_pipeline.ParseStats()
 
-  start_step = checkpoints.latest_step(manager) or 0
   step_fn = compile_train_step(setup, abstract, options['op_fusion'])
   summarize = jit_on_batches(functools.partial(activation_stats, setup), setup.mesh)
   eval_fn = make_eval_step(setup)

@@ -455,6 +455,20 @@ def test_a_second_training_run_on_one_directory_stops_and_the_lock_dies_with_its
   assert train.train_and_evaluate(_config(tmp_path, steps=12, save_steps=0), workdir)['steps'] == 12
 
 
+def test_a_resume_that_changes_the_data_order_says_so(tmp_path, caplog):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(tmp_path, steps=5, save_steps=0, no_eval=True), workdir)
+  caplog.set_level('WARNING')
+  # Steps and learning rate leave batch k's rows alone: no warning.
+  train.train_and_evaluate(_config(tmp_path, steps=8, save_steps=0, no_eval=True,
+                                   learning_rate=0.02), workdir)
+  assert 'another data order' not in caplog.text
+  train.train_and_evaluate(_config(tmp_path, steps=10, save_steps=0, no_eval=True,
+                                   batch_size=32, seed=7), workdir)
+  assert re.search(r'resuming at step 8 with another data order \(batch_size: 64 -> 32; '
+                   r'seed: \d+ -> 7\)', caplog.text), caplog.text
+
+
 def test_a_run_that_fails_before_writing_leaves_no_new_directory(tmp_path):
   missing = str(tmp_path / 'no_data')
   workdir = tmp_path / 'model_DLRM_new'
