@@ -197,8 +197,21 @@ def make_setup(config) -> Setup:
   tx = optimizers.create(config.optimizer, config.learning_rate, **hparams)
   row_tx = (optimizers.create_sparse(config.optimizer, config.learning_rate, **hparams)
             if options['sparse_updates'] else None)
-  return Setup(spec, model, tx, row_tx, options['emb_fusion'], make_mesh(config),
+  mesh = make_mesh(config)
+  check_batch_split(config, mesh.shape['data'])
+  return Setup(spec, model, tx, row_tx, options['emb_fusion'], mesh,
                merge_across_processes=jax.process_count() > 1)
+
+
+def check_batch_split(config, data_devices: int) -> None:
+  """Batches split evenly over the mesh's data axis (and so over processes), or JAX refuses the
+  first batch, after the data are written and cached."""
+  for field in ('batch_size', 'eval_batch_size'):
+    if config[field] % data_devices:
+      raise ValueError(
+          f'config.{field}={config[field]} does not split over the {data_devices} devices of the '
+          f'mesh\'s data axis (mesh_shape {tuple(config.mesh_shape)}): use a multiple of '
+          f'{data_devices}, e.g. {-(-config[field] // data_devices) * data_devices}')
 
 
 # ------------------------------------------------------------------------------------------------

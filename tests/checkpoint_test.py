@@ -307,6 +307,20 @@ def test_bad_config_values_fail_first_naming_the_field(tmp_path, field, value):
   assert not os.path.exists(workdir) and not os.path.exists(tmp_path / 'out')
 
 
+def test_batches_must_split_over_the_data_axis(tmp_path):
+  # 66 rows over 4 data devices used to fail at the first batch, in JAX's sharding code.
+  config = _config(tmp_path, batch_size=66, eval_batch_size=512, mesh_shape=(-1, 1))
+  with pytest.raises(ValueError, match=re.escape(
+      'config.batch_size=66 does not split over the 4 devices of the mesh\'s data axis '
+      '(mesh_shape (-1, 1)): use a multiple of 4, e.g. 68')):
+    train.check_batch_split(config, 4)
+  config.batch_size = 64
+  train.check_batch_split(config, 4)
+  config.eval_batch_size = 513
+  with pytest.raises(ValueError, match=r'config.eval_batch_size=513 .* e.g. 516'):
+    train.check_batch_split(config, 4)
+
+
 def test_every_shipped_config_passes_the_config_check():
   paths = glob.glob(os.path.join(th.ROOT, 'configs', '*.py'))
   names = sorted(os.path.basename(p)[:-3] for p in paths if not p.endswith('__init__.py'))
