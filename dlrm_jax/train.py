@@ -138,6 +138,10 @@ def check_config(config) -> None:
        ' or '.join(map(repr, sorted(models.INTERACTIONS))))
   need('optimizer', config.optimizer in optimizers.OPTIMIZER_NAMES,
        'one of ' + ', '.join(optimizers.OPTIMIZER_NAMES))
+  if config.interaction_op == 'dot' and config.bottom_mlp:
+    # The dot interaction takes the bottom MLP's output as one more embedding.
+    need('bottom_mlp', config.bottom_mlp[-1] == config.embedding_dim,
+         f'widths ending at embedding_dim={config.embedding_dim} for interaction_op=dot')
   if config.mode == 'predict':
     need('predict_input', bool(config.predict_input), 'a file to score in mode=predict')
   if problems:

@@ -296,14 +296,16 @@ def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path)
     ('steps', -3), ('save_steps', -1), ('activation_summary_steps', -1), ('learning_rate', -0.1),
     ('learning_rate', float('nan')), ('bottom_mlp', ()), ('top_mlp', (16, 0)),
     ('cache_block_rows', 0), ('mode', 'serve'), ('interaction_op', 'Dot'), ('optimizer', 'sgd'),
-    ('feature_spec', 'avazu')])
+    ('feature_spec', 'avazu'), ('bottom_mlp', (16, 8))])
 def test_bad_config_values_fail_first_naming_the_field(tmp_path, field, value):
   # Each of these used to fail mid-run (after training, for eval_batch_size and embedding_dim)
   # or quietly did something else (save_steps=-1 saved every step). A misspelt interaction_op
   # or optimizer failed only after the planted data were written (a minute for the default's).
   workdir = tmp_path / 'run'
+  config = _config(tmp_path, **{field: value})
+  config.interaction_op = 'dot' if field == 'bottom_mlp' else config.interaction_op
   with pytest.raises(ValueError, match=re.escape(f'config.{field}={value!r} must be')):
-    train.train_and_evaluate(_config(tmp_path, **{field: value}), str(workdir))
+    train.train_and_evaluate(config, str(workdir))
   assert not os.path.exists(workdir) and not os.path.exists(tmp_path / 'out')
 
 
