@@ -570,16 +570,26 @@ def state_bytes(state) -> int:
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
 
 
-def check_writable(workdir: str, state: TrainState, config, num_steps: int) -> None:
-  """Fails before training when the run directory cannot hold the run's checkpoints."""
+def _probe_writable(directory: str, what: str) -> None:
+  """Writes and removes a file in `directory` (made first, as the run would make it)."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write-probe-{os.getpid()}')
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f'.write-probe-{os.getpid()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
   except OSError as e:
-    raise OSError(f'run directory {workdir} is not writable: {e}') from e
+    raise OSError(f'{what} {directory} is not writable: {e}') from e
+
+
+def check_writable(workdir: str, state: TrainState, config, num_steps: int) -> None:
+  """Fails before training when the run directory cannot hold the run's checkpoints, or the
+  serving artifact's directory cannot be written (the export comes after training)."""
+  _probe_writable(workdir, 'run directory')
+  if config.export_dir and jax.process_index() == 0:
+    # export_model writes beside export_dir and renames into it.
+    _probe_writable(os.path.dirname(os.path.abspath(config.export_dir)),
+                    'the directory of export_dir')
   per_step = state_bytes(state)
   saves = num_steps // config.save_steps + 1 if config.save_steps else 1
   # orbax keeps up to keep_checkpoint_max steps (0: all of them) plus the one being written.
@@ -927,22 +937,36 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   if eval_history:
     results['eval_history'] = eval_history  # the evaluations during training, by step
     results['eval_during_training_s'] = eval_time
+  def record_results():
+    results.update(data.oracle)
+    results.update({'rows_parsed': stats.rows, 'bad_rows': stats.bad_rows,
+                    'truncated_list_values': stats.truncated_values,
+                    'parse_stats': stats.as_dict()})
+    writer.close()
+    if jax.process_index() == 0:
+      write_results(os.path.join(workdir, 'results.json'), results)
+
   evaluate_now = not config.no_eval and stopped_at is None
-  if evaluate_now:
-    return_freed_heap()  # what the save freed
-    eval_metrics = evaluate(setup, state, config, data, stats, step=eval_fn)
-    results.update({f'eval_{k}': v for k, v in eval_metrics.items()})
-    writer.write_scalars(final_step, {f'eval_{k}': results[f'eval_{k}']
-                                      for k in ('auc', 'accuracy', 'logloss')})
-  if config.export_dir and stopped_at is None:
-    results['export_dir'] = serving.export_model(setup, state, config.export_dir)
-  results.update(data.oracle)
-  results.update({'rows_parsed': stats.rows, 'bad_rows': stats.bad_rows,
-                  'truncated_list_values': stats.truncated_values,
-                  'parse_stats': stats.as_dict()})
-  writer.close()
-  if jax.process_index() == 0:
-    write_results(os.path.join(workdir, 'results.json'), results)
+  try:
+    if evaluate_now:
+      return_freed_heap()  # what the save freed
+      eval_metrics = evaluate(setup, state, config, data, stats, step=eval_fn)
+      results.update({f'eval_{k}': v for k, v in eval_metrics.items()})
+      writer.write_scalars(final_step, {f'eval_{k}': results[f'eval_{k}']
+                                        for k in ('auc', 'accuracy', 'logloss')})
+    if config.export_dir and stopped_at is None:
+      results['export_dir'] = serving.export_model(setup, state, config.export_dir)
+  except Exception as e:
+    # A bad eval row found only now (parsing the CSV as it goes), or a failed export: the
+    # training's figures (and the evaluation's) still go to results.json, beside its checkpoint.
+    results['failed_after_training'] = f'{type(e).__name__}: {e}'[:2000]
+    record_results()
+    logging.error('training finished: step %d is saved in %s and its figures are in '
+                  'results.json. What failed after it is below; once it is fixed, the command '
+                  'with --config.checkpoint=%s evaluates that step without training again',
+                  last_saved, manager.directory, workdir)
+    raise
+  record_results()
   if stopped_at is not None:
     what = 'Ctrl-C (SIGINT)' if stopped_by == 'SIGINT' else f'preemption notice ({stopped_by})'
     raise checkpoints.Preempted(

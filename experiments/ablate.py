@@ -12,8 +12,10 @@ cache in `out_dir/jax_cache` (unless one is configured already): a seed only cha
 every seed after a variant's first skips compiling.
 
 A cell is finished when its `results.json` exists (train.py writes it atomically, last) and
-does not say that a preemption notice stopped it, so an interrupted grid resumes: finished cells
-are read back, an interrupted cell resumes from its newest checkpoint, and the rest train. Each
+says neither that a preemption notice stopped it nor that its evaluation or export failed after
+training (`failed_after_training`: the rerun restores the last step and evaluates), so an
+interrupted grid resumes: finished cells are read back, an interrupted cell resumes from its
+newest checkpoint, and the rest train. Each
 cell keeps the config it was trained with in `cell_config.json`; resuming into an `out_dir` made
 from a different config is an error rather than a table that mixes two experiments.
 
@@ -231,10 +233,14 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str,
   results_path = os.path.join(workdir, RESULTS)
   if os.path.exists(results_path):
     results = _read_json(results_path)
-    if 'preempted_at_step' not in results:
+    if 'preempted_at_step' in results:
+      logging.info('%s: stopped by a preemption notice at step %d; resuming it', workdir,
+                   results['preempted_at_step'])
+    elif 'failed_after_training' in results:
+      logging.info('%s: trained, then failed (%s); evaluating it again', workdir,
+                   results['failed_after_training'])
+    else:
       return results, False
-    logging.info('%s: stopped by a preemption notice at step %d; resuming it', workdir,
-                 results['preempted_at_step'])
   if train_fn is None:
     from dlrm_jax import train  # pylint: disable=g-import-not-at-top
     train_fn = train.train_and_evaluate

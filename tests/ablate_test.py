@@ -147,10 +147,11 @@ def test_resume_trains_only_the_unfinished_cell(finished, tmp_path, shared_compi
   assert resumed['eval_auc'] == pytest.approx(first['eval_auc'], abs=1e-6)
 
 
-def fake_train(fail_at=None, preempt_at=None):
+def fake_train(fail_at=None, preempt_at=None, eval_fails_at=None):
   """A stand-in for train_and_evaluate: AUC 0.6 + seed / 100 + 0.1 for dot, written as train.py
-  writes it; raises at the cell named `fail_at`, as an interrupted grid would stop, and at the
-  cell named `preempt_at` writes a preempted run's results and raises as train.py does."""
+  writes it; raises at the cell named `fail_at`, as an interrupted grid would stop, at the cell
+  named `preempt_at` writes a preempted run's results and raises as train.py does, and at
+  `eval_fails_at` the results of a run whose evaluation failed after training."""
   calls = []
 
   def train_fn(config, workdir):
@@ -161,6 +162,10 @@ def fake_train(fail_at=None, preempt_at=None):
       with open(os.path.join(workdir, 'results.json'), 'w') as f:
         json.dump({'steps': 3, 'preempted_at_step': 3}, f)
       raise checkpoints.Preempted('preemption notice (SIGTERM)')
+    if name == eval_fails_at:
+      with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump({'steps': 7, 'failed_after_training': 'DataError: eval.csv:9: ...'}, f)
+      raise ValueError('eval.csv:9: ...')
     calls.append(name)
     auc = 0.6 + config.seed / 100 + (0.1 if config.interaction_op == 'dot' else 0.0)
     results = {'steps': 7, 'eval_auc': auc, 'eval_logloss': 0.2, 'eval_accuracy': 0.9,
@@ -195,10 +200,11 @@ def test_interrupted_grid_resumes_where_it_stopped(tmp_path):
     assert f.read().startswith(PNG_MAGIC)
 
 
-def test_a_cell_stopped_by_preemption_trains_again_on_resume(tmp_path):
+@pytest.mark.parametrize('how', ['preempt_at', 'eval_fails_at'])
+def test_a_cell_stopped_by_preemption_or_a_failed_evaluation_runs_again_on_resume(tmp_path, how):
   grid, seeds = {'interaction_op': ('dot', 'cat')}, [1]
-  preempted, first_calls = fake_train(preempt_at='interaction_op-cat_seed-1')
-  with pytest.raises(checkpoints.Preempted):
+  preempted, first_calls = fake_train(**{how: 'interaction_op-cat_seed-1'})
+  with pytest.raises(checkpoints.Preempted if how == 'preempt_at' else ValueError):
     ablate.run_ablation(tiny_base(), grid, seeds, str(tmp_path), plots=False,
                         train_fn=preempted, compilation_cache=False)
   assert first_calls == ['interaction_op-dot_seed-1']

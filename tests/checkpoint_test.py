@@ -485,6 +485,43 @@ def test_a_resume_that_changes_the_data_order_says_so(tmp_path, caplog):
                    r'seed: \d+ -> 7\)', caplog.text), caplog.text
 
 
+def test_an_unwritable_export_dir_fails_before_training(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  workdir = tmp_path / 'run'
+  with pytest.raises(OSError, match=re.escape(f'the directory of export_dir {blocker / "serving"}')):
+    train.train_and_evaluate(_config(tmp_path, export_dir=str(blocker / 'serving' / 'v1')),
+                             str(workdir))
+  assert not os.path.exists(workdir / 'checkpoints' / '20')
+
+
+def test_a_failure_after_training_keeps_the_figures_and_a_rerun_only_evaluates(tmp_path):
+  # With use_cache=False the eval file is parsed as it is read: a bad row past the first batch's
+  # chunk surfaces only in the final evaluation, after the last step was saved.
+  data = th.planted_dir(tmp_path)
+  with open(os.path.join(data, 'eval.csv')) as f:
+    good = f.read().splitlines()
+  rows = good * (9000 // len(good) + 1)
+  bad = good[0].split(',')
+  bad[5] = 'abc'
+  local = tmp_path / 'data'
+  local.mkdir()
+  (local / 'train.csv').write_text(open(os.path.join(data, 'train.csv')).read())
+  (local / 'eval.csv').write_text('\n'.join(rows + [','.join(bad)]) + '\n')
+  config = _config(tmp_path, data_location=str(local), use_cache=False, save_steps=0)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(input_pipeline.DataError, match=f'eval.csv:{len(rows) + 1}:'):
+    train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    kept = json.load(f)
+  assert kept['steps'] == kept['last_checkpoint_step'] == 20 and kept['train_samples_per_s'] > 0
+  assert kept['failed_after_training'].startswith('DataError: ') and 'eval_auc' not in kept
+  (local / 'eval.csv').write_text('\n'.join(rows) + '\n')
+  results = train.train_and_evaluate(config, workdir)
+  assert results['steps'] == 20 and results['checkpoint_saves'] == 0  # nothing trained again
+  assert 0 < results['eval_auc'] < 1 and 'failed_after_training' not in results
+
+
 def test_a_run_that_fails_before_writing_leaves_no_new_directory(tmp_path):
   missing = str(tmp_path / 'no_data')
   workdir = tmp_path / 'model_DLRM_new'
