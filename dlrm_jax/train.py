@@ -847,8 +847,20 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     out of the training rate."""
     nonlocal timed_since, eval_time
     start = time.perf_counter()
-    # Its own parse counters: the eval rows are counted once, by the final evaluation.
-    values = evaluate(setup, state, config, data, input_pipeline.ParseStats(), step=eval_fn)
+    try:
+      # Its own parse counters: the eval rows are counted once, by the final evaluation.
+      values = evaluate(setup, state, config, data, input_pipeline.ParseStats(), step=eval_fn)
+    except Exception:
+      # A bad eval row found only now (use_cache=False): the steps since the last save are not
+      # lost. One process only: another process, whose rows parse, would not join a collective
+      # save.
+      if jax.process_count() == 1 and last_saved != step and bool(all_finite(state.params)):
+        checkpoints.save(manager, step, state)
+        checkpoints.wait(manager)
+        logging.error('the evaluation at step %d failed (below); step %d is saved in %s, and '
+                      'the run resumes from it once the eval data is fixed', step, step,
+                      manager.directory)
+      raise
     writer.write_scalars(step, {f'eval_{k}': values[k] for k in ('auc', 'accuracy', 'logloss')})
     eval_history.append({'step': step, **values})
     spent = time.perf_counter() - start

@@ -495,9 +495,10 @@ def test_an_unwritable_export_dir_fails_before_training(tmp_path):
   assert not os.path.exists(workdir / 'checkpoints' / '20')
 
 
-def test_a_failure_after_training_keeps_the_figures_and_a_rerun_only_evaluates(tmp_path):
-  # With use_cache=False the eval file is parsed as it is read: a bad row past the first batch's
-  # chunk surfaces only in the final evaluation, after the last step was saved.
+def _late_bad_eval_row(tmp_path):
+  """A data directory whose eval.csv has a bad last row, past the first eval batch's chunk of
+  8192 rows: with use_cache=False the eval file is parsed as it is read, so the row surfaces
+  only when an evaluation reaches it. Returns (directory, good eval rows)."""
   data = th.planted_dir(tmp_path)
   with open(os.path.join(data, 'eval.csv')) as f:
     good = f.read().splitlines()
@@ -508,6 +509,26 @@ def test_a_failure_after_training_keeps_the_figures_and_a_rerun_only_evaluates(t
   local.mkdir()
   (local / 'train.csv').write_text(open(os.path.join(data, 'train.csv')).read())
   (local / 'eval.csv').write_text('\n'.join(rows + [','.join(bad)]) + '\n')
+  return local, rows
+
+
+def test_a_failed_evaluation_during_training_saves_its_step_first(tmp_path):
+  local, rows = _late_bad_eval_row(tmp_path)
+  config = _config(tmp_path, data_location=str(local), use_cache=False, save_steps=0,
+                   eval_every_steps=10)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(input_pipeline.DataError, match=f'eval.csv:{len(rows) + 1}:'):
+    train.train_and_evaluate(config, workdir)
+  assert _latest_checkpoint_step(workdir) == 10  # not lost: no save was due before step 20
+
+
+def _latest_checkpoint_step(workdir):
+  return max(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+
+
+def test_a_failure_after_training_keeps_the_figures_and_a_rerun_only_evaluates(tmp_path):
+  # A bad eval row found only in the final evaluation, after the last step was saved.
+  local, rows = _late_bad_eval_row(tmp_path)
   config = _config(tmp_path, data_location=str(local), use_cache=False, save_steps=0)
   workdir = str(tmp_path / 'run')
   with pytest.raises(input_pipeline.DataError, match=f'eval.csv:{len(rows) + 1}:'):
