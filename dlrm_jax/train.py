@@ -842,6 +842,16 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
           f'checkpoint is step {last_saved} in {manager.directory} (left intact)')
     return values
 
+  def save_before_failing(done, what):
+    """Saves step `done` when reading data fails mid-run (a bad row found only now, with
+    use_cache=False), so the steps since the last save are not lost. One process only: another
+    process, whose rows parse, would not join the collective save."""
+    if jax.process_count() == 1 and done not in (last_saved, 0) and bool(all_finite(state.params)):
+      checkpoints.save(manager, done, state)
+      checkpoints.wait(manager)
+      logging.error('%s failed after step %d (below); step %d is saved in %s, and the run '
+                    'resumes from it once that is fixed', what, done, done, manager.directory)
+
   def evaluate_during_training(step):
     """An evaluation every eval_every_steps: logged, kept for results.json, and its time kept
     out of the training rate."""
@@ -851,15 +861,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
       # Its own parse counters: the eval rows are counted once, by the final evaluation.
       values = evaluate(setup, state, config, data, input_pipeline.ParseStats(), step=eval_fn)
     except Exception:
-      # A bad eval row found only now (use_cache=False): the steps since the last save are not
-      # lost. One process only: another process, whose rows parse, would not join a collective
-      # save.
-      if jax.process_count() == 1 and last_saved != step and bool(all_finite(state.params)):
-        checkpoints.save(manager, step, state)
-        checkpoints.wait(manager)
-        logging.error('the evaluation at step %d failed (below); step %d is saved in %s, and '
-                      'the run resumes from it once the eval data is fixed', step, step,
-                      manager.directory)
+      save_before_failing(step, 'the evaluation')
       raise
     writer.write_scalars(step, {f'eval_{k}': values[k] for k in ('auc', 'accuracy', 'logloss')})
     eval_history.append({'step': step, **values})
@@ -874,7 +876,11 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     for step in range(start_step, num_steps):
       traced = profiler.seconds
       profiler.before_step(step)
-      batch = next(batches, None)
+      try:
+        batch = next(batches, None)
+      except Exception:
+        save_before_failing(step, 'reading the training data')
+        raise
       if batch is None:
         logging.warning('train data ran out at step %d', step)
         break
