@@ -955,6 +955,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   if eval_history:
     results['eval_history'] = eval_history  # the evaluations during training, by step
     results['eval_during_training_s'] = eval_time
+
   def record_results():
     results.update(data.oracle)
     results.update({'rows_parsed': stats.rows, 'bad_rows': stats.bad_rows,
