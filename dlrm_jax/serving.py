@@ -30,6 +30,17 @@ def _flatten(tree) -> Dict[str, np.ndarray]:
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
+def check_export_dir(directory: str) -> None:
+  """Refuses a `directory` that holds something other than an artifact: exporting replaces the
+  whole directory (export_dir=./result would delete every run in it)."""
+  if (os.path.isdir(directory) and os.listdir(directory)
+      and not os.path.isfile(os.path.join(directory, ARTIFACT))):
+    raise ValueError(f'export_dir {directory} holds files and no {ARTIFACT}: an export replaces '
+                     'the whole directory, so name a new one (or an earlier export)')
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ValueError(f'export_dir {directory} is a file, not a directory')
+
+
 def export_model(setup, state, directory: str) -> str:
   """Writes the artifact atomically (temporary directory, then rename); returns its path.
 
@@ -38,6 +49,7 @@ def export_model(setup, state, directory: str) -> str:
   """
   from dlrm_jax import models  # pylint: disable=g-import-not-at-top
 
+  check_export_dir(directory)
   spec = setup.spec
   tables = state.params['tables']
   if models.FUSED not in tables:  # one array serves every lookup with one gather

@@ -485,6 +485,23 @@ def test_a_resume_that_changes_the_data_order_says_so(tmp_path, caplog):
                    r'seed: \d+ -> 7\)', caplog.text), caplog.text
 
 
+def test_export_replaces_only_an_earlier_export(tmp_path):
+  # Exporting replaces the whole directory: export_dir=output_dir used to delete every run in it.
+  first = _config(tmp_path, steps=3, save_steps=0, no_eval=True)
+  train.train_and_evaluate(first, os.path.join(first.output_dir, 'model_DLRM_1'))
+  before = sorted(os.listdir(first.output_dir))
+  with pytest.raises(ValueError, match='holds files and no model.jax_export'):
+    train.train_and_evaluate(_config(tmp_path, steps=3, no_eval=True,
+                                     export_dir=first.output_dir), str(tmp_path / 'run2'))
+  assert sorted(os.listdir(first.output_dir)) == before
+  assert not os.path.exists(tmp_path / 'run2' / 'checkpoints' / '3')  # refused before training
+  export = str(tmp_path / 'serving')
+  for steps in (3, 5):  # the second export replaces the first
+    train.train_and_evaluate(_config(tmp_path, steps=steps, save_steps=0, no_eval=True,
+                                     export_dir=export), str(tmp_path / 'run3'))
+  assert sorted(os.listdir(export)) == ['model.jax_export', 'params.npz', 'spec.json']
+
+
 def test_an_unwritable_export_dir_fails_before_training(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('')
