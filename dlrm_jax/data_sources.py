@@ -94,11 +94,14 @@ def _find(directory: str, names: str, spec_name: str, default: str) -> List[str]
     else:
       missing.append(path)
   if missing:
+    # A stand-in goes beside files that are there, never over them.
+    stand_in = (directory if not (os.path.isdir(directory) and os.listdir(directory))
+                else os.path.join(directory, 'planted'))
     raise FileNotFoundError(
         f"missing {', '.join(missing)}. {WHERE_TO_GET[spec_name]} To train on a stand-in of the "
-        f'same format, run: python -m dlrm_jax.datagen {spec_name} --out_dir {directory} '
-        '--train_rows 1000000 --eval_rows 200000 --seed 1, or leave data_location empty to use '
-        'the embedded planted data.')
+        f'same format, run: python -m dlrm_jax.datagen {spec_name} --out_dir {stand_in} '
+        '--train_rows 1000000 --eval_rows 200000 --seed 1 (and set data_location to it), or '
+        'leave data_location empty to use the embedded planted data.')
   return files
 
 

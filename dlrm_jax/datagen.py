@@ -113,6 +113,9 @@ GENERATOR_VERSION = 1
 
 CHUNK_ROWS = 8192
 ORACLE_FILE = 'oracle.json'
+# Written before the data files and never removed: a directory with it holds planted data, which
+# generate() may rewrite (an interrupted regeneration has no oracle.json yet).
+PLANTED_MARKER = '.planted'
 FILE_NAMES = {'elm': ('train.csv', 'eval.csv'), 'criteo': ('train.txt', 'eval.txt')}
 
 # Random streams (SeedSequence spawn keys).
@@ -1014,6 +1017,19 @@ def _recorded_parameters(kind, train_rows, eval_rows, seed, use_gzip, planted) -
   return json.loads(json.dumps(params))  # tuples -> lists, as they read back from oracle.json
 
 
+def _refuse_files_not_planted(out_dir: str, kind: str) -> None:
+  """generate() rewrites the data files in out_dir: refuses when they are someone's real data
+  (a data_location holding train.csv and no eval.csv, say), not planted data of an earlier run."""
+  if any(os.path.exists(os.path.join(out_dir, n)) for n in (ORACLE_FILE, PLANTED_MARKER)):
+    return
+  names = [n + gz for n in FILE_NAMES[kind] for gz in ('', '.gz')]
+  existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+  if existing:
+    raise FileExistsError(
+        f'{out_dir} holds {", ".join(existing)}, not written by datagen (no {ORACLE_FILE}): '
+        'refusing to overwrite them; choose another out_dir')
+
+
 def generate(kind: str, out_dir: str, train_rows: int, eval_rows: int, seed: int,
              planted: Union[Planted, Dict[str, Any], None] = None,
              gzip_files: bool = False) -> Dict[str, Any]:
@@ -1022,6 +1038,9 @@ def generate(kind: str, out_dir: str, train_rows: int, eval_rows: int, seed: int
     raise ValueError('train_rows and eval_rows must be positive')
   planted = planted_model(kind, planted)
   os.makedirs(out_dir, exist_ok=True)
+  _refuse_files_not_planted(out_dir, kind)
+  with open(os.path.join(out_dir, PLANTED_MARKER), 'w'):
+    pass
   oracle_path = os.path.join(out_dir, ORACLE_FILE)
   # Without this, an interrupted regeneration could leave new files beside an old oracle.json.
   if os.path.exists(oracle_path):

@@ -261,9 +261,21 @@ def test_interrupted_generation_is_never_reused(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     datagen.ensure_planted_data(*args, planted=SMALL, linear_weight=0.5)
   assert not os.path.exists(os.path.join(directory, 'oracle.json'))
-  assert sorted(os.listdir(directory)) == ['eval.csv', 'train.csv']
+  assert sorted(os.listdir(directory)) == ['.planted', 'eval.csv', 'train.csv']
   monkeypatch.setattr(datagen, '_write_split', real_write)
   assert not datagen.ensure_planted_data(*args, planted=SMALL)['reused']
+
+
+def test_files_not_written_by_datagen_are_never_overwritten(tmp_path):
+  # E.g. a data_location with the real train.csv and no eval.csv yet.
+  for kind, name, planted in (('elm', 'train.csv', SMALL), ('criteo', 'eval.txt.gz', None)):
+    real = tmp_path / kind
+    real.mkdir()
+    (real / name).write_text('the real rows\n')
+    with pytest.raises(FileExistsError, match=f'holds {name}, not written by datagen'):
+      datagen.ensure_planted_data(str(real), kind, 300, 200, 5, planted=planted)
+    assert sorted(os.listdir(real)) == [name]
+    assert (real / name).read_text() == 'the real rows\n'
 
 
 def test_criteo_lines_have_40_fields_and_hex_categoricals(criteo_dir):
@@ -298,6 +310,7 @@ def test_command_line_writes_and_records_the_planted_weights(tmp_path, capsys):
   assert oracle['seed'] == 4 and oracle['train_rows'] == 200
   datagen.main(['criteo', '--out_dir', str(tmp_path / 'c'), '--train_rows', '50',
                 '--eval_rows', '50', '--gzip'])
-  assert sorted(os.listdir(tmp_path / 'c')) == ['eval.txt.gz', 'oracle.json', 'train.txt.gz']
+  assert sorted(os.listdir(tmp_path / 'c')) == ['.planted', 'eval.txt.gz', 'oracle.json',
+                                                'train.txt.gz']
   labels, _ = datagen.true_probabilities(str(tmp_path / 'c'), 'train')
   assert labels.size == 50
