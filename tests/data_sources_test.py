@@ -75,7 +75,8 @@ def test_missing_eval_file_stops_before_anything_is_read(elm_dir):
   os.remove(elm_dir / 'eval.csv')
   with pytest.raises(FileNotFoundError, match='eval.csv') as error:
     data_sources.resolve(config_for(elm_dir), SPEC, process_index=0, process_count=1)
-  assert 'python -m dlrm_jax.datagen elm' in str(error.value)
+  # The stand-in it suggests goes beside the real train.csv, not over it.
+  assert f'python -m dlrm_jax.datagen elm --out_dir {elm_dir / "planted"} ' in str(error.value)
   assert not (elm_dir / 'dlrm_cache').exists()
   config = config_for(elm_dir)
   config.no_eval = True
