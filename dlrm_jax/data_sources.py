@@ -190,11 +190,13 @@ def source_lines(config, spec: fs.FeatureSpec, sources: Sequence[Source],
   return counts
 
 
-def _workers(config, sources: Sequence[Source]) -> int:
+def parse_workers(config, paths: Sequence[str]) -> int:
+  """CSV parse processes for `paths`: config.num_workers, or with -1 one per core (at most 8)
+  when a file is large enough to repay starting them."""
   workers = int(_option(config, 'num_workers', -1))
   if workers >= 0:
     return workers
-  big = any(os.path.getsize(s.path) >= _AUTO_WORKERS_BYTES for s in sources)
+  big = any(os.path.getsize(p) >= _AUTO_WORKERS_BYTES for p in paths)
   return min(os.cpu_count() or 1, 8) if big and (os.cpu_count() or 1) > 1 else 0
 
 
@@ -205,7 +207,7 @@ def _open_caches(config, spec, sources, stats, process_index, process_count):
   for source in sources:
     cache, start, stop = row_cache.open_or_build(
         source, spec, cache_root=_option(config, 'cache_dir', ''),
-        skip_bad_rows=config.skip_bad_rows, num_workers=_workers(config, [source]),
+        skip_bad_rows=config.skip_bad_rows, num_workers=parse_workers(config, [source.path]),
         process_index=index, process_count=count)
     if stats is not None:
       row_cache.add_manifest_stats(stats, cache.manifest)
@@ -268,7 +270,7 @@ def train_batches(config, spec: fs.FeatureSpec, data: DataFiles, *, num_steps: i
       paths, spec, batch_size, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
       num_epochs=None, drop_remainder=True, skip_bad_rows=config.skip_bad_rows, stats=stats,
       process_index=index, process_count=count,
-      num_workers=_workers(config, data.train_sources), line_ranges=ranges)
+      num_workers=parse_workers(config, paths), line_ranges=ranges)
   return _closing_slice(batches, start_step, num_steps)
 
 
@@ -303,7 +305,7 @@ def eval_batches(config, spec: fs.FeatureSpec, data: DataFiles, *,
   batches = input_pipeline.batches(
       paths, spec, batch_size, drop_remainder=False, skip_bad_rows=config.skip_bad_rows,
       stats=stats, process_index=index, process_count=count,
-      num_workers=_workers(config, data.eval_sources), line_ranges=ranges)
+      num_workers=parse_workers(config, paths), line_ranges=ranges)
   return _exactly(batches, num_batches, spec, batch_size)
 
 

@@ -721,7 +721,7 @@ def parse_chunk(lines: List[str], spec: feature_spec_lib.FeatureSpec, *, path: s
 # ------------------------------------------------------------------------------------------------
 # Files.
 
-def _expand_paths(paths: Paths) -> List[str]:
+def expand_paths(paths: Paths) -> List[str]:
   """A path, a list of paths, or glob patterns -> existing files, checked before any reading."""
   if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
@@ -945,7 +945,7 @@ def _row_chunks(paths: Paths, spec: feature_spec_lib.FeatureSpec, chunk_rows: in
     raise ValueError(f'chunk_rows must be positive, got {chunk_rows}')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
-  files = _expand_paths(paths)
+  files = expand_paths(paths)
   if line_ranges is not None and len(line_ranges) != len(files):
     raise ValueError(f'{len(line_ranges)} line ranges for {len(files)} files')
   jobs = _line_jobs(files, chunk_rows, process_index, process_count, line_ranges, stats)
@@ -1030,7 +1030,7 @@ def count_rows(path: Paths) -> int:
   """Lines in a file (or files, gzip'd or not): newline count, plus one for a last line without
   a newline. A file holding only a byte order mark has none."""
   total = 0
-  for name in _expand_paths(path):
+  for name in expand_paths(path):
     last = b'\n'
     first = True
     for block in _read_blocks(name):
@@ -1051,7 +1051,7 @@ def scoring_spec(paths: Paths, spec: feature_spec_lib.FeatureSpec) -> feature_sp
   """The spec to read rows to score with: `spec`, or `spec.unlabeled()` when the first file's
   first line has one field fewer than `spec` has columns (rows without the label, as Criteo's
   test.txt). Every row must then have the same form: a row of the other one is a bad row."""
-  files = _expand_paths(paths)
+  files = expand_paths(paths)
   first = next(_line_chunks(files[0], 1, limit=1), None) if files else None
   if not spec.label or first is None:
     return spec
@@ -1197,7 +1197,7 @@ def batches(paths: Paths, spec: feature_spec_lib.FeatureSpec, batch_size: int, *
     raise ValueError(f'num_epochs must be positive or None (forever), got {num_epochs}')
   if shuffle_buffer < 0:
     raise ValueError(f'shuffle_buffer must be >= 0, got {shuffle_buffer}')
-  files = _expand_paths(paths)  # fail on a missing file now, not at the first next()
+  files = expand_paths(paths)  # fail on a missing file now, not at the first next()
 
   def epoch_chunks(pool, counter):
     for chunk in _row_chunks(files, spec, chunk_rows, skip_bad_rows, stats, process_index,

@@ -719,17 +719,18 @@ def predict(setup: Setup, state: TrainState, config, input_path: str, output_pat
   spec = input_pipeline.scoring_spec([input_path], setup.spec)
   if not spec.label:
     logging.info('%s: rows without the label column %r', input_path, setup.spec.label)
-  batches = input_pipeline.batches([input_path], spec, config.eval_batch_size,
-                                   drop_remainder=False, skip_bad_rows=False)
+  batches = input_pipeline.batches(
+      [input_path], spec, config.eval_batch_size, drop_remainder=False, skip_bad_rows=False,
+      num_workers=data_sources.parse_workers(config, input_pipeline.expand_paths([input_path])))
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   tmp = f'{output_path}.tmp-{os.getpid()}'
   count = 0
   with open(tmp, 'w') as f:
-    for batch in step_batches(batches, setup, smartstaged=False):
+    for batch in step_batches(batches, setup, effective_options(config)['smartstaged']):
       probs, _, mask = jax.device_get(step(state, batch))
-      for p in probs[mask > 0]:
-        f.write(f'{p:.8g}\n')
-        count += 1
+      probs = probs[mask > 0]
+      f.write(''.join(f'{p:.8g}\n' for p in probs))
+      count += len(probs)
   os.replace(tmp, output_path)
   return count
 
