@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -65,19 +66,22 @@ def main():
   args = parser.parse_args()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   counts = [int(c) for c in args.devices.split(',')]
-  workers = {}
+  workers, logs = {}, {}
   for n in counts:
     env = dict(os.environ, JAX_PLATFORMS='cpu',
                XLA_FLAGS=f'--xla_force_host_platform_device_count={n}')
+    logs[n] = tempfile.TemporaryFile('w+')  # the worker's stderr, shown if it fails
     workers[n] = subprocess.Popen(
         [sys.executable, '-c', WORKER.format(root=root, steps=args.steps)], env=env, text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logs[n])
   for n, w in workers.items():
     for line in w.stdout:
       if line.startswith('READY'):
         break
     else:
-      raise RuntimeError(f'the {n}-device worker failed to start')
+      w.wait()
+      logs[n].seek(0)
+      raise RuntimeError(f'the {n}-device worker failed to start:\n{logs[n].read()[-3000:]}')
   rates = {n: [] for n in counts}
   for _ in range(args.rounds):
     for n, w in workers.items():
