@@ -314,10 +314,16 @@ def prepare(config, spec: fs.FeatureSpec, *, process_index: int = 0,
   """Builds (or checks) the caches of a config's train and eval data; returns their manifests.
 
   `python -m dlrm_jax.data_sources --config=...` runs this, e.g. to cache once before many runs;
-  with process_count 1 the cache holds every row, and any number of hosts can share it.
+  with process_count 1 the cache holds every row, and any number of hosts can share it. With
+  `tfds_data_dir` it prepares the TFDS data set instead and returns its splits' row counts.
   """
   data = resolve(config, spec, train=False, process_index=process_index,
                  process_count=process_count)
+  if _option(config, 'tfds_data_dir', ''):
+    from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top
+    return {f'{config.tfds_data_dir} {split}': {
+        'rows': tfds_builders.split_rows(config, spec, data.directory, split)}
+            for split in ('train', 'eval')}
   out = {}
   for source, (cache, _, _) in zip(
       data.train_sources + data.eval_sources,

@@ -70,6 +70,9 @@ def test_elm_blocks_hold_exactly_the_parsed_rows(tmp_path):
     counts.append(len(list(data_sources.eval_batches(config, SPEC, data, process_index=k,
                                                      process_count=2))))
   assert counts[0] == counts[1]
+  # `python -m dlrm_jax.data_sources` prepares the TFDS data set (it used to print {}).
+  prepared = data_sources.prepare(config, SPEC)
+  assert [v['rows'] for v in prepared.values()] == [1100, 30], prepared
 
   # The source files may go once the data set is built; a replaced one is refused, named.
   os.remove(manual / 'train.csv')
