@@ -13,7 +13,8 @@ hashed into per-column tables:
 Each day file is cached on its own (under <data_location>/dlrm_cache, ~180 bytes a row, about
 760 GB for days 0-22; point cache_dir at a disk with room), so an interrupted first pass keeps
 the days it finished and a replaced file rebuilds only its own cache. To cache before training,
-on as many machines as there are shares:
+start this on one machine, or at once on several sharing cache_dir (a file system with flock):
+each takes the days no other is building.
   python -m dlrm_jax.data_sources --config=configs/criteo_1tb.py --config.data_location=...
 """
 

@@ -201,17 +201,26 @@ def parse_workers(config, paths: Sequence[str]) -> int:
 
 
 def _open_caches(config, spec, sources, stats, process_index, process_count):
-  """(cache, first row, stop row) of this process for each source, built where needed."""
+  """(cache, first row, stop row) of this process for each source, built where needed.
+
+  A cache that another process is building is taken last: runs (or `python -m
+  dlrm_jax.data_sources`) started together on one machine, or on hosts sharing the cache
+  directory, build different files instead of queueing for the same one.
+  """
   index, count = _process(process_index, process_count)
-  opened = []
-  for source in sources:
-    cache, start, stop = row_cache.open_or_build(
+
+  def open_one(source, wait):
+    return row_cache.open_or_build(
         source, spec, cache_root=_option(config, 'cache_dir', ''),
         skip_bad_rows=config.skip_bad_rows, num_workers=parse_workers(config, [source.path]),
-        process_index=index, process_count=count)
-    if stats is not None:
+        process_index=index, process_count=count, wait=wait)
+
+  opened = [open_one(source, wait=False) for source in sources]
+  opened = [o if o is not None else open_one(source, wait=True)
+            for source, o in zip(sources, opened)]
+  if stats is not None:
+    for cache, _, _ in opened:
       row_cache.add_manifest_stats(stats, cache.manifest)
-    opened.append((cache, start, stop))
   return opened
 
 

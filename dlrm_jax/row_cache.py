@@ -634,13 +634,15 @@ def _check_bad_rows(manifest: Dict[str, Any], skip_bad_rows: bool, source: Sourc
 
 def open_or_build(source: Source, spec: feature_spec_lib.FeatureSpec, *, cache_root: str = '',
                   skip_bad_rows: bool = False, num_workers: int = 0, process_index: int = 0,
-                  process_count: int = 1, chunk_rows: int = 8192) -> Tuple[Cache, int, int]:
+                  process_count: int = 1, chunk_rows: int = 8192,
+                  wait: bool = True) -> Optional[Tuple[Cache, int, int]]:
   """(cache, first row, row after the last) of this process's rows of `source`.
 
   A valid cache of all the source's rows is used if there is one (process k of n then reads rows
   [k * rows // n, (k + 1) * rows // n) of it); otherwise this process's share of the lines
   (those whose number is k modulo n, as the CSV reader shares them) is cached and read whole,
-  after being built if needed.
+  after being built if needed. While another process builds that cache, this one waits for it,
+  or with `wait=False` returns None.
   """
   root = cache_root or default_cache_root(source)
   try:
@@ -660,7 +662,10 @@ def open_or_build(source: Source, spec: feature_spec_lib.FeatureSpec, *, cache_r
   share = shares[-1]
   directory = os.path.join(root, cache_name(source, spec, share))
   with open(f'{directory}.lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # a second run building the same cache waits for the first
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+      return None  # another process is building it
     try:
       problem = _problem(directory, _expected_manifest(source, spec, share))
       if problem is not None:

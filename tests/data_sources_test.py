@@ -1,7 +1,10 @@
 """data_sources: which files and lines a config reads, and the batch streams the trainer gets."""
 
+import fcntl
 import gzip
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from configs import default
 from dlrm_jax import data_sources
 from dlrm_jax import feature_spec
 from dlrm_jax import input_pipeline
+from dlrm_jax import row_cache
 from input_pipeline_test import elm_line
 
 SPEC = feature_spec.elm_spec(hash_buckets=1000, embedding_dim=4, max_list_len=4)
@@ -81,6 +85,36 @@ def test_missing_eval_file_stops_before_anything_is_read(elm_dir):
   config = config_for(elm_dir)
   config.no_eval = True
   assert data_sources.resolve(config, SPEC, process_index=0, process_count=1).train_rows == 70
+
+
+def test_a_cache_another_process_is_building_is_taken_last(tmp_path):
+  # Preparers started together build different files instead of queueing for one: while the
+  # lock of day_0's cache is held (as by another process building it), day_1 is built first.
+  for day in range(2):
+    write(tmp_path / f'day_{day}', numbered_lines(100 * day, 20))
+  config = config_for(tmp_path, train_files='day_0,day_1', eval_files='day_1')
+  root = tmp_path / 'dlrm_cache'
+  root.mkdir()
+  names = [row_cache.cache_name(row_cache.Source(str(tmp_path / f'day_{d}')), SPEC, (0, 1))
+           for d in range(2)]
+  holder = open(root / f'{names[0]}.lock', 'w')  # pylint: disable=consider-using-with
+  fcntl.flock(holder, fcntl.LOCK_EX)
+  done = []
+  worker = threading.Thread(target=lambda: done.append(data_sources.prepare(config, SPEC)))
+  worker.start()
+  try:
+    deadline = time.monotonic() + 60
+    while not (root / names[1] / 'manifest.json').exists() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert (root / names[1] / 'manifest.json').exists()
+    time.sleep(0.2)
+    assert not (root / names[0]).exists() and not done  # waiting for day_0's builder
+  finally:
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+  worker.join(60)
+  assert {os.path.basename(k): v['rows'] for k, v in done[0].items()} == {'day_0': 20,
+                                                                          'day_1': 20}
 
 
 def test_named_files_gzip_and_globs(tmp_path):
