@@ -119,8 +119,17 @@ def _planted_data(config, spec: fs.FeatureSpec, directory: str) -> Dict[str, Any
   disk) or write the same files to their own. Writing at once, two processes on one disk would
   replace each other's files while the other is caching them.
   """
+  planted = config.planted.to_dict()
+  # config.planted describes the ELM world (configs/default.py); a Criteo world takes the sizes,
+  # the seed and the fields its model shares (target_ctr, latent_dim, interaction_weight).
+  world = {f.name for f in dataclasses.fields(datagen.PLANTED_MODELS[spec.name])}
+  world |= {'train_rows', 'eval_rows', 'seed'}
+  unused = sorted(set(planted) - world)
+  if unused:
+    logging.info('planted %s data: config.planted.%s do not describe its world and are not '
+                 'used', spec.name, ', '.join(unused))
   ensure = functools.partial(datagen.ensure_planted_data, directory, spec.name,
-                             **config.planted.to_dict())
+                             **{k: v for k, v in planted.items() if k in world})
   import jax  # pylint: disable=g-import-not-at-top
   if not (jax.distributed.is_initialized() and jax.process_count() > 1):
     return ensure()

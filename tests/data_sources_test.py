@@ -2,6 +2,7 @@
 
 import fcntl
 import gzip
+import json
 import os
 import threading
 import time
@@ -115,6 +116,20 @@ def test_a_cache_another_process_is_building_is_taken_last(tmp_path):
   worker.join(60)
   assert {os.path.basename(k): v['rows'] for k, v in done[0].items()} == {'day_0': 20,
                                                                           'day_1': 20}
+
+
+def test_planted_criteo_data_from_the_default_config(tmp_path):
+  # config.planted describes the ELM world; the Criteo generator takes what applies to it (its
+  # ELM-only fields used to be passed on, a TypeError).
+  config = default.get_config()
+  config.feature_spec = 'criteo'
+  config.output_dir = str(tmp_path)
+  config.planted.train_rows, config.planted.eval_rows = 300, 100
+  spec = feature_spec.from_config(config)
+  data = data_sources.resolve(config, spec, process_index=0, process_count=1)
+  assert data.train_rows == 300 and 0.5 < data.oracle['oracle_auc'] <= 1
+  with open(tmp_path / 'planted_criteo' / 'oracle.json') as f:
+    assert json.load(f)['planted']['target_ctr'] == config.planted.target_ctr
 
 
 def test_named_files_gzip_and_globs(tmp_path):
