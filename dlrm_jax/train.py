@@ -539,6 +539,29 @@ def evaluate(setup: Setup, state: TrainState, config, data: data_sources.DataFil
   return values
 
 
+def agree_on_workdir(workdir: str) -> str:
+  """Process 0's run directory, on every process of a multi-process run.
+
+  Each process names the default model_DLRM_<timestamp> from its own clock, so processes started
+  on either side of a second would write (and collectively save) into two directories.
+  """
+  if jax.process_count() == 1:
+    return workdir
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  encoded = workdir.encode()
+  if len(encoded) > _MAX_WORKDIR_BYTES:
+    raise ValueError(f'run directory path of {len(encoded)} bytes: at most {_MAX_WORKDIR_BYTES}')
+  padded = np.zeros(_MAX_WORKDIR_BYTES, np.uint8)
+  padded[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  agreed = bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))).rstrip(b'\0').decode()
+  if agreed != workdir:
+    logging.info('run directory %s (process 0\'s; this process named %s)', agreed, workdir)
+  return agreed
+
+
+_MAX_WORKDIR_BYTES = 4096
+
+
 def resolve_workdir(config) -> str:
   """The run directory as the reference names it: `checkpoint`, else output_dir/model_DLRM_<ts>."""
   if config.checkpoint:
@@ -745,6 +768,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   initialize_distributed(config)
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
+  workdir = agree_on_workdir(workdir)
   setup = make_setup(config)
   if config.mode == 'predict':
     # Every process would read the whole file as its share of the global batch and write each

@@ -160,6 +160,31 @@ def test_a_signal_to_one_process_stops_every_process_at_one_checkpointed_step(tm
   assert not os.path.exists(tmp_path / 'run' / 'eval_results_history.jsonl')
 
 
+@pytest.mark.slow
+def test_processes_started_seconds_apart_share_the_default_run_directory(tmp_path):
+  # Without --workdir each process names model_DLRM_<timestamp> from its own clock; process 1
+  # starts in a later second and must still join process 0's directory.
+  port = _free_port()
+  logs = [tmp_path / f'log{pid}.txt' for pid in (0, 1)]
+  procs = []
+  try:
+    for pid, log in enumerate(logs):
+      command = [sys.executable, '-m', 'dlrm_jax.main', '--config=configs/default.py:tiny',
+                 f'--config.output_dir={tmp_path}', '--config.steps=3', '--config.no_eval=True',
+                 *_distributed(port, 2, pid)]
+      procs.append(_start(command, log))
+      time.sleep(1.5 if pid == 0 else 0)
+    codes = [p.wait(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert codes == [0, 0], [_read(log)[-3000:] for log in logs]
+  runs = [name for name in os.listdir(tmp_path) if name.startswith('model_DLRM_')]
+  assert len(runs) == 1, runs
+  with open(tmp_path / runs[0] / 'results.json') as f:
+    assert json.load(f)['steps'] == 3
+
+
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_preemption_notices_take_signals_only_inside_the_block(signum):
   before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
