@@ -768,7 +768,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   initialize_distributed(config)
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
-  workdir = agree_on_workdir(workdir)
   setup = make_setup(config)
   if config.mode == 'predict':
     # Every process would read the whole file as its share of the global batch and write each
@@ -781,6 +780,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     count = predict(setup, state, config, config.predict_input, output)
     logging.info('wrote %d probabilities to %s', count, output)
     return {'predictions': count, 'predict_output': output}
+  workdir = agree_on_workdir(workdir)
   if config.mode == 'eval':
     data = data_sources.resolve(config, setup.spec, train=False)
     state = restore_for_inference(setup, config, workdir)
