@@ -132,6 +132,10 @@ def check_config(config) -> None:
   need('criteo_table_rows', all(rows > 0 for rows in config.criteo_table_rows),
        'positive row counts (or empty: hash_buckets each)')
   need('num_workers', config.num_workers >= -1, '-1 (one per core) or 0 or more')
+  mesh = tuple(config.mesh_shape)
+  need('mesh_shape', len(mesh) == 2 and (mesh[0] == -1 or mesh[0] > 0) and mesh[1] > 0,
+       '(data, model): a positive size or -1 (all the other devices) for data, a positive one '
+       'for model')
   need('mode', config.mode in ('train', 'eval', 'predict'), "'train', 'eval' or 'predict'")
   need('feature_spec', config.feature_spec in ('elm', 'criteo'), "'elm' or 'criteo'")
   need('interaction_op', config.interaction_op in models.INTERACTIONS,

@@ -296,7 +296,8 @@ def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path)
     ('steps', -3), ('save_steps', -1), ('activation_summary_steps', -1), ('learning_rate', -0.1),
     ('learning_rate', float('nan')), ('bottom_mlp', ()), ('top_mlp', (16, 0)),
     ('cache_block_rows', 0), ('mode', 'serve'), ('interaction_op', 'Dot'), ('optimizer', 'sgd'),
-    ('feature_spec', 'avazu'), ('bottom_mlp', (16, 8))])
+    ('feature_spec', 'avazu'), ('bottom_mlp', (16, 8)), ('mesh_shape', (1,)),
+    ('mesh_shape', (-1, -1)), ('mesh_shape', (0, 1))])
 def test_bad_config_values_fail_first_naming_the_field(tmp_path, field, value):
   # Each of these used to fail mid-run (after training, for eval_batch_size and embedding_dim)
   # or quietly did something else (save_steps=-1 saved every step). A misspelt interaction_op
