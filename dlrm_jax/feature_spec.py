@@ -293,11 +293,23 @@ def criteo_spec(table_rows, embedding_dim: int = 16) -> FeatureSpec:
                      list_separator=';', tables=tables, sparse=sparse, dense=dense)
 
 
+def spec_args(config) -> dict:
+  """The config fields a spec is built from (`from_args`), as JSON values."""
+  return {'feature_spec': config.feature_spec, 'hash_buckets': int(config.hash_buckets),
+          'embedding_dim': int(config.embedding_dim), 'max_list_len': int(config.max_list_len),
+          'criteo_table_rows': [int(r) for r in config.get('criteo_table_rows', ())]}
+
+
+def from_args(feature_spec: str, hash_buckets: int, embedding_dim: int, max_list_len: int,
+              criteo_table_rows=()) -> FeatureSpec:
+  """The spec named by `feature_spec` with these sizes (criteo_table_rows: () = hash_buckets)."""
+  if feature_spec == 'elm':
+    return elm_spec(hash_buckets, embedding_dim, max_list_len)
+  if feature_spec == 'criteo':
+    return criteo_spec(list(criteo_table_rows) or hash_buckets, embedding_dim)
+  raise ValueError(f"config.feature_spec={feature_spec!r}: expected 'elm' or 'criteo'")
+
+
 def from_config(config) -> FeatureSpec:
   """Builds the spec named by `config.feature_spec` with the config's sizes."""
-  if config.feature_spec == 'elm':
-    return elm_spec(config.hash_buckets, config.embedding_dim, config.max_list_len)
-  if config.feature_spec == 'criteo':
-    rows = config.get('criteo_table_rows') or config.hash_buckets
-    return criteo_spec(list(rows) if not isinstance(rows, int) else rows, config.embedding_dim)
-  raise ValueError(f"config.feature_spec={config.feature_spec!r}: expected 'elm' or 'criteo'")
+  return from_args(**spec_args(config))

@@ -4,10 +4,17 @@
   model.jax_export   jax.export serialization of score(params, dense, ids, weights) -> probs,
                      with a symbolic batch dimension;
   params.npz         every array the function takes, flattened by path;
-  spec.json          the feature spec's name and sizes, for the caller's input pipeline.
+  spec.json          the feature spec's name and sizes, and the config fields it is built from.
 `load` (any process, no model or training code imported) returns a callable that scores batches
-in the layout of `feature_spec` (dense, ids, weights). Serving looks rows up by id directly; the
-host-side dedup of training is a training-time device optimisation only.
+in the layout of `feature_spec` (dense, ids, weights); `load_spec` gives the spec to parse rows
+into that layout with `input_pipeline`:
+
+  score, spec = serving.load(d), serving.load_spec(d)
+  batch = input_pipeline.parse_chunk(lines, spec.unlabeled(), path='request', first_line=1)
+  probs = score(batch['dense'], batch['ids'], batch['weights'])
+
+Serving looks rows up by id directly; the host-side dedup of training is a training-time device
+optimisation only.
 """
 
 import json
@@ -41,8 +48,11 @@ def check_export_dir(directory: str) -> None:
     raise ValueError(f'export_dir {directory} is a file, not a directory')
 
 
-def export_model(setup, state, directory: str) -> str:
+def export_model(setup, state, directory: str, spec_args: Dict) -> str:
   """Writes the artifact atomically (temporary directory, then rename); returns its path.
+
+  `spec_args`: `feature_spec.spec_args` of the run's config, so that `load_spec` rebuilds the
+  spec.
 
   With several processes only process 0 writes: each process holds every parameter whole
   (`train.make_mesh` keeps a table's shards within one process).
@@ -83,7 +93,8 @@ def export_model(setup, state, directory: str) -> str:
     with open(os.path.join(tmp, SPEC), 'w') as f:
       json.dump({'name': spec.name, 'num_dense': spec.num_dense, 'num_slots': spec.num_slots,
                  'num_sparse': spec.num_sparse, 'embedding_dim': spec.embedding_dim,
-                 'tables': {t.name: t.rows for t in spec.tables}}, f, indent=2)
+                 'tables': {t.name: t.rows for t in spec.tables}, 'spec_args': spec_args},
+                f, indent=2)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -97,6 +108,21 @@ def export_model(setup, state, directory: str) -> str:
   if previous:
     shutil.rmtree(previous)
   return directory
+
+
+def load_spec(directory: str):
+  """The feature spec the artifact's model was trained with (input_pipeline parses rows with it)."""
+  from dlrm_jax import feature_spec  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(directory, SPEC)) as f:
+    recorded = json.load(f)
+  if 'spec_args' not in recorded:
+    raise ValueError(f'{directory}/{SPEC} predates spec_args: build the spec with '
+                     f'feature_spec.from_args and the run\'s config.json')
+  spec = feature_spec.from_args(**recorded['spec_args'])
+  if (spec.name, spec.num_slots, spec.num_dense) != (
+      recorded['name'], recorded['num_slots'], recorded['num_dense']):
+    raise ValueError(f'{directory}/{SPEC}: its spec_args build another spec than it records')
+  return spec
 
 
 def load(directory: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:

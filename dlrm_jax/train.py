@@ -1004,7 +1004,8 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
       writer.write_scalars(final_step, {f'eval_{k}': results[f'eval_{k}']
                                         for k in ('auc', 'accuracy', 'logloss')})
     if config.export_dir and stopped_at is None:
-      results['export_dir'] = serving.export_model(setup, state, config.export_dir)
+      results['export_dir'] = serving.export_model(setup, state, config.export_dir,
+                                                   fs.spec_args(config))
   except Exception as e:
     # A bad eval row found only now (parsing the CSV as it goes), or a failed export: the
     # training's figures (and the evaluation's) still go to results.json, beside its checkpoint.

@@ -132,6 +132,15 @@ def test_planted_criteo_data_from_the_default_config(tmp_path):
     assert json.load(f)['planted']['target_ctr'] == config.planted.target_ctr
 
 
+def test_spec_args_rebuild_the_spec_through_json():
+  # What a serving artifact records (spec.json) to rebuild the spec without the run's config.
+  configs = [default.get_config(), criteo_kaggle.get_config('reference'),
+             criteo_1tb.get_config('deeprec')]
+  for config in configs:
+    args = json.loads(json.dumps(feature_spec.spec_args(config)))
+    assert feature_spec.from_args(**args) == feature_spec.from_config(config), args
+
+
 def test_named_files_gzip_and_globs(tmp_path):
   write(tmp_path / 'day_0.gz', numbered_lines(0, 10), compress=True)
   write(tmp_path / 'day_1', numbered_lines(10, 5))
