@@ -339,8 +339,8 @@ def prepare(config, spec: fs.FeatureSpec, *, process_index: int = 0,
                  process_count=process_count)
   if _option(config, 'tfds_data_dir', ''):
     from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top
-    return {f'{config.tfds_data_dir} {split}': {
-        'rows': tfds_builders.split_rows(config, spec, data.directory, split)}
+    return {f'{config.tfds_data_dir} {split}':
+            {'rows': tfds_builders.split_rows(config, spec, data.directory, split)}
             for split in ('train', 'eval')}
   out = {}
   for source, (cache, _, _) in zip(
