@@ -214,7 +214,8 @@ def make_setup(config) -> Setup:
 def check_batch_split(config, data_devices: int) -> None:
   """Batches split evenly over the mesh's data axis (and so over processes), or JAX refuses the
   first batch, after the data are written and cached."""
-  for field in ('batch_size', 'eval_batch_size'):
+  evaluates = config.mode != 'train' or not config.no_eval
+  for field in ('batch_size',) + (('eval_batch_size',) if evaluates else ()):
     if config[field] % data_devices:
       raise ValueError(
           f'config.{field}={config[field]} does not split over the {data_devices} devices of the '
