@@ -516,25 +516,29 @@ def test_an_unwritable_export_dir_fails_before_training(tmp_path):
   assert not os.path.exists(workdir / 'checkpoints' / '20')
 
 
-def _late_bad_eval_row(tmp_path):
-  """A data directory whose eval.csv has a bad last row, past the first eval batch's chunk of
-  8192 rows: with use_cache=False the eval file is parsed as it is read, so the row surfaces
-  only when an evaluation reaches it. Returns (directory, good eval rows)."""
+def _bad_row_after(tmp_path, name, good_rows=9000):
+  """A data directory whose `name` file (train.csv or eval.csv) holds `good_rows` planted rows,
+  then a bad one, past the first chunk of 8192 rows: with use_cache=False a file is parsed as it
+  is read, so the row surfaces only when training or an evaluation reaches it. Returns
+  (directory, the good rows)."""
   data = th.planted_dir(tmp_path)
-  with open(os.path.join(data, 'eval.csv')) as f:
-    good = f.read().splitlines()
-  rows = good * (9000 // len(good) + 1)
-  bad = good[0].split(',')
-  bad[5] = 'abc'
   local = tmp_path / 'data'
   local.mkdir()
-  (local / 'train.csv').write_text(open(os.path.join(data, 'train.csv')).read())
-  (local / 'eval.csv').write_text('\n'.join(rows + [','.join(bad)]) + '\n')
+  for split in ('train.csv', 'eval.csv'):
+    with open(os.path.join(data, split)) as f:
+      good = f.read().splitlines()
+    if split != name:
+      (local / split).write_text('\n'.join(good) + '\n')
+      continue
+    rows = (good * (good_rows // len(good) + 1))[:good_rows]
+    bad = good[0].split(',')
+    bad[5] = 'abc'
+    (local / split).write_text('\n'.join(rows + [','.join(bad)]) + '\n')
   return local, rows
 
 
 def test_a_failed_evaluation_during_training_saves_its_step_first(tmp_path):
-  local, rows = _late_bad_eval_row(tmp_path)
+  local, rows = _bad_row_after(tmp_path, 'eval.csv')
   config = _config(tmp_path, data_location=str(local), use_cache=False, save_steps=0,
                    eval_every_steps=10)
   workdir = str(tmp_path / 'run')
@@ -544,18 +548,8 @@ def test_a_failed_evaluation_during_training_saves_its_step_first(tmp_path):
 
 
 def test_a_bad_train_row_found_mid_run_saves_the_step_before_it(tmp_path):
-  # Without the row cache the train file is parsed as training reads it, 8192 rows at a time: a
-  # bad row at line 9001 surfaces after ~128 steps of 64, long after the run began.
-  data = th.planted_dir(tmp_path)
-  with open(os.path.join(data, 'train.csv')) as f:
-    good = f.read().splitlines()
-  rows = (good * 5)[:9000]
-  bad = good[0].split(',')
-  bad[5] = 'abc'
-  local = tmp_path / 'data'
-  local.mkdir()
-  (local / 'train.csv').write_text('\n'.join(rows + [','.join(bad)] + good) + '\n')
-  (local / 'eval.csv').write_text(open(os.path.join(data, 'eval.csv')).read())
+  # The bad row at line 9001 surfaces after ~128 steps of 64, long after the run began.
+  local, _ = _bad_row_after(tmp_path, 'train.csv')
   config = _config(tmp_path, data_location=str(local), use_cache=False, save_steps=0, steps=400,
                    shuffle_buffer=0)
   workdir = str(tmp_path / 'run')
@@ -571,7 +565,7 @@ def _latest_checkpoint_step(workdir):
 
 def test_a_failure_after_training_keeps_the_figures_and_a_rerun_only_evaluates(tmp_path):
   # A bad eval row found only in the final evaluation, after the last step was saved.
-  local, rows = _late_bad_eval_row(tmp_path)
+  local, rows = _bad_row_after(tmp_path, 'eval.csv')
   config = _config(tmp_path, data_location=str(local), use_cache=False, save_steps=0)
   workdir = str(tmp_path / 'run')
   with pytest.raises(input_pipeline.DataError, match=f'eval.csv:{len(rows) + 1}:'):
