@@ -1126,7 +1126,7 @@ def ensure_planted_data(out_dir: str, kind: str, train_rows: int, eval_rows: int
     out_dir: directory of the files and oracle.json.
     kind: 'elm' or 'criteo'.
     train_rows, eval_rows, seed: the data set's size and seed.
-    gzip_files: write `.gz` files (the trainer's reader takes plain text only).
+    gzip_files: write `.gz` files (the trainer reads both; gzip is what Criteo's files come as).
     planted: a planted model (or dict of its fields); defaults when None.
     **planted_fields: overrides of the planted model's fields, e.g. interaction_weight=0.0.
 

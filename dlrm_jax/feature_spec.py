@@ -285,7 +285,10 @@ def criteo_spec(table_rows, embedding_dim: int = 16) -> FeatureSpec:
     raise ValueError(f'criteo needs {CRITEO_NUM_SPARSE} table sizes, got {len(table_rows)}')
   columns = [Column('label', 'int', '0')]
   columns += [Column(f'I{i}', 'int', '0') for i in range(1, CRITEO_NUM_DENSE + 1)]
-  columns += [Column(f'C{i}', 'str', '') for i in range(1, CRITEO_NUM_SPARSE + 1)]
+  # DeepRec's record default for a C column is ' ', which is hashed like any value: a missing
+  # category learns a row of its own, as in the Facebook reference ('0') and TorchRec (0). With
+  # '' it would be dropped (a zero vector), and C19-C26 are often empty.
+  columns += [Column(f'C{i}', 'str', ' ') for i in range(1, CRITEO_NUM_SPARSE + 1)]
   tables = tuple(Table(f'C{i + 1}', int(r), embedding_dim) for i, r in enumerate(table_rows))
   sparse = tuple(SparseFeature(f'C{i}', f'C{i}') for i in range(1, CRITEO_NUM_SPARSE + 1))
   dense = tuple(DenseFeature(f'I{i}', transform='log1p') for i in range(1, CRITEO_NUM_DENSE + 1))

@@ -1189,7 +1189,8 @@ def batches(paths: Paths, spec: feature_spec_lib.FeatureSpec, batch_size: int, *
   through a buffer of `shuffle_buffer` rows (0 keeps file order) with its own seeded order, and
   batches run across epoch boundaries. `num_epochs=None` repeats forever. With
   `drop_remainder=False` the last partial batch is padded with zero rows whose mask is 0.
-  `chunk_rows`, `num_workers`, `line_ranges` and the sharding arguments are iter_row_chunks'.
+  `stats` counts the first epoch's lines only. `chunk_rows`, `num_workers`, `line_ranges` and
+  the sharding arguments are iter_row_chunks'.
   """
   if batch_size < 1:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
@@ -1199,8 +1200,8 @@ def batches(paths: Paths, spec: feature_spec_lib.FeatureSpec, batch_size: int, *
     raise ValueError(f'shuffle_buffer must be >= 0, got {shuffle_buffer}')
   files = expand_paths(paths)  # fail on a missing file now, not at the first next()
 
-  def epoch_chunks(pool, counter):
-    for chunk in _row_chunks(files, spec, chunk_rows, skip_bad_rows, stats, process_index,
+  def epoch_chunks(pool, counter, epoch_stats):
+    for chunk in _row_chunks(files, spec, chunk_rows, skip_bad_rows, epoch_stats, process_index,
                              process_count, pool, line_ranges):
       counter[0] += _num_rows(chunk)
       yield chunk
@@ -1210,7 +1211,9 @@ def batches(paths: Paths, spec: feature_spec_lib.FeatureSpec, batch_size: int, *
     assembler = _BatchAssembler(batch_size)
     for epoch in itertools.count() if num_epochs is None else range(num_epochs):
       rows = [0]
-      blocks = epoch_chunks(pool, rows)
+      # Later epochs read the same lines again: counting them would count each bad row (and
+      # every other figure) once per epoch, unlike the row cache, which parses a file once.
+      blocks = epoch_chunks(pool, rows, stats if epoch == 0 else None)
       if shuffle_buffer:
         rng = np.random.default_rng([seed, process_index, epoch])
         blocks = _shuffle_rows(blocks, shuffle_buffer, rng, assembler)

@@ -220,17 +220,21 @@ def test_shuffled_training_is_reproducible_per_seed(elm_dir):
   assert run(1) == first and run(2) != first
 
 
-def test_parse_stats_of_a_cached_run(tmp_path):
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_parse_stats_count_each_line_once(tmp_path, use_cache):
+  # 8 steps of 16 rows run through the 39 good rows three times: the parse figures that
+  # results.json reports are the file's, whichever path read it and however many epochs ran.
   lines = numbered_lines(0, 40)
   lines[7] = elm_line(ctr_30='x')
   write(tmp_path / 'train.csv', lines)
   write(tmp_path / 'eval.csv', numbered_lines(0, 5))
-  config = config_for(tmp_path, skip_bad_rows=True)
+  config = config_for(tmp_path, skip_bad_rows=True, use_cache=use_cache)
   data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
   stats = input_pipeline.ParseStats()
-  list(data_sources.train_batches(config, SPEC, data, num_steps=2, stats=stats, process_index=0,
+  list(data_sources.train_batches(config, SPEC, data, num_steps=8, stats=stats, process_index=0,
                                   process_count=1))
-  assert (stats.rows, stats.bad_rows) == (39, 1)
+  assert (stats.rows, stats.bad_rows, len(stats.bad_row_examples)) == (39, 1, 1)
+  assert (stats.lines, stats.source_lines) == (40, 40)
   assert "train.csv:8: column 'ctr_30'" in stats.bad_row_examples[0]
 
 

@@ -435,8 +435,10 @@ def test_criteo_rows():
   out = parse(['\t'.join(['1'] + ints + cats)], spec)
   expected = np.log1p([0, 0, 0, 5, 1000] + [2] * 8).astype(np.float32)
   np.testing.assert_allclose(out['dense'][0], expected, rtol=1e-6)
-  assert out['ids'][0, :3].tolist() == [hashed('68fd1e64', 10000), 0, hashed('80e26c9b', 10000)]
-  assert out['weights'][0, :3].tolist() == [1, 0, 1]
+  # An empty C field is DeepRec's default ' ', hashed and looked up like any category.
+  assert out['ids'][0, :3].tolist() == [hashed('68fd1e64', 10000), hashed(' ', 10000),
+                                        hashed('80e26c9b', 10000)]
+  assert out['weights'][0, :3].tolist() == [1, 1, 1]
   assert out['ids'].shape == (1, 26) and out['label'].tolist() == [1]
   with pytest.raises(input_pipeline.DataError, match="column 'I2'"):
     parse(['\t'.join(['0', '1', '2.5'] + ['1'] * 11 + cats)], spec)
