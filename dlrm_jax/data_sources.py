@@ -140,6 +140,29 @@ def _planted_data(config, spec: fs.FeatureSpec, directory: str) -> Dict[str, Any
   return oracle if first else ensure()
 
 
+def _evaluates_planted_eval_file(config, spec: fs.FeatureSpec, directory: str,
+                                 planted: Dict[str, Any]) -> bool:
+  """Whether the run's eval rows are the planted eval file, all of it: the rows its oracle
+  figures are of. Not so with split_parts (the last parts of the train file) or with eval_files
+  naming other files."""
+  names = _option(config, 'eval_files', '')
+  if int(_option(config, 'split_parts', 0)):
+    logging.info('planted data: evaluating parts of the train file, which oracle.json does not '
+                 'score; results.json gets no oracle figures')
+    return False
+  if not names:
+    return True
+  try:
+    paths = _find(directory, names, spec.name, '')
+  except FileNotFoundError:
+    return False  # resolve names the missing file
+  if [os.path.realpath(p) for p in paths] == [os.path.realpath(planted['eval_path'])]:
+    return True
+  logging.info('planted data: eval_files=%r is not the planted eval file, which oracle.json '
+               'scores; results.json gets no oracle figures', names)
+  return False
+
+
 def resolve(config, spec: fs.FeatureSpec, *, train: bool = True,
             process_index: Optional[int] = None,
             process_count: Optional[int] = None) -> DataFiles:
@@ -156,7 +179,8 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True,
   else:
     directory = os.path.join(config.output_dir, f'planted_{spec.name}')
     oracle = _planted_data(config, spec, directory)
-    oracle = {k: v for k, v in oracle.items() if k in ('oracle_auc', 'oracle_logloss')}
+    oracle = ({k: v for k, v in oracle.items() if k in ('oracle_auc', 'oracle_logloss')}
+              if _evaluates_planted_eval_file(config, spec, directory, oracle) else {})
   if _option(config, 'tfds_data_dir', ''):
     # The TFDS data set (prepared from `directory` if it is not yet) is the data.
     from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top

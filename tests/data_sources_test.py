@@ -132,6 +132,23 @@ def test_planted_criteo_data_from_the_default_config(tmp_path):
     assert json.load(f)['planted']['target_ctr'] == config.planted.target_ctr
 
 
+@pytest.mark.parametrize('fields, has_oracle', [
+    ({}, True), ({'eval_files': 'eval.txt'}, True), ({'split_parts': 3}, False),
+    ({'eval_files': 'train.txt'}, False)])
+def test_planted_oracle_only_for_the_planted_eval_rows(tmp_path, fields, has_oracle):
+  # oracle.json scores the planted eval file: beside the last part of the train file (as
+  # criteo_kaggle.py evaluates) or another file its figures would describe other rows.
+  config = default.get_config()
+  config.feature_spec = 'criteo'
+  config.output_dir = str(tmp_path)
+  config.planted.train_rows, config.planted.eval_rows = 60, 20
+  config.update(fields)
+  data = data_sources.resolve(config, feature_spec.from_config(config), process_index=0,
+                              process_count=1)
+  assert bool(data.oracle) == has_oracle
+  assert not has_oracle or set(data.oracle) == {'oracle_auc', 'oracle_logloss'}
+
+
 def test_spec_args_rebuild_the_spec_through_json():
   # What a serving artifact records (spec.json) to rebuild the spec without the run's config.
   configs = [default.get_config(), criteo_kaggle.get_config('reference'),
