@@ -241,20 +241,39 @@ def _open_caches(config, spec, sources, stats, process_index, process_count):
   directory, build different files instead of queueing for the same one.
   """
   index, count = _process(process_index, process_count)
+  root = _option(config, 'cache_dir', '')
+  use_full = [count > 1 and row_cache.has_full_cache(s, spec, root) for s in sources]
+  if count > 1:
+    use_full = _on_every_process(use_full)
 
-  def open_one(source, wait):
+  def open_one(i, wait):
     return row_cache.open_or_build(
-        source, spec, cache_root=_option(config, 'cache_dir', ''),
-        skip_bad_rows=config.skip_bad_rows, num_workers=parse_workers(config, [source.path]),
-        process_index=index, process_count=count, wait=wait)
+        sources[i], spec, cache_root=root, skip_bad_rows=config.skip_bad_rows,
+        num_workers=parse_workers(config, [sources[i].path]), process_index=index,
+        process_count=count, wait=wait, use_full_cache=use_full[i])
 
-  opened = [open_one(source, wait=False) for source in sources]
-  opened = [o if o is not None else open_one(source, wait=True)
-            for source, o in zip(sources, opened)]
+  opened = [open_one(i, wait=False) for i in range(len(sources))]
+  opened = [o if o is not None else open_one(i, wait=True) for i, o in enumerate(opened)]
   if stats is not None:
     for cache, _, _ in opened:
       row_cache.add_manifest_stats(stats, cache.manifest)
   return opened
+
+
+def _on_every_process(flags: List[bool]) -> List[bool]:
+  """`flags`, each true only where it is true on every process of a multi-process run.
+
+  A process reads a slice of a full cache where it finds one, else builds its own share of the
+  lines. Hosts with a cache_dir each may find different caches, and processes that chose
+  differently would read some rows twice and others never: the choice is made for all at once.
+  (Processes simulated in one interpreter, as in tests, see one cache directory and agree.)
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if not flags or not (jax.distributed.is_initialized() and jax.process_count() > 1):
+    return flags
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  every = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
+  return every.reshape(-1, len(flags)).min(axis=0).astype(bool).tolist()
 
 
 def _row_reader(config, spec, data, sources, stats, process_index, process_count, split):

@@ -632,17 +632,26 @@ def _check_bad_rows(manifest: Dict[str, Any], skip_bad_rows: bool, source: Sourc
                           'good rows is ready and will be used as it is')
 
 
+def has_full_cache(source: Source, spec: feature_spec_lib.FeatureSpec,
+                   cache_root: str = '') -> bool:
+  """Whether a valid cache of all of `source`'s rows is there to read."""
+  directory = os.path.join(cache_root or default_cache_root(source),
+                           cache_name(source, spec, (0, 1)))
+  return _problem(directory, _expected_manifest(source, spec, (0, 1))) is None
+
+
 def open_or_build(source: Source, spec: feature_spec_lib.FeatureSpec, *, cache_root: str = '',
                   skip_bad_rows: bool = False, num_workers: int = 0, process_index: int = 0,
-                  process_count: int = 1, chunk_rows: int = 8192,
-                  wait: bool = True) -> Optional[Tuple[Cache, int, int]]:
+                  process_count: int = 1, chunk_rows: int = 8192, wait: bool = True,
+                  use_full_cache: bool = True) -> Optional[Tuple[Cache, int, int]]:
   """(cache, first row, row after the last) of this process's rows of `source`.
 
-  A valid cache of all the source's rows is used if there is one (process k of n then reads rows
-  [k * rows // n, (k + 1) * rows // n) of it); otherwise this process's share of the lines
-  (those whose number is k modulo n, as the CSV reader shares them) is cached and read whole,
-  after being built if needed. While another process builds that cache, this one waits for it,
-  or with `wait=False` returns None.
+  A valid cache of all the source's rows is used if there is one and `use_full_cache` (process k
+  of n then reads rows [k * rows // n, (k + 1) * rows // n) of it); otherwise this process's
+  share of the lines (those whose number is k modulo n, as the CSV reader shares them) is cached
+  and read whole, after being built if needed. The two give different shares: the processes of
+  one run must all make the same choice. While another process builds the cache, this one waits
+  for it, or with `wait=False` returns None.
   """
   root = cache_root or default_cache_root(source)
   try:
@@ -653,7 +662,9 @@ def open_or_build(source: Source, spec: feature_spec_lib.FeatureSpec, *, cache_r
   except OSError as e:
     raise OSError(e.errno, f'cannot write the row cache in {root} ({e.strerror}): set '
                   'config.cache_dir to a writable directory, or config.use_cache=False') from e
-  shares = [(0, 1)] + ([(process_index, process_count)] if process_count > 1 else [])
+  shares = [(process_index, process_count)]
+  if use_full_cache and process_count > 1:
+    shares.insert(0, (0, 1))
   for share in shares:
     directory = os.path.join(root, cache_name(source, spec, share))
     if _problem(directory, _expected_manifest(source, spec, share)) is None:

@@ -210,6 +210,50 @@ def test_every_process_gets_the_same_number_of_batches(elm_dir, use_cache):
   assert sorted(sum(shares, [])) == list(range(1000, 1045))
 
 
+SHARES_SCRIPT = """
+import json, os, sys
+sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]
+import jax
+from data_sources_test import SPEC, config_for, rows_of
+from dlrm_jax import data_sources
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(coordinator_address={address!r}, num_processes=2, process_id={pid})
+config = config_for({data!r}, cache_dir={cache!r})
+data = data_sources.resolve(config, SPEC, train=False)
+print('ROWS', json.dumps(rows_of(data_sources.eval_batches(config, SPEC, data))))
+"""
+
+
+@pytest.mark.slow
+def test_processes_with_different_caches_still_share_the_rows_exactly(elm_dir, tmp_path):
+  # Hosts with a cache directory each: process 0's holds a full cache of eval.csv (from a
+  # one-process run), process 1's none. Reading a slice of the full cache on one and its share
+  # of the lines on the other read some rows twice and others never; they must agree.
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  caches = [str(tmp_path / 'host0'), str(tmp_path / 'host1')]
+  eval_source = row_cache.Source(str(elm_dir / 'eval.csv'))
+  row_cache.open_or_build(eval_source, SPEC, cache_root=caches[0])
+  assert row_cache.has_full_cache(eval_source, SPEC, caches[0])
+  assert not row_cache.has_full_cache(eval_source, SPEC, caches[1])
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    address = f'127.0.0.1:{s.getsockname()[1]}'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', SHARES_SCRIPT.format(
+          tests=os.path.dirname(os.path.abspath(__file__)), address=address, pid=pid,
+          data=str(elm_dir), cache=caches[pid])],
+      env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for pid in (0, 1)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  shares = []
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-4000:]
+    shares.append(json.loads([l for l in out.splitlines() if l.startswith('ROWS')][-1][5:]))
+  assert sorted(shares[0] + shares[1]) == list(range(1000, 1045))
+
+
 def test_cache_and_csv_give_the_same_unshuffled_batches_and_resume(elm_dir):
   streams = {}
   for use_cache in (True, False):
