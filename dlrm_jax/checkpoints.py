@@ -20,8 +20,13 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 
-def make_manager(workdir: str, config) -> ocp.CheckpointManager:
+def make_manager(workdir: str, config, training: bool = False) -> ocp.CheckpointManager:
+  """The run's checkpoint manager. `training` (the run holding the run directory's lock)
+  removes what saves killed mid-write left (`<step>.orbax-checkpoint-tmp*`, a near copy of the
+  state each): a preemption save at a step off the save_steps grid is never written again.
+  Nothing else may: an evaluation beside a running trainer would delete its save in flight."""
   options = ocp.CheckpointManagerOptions(
+      cleanup_tmp_directories=training,
       # 0 keeps every checkpoint, as TensorFlow's Saver(max_to_keep=0) under DeepRec.
       max_to_keep=int(config.keep_checkpoint_max) or None,
       enable_async_checkpointing=bool(config.async_checkpointing),
@@ -225,7 +230,8 @@ class Preempted(SystemExit):
 
   A SystemExit, so that `python -m dlrm_jax.main` prints the message and exits with status 1
   (no traceback: nothing went wrong), while a scheduler's wrapper still sees that the run did
-  not finish. Running the same command again resumes from the checkpoint.
+  not finish. The same command with --config.checkpoint=<the run directory> resumes from the
+  checkpoint.
   """
 
 

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from absl import logging
 import flax.linen as nn
@@ -660,13 +660,35 @@ def checkpoint_setup(manager, setup: Setup, config, workdir: str) -> Setup:
   re-lays the tables). Anything else that changes the state's shapes is refused here, before the
   run writes anything.
   """
+  resized = table_size_changes(workdir, setup.spec) if manager.latest_step() is not None else []
   problems = checkpoints.misfits(manager, abstract_train_state(setup))
-  if not problems:
+  if not problems and not resized:
     return setup
   other = dataclasses.replace(setup, emb_fusion=not setup.emb_fusion)
-  if not checkpoints.misfits(manager, abstract_train_state(other)):
+  if not resized and not checkpoints.misfits(manager, abstract_train_state(other)):
     return other
-  checkpoints.refuse(manager, problems, config, workdir)
+  checkpoints.refuse(manager, problems + resized, config, workdir)
+
+
+def table_size_changes(workdir: str, spec: fs.FeatureSpec) -> List[str]:
+  """The tables whose row count differs from the one the run's config.json gives them.
+
+  An id's row is its hash modulo the table's rows, and tables are padded to a multiple of 64
+  rows: hash_buckets 1000 -> 1003 keeps every array's shape, and the checkpoint would restore
+  with each id looking up another id's row. [] when config.json cannot say.
+  """
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      saved = json.load(f)
+    saved_spec = fs.from_args(saved['feature_spec'], saved['hash_buckets'],
+                              saved['embedding_dim'], saved['max_list_len'],
+                              saved.get('criteo_table_rows') or ())
+  except (OSError, ValueError, KeyError, TypeError):
+    return []
+  rows = {t.name: t.rows for t in saved_spec.tables}
+  changed = [f'{t.name}: {rows[t.name]} saved, {t.rows} now' for t in spec.tables
+             if rows.get(t.name, t.rows) != t.rows]
+  return [f'{len(changed)} tables of another row count (first: {changed[0]})'] if changed else []
 
 
 def restore_state(manager, setup: Setup, saved: Setup) -> TrainState:
@@ -806,7 +828,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   abstract = abstract_train_state(setup)
   num_steps = steps_for(config, data.train_rows)
   check_writable(workdir, abstract, config, num_steps)
-  manager = checkpoints.make_manager(workdir, config)
+  manager = checkpoints.make_manager(workdir, config, training=True)
   saved_setup = checkpoint_setup(manager, setup, config, workdir)
   start_step = checkpoints.latest_step(manager) or 0
   if start_step:
@@ -873,6 +895,13 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
           f'checkpoint is step {last_saved} in {manager.directory} (left intact)')
     return values
 
+  def check_params(step):
+    """Stops the run before a save of non-finite parameters would replace a good checkpoint."""
+    if not bool(all_finite(state.params)):
+      raise FloatingPointError(
+          f'non-finite parameters after step {step}; the last good checkpoint is step '
+          f'{last_saved} in {manager.directory} (left intact)')
+
   def save_before_failing(done, what):
     """Saves step `done` when reading data fails mid-run (a bad row found only now, with
     use_cache=False), so the steps since the last save are not lost. One process only: another
@@ -880,8 +909,9 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     if jax.process_count() == 1 and done not in (last_saved, 0) and bool(all_finite(state.params)):
       checkpoints.save(manager, done, state)
       checkpoints.wait(manager)
-      logging.error('%s failed after step %d (below); step %d is saved in %s, and the run '
-                    'resumes from it once that is fixed', what, done, done, manager.directory)
+      logging.error('%s failed after step %d (below); step %d is saved in %s, and the '
+                    'command with --config.checkpoint=%s resumes from it once that is fixed',
+                    what, done, done, manager.directory, workdir)
 
   def evaluate_during_training(step):
     """An evaluation every eval_every_steps: logged, kept for results.json, and its time kept
@@ -941,10 +971,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
           write_activation_summaries(writer, done, summarize(state, batch))
         if save_now:
           t = time.perf_counter()
-          if not bool(all_finite(state.params)):
-            raise FloatingPointError(
-                f'non-finite parameters after step {done}; the last good checkpoint is step '
-                f'{last_saved} in {manager.directory} (left intact)')
+          check_params(done)
           checkpoints.save(manager, done, state)
           save_stall += time.perf_counter() - t
           saves += 1
@@ -967,7 +994,9 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   # handed back, the save and the evaluation reuse pages instead of adding to the peak (-29 MiB
   # of the Criteo run's, which evaluation would otherwise set).
   return_freed_heap()
-  if final_step != last_saved and bool(all_finite(state.params)):
+  if final_step != last_saved:
+    # The losses were finite, but the last update may not have been (they come before it).
+    check_params(final_step)
     checkpoints.save(manager, final_step, state)
     saves += 1
     last_saved = final_step
@@ -1022,7 +1051,8 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     what = 'Ctrl-C (SIGINT)' if stopped_by == 'SIGINT' else f'preemption notice ({stopped_by})'
     raise checkpoints.Preempted(
         f'{what}: stopped after step {stopped_at} of {num_steps}, saved as checkpoint '
-        f'{last_saved} in {manager.directory}; the same command resumes from it')
+        f'{last_saved} in {manager.directory}; the same command with '
+        f'--config.checkpoint={workdir} resumes from it')
   if evaluate_now:
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
   return results

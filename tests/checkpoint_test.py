@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,8 +108,17 @@ def test_sigkill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
   assert step is not None and step < 40
   restored = _restored(config, workdir)  # must not raise: only complete steps are visible
   assert int(restored.step) == step
+  # The killed save's directory, and one of a step the resumed run never saves again (as after
+  # a preemption save off the save_steps grid): evaluating leaves them (a trainer may be
+  # writing them), the resumed trainer, which holds the run directory, removes them.
+  unfinished = sorted(n for n in os.listdir(ckpt_dir) if 'tmp' in n)
+  stray = f'{step - 1}.orbax-checkpoint-tmp'
+  shutil.copytree(os.path.join(ckpt_dir, str(step)), os.path.join(ckpt_dir, stray))
+  _restored(config, workdir)
+  assert sorted(n for n in os.listdir(ckpt_dir) if 'tmp' in n) == sorted(unfinished + [stray])
   results = train.train_and_evaluate(config, workdir)
   assert results['steps'] == 40
+  assert not [n for n in os.listdir(ckpt_dir) if 'tmp' in n]
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
@@ -121,6 +131,20 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     train.train_and_evaluate(bad, workdir)
   after = _restored(good, workdir)
   _assert_same_params(before.params, after.params)
+
+
+def test_non_finite_last_update_fails_instead_of_skipping_the_final_save(tmp_path):
+  # One more step at a learning rate that is inf in float32: its loss (computed before the
+  # update) is finite, the parameters after it are not. The run used to exit 0 unsaved.
+  workdir = str(tmp_path / 'run')
+  good = _config(tmp_path, steps=5, save_steps=5)
+  train.train_and_evaluate(good, workdir)
+  before = _restored(good, workdir)
+  bad = _config(tmp_path, steps=6, save_steps=5, learning_rate=1e39)
+  with pytest.raises(FloatingPointError,
+                     match='non-finite parameters after step 6; the last good checkpoint is step 5'):
+    train.train_and_evaluate(bad, workdir)
+  _assert_same_params(before.params, _restored(good, workdir).params)
 
 
 @pytest.mark.slow
@@ -207,6 +231,11 @@ def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_pat
       (dict(hash_buckets=2000), 'hash_buckets: 1000 -> 2000', 'of another shape'),
       (dict(sparse_updates=False), 'sparse_updates: true -> false', 'checkpoint lacks'),
       (dict(optimizer='adagrad'), 'optimizer: "adamasync" -> "adagrad"', 'has no place for'),
+      # Padded to a multiple of 64 rows, the arrays keep their shapes: the row counts differ,
+      # in either layout.
+      (dict(hash_buckets=1003), 'hash_buckets: 1000 -> 1003', 'of another row count'),
+      (dict(hash_buckets=1003, emb_fusion=False), 'hash_buckets: 1000 -> 1003',
+       'of another row count'),
   ]
   for override, field, kind in cases:
     resumed = _config(tmp_path, steps=10, save_steps=0, no_eval=True, **override)
@@ -221,6 +250,8 @@ def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_pat
     assert f.read() == saved_config
   with pytest.raises(ValueError, match='embedding_dim: 4 -> 8'):
     _restored(_config(tmp_path, embedding_dim=8, mode='eval'), workdir)
+  with pytest.raises(ValueError, match='hash_buckets: 1000 -> 1001'):
+    _restored(_config(tmp_path, hash_buckets=1001, mode='eval'), workdir)
 
 
 @pytest.mark.parametrize('optimizer,sparse', [('adamasync', True), ('adagraddecay', True),
