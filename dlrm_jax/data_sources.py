@@ -80,8 +80,10 @@ def _option(config, name, default):
   return config.get(name, default)
 
 
-def _find(directory: str, names: str, spec_name: str, default: str) -> List[str]:
-  """Files named by a comma-separated list of names / patterns inside `directory`."""
+def _find(directory: str, names: str, spec_name: str, default: str,
+          planted: bool = False) -> List[str]:
+  """Files named by a comma-separated list of names / patterns inside `directory` (the planted
+  data set's with `planted`)."""
   files, missing = [], []
   for name in [n.strip() for n in (names or default).split(',') if n.strip()]:
     path = os.path.join(directory, name)
@@ -93,15 +95,25 @@ def _find(directory: str, names: str, spec_name: str, default: str) -> List[str]
       files.extend(sorted(p for p in glob.glob(path) if os.path.isfile(p)))
     else:
       missing.append(path)
+  if missing and planted:
+    # A config for a data set of other file names (criteo_1tb.py's days) on planted data.
+    raise FileNotFoundError(
+        f"{directory} (the planted data set: data_location is empty) has "
+        f"{' and '.join(FILE_NAMES[spec_name])}, not {', '.join(map(os.path.basename, missing))}: "
+        'add --config.train_files= --config.eval_files= to train and evaluate on its files, or '
+        'set data_location to the real files.')
   if missing:
     # A stand-in goes beside files that are there, never over them.
     stand_in = (directory if not (os.path.isdir(directory) and os.listdir(directory))
                 else os.path.join(directory, 'planted'))
+    # Stand-ins have the default file names, not those this config may name (1TB's days).
+    renamed = (f" ({' and '.join(FILE_NAMES[spec_name])}: add --config.train_files= "
+               '--config.eval_files=)') if names else ''
     raise FileNotFoundError(
         f"missing {', '.join(missing)}. {WHERE_TO_GET[spec_name]} To train on a stand-in of the "
         f'same format, run: python -m dlrm_jax.datagen {spec_name} --out_dir {stand_in} '
         '--train_rows 1000000 --eval_rows 200000 --seed 1 (and set data_location to it), or '
-        'leave data_location empty to use the embedded planted data.')
+        f'leave data_location empty to use the embedded planted data{renamed}.')
   return files
 
 
@@ -187,7 +199,9 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True,
     train_rows = tfds_builders.split_rows(config, spec, directory, 'train') if train else 0
     return DataFiles(config.tfds_data_dir, config.tfds_data_dir, train_rows, oracle,
                      directory=directory)
-  train_files = _find(directory, _option(config, 'train_files', ''), spec.name, train_name)
+  planted = not config.data_location
+  train_files = _find(directory, _option(config, 'train_files', ''), spec.name, train_name,
+                      planted)
   parts = int(_option(config, 'split_parts', 0))
   if parts:
     eval_parts = int(_option(config, 'eval_parts', 1))
@@ -198,9 +212,9 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True,
   else:
     train_sources = tuple(Source(p) for p in train_files)
     eval_sources = ()
-    if not config.no_eval:
+    if not config.no_eval or _option(config, 'mode', 'train') == 'eval':  # eval mode evaluates
       eval_sources = tuple(Source(p) for p in _find(
-          directory, _option(config, 'eval_files', ''), spec.name, eval_name))
+          directory, _option(config, 'eval_files', ''), spec.name, eval_name, planted))
   train_rows = 0
   if train:
     train_rows = sum(source_lines(config, spec, train_sources, process_index, process_count))

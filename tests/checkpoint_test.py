@@ -321,6 +321,11 @@ def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path)
   with pytest.raises(FileNotFoundError, match=re.escape(f'the newest run under '
                                                         f'{config.output_dir} is {trained}')):
     train.train_and_evaluate(config, os.path.join(config.output_dir, 'model_DLRM_2'))
+  # The training command with mode=eval added: no_eval is about training (it used to leave the
+  # evaluation no rows, "eval.csv: no rows to evaluate").
+  evaluate = _config(tmp_path, mode='eval', no_eval=True)
+  results = train.train_and_evaluate(evaluate, trained)
+  assert results['steps'] == 3 and results['eval_num_examples'] == evaluate.planted.eval_rows
 
 
 @pytest.mark.parametrize('field,value', [

@@ -118,6 +118,23 @@ def test_a_cache_another_process_is_building_is_taken_last(tmp_path):
                                                                           'day_1': 20}
 
 
+def test_a_config_naming_other_files_says_how_to_run_it_on_planted_data(tmp_path):
+  # criteo_1tb.py names day_0..day_23; the planted data set and datagen's stand-ins have
+  # train.txt and eval.txt. Both of the old hints led back to the same error.
+  config = criteo_1tb.get_config('deeprec')
+  config.output_dir, config.data_location = str(tmp_path), ''
+  config.planted.train_rows, config.planted.eval_rows = 60, 20
+  spec = feature_spec.from_config(config)
+  with pytest.raises(FileNotFoundError, match='add --config.train_files= --config.eval_files='):
+    data_sources.resolve(config, spec, process_index=0, process_count=1)
+  config.train_files = config.eval_files = ''
+  assert data_sources.resolve(config, spec, process_index=0, process_count=1).train_rows == 60
+  config.data_location = str(tmp_path / 'planted_criteo')
+  config.train_files = 'day_0'
+  with pytest.raises(FileNotFoundError, match='add --config.train_files= --config.eval_files='):
+    data_sources.resolve(config, spec, process_index=0, process_count=1)
+
+
 def test_planted_criteo_data_from_the_default_config(tmp_path):
   # config.planted describes the ELM world; the Criteo generator takes what applies to it (its
   # ELM-only fields used to be passed on, a TypeError).
