@@ -7,7 +7,11 @@ data_location holds `train.txt` (or `train.txt.gz`) from the Kaggle Display Adve
 Challenge. As in the Facebook reference, its lines are cut into 7 equal "days" in file order;
 days 0-5 train and day 6 is the eval set. Dense features are log(x + 1) of the integers with
 negatives clamped to 0; each categorical is hashed (FarmHash, as TensorFlow) into its own table:
-  deeprec (default): 10000 buckets per column, embedding 16 (DeepRec's Criteo DLRM).
+  deeprec (default): 10000 buckets per column, embedding 16 (DeepRec's Criteo DLRM,
+    modelzoo/dlrm, as its default feature columns build it).
+  deeprec_tables: DeepRec's per-column HASH_BUCKET_SIZES (2500 .. 5M, 19.0M rows in all), which
+    its DLRM sizes the tables with under --adaptive_emb; the tables of the README's Criteo
+    speed and memory figures ("DeepRec's Criteo tables", experiments/benchmark.py).
   reference: the Facebook reference's Kaggle table sizes (its per-column cardinalities), so
     tables hold 33.8M rows in all; the same model otherwise (dot interaction, 512-256-64-16 /
     512-256, as its Kaggle script).
@@ -26,9 +30,18 @@ KAGGLE_REFERENCE_ROWS = (
     5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)
 
 
+# DeepRec's DLRM on Criteo (modelzoo/dlrm/train.py HASH_BUCKET_SIZES, C1..C26).
+DEEPREC_TABLE_ROWS = (
+    2500, 2000, 5000000, 1500000, 1000, 100, 20000, 4000, 20, 100000, 10000, 5000000, 40000, 100,
+    100, 3000000, 50, 10000, 4000, 20, 4000000, 100, 100, 250000, 400, 100000)
+
+VARIANT_TABLE_ROWS = {'deeprec': (), 'deeprec_tables': DEEPREC_TABLE_ROWS,
+                      'reference': KAGGLE_REFERENCE_ROWS}
+
+
 def get_config(variant: str = 'deeprec'):
-  if variant not in ('deeprec', 'reference'):
-    raise ValueError(f"variant {variant!r}: expected 'deeprec' or 'reference'")
+  if variant not in VARIANT_TABLE_ROWS:
+    raise ValueError(f'variant {variant!r}: expected one of {", ".join(VARIANT_TABLE_ROWS)}')
   config = default.get_config()
   config.feature_spec = 'criteo'
   config.data_location = './data/criteo_kaggle'
@@ -37,7 +50,7 @@ def get_config(variant: str = 'deeprec'):
   config.split_parts = 7               # train.txt holds 7 days, in time order
   config.eval_parts = 1                # ... the last of which is evaluated on
   config.hash_buckets = 10000
-  config.criteo_table_rows = KAGGLE_REFERENCE_ROWS if variant == 'reference' else ()
+  config.criteo_table_rows = VARIANT_TABLE_ROWS[variant]  # () = hash_buckets each
   config.embedding_dim = 16
   config.bottom_mlp = (512, 256, 64, 16)
   config.top_mlp = (512, 256)
@@ -48,7 +61,7 @@ def get_config(variant: str = 'deeprec'):
   # run's peak; at 512 evaluation takes 7-12% longer.
   config.eval_batch_size = config.batch_size
   # Each save completes before the next step: on CPU an asynchronous save holds the tables while
-  # the steps after it allocate new ones (2x the state: 3.4 GB more with DeepRec's tables and
+  # the steps after it allocate new ones (2x the state: 3.4 GB more with deeprec_tables and
   # adamasync); a save of those tables stalls training for ~5 s instead.
   config.async_checkpointing = False
   return config

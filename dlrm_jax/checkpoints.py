@@ -109,8 +109,10 @@ def refuse(manager: ocp.CheckpointManager, problems: List[str], config, workdir:
                    'made with) in: ' + (', '.join(differences) or 'nothing') + '.')
   except (OSError, ValueError):
     pass
-  message.append('Use the run\'s settings for these, or train into a new run directory '
-                 '(--config.checkpoint).')
+  message.append('Those among them that shape the state (table sizes, embedding_dim, the MLPs, '
+                 'the optimizer, sparse_updates, no_acceleration) must be the run\'s; the others '
+                 '(steps, learning_rate, emb_fusion, ...) may change on a resume. Or train into a '
+                 'new run directory (--config.checkpoint).')
   raise ValueError(' '.join(message))
 
 

@@ -142,6 +142,12 @@ def check_config(config) -> None:
        ' or '.join(map(repr, sorted(models.INTERACTIONS))))
   need('optimizer', config.optimizer in optimizers.OPTIMIZER_NAMES,
        'one of ' + ', '.join(optimizers.OPTIMIZER_NAMES))
+  if config.optimizer in optimizers.OPTIMIZER_NAMES:
+    try:  # building an optax chain runs nothing on a device (cpu_async_dispatch still applies)
+      optimizers.create(config.optimizer, config.learning_rate,
+                        **{k: v for k, v in config.optimizer_hparams.items() if v is not None})
+    except (TypeError, ValueError) as e:
+      problems.append(f'config.optimizer_hparams: {e}')
   if config.interaction_op == 'dot' and config.bottom_mlp:
     # The dot interaction takes the bottom MLP's output as one more embedding.
     need('bottom_mlp', config.bottom_mlp[-1] == config.embedding_dim,

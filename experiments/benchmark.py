@@ -57,6 +57,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
+from configs import criteo_kaggle  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dlrm_jax import feature_spec as fs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # JAX is imported only inside the JAX worker (`JaxRunner`): the TorchRec worker imports this
@@ -98,9 +99,7 @@ flags.DEFINE_bool('list', False, 'Print the groups of the mode and exit.')
 flags.DEFINE_bool('worker', False, 'Internal: serve one JAX configuration on stdin/stdout.')
 
 # DeepRec's DLRM on Criteo (modelzoo/dlrm): hash buckets of C1..C26, dimension 16.
-DEEPREC_CRITEO_ROWS = (2500, 2000, 5000000, 1500000, 1000, 100, 20000, 4000, 20, 100000, 10000,
-                       5000000, 40000, 100, 100, 3000000, 50, 10000, 4000, 20, 4000000, 100,
-                       100, 250000, 400, 100000)
+DEEPREC_CRITEO_ROWS = criteo_kaggle.DEEPREC_TABLE_ROWS
 
 MATMUL_K = 512  # the ceiling's [B, 512] x [512, 512]: the width of the model's big layers
 

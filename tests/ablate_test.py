@@ -222,6 +222,14 @@ def test_a_bad_value_anywhere_in_the_grid_stops_it_before_the_first_cell(tmp_pat
     ablate.run_ablation(tiny_base(), {'learning_rate': (0.1, -0.1)}, [1, 2], str(tmp_path),
                         plots=False, train_fn=train_fn, compilation_cache=False)
   assert calls == []
+  # An optimizer argument that only a later cell's optimizer lacks (found when that cell built
+  # its optimizer, after the first cell had trained).
+  grid = {'optimizer': ('adamasync', 'adagrad'), 'optimizer_hparams.epsilon': (1e-7,)}
+  with pytest.raises(ValueError, match=r"grid cell optimizer-adagrad.*optimizer 'adagrad' "
+                                       r'takes no epsilon'):
+    ablate.run_ablation(tiny_base(), grid, [1], str(tmp_path / 'hparams'), plots=False,
+                        train_fn=train_fn, compilation_cache=False)
+  assert calls == []
 
 
 def test_resume_refuses_an_out_dir_of_another_config(tmp_path):

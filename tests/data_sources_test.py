@@ -325,6 +325,8 @@ def test_criteo_configs(tmp_path):
   assert kaggle.eval_batch_size == kaggle.batch_size == 512
   reference = feature_spec.from_config(criteo_kaggle.get_config('reference'))
   assert [t.rows for t in reference.tables] == list(criteo_kaggle.KAGGLE_REFERENCE_ROWS)
+  deeprec_tables = feature_spec.from_config(criteo_kaggle.get_config('deeprec_tables'))
+  assert deeprec_tables.total_rows == 19044490 and deeprec_tables.tables[2].rows == 5000000
   terabyte = criteo_1tb.get_config()
   assert terabyte.train_files.split(',') == [f'day_{d}' for d in range(23)]
   assert terabyte.eval_files == 'day_23'
