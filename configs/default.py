@@ -31,6 +31,9 @@ def get_config(mode: str = ''):
   config.split_parts = 0               # > 0: cut each train file by line into this many parts
   config.eval_parts = 1                # ... and evaluate on the last eval_parts (Kaggle: 7, 1)
   config.criteo_table_rows = ()        # Criteo: rows of each of the 26 tables; () = hash_buckets
+  config.criteo_missing = ' '          # Criteo: what an empty C field reads as: DeepRec's ' ',
+                                       # hashed (a learned row); '' = dropped (a zero vector, as
+                                       # runs made before this field existed were trained)
   config.use_cache = True              # parse each file once into a binary row cache, read it
                                        # after; False = parse the CSV every epoch
   config.cache_dir = ''                # '' = <data directory>/dlrm_cache

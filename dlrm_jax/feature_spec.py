@@ -277,18 +277,21 @@ CRITEO_NUM_DENSE = 13
 CRITEO_NUM_SPARSE = 26
 
 
-def criteo_spec(table_rows, embedding_dim: int = 16) -> FeatureSpec:
-  """Criteo Kaggle / 1TB; `table_rows` is one int for all 26 tables, or a sequence of 26."""
+def criteo_spec(table_rows, embedding_dim: int = 16, missing: str = ' ') -> FeatureSpec:
+  """Criteo Kaggle / 1TB; `table_rows` is one int for all 26 tables, or a sequence of 26.
+
+  `missing` is what an empty categorical field reads as: DeepRec's record default ' ' is hashed
+  like any value, so a missing category learns a row of its own, as in the Facebook reference
+  ('0') and TorchRec (0), and C19-C26 are often empty; '' drops it (a zero vector), as this
+  project did before.
+  """
   if isinstance(table_rows, int):
     table_rows = [table_rows] * CRITEO_NUM_SPARSE
   if len(table_rows) != CRITEO_NUM_SPARSE:
     raise ValueError(f'criteo needs {CRITEO_NUM_SPARSE} table sizes, got {len(table_rows)}')
   columns = [Column('label', 'int', '0')]
   columns += [Column(f'I{i}', 'int', '0') for i in range(1, CRITEO_NUM_DENSE + 1)]
-  # DeepRec's record default for a C column is ' ', which is hashed like any value: a missing
-  # category learns a row of its own, as in the Facebook reference ('0') and TorchRec (0). With
-  # '' it would be dropped (a zero vector), and C19-C26 are often empty.
-  columns += [Column(f'C{i}', 'str', ' ') for i in range(1, CRITEO_NUM_SPARSE + 1)]
+  columns += [Column(f'C{i}', 'str', missing) for i in range(1, CRITEO_NUM_SPARSE + 1)]
   tables = tuple(Table(f'C{i + 1}', int(r), embedding_dim) for i, r in enumerate(table_rows))
   sparse = tuple(SparseFeature(f'C{i}', f'C{i}') for i in range(1, CRITEO_NUM_SPARSE + 1))
   dense = tuple(DenseFeature(f'I{i}', transform='log1p') for i in range(1, CRITEO_NUM_DENSE + 1))
@@ -300,16 +303,21 @@ def spec_args(config) -> dict:
   """The config fields a spec is built from (`from_args`), as JSON values."""
   return {'feature_spec': config.feature_spec, 'hash_buckets': int(config.hash_buckets),
           'embedding_dim': int(config.embedding_dim), 'max_list_len': int(config.max_list_len),
-          'criteo_table_rows': [int(r) for r in config.get('criteo_table_rows', ())]}
+          'criteo_table_rows': [int(r) for r in config.get('criteo_table_rows', ())],
+          'criteo_missing': str(config.get('criteo_missing', ' '))}
 
 
 def from_args(feature_spec: str, hash_buckets: int, embedding_dim: int, max_list_len: int,
-              criteo_table_rows=()) -> FeatureSpec:
-  """The spec named by `feature_spec` with these sizes (criteo_table_rows: () = hash_buckets)."""
+              criteo_table_rows=(), criteo_missing: str = '') -> FeatureSpec:
+  """The spec named by `feature_spec` with these sizes (criteo_table_rows: () = hash_buckets).
+
+  criteo_missing defaults to '' (empty fields dropped): what the records written before the
+  field existed (a run's config.json, an export's spec.json) were trained with.
+  """
   if feature_spec == 'elm':
     return elm_spec(hash_buckets, embedding_dim, max_list_len)
   if feature_spec == 'criteo':
-    return criteo_spec(list(criteo_table_rows) or hash_buckets, embedding_dim)
+    return criteo_spec(list(criteo_table_rows) or hash_buckets, embedding_dim, criteo_missing)
   raise ValueError(f"config.feature_spec={feature_spec!r}: expected 'elm' or 'criteo'")
 
 

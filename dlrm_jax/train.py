@@ -666,7 +666,7 @@ def checkpoint_setup(manager, setup: Setup, config, workdir: str) -> Setup:
   re-lays the tables). Anything else that changes the state's shapes is refused here, before the
   run writes anything.
   """
-  resized = table_size_changes(workdir, setup.spec) if manager.latest_step() is not None else []
+  resized = spec_changes(workdir, setup.spec) if manager.latest_step() is not None else []
   problems = checkpoints.misfits(manager, abstract_train_state(setup))
   if not problems and not resized:
     return setup
@@ -676,25 +676,36 @@ def checkpoint_setup(manager, setup: Setup, config, workdir: str) -> Setup:
   checkpoints.refuse(manager, problems + resized, config, workdir)
 
 
-def table_size_changes(workdir: str, spec: fs.FeatureSpec) -> List[str]:
-  """The tables whose row count differs from the one the run's config.json gives them.
+def spec_changes(workdir: str, spec: fs.FeatureSpec) -> List[str]:
+  """How `spec` would read rows into other table rows than the run's config.json says it did.
 
   An id's row is its hash modulo the table's rows, and tables are padded to a multiple of 64
   rows: hash_buckets 1000 -> 1003 keeps every array's shape, and the checkpoint would restore
-  with each id looking up another id's row. [] when config.json cannot say.
+  with each id looking up another id's row. Likewise a Criteo run trained when empty fields were
+  dropped (config.json without criteo_missing) would look up rows it never trained for them.
+  [] when config.json cannot say.
   """
   try:
     with open(os.path.join(workdir, 'config.json')) as f:
       saved = json.load(f)
     saved_spec = fs.from_args(saved['feature_spec'], saved['hash_buckets'],
                               saved['embedding_dim'], saved['max_list_len'],
-                              saved.get('criteo_table_rows') or ())
+                              saved.get('criteo_table_rows') or (),
+                              saved.get('criteo_missing', ''))
   except (OSError, ValueError, KeyError, TypeError):
     return []
   rows = {t.name: t.rows for t in saved_spec.tables}
   changed = [f'{t.name}: {rows[t.name]} saved, {t.rows} now' for t in spec.tables
              if rows.get(t.name, t.rows) != t.rows]
-  return [f'{len(changed)} tables of another row count (first: {changed[0]})'] if changed else []
+  problems = [f'{len(changed)} table(s) of another row count (first: {changed[0]})'
+              ] if changed else []
+  was = {c.name: c.default for c in saved_spec.columns}
+  now = {c.name: c.default for c in spec.columns}
+  if spec.name == 'criteo' and was.get('C1', now['C1']) != now['C1']:
+    problems.append(f'empty categorical fields read as {was["C1"]!r} in training, '
+                    f'{now["C1"]!r} now: --config.criteo_missing={was["C1"]!r} reads them as '
+                    'the run was trained')
+  return problems
 
 
 def restore_state(manager, setup: Setup, saved: Setup) -> TrainState:

@@ -133,6 +133,26 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
   _assert_same_params(before.params, after.params)
 
 
+def test_a_criteo_run_from_before_criteo_missing_is_read_as_it_was_trained(tmp_path):
+  # Until criteo_missing existed an empty C field was dropped; such a run's config.json has no
+  # criteo_missing. Read with the new default ' ', its never-trained rows would be looked up.
+  workdir = str(tmp_path / 'run')
+  common = dict(feature_spec='criteo', embedding_dim=4, bottom_mlp=(8, 4), no_eval=True)
+  train.train_and_evaluate(_config(tmp_path, steps=3, save_steps=0, criteo_missing='',
+                                   **common), workdir)
+  config_path = os.path.join(workdir, 'config.json')
+  with open(config_path) as f:
+    saved = json.load(f)
+  del saved['criteo_missing']
+  with open(config_path, 'w') as f:
+    json.dump(saved, f)
+  with pytest.raises(ValueError, match="read as '' in training, ' ' now: "
+                                       "--config.criteo_missing='' reads them"):
+    _restored(_config(tmp_path, mode='eval', **common), workdir)
+  assert int(_restored(_config(tmp_path, mode='eval', criteo_missing='', **common),
+                       workdir).step) == 3
+
+
 def test_non_finite_last_update_fails_instead_of_skipping_the_final_save(tmp_path):
   # One more step at a learning rate that is inf in float32: its loss (computed before the
   # update) is finite, the parameters after it are not. The run used to exit 0 unsaved.

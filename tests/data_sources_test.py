@@ -166,6 +166,15 @@ def test_planted_oracle_only_for_the_planted_eval_rows(tmp_path, fields, has_ora
   assert not has_oracle or set(data.oracle) == {'oracle_auc', 'oracle_logloss'}
 
 
+def test_criteo_missing_is_recorded_and_absent_means_dropped():
+  config = criteo_kaggle.get_config()
+  assert feature_spec.spec_args(config)['criteo_missing'] == ' '
+  assert feature_spec.from_config(config).columns[14].default == ' '
+  # Records from before the field (config.json, an export's spec.json) were trained with ''.
+  args = {k: v for k, v in feature_spec.spec_args(config).items() if k != 'criteo_missing'}
+  assert feature_spec.from_args(**args).columns[14].default == ''
+
+
 def test_spec_args_rebuild_the_spec_through_json():
   # What a serving artifact records (spec.json) to rebuild the spec without the run's config.
   configs = [default.get_config(), criteo_kaggle.get_config('reference'),
