@@ -268,6 +268,12 @@ def _open_caches(config, spec, sources, stats, process_index, process_count):
 
   opened = [open_one(i, wait=False) for i in range(len(sources))]
   opened = [o if o is not None else open_one(i, wait=True) for i, o in enumerate(opened)]
+  for i, (cache, _, _) in enumerate(opened):
+    if use_full[i] and count > 1 and cache.manifest['share'] != [0, 1]:
+      # It went stale since every process agreed to read it: this process now reads its own
+      # share while the others read slices.
+      raise RuntimeError(f'the row cache of {sources[i].describe()} changed while the processes '
+                         'opened it (rebuilt, or its source file changed): run again')
   if stats is not None:
     for cache, _, _ in opened:
       row_cache.add_manifest_stats(stats, cache.manifest)
@@ -283,9 +289,16 @@ def _on_every_process(flags: List[bool]) -> List[bool]:
   (Processes simulated in one interpreter, as in tests, see one cache directory and agree.)
   """
   import jax  # pylint: disable=g-import-not-at-top
-  if not flags or not (jax.distributed.is_initialized() and jax.process_count() > 1):
+  if not (jax.distributed.is_initialized() and jax.process_count() > 1):
     return flags
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  # The counts first: gathering lists of different lengths would hang, not fail.
+  counts = np.asarray(multihost_utils.process_allgather(np.int32(len(flags)))).ravel().tolist()
+  if len(set(counts)) > 1:
+    raise ValueError(f'the processes found different numbers of input files ({counts}, by '
+                     'process): every host must see the same files')
+  if not flags:
+    return flags
   every = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
   return every.reshape(-1, len(flags)).min(axis=0).astype(bool).tolist()
 
