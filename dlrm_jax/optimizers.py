@@ -233,7 +233,11 @@ def scale_by_adagrad_decay(initial_accumulator_value: float = 0.1,
       return _adagrad_accumulate(accumulator, g)
 
     accumulator = jax.tree.map(accumulate, state.accumulator, updates)
-    directions = jax.tree.map(_adagrad_direction, accumulator, updates)
+    # A zero accumulator (a table's padding rows after a resume re-laid them: relayout_tables
+    # zero-fills) would give 0 * inf = NaN there, and padding slots read those rows with weight
+    # 0; as optax.scale_by_rss, a zero accumulator moves nothing.
+    directions = jax.tree.map(
+        lambda a, g: jnp.where(a > 0, _adagrad_direction(a, g), 0), accumulator, updates)
     return directions, ScaleByAdagradDecayState(count=count, accumulator=accumulator)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -275,7 +275,7 @@ def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_pat
 
 
 @pytest.mark.parametrize('optimizer,sparse', [('adamasync', True), ('adagraddecay', True),
-                                              ('adam', False)])
+                                              ('adam', False), ('adagraddecay', False)])
 def test_a_resume_may_switch_emb_fusion(tmp_path, optimizer, sparse):
   # adagraddecay decays every 3 steps here, so its per-row decay periods must move with the rows;
   # adam on the dense path keeps optax slots for the tables inside opt_state.
