@@ -269,7 +269,7 @@ def _open_caches(config, spec, sources, stats, process_index, process_count):
   opened = [open_one(i, wait=False) for i in range(len(sources))]
   opened = [o if o is not None else open_one(i, wait=True) for i, o in enumerate(opened)]
   for i, (cache, _, _) in enumerate(opened):
-    if use_full[i] and count > 1 and cache.manifest['share'] != [0, 1]:
+    if use_full[i] and cache.manifest['share'] != [0, 1]:
       # It went stale since every process agreed to read it: this process now reads its own
       # share while the others read slices.
       raise RuntimeError(f'the row cache of {sources[i].describe()} changed while the processes '
@@ -286,7 +286,7 @@ def _on_every_process(flags: List[bool]) -> List[bool]:
   A process reads a slice of a full cache where it finds one, else builds its own share of the
   lines. Hosts with a cache_dir each may find different caches, and processes that chose
   differently would read some rows twice and others never: the choice is made for all at once.
-  (Processes simulated in one interpreter, as in tests, see one cache directory and agree.)
+  Without jax.distributed (processes simulated in one interpreter) `flags` stand as they are.
   """
   import jax  # pylint: disable=g-import-not-at-top
   if not (jax.distributed.is_initialized() and jax.process_count() > 1):
