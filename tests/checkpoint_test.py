@@ -121,16 +121,23 @@ def test_sigkill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
   assert not [n for n in os.listdir(ckpt_dir) if 'tmp' in n]
 
 
-def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+@pytest.mark.parametrize('steps,learning_rate,message', [
+    # A non-finite loss stops the run at its step.
+    (40, 1e30, r'non-finite .* step (\d+).*last good checkpoint is step 5'),
+    # One more step at a learning rate that is inf in float32: its loss (computed before the
+    # update) is finite, the parameters after it are not. The run used to exit 0 unsaved.
+    (6, 1e39, 'non-finite parameters after step 6; the last good checkpoint is step 5')],
+    ids=['loss', 'last_update'])
+def test_non_finite_training_stops_and_keeps_the_good_checkpoint(tmp_path, steps, learning_rate,
+                                                                 message):
   workdir = str(tmp_path / 'run')
   good = _config(tmp_path, steps=5, save_steps=5)
   train.train_and_evaluate(good, workdir)
   before = _restored(good, workdir)
-  bad = _config(tmp_path, steps=40, save_steps=5, learning_rate=1e30)
-  with pytest.raises(FloatingPointError, match=r'non-finite .* step (\d+).*last good checkpoint is step 5'):
+  bad = _config(tmp_path, steps=steps, save_steps=5, learning_rate=learning_rate)
+  with pytest.raises(FloatingPointError, match=message):
     train.train_and_evaluate(bad, workdir)
-  after = _restored(good, workdir)
-  _assert_same_params(before.params, after.params)
+  _assert_same_params(before.params, _restored(good, workdir).params)
 
 
 def test_a_criteo_run_from_before_criteo_missing_is_read_as_it_was_trained(tmp_path):
@@ -151,20 +158,6 @@ def test_a_criteo_run_from_before_criteo_missing_is_read_as_it_was_trained(tmp_p
     _restored(_config(tmp_path, mode='eval', **common), workdir)
   assert int(_restored(_config(tmp_path, mode='eval', criteo_missing='', **common),
                        workdir).step) == 3
-
-
-def test_non_finite_last_update_fails_instead_of_skipping_the_final_save(tmp_path):
-  # One more step at a learning rate that is inf in float32: its loss (computed before the
-  # update) is finite, the parameters after it are not. The run used to exit 0 unsaved.
-  workdir = str(tmp_path / 'run')
-  good = _config(tmp_path, steps=5, save_steps=5)
-  train.train_and_evaluate(good, workdir)
-  before = _restored(good, workdir)
-  bad = _config(tmp_path, steps=6, save_steps=5, learning_rate=1e39)
-  with pytest.raises(FloatingPointError,
-                     match='non-finite parameters after step 6; the last good checkpoint is step 5'):
-    train.train_and_evaluate(bad, workdir)
-  _assert_same_params(before.params, _restored(good, workdir).params)
 
 
 @pytest.mark.slow
