@@ -51,7 +51,7 @@ where
 - The intercept is solved (bisection on 32768 rows of its own random stream) so that the mean
   true probability is target_ctr [0.04]. Labels are Bernoulli(sigmoid(logit)).
 Weekdays, times, timediffs, visit_city, geohashes and the other ids carry no effect of their own.
-At the defaults the oracle AUC on 200k rows is 0.77-0.79 over seeds 0-3 (0.69-0.70 with
+At the defaults the oracle AUC on 200k rows is 0.77-0.80 over seeds 0-3 (0.69-0.70 with
 interaction_weight=0); the oracle logloss is about 0.143 against 0.167 for a constant CTR.
 
 History. Each user owns a pool of max_history [50] past events. The user considers 256 items
@@ -113,8 +113,9 @@ GENERATOR_VERSION = 1
 
 CHUNK_ROWS = 8192
 ORACLE_FILE = 'oracle.json'
-# Written before the data files and never removed: a directory with it holds planted data, which
-# generate() may rewrite (an interrupted regeneration has no oracle.json yet).
+# Written before the data files and never removed: the names of the data files datagen has
+# written in its directory, which generate() may rewrite (an interrupted regeneration has no
+# oracle.json yet). Releases before it listed names left it empty.
 PLANTED_MARKER = '.planted'
 FILE_NAMES = {'elm': ('train.csv', 'eval.csv'), 'criteo': ('train.txt', 'eval.txt')}
 
@@ -239,11 +240,11 @@ class PlantedModel:
       raise ValueError(f'PlantedModel.target_ctr={self.target_ctr} must be in (0, 1)')
     if self.max_history < 1 or self.latent_dim < 1:
       raise ValueError('PlantedModel needs max_history >= 1 and latent_dim >= 1')
-    if not 1.0 <= self.mean_history / (1.0 - self.empty_history_rate):
-      raise ValueError('PlantedModel needs mean_history / (1 - empty_history_rate) >= 1')
     for name in ('empty_history_rate', 'repeat_rate', 'missing_gender_rate'):
       if not 0.0 <= getattr(self, name) < 1.0:
-        raise ValueError(f'PlantedModel.{name} must be in [0, 1)')
+        raise ValueError(f'PlantedModel.{name}={getattr(self, name)} must be in [0, 1)')
+    if not 1.0 <= self.mean_history / (1.0 - self.empty_history_rate):
+      raise ValueError('PlantedModel needs mean_history / (1 - empty_history_rate) >= 1')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1017,17 +1018,42 @@ def _recorded_parameters(kind, train_rows, eval_rows, seed, use_gzip, planted) -
   return json.loads(json.dumps(params))  # tuples -> lists, as they read back from oracle.json
 
 
-def _refuse_files_not_planted(out_dir: str, kind: str) -> None:
-  """generate() rewrites the data files in out_dir: refuses when they are someone's real data
-  (a data_location holding train.csv and no eval.csv, say), not planted data of an earlier run."""
-  if any(os.path.exists(os.path.join(out_dir, n)) for n in (ORACLE_FILE, PLANTED_MARKER)):
-    return
-  names = [n + gz for n in FILE_NAMES[kind] for gz in ('', '.gz')]
-  existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
-  if existing:
+def _all_file_names(kind: str) -> List[str]:
+  return [name for gz in (False, True) for name in _file_names(kind, gz)]
+
+
+def _planted_names(out_dir: str) -> Optional[List[str]]:
+  """The data files datagen wrote in out_dir, from its marker (or oracle.json); None: no record.
+
+  An empty marker (written by releases that did not list the names) vouches for every data file
+  name, as those releases took it to.
+  """
+  try:
+    with open(os.path.join(out_dir, PLANTED_MARKER)) as f:
+      text = f.read().strip()
+  except FileNotFoundError:
+    oracle = read_oracle(out_dir)
+    return list(oracle.get('files', {}).values()) if oracle else None
+  if not text:
+    return [n for kind in FILE_NAMES for n in _all_file_names(kind)]
+  return json.loads(text)
+
+
+def _claim_file_names(out_dir: str, kind: str) -> None:
+  """Records in out_dir's marker that datagen is about to write `kind`'s data files there.
+
+  generate() rewrites (or removes) them: refuses when one that exists was not written by datagen
+  (someone's real data: a data_location holding train.csv, say, or real Criteo files in a
+  directory of planted ELM data).
+  """
+  names = _all_file_names(kind)
+  recorded = _planted_names(out_dir) or []
+  foreign = [n for n in names if n not in recorded and os.path.exists(os.path.join(out_dir, n))]
+  if foreign:
     raise FileExistsError(
-        f'{out_dir} holds {", ".join(existing)}, not written by datagen (no {ORACLE_FILE}): '
-        'refusing to overwrite them; choose another out_dir')
+        f'{out_dir} holds {", ".join(foreign)}, not written by datagen (not listed in its '
+        f'{PLANTED_MARKER}): refusing to overwrite them; choose another out_dir')
+  _write_json(os.path.join(out_dir, PLANTED_MARKER), sorted(set(recorded) | set(names)))
 
 
 def generate(kind: str, out_dir: str, train_rows: int, eval_rows: int, seed: int,
@@ -1037,20 +1063,20 @@ def generate(kind: str, out_dir: str, train_rows: int, eval_rows: int, seed: int
   if train_rows < 1 or eval_rows < 1:
     raise ValueError('train_rows and eval_rows must be positive')
   planted = planted_model(kind, planted)
-  os.makedirs(out_dir, exist_ok=True)
-  _refuse_files_not_planted(out_dir, kind)
-  with open(os.path.join(out_dir, PLANTED_MARKER), 'w'):
-    pass
-  oracle_path = os.path.join(out_dir, ORACLE_FILE)
-  # Without this, an interrupted regeneration could leave new files beside an old oracle.json.
-  if os.path.exists(oracle_path):
-    os.remove(oracle_path)
   started = time.perf_counter()
-  world = build_world(kind, planted, seed)
+  world = build_world(kind, planted, seed)  # a bad seed or model fails before anything is written
   built = time.perf_counter()
+  os.makedirs(out_dir, exist_ok=True)
+  _claim_file_names(out_dir, kind)
+  oracle_path = os.path.join(out_dir, ORACLE_FILE)
+  names = _file_names(kind, gzip_files)
+  # An old oracle.json could describe the new files if this run is interrupted; the other
+  # compression's files would be read instead of the new ones (the reader prefers plain names).
+  for name in (ORACLE_FILE, *_file_names(kind, not gzip_files)):
+    if os.path.exists(os.path.join(out_dir, name)):
+      os.remove(os.path.join(out_dir, name))
   oracle = _recorded_parameters(kind, train_rows, eval_rows, seed, gzip_files, planted)
   oracle['intercept'] = world.intercept
-  names = _file_names(kind, gzip_files)
   oracle['files'] = dict(zip(('train', 'eval'), names))
   oracle['file_bytes'] = {}
   for split, (name, rows) in enumerate(zip(('train', 'eval'), (train_rows, eval_rows))):
@@ -1086,7 +1112,7 @@ def generate_criteo(out_dir: str, train_rows: int, eval_rows: int, seed: int,
 def _write_json(path: str, value: Dict[str, Any]):
   temporary = f'{path}.tmp-{os.getpid()}'
   with open(temporary, 'w') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
+    json.dump(metrics.json_ready(value), f, indent=2, sort_keys=True)
     f.write('\n')
   os.replace(temporary, path)
 

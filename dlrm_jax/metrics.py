@@ -49,3 +49,15 @@ def classification_metrics(labels, probs) -> dict:
       'num_examples': int(labels.size),
       'positive_rate': float(np.mean(labels > 0.5)) if labels.size else float('nan'),
   }
+
+
+def json_ready(value):
+  """`value` with non-finite floats as None (JSON null): JSON has no NaN, and an undefined
+  metric (the AUC of rows of one class) must still leave a file every JSON reader can parse."""
+  if isinstance(value, dict):
+    return {k: json_ready(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_ready(v) for v in value]
+  if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+    return None
+  return value

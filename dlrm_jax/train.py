@@ -1079,7 +1079,7 @@ def write_json_atomic(path: str, obj) -> None:
   """Write to a temporary name, then rename: a crash never leaves a half-written file."""
   tmp = f'{path}.tmp-{os.getpid()}'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=float)
+    json.dump(metrics.json_ready(obj), f, indent=2, sort_keys=True, default=float)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
@@ -1100,7 +1100,7 @@ def write_results(path: str, results: Dict[str, Any]) -> None:
     except ValueError:
       previous = {'unreadable_results': text}
     with open(path[:-len('.json')] + '_history.jsonl', 'a') as f:
-      f.write(json.dumps(previous, sort_keys=True, default=float) + '\n')
+      f.write(json.dumps(metrics.json_ready(previous), sort_keys=True, default=float) + '\n')
       f.flush()
       os.fsync(f.fileno())
   write_json_atomic(path, results)

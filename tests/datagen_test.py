@@ -278,6 +278,45 @@ def test_files_not_written_by_datagen_are_never_overwritten(tmp_path):
     assert (real / name).read_text() == 'the real rows\n'
 
 
+def test_planted_data_of_one_kind_never_vouches_for_real_files_of_the_other(tmp_path):
+  # Real Criteo files, then a mistaken ELM generation in their directory: the marker it leaves
+  # names the ELM files only, so a Criteo generation there still refuses to overwrite them.
+  real = tmp_path / 'criteo'
+  real.mkdir()
+  for name in ('train.txt', 'eval.txt'):
+    (real / name).write_text('the real rows\n')
+  datagen.generate_elm(str(real), 300, 200, 5, planted=SMALL)
+  with pytest.raises(FileExistsError, match='holds train.txt, eval.txt, not written by datagen'):
+    datagen.generate_criteo(str(real), 300, 200, 5, planted=SMALL_CRITEO)
+  assert (real / 'train.txt').read_text() == (real / 'eval.txt').read_text() == 'the real rows\n'
+
+
+def test_a_rejected_model_or_seed_leaves_the_directory_alone(tmp_path):
+  for planted, seed in ((SMALL, -1), (dict(SMALL, empty_history_rate=1.0), 5)):
+    with pytest.raises(ValueError, match='seed=-1 must be non-negative|empty_history_rate=1.0'):
+      datagen.generate_elm(str(tmp_path / 'd'), 300, 200, seed, planted=planted)
+    assert not os.path.exists(tmp_path / 'd')
+
+
+def test_switching_compression_removes_the_other_files(tmp_path):
+  # The reader prefers train.csv over train.csv.gz: a stale plain file would shadow new .gz data.
+  directory = str(tmp_path / 'planted')
+  datagen.ensure_planted_data(directory, 'elm', 300, 200, 1, planted=SMALL)
+  gz = datagen.ensure_planted_data(directory, 'elm', 300, 200, 2, gzip_files=True, planted=SMALL)
+  assert sorted(os.listdir(directory)) == ['.planted', 'eval.csv.gz', 'oracle.json',
+                                           'train.csv.gz']
+  assert not gz['reused'] and gz['seed'] == 2
+
+
+def test_an_undefined_oracle_auc_is_written_as_json_null(tmp_path):
+  # One eval row has one class: its AUC is undefined, and JSON has no NaN.
+  oracle = datagen.generate_elm(str(tmp_path), 300, 1, 5, planted=SMALL)
+  assert math.isnan(oracle['oracle_auc'])
+  with open(tmp_path / 'oracle.json') as f:
+    written = json.load(f, parse_constant=lambda c: pytest.fail(f'{c} in oracle.json'))
+  assert written['oracle_auc'] is None and written['eval_rows'] == 1
+
+
 def test_criteo_lines_have_40_fields_and_hex_categoricals(criteo_dir):
   rows = _rows(os.path.join(criteo_dir, 'eval.txt'), '\t')
   assert len(rows) == 3000 and {len(r) for r in rows} == {40}

@@ -1,6 +1,7 @@
 """Exact AUC, logloss and accuracy against brute-force definitions."""
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -82,3 +83,18 @@ def test_metric_writer_skips_unneeded_imports_and_reads_back(tmp_path):
   subprocess.run([sys.executable, '-c', 'from dlrm_jax import metric_writer\n'
                   'metric_writer._tensorboardx(logdir="s3://bucket/run")\n'], check=True, env=env)
   assert markers['boto3'].exists() and not markers['torch'].exists()
+
+
+def test_results_with_an_undefined_metric_are_strict_json(tmp_path):
+  # An eval set of one class has no AUC: results.json (and its history) must still parse
+  # in readers without NaN (JSON has none), with the metric as null.
+  from dlrm_jax import train  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'results.json')
+  for auc in (float('nan'), np.float32('nan')):
+    train.write_results(path, {'eval_auc': auc, 'eval_history': [{'auc': -np.inf}], 'steps': 3})
+  strict = dict(parse_constant=lambda c: pytest.fail(f'{c} written'))
+  with open(path) as f:
+    assert json.load(f, **strict) == {'eval_auc': None, 'eval_history': [{'auc': None}],
+                                      'steps': 3}
+  with open(str(tmp_path / 'results_history.jsonl')) as f:
+    assert json.loads(f.read(), **strict)['eval_auc'] is None
