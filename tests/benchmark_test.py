@@ -197,3 +197,25 @@ def test_async_dispatch_adds_our_fp32_step_on_xla_pool_threads():
   config = benchmark.jax_config(dataclasses.asdict(added[0]))
   assert config.cpu_async_dispatch is True
   assert benchmark.with_async_dispatch(rows) == rows
+
+
+def test_a_full_group_name_selects_that_group_alone():
+  groups = benchmark.build_groups(quick=False, tiny=False)
+  names = lambda wanted: [g.name for g in benchmark.select_groups(groups, wanted)]
+  assert names(['elm_dot_b512']) == ['elm_dot_b512']
+  assert names(['elm_dot_b512_adagrad']) == ['elm_dot_b512_adagrad']
+  # Anything else is a prefix.
+  assert names(['criteo']) == ['criteo_dot_b512', 'criteo_dot_b4096']
+  assert names(['elm_dot']) == ['elm_dot_b512', 'elm_dot_b4096', 'elm_dot_b512_adagrad']
+  with pytest.raises(app.UsageError, match=r"no group matches \['nope'\]"):
+    names(['elm_dot_b512', 'nope'])
+
+
+def test_a_jemalloc_path_that_is_not_there_is_refused(tmp_path):
+  # The loader would skip it with a note in a worker's log, and the jemalloc row time glibc.
+  missing = str(tmp_path / 'libjemalloc.so.2')
+  result = subprocess.run([sys.executable, '-m', 'experiments.benchmark', '--list',
+                           f'--jemalloc={missing}'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode != 0
+  assert f'--jemalloc: no file {missing}' in result.stderr
