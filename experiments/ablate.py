@@ -189,8 +189,9 @@ def _config_dict(config: ml_collections.ConfigDict) -> Dict[str, Any]:
 
 def _comparable(config: Dict[str, Any]) -> Dict[str, Any]:
   # output_dir follows from out_dir and the planted fields (compared themselves): leaving it out
-  # lets a moved or copied out_dir resume.
-  return {k: v for k, v in config.items() if k != 'output_dir'}
+  # lets a moved or copied out_dir resume. A cell trains in its own directory whatever
+  # `checkpoint` says, so adding one does not make another experiment.
+  return {k: v for k, v in config.items() if k not in ('output_dir', 'checkpoint')}
 
 
 def _read_json(path: str) -> Dict[str, Any]:
@@ -231,8 +232,9 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str,
   """The cell's results and whether they were computed now (False: read back, finished before)."""
   _check_same_config(workdir, config)
   results_path = os.path.join(workdir, RESULTS)
+  earlier = None
   if os.path.exists(results_path):
-    results = _read_json(results_path)
+    results = earlier = _read_json(results_path)
     if 'preempted_at_step' in results:
       logging.info('%s: stopped by a preemption notice at step %d; resuming it', workdir,
                    results['preempted_at_step'])
@@ -244,7 +246,25 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str,
   if train_fn is None:
     from dlrm_jax import train  # pylint: disable=g-import-not-at-top
     train_fn = train.train_and_evaluate
-  results = train_fn(config, workdir)
+  from dlrm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  try:
+    results = dict(train_fn(config, workdir))
+  except checkpoints.Preempted:
+    # The trainer's message names --config.checkpoint, which is not how a grid resumes.
+    stopped = _read_json(results_path).get('preempted_at_step')
+    raise checkpoints.Preempted(
+        f'{workdir}: stopped after step {stopped} and checkpointed; the same '
+        'experiments.ablate command resumes this cell from there (finished cells are read '
+        'back)') from None
+  except Exception:
+    logging.error('%s: failed (below); once that is fixed, the same experiments.ablate command '
+                  'resumes or re-evaluates this cell', workdir)
+    raise
+  rate = results.get('train_samples_per_s')
+  if earlier is not None and (rate is None or not np.isfinite(rate)):
+    # A cell that failed after training is evaluated again without a step: its rate is the one
+    # it trained at (otherwise the variant's mean would silently lose this seed).
+    results['train_samples_per_s'] = earlier.get('train_samples_per_s')
   return results, True
 
 

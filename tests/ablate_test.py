@@ -147,11 +147,12 @@ def test_resume_trains_only_the_unfinished_cell(finished, tmp_path, shared_compi
   assert resumed['eval_auc'] == pytest.approx(first['eval_auc'], abs=1e-6)
 
 
-def fake_train(fail_at=None, preempt_at=None, eval_fails_at=None):
+def fake_train(fail_at=None, preempt_at=None, eval_fails_at=None, untrained=()):
   """A stand-in for train_and_evaluate: AUC 0.6 + seed / 100 + 0.1 for dot, written as train.py
   writes it; raises at the cell named `fail_at`, as an interrupted grid would stop, at the cell
   named `preempt_at` writes a preempted run's results and raises as train.py does, and at
-  `eval_fails_at` the results of a run whose evaluation failed after training."""
+  `eval_fails_at` the results of a run whose evaluation failed after training. Cells named in
+  `untrained` train no step (they were trained before): their rate is NaN, as train.py's."""
   calls = []
 
   def train_fn(config, workdir):
@@ -164,12 +165,14 @@ def fake_train(fail_at=None, preempt_at=None, eval_fails_at=None):
       raise checkpoints.Preempted('preemption notice (SIGTERM)')
     if name == eval_fails_at:
       with open(os.path.join(workdir, 'results.json'), 'w') as f:
-        json.dump({'steps': 7, 'failed_after_training': 'DataError: eval.csv:9: ...'}, f)
+        json.dump({'steps': 7, 'failed_after_training': 'DataError: eval.csv:9: ...',
+                   'train_samples_per_s': 1234.0}, f)
       raise ValueError('eval.csv:9: ...')
     calls.append(name)
     auc = 0.6 + config.seed / 100 + (0.1 if config.interaction_op == 'dot' else 0.0)
     results = {'steps': 7, 'eval_auc': auc, 'eval_logloss': 0.2, 'eval_accuracy': 0.9,
-               'train_samples_per_s': 1000.0 * config.seed, 'oracle_auc': 0.9,
+               'train_samples_per_s': float('nan') if name in untrained else 1000.0 * config.seed,
+               'oracle_auc': 0.9,
                'oracle_logloss': 0.1, 'train_time_s': 1.0}
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f)
@@ -204,15 +207,25 @@ def test_interrupted_grid_resumes_where_it_stopped(tmp_path):
 def test_a_cell_stopped_by_preemption_or_a_failed_evaluation_runs_again_on_resume(tmp_path, how):
   grid, seeds = {'interaction_op': ('dot', 'cat')}, [1]
   preempted, first_calls = fake_train(**{how: 'interaction_op-cat_seed-1'})
-  with pytest.raises(checkpoints.Preempted if how == 'preempt_at' else ValueError):
+  # The trainer's own message names --config.checkpoint; a grid resumes by its own command.
+  expected = ((checkpoints.Preempted, 'stopped after step 3 and checkpointed; the same '
+               'experiments.ablate command resumes this cell') if how == 'preempt_at' else
+              (ValueError, 'eval.csv:9'))
+  with pytest.raises(expected[0], match=expected[1]):
     ablate.run_ablation(tiny_base(), grid, seeds, str(tmp_path), plots=False,
                         train_fn=preempted, compilation_cache=False)
   assert first_calls == ['interaction_op-dot_seed-1']
-  resuming, second_calls = fake_train()
-  result = ablate.run_ablation(tiny_base(), grid, seeds, str(tmp_path), plots=False,
+  # A failed evaluation is redone without a step: the rate is the one the cell trained at.
+  resuming, second_calls = fake_train(
+      untrained=('interaction_op-cat_seed-1',) if how == 'eval_fails_at' else ())
+  base = tiny_base()
+  base.checkpoint = '/somewhere/else'  # cells train in their own directories anyway
+  result = ablate.run_ablation(base, grid, seeds, str(tmp_path), plots=False,
                                train_fn=resuming, compilation_cache=False)
   assert second_calls == ['interaction_op-cat_seed-1']
   assert list(result.cells['eval_auc']) == pytest.approx([0.71, 0.61])
+  assert list(result.cells['train_samples_per_s']) == [
+      1000.0, 1234.0 if how == 'eval_fails_at' else 1000.0]
 
 
 def test_a_bad_value_anywhere_in_the_grid_stops_it_before_the_first_cell(tmp_path):
