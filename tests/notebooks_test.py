@@ -51,6 +51,8 @@ def test_quickstart_runs(tmp_path, tmp_path_factory, monkeypatch):
   text = text_of(notebook)
   assert 'oracle_auc' in text and 'restored step 40' in text
   assert 'model p(click)' in text and 'mean cosine, same category' in text
+  # Nothing started JAX before the trainer could apply its settings (cpu_async_dispatch).
+  assert 'has no effect' not in text
   # Loss and AUC curves, then the embedding similarities.
   assert images_in(notebook) == 2
   assert os.path.exists(tmp_path / 'run' / 'results.json')
