@@ -25,6 +25,7 @@ import jax, numpy as np
 from configs import default
 from dlrm_jax import train, models
 config = default.get_config()
+train.set_cpu_dispatch(config)  # as the trainer runs its steps, before JAX starts
 setup = train.make_setup(config)
 spec = setup.spec
 rng = np.random.default_rng(0)

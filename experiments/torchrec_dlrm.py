@@ -9,8 +9,10 @@ layer for layer so that the two sides do the same arithmetic:
   `PoolingType.MEAN` (a list is the mean of its values, a scalar is its one row, a missing scalar
   is an empty bag and pools to zeros, as our weight-0 slot does), in one
   `FusedEmbeddingBagCollection` whose table optimizer runs inside the backward pass (FBGEMM's
-  fused kernels): EXACT_SGD, EXACT_ADAGRAD (elementwise, like ours) or EXACT_ROWWISE_ADAGRAD
-  (one accumulator per row, less work and memory than ours; not the same optimizer);
+  fused kernels): EXACT_SGD, EXACT_ADAGRAD (elementwise as ours, the same work per touched
+  row; FBGEMM starts its accumulator at 0 with eps 1e-8, ours at TF's 0.1) or
+  EXACT_ROWWISE_ADAGRAD (one accumulator per row, less work and memory than ours; not the same
+  optimizer);
 * dot: `torchrec.models.dlrm.DLRM` (DenseArch, SparseArch, InteractionArch, OverArch);
   cat: the same DenseArch, SparseArch and OverArch over [bottom output, pooled embeddings];
 * the bottom MLP gets a BatchNorm1d after each ReLU when our config has batch norm (TF's
