@@ -8,8 +8,8 @@ r"""Speed of the DLRM train step against TorchRec on this machine, with ceilings
 It prints a table and writes JSON (`--json_out`) with, per configuration:
   * samples/s of our jitted train step on synthetic batches ('step': batches already on the
     device; 'step+input': fed by train.step_batches, host-side dedup and transfer included),
-    and of end-to-end training on planted ELM data ('end-to-end': the trainer's loop over the
-    row cache; 'end-to-end csv': parsing the CSV for every batch instead);
+    and of end-to-end training on planted ELM data ('end-to-end': the trainer's input and step
+    over the row cache; 'end-to-end csv': parsing the CSV for every batch instead);
   * the same model in TorchRec (`experiments/torchrec_dlrm.py`, PyTorch on the CPU with 2
     threads) and the ratio ours / TorchRec;
   * the model's training FLOPs per sample (3x the forward's matmul FLOPs, from the layer sizes)
@@ -117,8 +117,8 @@ KINDS = {
                   "row cache's compact layout: host dedup in the prefetch thread and the "
                   "transfer in the step's dispatch, overlapping the step (the like-for-like "
                   'comparison with TorchRec, which deduplicates inside its step)',
-    'end-to-end': "the trainer's own loop on planted ELM data (data_sources.train_batches, as "
-                  'train_and_evaluate feeds it): the row cache built from the CSV before '
+    'end-to-end': "the trainer's input pipeline and step on planted ELM data "
+                  '(data_sources.train_batches, as train_and_evaluate feeds it): the row cache built from the CSV before '
                   'training, read in shuffled blocks, then dedup, transfer, step',
     'end-to-end csv': 'the same loop with use_cache=False: the CSV read, parsed, hashed and '
                       'shuffled (buffer 20000) for every batch, in the same process',
