@@ -62,6 +62,19 @@ def padded_rows(rows: int) -> int:
   return -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
+def unique_capacity(needed: int, headroom: float = 1.25, multiple: int = 1) -> int:
+  """UniqueRows' capacity for `needed` rows or entries: with headroom, in eighth-octave steps
+  (m * 2^k, 8 <= m < 16: at most 12.5% padding beyond the headroom), and a multiple of
+  `multiple`, the data-axis devices that split the array (3 and 6 divide few such steps)."""
+  wanted = max(256, int(needed * headroom))
+  step = 1 << max(0, wanted.bit_length() - 4)
+  return _round_up(_round_up(wanted, step), multiple)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
 def table_array_rows(spec: fs.FeatureSpec, emb_fusion: bool) -> Dict[str, int]:
   """Row count of each table array, padding included."""
   if emb_fusion:
@@ -226,10 +239,14 @@ class UniqueRows:
   entries are block p of the global arrays, indices and segments point into those global arrays,
   and capacities are fixed at their worst case so that every process has the same shapes without
   a collective per batch. Ids repeated across processes are merged on device.
+
+  Every capacity is a multiple of `data_devices`, the process's devices on the mesh's data axis,
+  which split the unique and entry arrays (with several processes, each its own block).
   """
 
   def __init__(self, spec: fs.FeatureSpec, emb_fusion: bool, process_index: int = 0,
-               process_count: int = 1, local_batch: int = 0, headroom: float = 1.25):
+               process_count: int = 1, local_batch: int = 0, headroom: float = 1.25,
+               data_devices: int = 1):
     self._spec = spec
     self._groups = table_groups(spec, emb_fusion)
     self._rows = table_array_rows(spec, emb_fusion)
@@ -252,6 +269,7 @@ class UniqueRows:
     self._mean_weight = (1.0 / np.maximum(np.arange(max_count + 1), 1)).astype(np.float32)
     self._process_index, self._process_count = process_index, process_count
     self._headroom = headroom
+    self._data_devices = data_devices
     self._scratch, scratch_rows = {}, 0
     for name in sorted(self._rows, key=self._rows.get):
       scratch_rows += self._rows[name]
@@ -260,9 +278,10 @@ class UniqueRows:
       self._scratch[name] = np.empty(self._rows[name], np.int32)
     self._fixed = process_count > 1
     if self._fixed:
-      self._capacity = {name: padded_rows(local_batch * len(slots) + 1)
+      self._capacity = {name: _round_up(padded_rows(local_batch * len(slots) + 1), data_devices)
                         for name, (slots, _) in self._groups.items()}
-      self._capacity['entries'] = padded_rows(local_batch * spec.num_slots + 1)
+      self._capacity['entries'] = _round_up(padded_rows(local_batch * spec.num_slots + 1),
+                                            data_devices)
     else:
       self._capacity = {}
 
@@ -270,11 +289,7 @@ class UniqueRows:
     if needed > self._capacity.get(name, 0):
       if self._fixed:
         raise ValueError(f'{needed} {name} exceed the fixed capacity {self._capacity[name]}')
-      wanted = max(256, int(needed * self._headroom))
-      # Eighth-octave steps (m * 2^k, 8 <= m < 16): at most 12.5% padding beyond the headroom,
-      # and still a multiple of 64 for any data axis of up to 64 devices.
-      step = 1 << max(0, wanted.bit_length() - 4)
-      self._capacity[name] = -(-wanted // step) * step
+      self._capacity[name] = unique_capacity(needed, self._headroom, self._data_devices)
     return self._capacity[name]
 
   def _per_segment(self, num_segments: int):

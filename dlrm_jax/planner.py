@@ -57,8 +57,6 @@ STAGED_BATCHES = 3
 # Row-wise optimizers that keep dense semantics: each step scatters the rows' gradients into a
 # full-table gradient (optimizers._rowwise_dense_adam) instead of touching only those rows.
 DENSE_ROWWISE_OPTIMIZERS = frozenset({'adam'})
-# models.UniqueRows' smallest unique-row capacity.
-MIN_UNIQUE_CAPACITY = 256
 
 GB = 10**9
 
@@ -175,8 +173,7 @@ def _under_tables(path) -> bool:
 
 def _unique_capacity(rows: int, slots: int, batch_size: int) -> int:
   """models.UniqueRows' capacity for the batch's distinct rows of one array, at its largest."""
-  needed = min(batch_size * slots, rows) + 1  # + 1: the padding entry
-  return max(MIN_UNIQUE_CAPACITY, 1 << (needed - 1).bit_length())
+  return models.unique_capacity(min(batch_size * slots, rows) + 1)  # + 1: the padding entry
 
 
 def _local_setup(config) -> train.Setup:

@@ -501,7 +501,8 @@ def step_batches(batches: Iterator[Dict[str, np.ndarray]], setup: Setup,
     if unique_rows is None:
       unique_rows = models.UniqueRows(
           setup.spec, setup.emb_fusion, process_index=jax.process_index(),
-          process_count=jax.process_count(), local_batch=len(batch['label']))
+          process_count=jax.process_count(), local_batch=len(batch['label']),
+          data_devices=setup.mesh.shape['data'] // jax.process_count())
     batch = unique_rows(batch)
     if multi_process:
       return {k: jax.tree.map(functools.partial(jax.make_array_from_process_local_data,

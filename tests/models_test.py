@@ -194,6 +194,29 @@ def test_unique_rows_give_the_same_batch_with_or_without_row_scratches(fused, sc
       np.testing.assert_array_equal(got['unique_ids'][name], expected['unique_ids'][name])
 
 
+@pytest.mark.parametrize('data_devices', [1, 3, 6, 12])
+def test_every_capacity_splits_over_the_data_axis(data_devices):
+  # The unique and entry arrays are split over the data axis: 3, 6 or 12 devices divide few of
+  # the eighth-octave steps (JAX refused them on the first batch).
+  spec = tiny_spec()
+  for needed in list(range(1, 3000, 7)) + [4096, 10**5 + 1]:
+    capacity = models.unique_capacity(needed, multiple=data_devices)
+    assert capacity % data_devices == 0 and capacity >= int(1.25 * needed)
+    # At most one step (12.5%) beyond the headroom, plus the rounding to the device count.
+    assert capacity <= max(256, 1.25 * needed) * 1.125 + data_devices
+  for process_count in (1, 2):
+    prepare = models.UniqueRows(spec, True, process_count=process_count, local_batch=24,
+                                data_devices=data_devices)
+    for seed in range(3):
+      _, ids, weights = random_batch(spec, batch=24, seed=seed)
+      batch = prepare({'ids': ids, 'weights': weights, 'label': np.zeros(24),
+                       'dense': np.zeros((24, 1)), 'mask': np.ones(24)})
+      for name in ('entry_index', 'entry_weight', 'entry_segment'):
+        assert batch[name].shape[0] % data_devices == 0, name
+      for name, unique in batch['unique_ids'].items():
+        assert unique.shape[0] % data_devices == 0, name
+
+
 @pytest.mark.parametrize('fused', [True, False])
 def test_unique_rows_are_ascending_and_entries_point_at_their_ids(fused):
   # Ascending lists read and write each table array in address order; every entry's index must

@@ -124,7 +124,10 @@ def test_mlp_bytes_equal_the_flax_parameter_count_with_padded_tables():
 def test_sparse_temporaries_are_unique_row_buffers_and_adam_adds_a_full_table_gradient():
   config = tiny_criteo_config(optimizer='adagrad')
   p = planner.plan(config, 8, (1, 8))
-  capacity = 2048  # 64 x 26 lookups + the padding entry, rounded up to a power of two
+  # 64 x 26 lookups + the padding entry, with models.UniqueRows' 1.25x headroom (2081), rounded
+  # up to its step of 256 at that size.
+  capacity = 2304
+  assert models.unique_capacity(64 * 26 + 1) == capacity
   # Gathered rows, their gradient and the accumulator's rows.
   assert p.table_step_temporaries == 3 * capacity * 4 * 4
   adam = planner.plan(tiny_criteo_config(optimizer='adam'), 8, (1, 8))

@@ -4,6 +4,7 @@ CPU devices stand in for accelerators (XLA_FLAGS=--xla_force_host_platform_devic
 each configuration runs in its own interpreter because the device count is fixed at start-up.
 """
 
+import json
 import os
 
 import numpy as np
@@ -88,3 +89,19 @@ def test_save_on_four_devices_restore_on_one_continues_identically(tmp_path):
   np.testing.assert_allclose(one[4:], four[4:], rtol=RTOL)
   # The first four steps were written once, by the run on four devices, in both directories.
   np.testing.assert_array_equal(one[:4], four[:4])
+
+
+@pytest.mark.slow
+def test_a_data_axis_of_three_trains_and_evaluates_as_one_device(tmp_path, train_path):
+  # Batches of 36 split over 3 devices, but the dedup's capacities (steps of m * 2^k) rarely
+  # did: JAX refused the first batch. Every capacity is now a multiple of the data axis.
+  sizes = dict(batch_size=36, eval_batch_size=510)
+  one = th.losses_in_subprocess(tmp_path / 'one', train_path, 4, 1, **sizes)
+  three = th.losses_in_subprocess(tmp_path / 'three', train_path, 4, 3, **sizes)
+  np.testing.assert_allclose(three, one, rtol=RTOL)
+  # The trainer end to end, its eval batches (510 rows) split over the 3 devices too.
+  _train_in_subprocess(tmp_path / 'out', tmp_path / 'run', 3, steps=4, **sizes)
+  with open(tmp_path / 'run' / 'results.json') as f:
+    results = json.load(f)
+  eval_rows = th.tiny_config(tmp_path).planted.eval_rows  # every eval row, counted once
+  assert results['steps'] == 4 and results['eval_num_examples'] == eval_rows
