@@ -36,6 +36,7 @@ safe side.
 import copy
 import dataclasses
 import functools
+import math
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -219,21 +220,22 @@ def plan(config, num_devices: int, mesh_shape: Optional[Sequence[int]] = None) -
     The Plan.
 
   Raises:
-    ValueError: the mesh does not cover the devices, its model axis does not divide the padded
-      table rows, or its data axis does not divide the batch.
+    ValueError: what the trainer would refuse: a bad config value, a mesh that does not cover
+      the devices, a model axis that does not divide ROW_PADDING, or a train or eval batch that
+      does not split over the data axis.
   """
+  train.check_config(config)
   data, model = resolve_mesh(config.mesh_shape if mesh_shape is None else mesh_shape,
                              num_devices)
   options = train.effective_options(config)
   setup = _local_setup(config)
   spec = setup.spec
   batch_size = int(config.batch_size)
-  if batch_size % data:
-    raise ValueError(f'batch_size {batch_size} does not split over the data axis {data}')
-  if ROW_PADDING % model and any(padded_rows(r) % model for r in
-                                 models.table_array_rows(spec, setup.emb_fusion).values()):
-    raise ValueError(f'model axis {model} does not divide the table rows padded to a multiple '
-                     f'of {ROW_PADDING}; use a divisor of {ROW_PADDING}')
+  train.check_batch_split(config, data)
+  if ROW_PADDING % model:
+    # As train.make_mesh: the padded rows of every table array split over the model axis.
+    raise ValueError(f'the model axis ({model}) must divide {ROW_PADDING}, the multiple table '
+                     'rows are padded to')
 
   array_rows = models.table_array_rows(spec, setup.emb_fusion)
   stored = {name: padded_rows(rows) for name, rows in array_rows.items()}
@@ -376,6 +378,8 @@ def main(argv):
       mesh = tuple(int(x) for x in FLAGS.mesh.split(','))
     except ValueError:
       sys.exit(f'--mesh={FLAGS.mesh!r}: expected DATA,MODEL, e.g. 1,8')
+  if not 0 < FLAGS.device_memory_gb < math.inf:
+    sys.exit(f'--device_memory_gb={FLAGS.device_memory_gb}: expected a positive number of GB')
   memory = FLAGS.device_memory_gb * GB
   try:
     p = plan(FLAGS.config, FLAGS.devices, mesh)

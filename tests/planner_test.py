@@ -168,12 +168,21 @@ def test_fits_switches_with_device_memory():
     (8, (-1, -1), 'model axis must be positive'),
     (8, (8,), 'must be (data, model)'),
     (0, (-1, 1), 'devices must be positive'),
-    (5, (1, 5), 'model axis 5 does not divide the table rows'),
-    (3, (3, 1), 'batch_size 64 does not split over the data axis 3'),
+    (5, (1, 5), 'the model axis (5) must divide 64'),
+    # 6 divides the padded rows here (the check used to end there), but the trainer refuses it.
+    (6, (1, 6), 'the model axis (6) must divide 64'),
+    (3, (3, 1), 'config.batch_size=64 does not split over the 3 devices'),
+    (2, (2, 1), 'config.eval_batch_size=511 does not split over the 2 devices'),
+    (1, (1, 1), 'config.batch_size=0 must be positive'),
 ])
 def test_mesh_validation_errors(devices, mesh, message):
+  # The planner refuses what the trainer would refuse, with the trainer's messages.
+  config = tiny_criteo_config(eval_batch_size=511 if devices == 2 else 512)
+  config.criteo_table_rows = (72,) * 26  # 1872 rows, padded to 1920: a multiple of 6
+  if devices == 1:
+    config.batch_size = 0
   with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):
-    planner.plan(tiny_criteo_config(), devices, mesh)
+    planner.plan(config, devices, mesh)
 
 
 def test_default_mesh_comes_from_the_config():
@@ -213,3 +222,10 @@ def test_command_prints_the_table_and_the_verdict():
       [sys.executable, '-m', 'dlrm_jax.planner', '--config=configs/criteo_1tb_mlperf.py',
        '--devices=8', '--mesh=3,3'], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and 'does not cover the 8 devices' in bad.stderr
+  for memory in ('-1', 'nan', '0'):
+    bad = subprocess.run(
+        [sys.executable, '-m', 'dlrm_jax.planner', '--config=configs/criteo_1tb_mlperf.py',
+         '--devices=8', f'--device_memory_gb={memory}'], cwd=ROOT, capture_output=True,
+        text=True, timeout=120)
+    assert bad.returncode != 0
+    assert f'--device_memory_gb={float(memory)}: expected a positive number' in bad.stderr
