@@ -433,18 +433,20 @@ def _expected_manifest(source: Source, spec: feature_spec_lib.FeatureSpec,
 _STRICT_BAD_ROWS = 100
 
 
-def _bad_rows_error(stats: Dict[str, Any], source: Source, note: str) -> input_pipeline.DataError:
-  """A DataError for the first recorded bad row, with its file, line and column."""
+def bad_rows_error(stats: Dict[str, Any], where: str, path: str,
+                   note: str) -> input_pipeline.DataError:
+  """A DataError for the first recorded bad row of `stats` (ParseStats.as_dict()), with its
+  file, line and column; `where` names what the rows were parsed into or from."""
   example = (stats['bad_row_examples'] or ['?'])[0]
   # The example reads "path:line: column 'name': message" (input_pipeline._report).
   head, _, rest = example.partition(': column ')
   line = column = None
   if head.rpartition(':')[2].isdigit():
-    line = int(head.rpartition(':')[2])
+    path, _, line = head.rpartition(':')
+    line = int(line)
     column = rest.split("'")[1] if rest.count("'") >= 2 else None
-  return input_pipeline.DataError(
-      f"{example} ({stats['bad_rows']} bad rows in {source.describe()}{note})", source.path,
-      line, column)
+  return input_pipeline.DataError(f"{example} ({stats['bad_rows']} bad rows in {where}{note})",
+                                  path, line, column)
 
 
 def _check_space(directory: str, source: Source, share: Tuple[int, int], writer: '_CacheWriter',
@@ -495,8 +497,8 @@ def _build(source: Source, spec: feature_spec_lib.FeatureSpec, directory: str,
                           else input_pipeline.estimate_lines(source.path))
       if stats.bad_rows and not skip_bad_rows:
         if stats.bad_rows > max(_STRICT_BAD_ROWS, stats.lines // 100):
-          raise _bad_rows_error(stats.as_dict(), source,
-                                f' within its first {stats.source_lines:,} lines: is it the '
+          raise bad_rows_error(stats.as_dict(), source.describe(), source.path,
+                               f' within its first {stats.source_lines:,} lines: is it the '
                                 f'right file for the {spec.name!r} format?')
         if not warned:
           warned = True
@@ -627,8 +629,8 @@ def add_manifest_stats(stats: input_pipeline.ParseStats, manifest: Dict[str, Any
 
 def _check_bad_rows(manifest: Dict[str, Any], skip_bad_rows: bool, source: Source) -> None:
   if manifest['stats']['bad_rows'] and not skip_bad_rows:
-    raise _bad_rows_error(manifest['stats'], source,
-                          '; set skip_bad_rows=True to train without them: the cache of the '
+    raise bad_rows_error(manifest['stats'], source.describe(), source.path,
+                         '; set skip_bad_rows=True to train without them: the cache of the '
                           'good rows is ready and will be used as it is')
 
 

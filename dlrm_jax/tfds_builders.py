@@ -27,6 +27,8 @@ set, so delete its directory to rebuild it. Source files deleted after the build
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -207,13 +209,19 @@ def config_for(config, spec: fs.FeatureSpec) -> BlocksConfig:
 
   parts = int(config.get('split_parts', 0))
   fingerprint = row_cache.parse_fingerprint(spec)
+  train_files = names('train_files', train_default)
+  eval_files = () if parts else names('eval_files', eval_default)
+  eval_parts = int(config.get('eval_parts', 1))
+  # Another choice of files or parts is another data set: TFDS would otherwise read the one
+  # built first under this name (a run naming other files would train on the old ones).
+  selection = hashlib.sha256(json.dumps(
+      [train_files, eval_files, parts, eval_parts if parts else 0]).encode()).hexdigest()
   return BlocksConfig(
-      name=f'{spec.name}_{fingerprint[:12]}_{parts or "files"}',
-      description=f'spec {spec.name} (parse fingerprint {fingerprint})', spec=spec,
-      train_files=names('train_files', train_default),
-      eval_files=() if parts else names('eval_files', eval_default),
-      split_parts=parts, eval_parts=int(config.get('eval_parts', 1)),
-      skip_bad_rows=bool(config.skip_bad_rows),
+      name=f'{spec.name}_{fingerprint[:12]}_{parts or "files"}_{selection[:8]}',
+      description=f'spec {spec.name} (parse fingerprint {fingerprint}), train {train_files}, '
+                  f'eval {eval_files or f"the last {eval_parts} of {parts} parts"}',
+      spec=spec, train_files=train_files, eval_files=eval_files, split_parts=parts,
+      eval_parts=eval_parts, skip_bad_rows=bool(config.skip_bad_rows),
       num_workers=max(0, int(config.get('num_workers', 0))))
 
 
@@ -248,7 +256,31 @@ def data_source(config, spec: fs.FeatureSpec, manual_dir: str):
       download_and_prepare_kwargs={'download_config': tfds.download.DownloadConfig(
           manual_dir=manual_dir)})
   check_sources(sources, manual_dir)
+  if not config.skip_bad_rows:
+    check_bad_rows(sources)
   return sources
+
+
+def check_bad_rows(sources) -> None:
+  """Refuses a data set built with skip_bad_rows=True that dropped rows, in a run that did not
+  ask to drop them (as the row cache does)."""
+  for split, source in sources.items():
+    stats = source.dataset_info.metadata.get(f'{split}_stats') or {}
+    if stats.get('bad_rows'):
+      raise row_cache.bad_rows_error(
+          stats, f'the {split} split of the TFDS data set in {source.dataset_info.data_dir}',
+          '', '; set skip_bad_rows=True to train without them: the data set of the good rows is '
+          'ready and will be used as it is')
+
+
+def add_split_stats(stats: input_pipeline.ParseStats, config, spec: fs.FeatureSpec,
+                    manual_dir: str, split: str) -> None:
+  """Adds the parse statistics of the data set's build of `split` to `stats` (as a row cache's
+  are added when it is opened): the rows a run reads, and those the build dropped."""
+  recorded = data_source(config, spec, manual_dir)[split].dataset_info.metadata.get(
+      f'{split}_stats')
+  if recorded:
+    stats.add(input_pipeline.ParseStats(**recorded))
 
 
 def split_rows(config, spec: fs.FeatureSpec, manual_dir: str, split: str) -> int:

@@ -14,6 +14,7 @@ from dlrm_jax import feature_spec
 from dlrm_jax import input_pipeline
 from dlrm_jax import tfds_builders
 from data_sources_test import config_for, numbered_lines, rows_of, write
+from input_pipeline_test import elm_line
 
 tfds = pytest.importorskip('tensorflow_datasets')
 SPEC = feature_spec.elm_spec(hash_buckets=1000, embedding_dim=4, max_list_len=4)
@@ -99,3 +100,52 @@ def test_criteo_kaggle_split_from_planted_data(tmp_path):
   parsed = input_pipeline.parse_chunk(lines, spec, path='p', first_line=601)
   np.testing.assert_array_equal(np.concatenate([b['ids'] for b in evaluated])[:100],
                                 parsed['ids'])
+
+
+def test_other_files_or_parts_make_another_data_set(tmp_path):
+  # The data set's name used to ignore the files the run names: a run naming other files
+  # trained and evaluated on the rows of the files of the first build, without a word.
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  write(manual / 'train.csv', numbered_lines(0, 40))
+  write(manual / 'eval.csv', numbered_lines(1000, 20))
+  write(manual / 'other.csv', numbered_lines(2000, 30))
+  write(manual / 'small_eval.csv', numbered_lines(3000, 5))
+  resolve = lambda config: data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+  eval_rows = lambda config, data: rows_of(data_sources.eval_batches(
+      config, SPEC, data, process_index=0, process_count=1))
+  first = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'))
+  assert resolve(first).train_rows == 40
+  other = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), train_files='other.csv',
+                     eval_files='small_eval.csv')
+  data = resolve(other)
+  assert data.train_rows == 30 and eval_rows(other, data) == list(range(3000, 3005))
+  # Parts of one file: the eval split follows eval_parts.
+  one_part = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), train_files='train.csv',
+                        split_parts=4, eval_parts=1)
+  two_parts = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), train_files='train.csv',
+                         split_parts=4, eval_parts=2)
+  assert (resolve(one_part).train_rows, resolve(two_parts).train_rows) == (30, 20)
+  assert eval_rows(two_parts, resolve(two_parts)) == list(range(20, 40))
+
+
+def test_rows_a_build_dropped_are_counted_and_a_strict_run_refuses_them(tmp_path):
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  lines = numbered_lines(0, 40)
+  lines[9] = elm_line(ctr_30='x')
+  write(manual / 'train.csv', lines)
+  write(manual / 'eval.csv', numbered_lines(1000, 20))
+  lenient = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), skip_bad_rows=True)
+  data = data_sources.resolve(lenient, SPEC, process_index=0, process_count=1)
+  stats = input_pipeline.ParseStats()
+  assert len(rows_of(data_sources.train_batches(lenient, SPEC, data, num_steps=3, stats=stats,
+                                                process_index=0, process_count=1))) == 3 * 16
+  # As a row cache's counts reach results.json's parse_stats: the rows read and the one dropped.
+  assert (stats.rows, stats.bad_rows) == (39, 1)
+  assert stats.bad_row_examples[0].startswith(f'{manual / "train.csv"}:10: column \'ctr_30\'')
+  strict = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), skip_bad_rows=False)
+  with pytest.raises(input_pipeline.DataError, match=r"train.csv:10: column 'ctr_30'.*1 bad rows "
+                     r'in the train split of the TFDS data set') as error:
+    data_sources.resolve(strict, SPEC, process_index=0, process_count=1)
+  assert (error.value.path, error.value.line) == (str(manual / 'train.csv'), 10)
