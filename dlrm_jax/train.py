@@ -790,17 +790,37 @@ def predict(setup: Setup, state: TrainState, config, input_path: str, output_pat
   batches = input_pipeline.batches(
       [input_path], spec, config.eval_batch_size, drop_remainder=False, skip_bad_rows=False,
       num_workers=data_sources.parse_workers(config, input_pipeline.expand_paths([input_path])))
-  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   tmp = f'{output_path}.tmp-{os.getpid()}'
   count = 0
-  with open(tmp, 'w') as f:
-    for batch in step_batches(batches, setup, effective_options(config)['smartstaged']):
-      probs, _, mask = jax.device_get(step(state, batch))
-      probs = probs[mask > 0]
-      f.write(''.join(f'{p:.8g}\n' for p in probs))
-      count += len(probs)
-  os.replace(tmp, output_path)
+  try:
+    with open(tmp, 'w') as f:
+      for batch in step_batches(batches, setup, effective_options(config)['smartstaged']):
+        probs, _, mask = jax.device_get(step(state, batch))
+        probs = probs[mask > 0]
+        f.write(''.join(f'{p:.8g}\n' for p in probs))
+        count += len(probs)
+    os.replace(tmp, output_path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   return count
+
+
+def check_predict_output(input_path: str, output_path: str) -> None:
+  """Fails before anything is restored or scored on a missing input, on an output that cannot
+  take the scores, or on one that is an input file: its rows would be replaced by their
+  probabilities."""
+  inputs = input_pipeline.expand_paths([input_path])
+  if os.path.isdir(output_path):
+    raise ValueError(f'config.predict_output={output_path!r} is a directory: name a file')
+  if os.path.exists(output_path) and any(os.path.samefile(i, output_path) for i in inputs):
+    raise ValueError(f'config.predict_output={output_path!r} is the input file '
+                     f'(config.predict_input={input_path!r}): it would be overwritten')
+  parent = os.path.dirname(os.path.abspath(output_path))
+  os.makedirs(parent, exist_ok=True)
+  if not os.access(parent, os.W_OK):
+    raise PermissionError(f'config.predict_output={output_path!r}: {parent} is not writable')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -820,15 +840,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if jax.process_count() > 1:
       raise ValueError(f'mode=predict runs in a single process, not {jax.process_count()}: run '
                        'it without config.distributed (the checkpoint restores onto one host)')
-    state = restore_for_inference(setup, config, workdir)
     output = config.predict_output or os.path.join(workdir, 'predictions.txt')
+    check_predict_output(config.predict_input, output)
+    state = restore_for_inference(setup, config, workdir)
     count = predict(setup, state, config, config.predict_input, output)
     logging.info('wrote %d probabilities to %s', count, output)
     return {'predictions': count, 'predict_output': output}
   workdir = agree_on_workdir(workdir)
   if config.mode == 'eval':
-    data = data_sources.resolve(config, setup.spec, train=False)
+    # The checkpoint first: a mistyped run directory fails before the data are generated or
+    # cached (minutes for the default planted data).
     state = restore_for_inference(setup, config, workdir)
+    data = data_sources.resolve(config, setup.spec, train=False)
     results = {'steps': int(state.step), **data.oracle}
     results.update({f'eval_{k}': v for k, v in evaluate(
         setup, state, config, data, input_pipeline.ParseStats()).items()})

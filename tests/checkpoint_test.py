@@ -193,6 +193,25 @@ def test_eval_and_predict_modes_and_exported_artifact_agree(tmp_path):
   config.predict_output = str(tmp_path / 'unlabeled.txt')
   train.train_and_evaluate(config, workdir)
   np.testing.assert_array_equal(np.loadtxt(config.predict_output), probs)
+  # Outputs that cannot take the scores fail before scoring, and nothing is left behind: the
+  # input itself (it was overwritten with its probabilities), a directory, a failed read.
+  with open(unlabeled, 'rb') as f:
+    rows_before = f.read()
+  for output, error in ((unlabeled, 'is the input file'), (str(tmp_path), 'is a directory')):
+    config.predict_output = output
+    with pytest.raises(ValueError, match=error):
+      train.train_and_evaluate(config, workdir)
+  with open(unlabeled, 'rb') as f:
+    assert f.read() == rows_before
+  bad = str(tmp_path / 'bad' / 'rows.csv')
+  os.makedirs(os.path.dirname(bad))
+  with open(bad, 'w') as f:
+    f.write(','.join(rows[0]) + '\n' + ','.join(rows[1][:label] + ['x'] + rows[1][label + 1:])
+            + '\n')
+  config.predict_input, config.predict_output = bad, str(tmp_path / 'bad' / 'p.txt')
+  with pytest.raises(input_pipeline.DataError, match="rows.csv:2: column 'clicked'"):
+    train.train_and_evaluate(config, workdir)
+  assert os.listdir(tmp_path / 'bad') == ['rows.csv']
 
   # A fresh process that imports only serving and the reader scores the same rows.
   script = (
@@ -329,6 +348,8 @@ def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path)
   with pytest.raises(FileNotFoundError, match='needs a checkpoint'):
     train.train_and_evaluate(config, str(tmp_path / 'empty'))
   assert not os.path.exists(tmp_path / 'empty')  # a mistyped run directory is not created
+  # ... and the (planted) data were not generated for it first: that takes minutes at full size.
+  assert not os.path.exists(os.path.join(config.output_dir, 'planted_elm'))
   trained = os.path.join(config.output_dir, 'model_DLRM_1')
   train.train_and_evaluate(_config(tmp_path, steps=3, save_steps=0, no_eval=True), trained)
   with pytest.raises(FileNotFoundError, match=re.escape(f'the newest run under '
