@@ -683,8 +683,8 @@ def spec_changes(workdir: str, spec: fs.FeatureSpec) -> List[str]:
   An id's row is its hash modulo the table's rows, and tables are padded to a multiple of 64
   rows: hash_buckets 1000 -> 1003 keeps every array's shape, and the checkpoint would restore
   with each id looking up another id's row. Likewise a Criteo run trained when empty fields were
-  dropped (config.json without criteo_missing) would look up rows it never trained for them.
-  [] when config.json cannot say.
+  dropped (config.json without criteo_missing) would look up rows it never trained for them, and
+  lists cut at another max_list_len would pool other rows. [] when config.json cannot say.
   """
   try:
     with open(os.path.join(workdir, 'config.json')) as f:
@@ -706,6 +706,13 @@ def spec_changes(workdir: str, spec: fs.FeatureSpec) -> List[str]:
     problems.append(f'empty categorical fields read as {was["C1"]!r} in training, '
                     f'{now["C1"]!r} now: --config.criteo_missing={was["C1"]!r} reads them as '
                     'the run was trained')
+  # A list is pooled over its first max_list_len values: another cut pools other rows.
+  was_cut = {f.column: f.max_len for f in saved_spec.sparse if f.is_list}
+  now_cut = {f.column: f.max_len for f in spec.sparse if f.is_list}
+  if now_cut and was_cut != now_cut:
+    problems.append(f'lists pooled over their first {saved["max_list_len"]} values in training, '
+                    f'{max(now_cut.values())} now: --config.max_list_len='
+                    f'{saved["max_list_len"]} reads them as the run was trained')
   return problems
 
 

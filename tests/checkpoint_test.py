@@ -140,6 +140,21 @@ def test_non_finite_training_stops_and_keeps_the_good_checkpoint(tmp_path, steps
   _assert_same_params(before.params, _restored(good, workdir).params)
 
 
+def test_eval_with_another_max_list_len_is_refused(tmp_path):
+  # Lists are pooled over their first max_list_len values: evaluating, predicting or resuming
+  # with another cut reads every history list differently from training (no error, other AUC).
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(tmp_path, steps=3, save_steps=0, no_eval=True), workdir)
+  trained = _config(tmp_path).max_list_len
+  for mode in ('eval', 'train'):
+    with pytest.raises(ValueError, match=rf'lists pooled over their first {trained} values in '
+                                         rf'training, {trained + 1} now: '
+                                         rf'--config.max_list_len={trained} reads them'):
+      train.train_and_evaluate(_config(tmp_path, mode=mode, steps=4, max_list_len=trained + 1),
+                               workdir)
+  assert int(_restored(_config(tmp_path, mode='eval'), workdir).step) == 3
+
+
 def test_a_criteo_run_from_before_criteo_missing_is_read_as_it_was_trained(tmp_path):
   # Until criteo_missing existed an empty C field was dropped; such a run's config.json has no
   # criteo_missing. Read with the new default ' ', its never-trained rows would be looked up.
