@@ -139,6 +139,8 @@ def load(directory: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.nd
   params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(stored[p]) for p in paths])
 
   def score(dense, ids, weights):
+    if len(dense) == 0:  # the symbolic batch dimension is at least 1; an empty request is not
+      return np.zeros(0, np.float32)
     return np.asarray(exported.call(params, jnp.asarray(dense, jnp.float32),
                                     jnp.asarray(ids, jnp.int32),
                                     jnp.asarray(weights, jnp.float32)))

@@ -807,9 +807,15 @@ def predict(setup: Setup, state: TrainState, config, input_path: str, output_pat
         f.write(''.join(f'{p:.8g}\n' for p in probs))
         count += len(probs)
     os.replace(tmp, output_path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, input_pipeline.DataError) and not spec.label and 'fields, expected' in str(e):
+      # A labelled row after a first line without the label: say where the form was decided.
+      raise input_pipeline.DataError(
+          f'{e} (the first line of {input_path} has one field fewer than the '
+          f'{setup.spec.name} columns, so every row is read without the label column '
+          f'{setup.spec.label!r})', e.path, e.line, e.column) from None
     raise
   return count
 

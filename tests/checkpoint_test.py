@@ -227,6 +227,14 @@ def test_eval_and_predict_modes_and_exported_artifact_agree(tmp_path):
   with pytest.raises(input_pipeline.DataError, match="rows.csv:2: column 'clicked'"):
     train.train_and_evaluate(config, workdir)
   assert os.listdir(tmp_path / 'bad') == ['rows.csv']
+  # A first line without the label decides the form: a labelled second row is the bad one, and
+  # the message says why.
+  with open(bad, 'w') as f:
+    f.write(','.join(rows[0][:label] + rows[0][label + 1:]) + '\n' + ','.join(rows[1]) + '\n')
+  with pytest.raises(input_pipeline.DataError, match=r'rows.csv:2: .*fields, expected .*the first '
+                     r"line of .*rows.csv has one field fewer .* without the label column "
+                     r"'clicked'"):
+    train.train_and_evaluate(config, workdir)
 
   # A fresh process that imports only serving and the reader scores the same rows.
   script = (
@@ -239,6 +247,9 @@ def test_eval_and_predict_modes_and_exported_artifact_agree(tmp_path):
       f'for b in input_pipeline.batches([{eval_path!r}], spec, 512, drop_remainder=False):\n'
       '  out.append(score(b["dense"], b["ids"], b["weights"])[b["mask"] > 0])\n'
       'assert "dlrm_jax.train" not in sys.modules and "dlrm_jax.models" not in sys.modules\n'
+      '# An empty request gets an empty answer (the symbolic batch dimension is at least 1).\n'
+      'empty = score(b["dense"][:0], b["ids"][:0], b["weights"][:0])\n'
+      'assert empty.shape == (0,) and empty.dtype == np.float32, empty\n'
       f'np.save({str(tmp_path / "served.npy")!r}, np.concatenate(out))\n')
   subprocess.run([sys.executable, '-c', script], check=True, cwd=th.ROOT, timeout=300)
   served = np.load(str(tmp_path / 'served.npy'))
