@@ -30,6 +30,7 @@ import numpy as np
 ARTIFACT = 'model.jax_export'
 PARAMS = 'params.npz'
 SPEC = 'spec.json'
+PLATFORMS = ('cpu', 'cuda', 'tpu')  # what jax.export lowers the artifact for
 
 
 def _flatten(tree) -> Dict[str, np.ndarray]:
@@ -79,7 +80,8 @@ def export_model(setup, state, directory: str, spec_args: Dict) -> str:
           jax.ShapeDtypeStruct((batch, spec.num_dense), jnp.float32),
           jax.ShapeDtypeStruct((batch, spec.num_slots), jnp.int32),
           jax.ShapeDtypeStruct((batch, spec.num_slots), jnp.float32))
-  exported = jax.export.export(jax.jit(score))(*args)
+  # Lowered for every platform a server may run on, not only the one that trained it.
+  exported = jax.export.export(jax.jit(score), platforms=PLATFORMS)(*args)
   if jax.process_index() != 0:
     return directory
 
