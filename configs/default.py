@@ -68,7 +68,7 @@ def get_config(mode: str = ''):
   # Training.
   config.steps = 0                     # 0 = one epoch of the train file
   config.batch_size = 512
-  config.eval_batch_size = 4096
+  config.eval_batch_size = 4096         # global, as batch_size: split over processes and devices
   config.learning_rate = 0.01          # the reference script's value (its README says 0.1)
   config.optimizer = 'adamasync'       # adam, adamasync, adagrad, adagraddecay, gradientdescent
   # DeepRec's optimizer arguments; unset (None) = its default. Each optimizer takes its own: beta1

@@ -376,10 +376,11 @@ def eval_batches(config, spec: fs.FeatureSpec, data: DataFiles, *,
                  stats: Optional[input_pipeline.ParseStats] = None,
                  process_index: Optional[int] = None,
                  process_count: Optional[int] = None, compact: bool = False) -> Iterator[Batch]:
-  """Every eval row of this process once, in file order, in batches of `eval_batch_size` (the
-  last padded, mask 0), as many batches on every process. `compact` as for train_batches."""
+  """Every eval row of this process once, in file order, in batches of this process's share of
+  `eval_batch_size` (global, as `batch_size`; the last padded, mask 0), as many batches on every
+  process. `compact` as for train_batches."""
   index, count = _process(process_index, process_count)
-  batch_size = config.eval_batch_size
+  batch_size = config.eval_batch_size // count
   if _option(config, 'tfds_data_dir', ''):
     reader = _row_reader(config, spec, data, data.eval_sources, stats, index, count, 'eval')
     return reader.batches(batch_size, num_epochs=1, drop_remainder=False,

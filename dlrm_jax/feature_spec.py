@@ -40,6 +40,12 @@ class Table:
   rows: int
   dim: int
 
+  def __post_init__(self):
+    # Ids are hashes modulo rows: 0 rows would divide by zero (numpy warns and gives 0). (A dim
+    # of 0 stands for "any dim" in row_cache.parse_fingerprint; train.check_config checks it.)
+    if self.rows < 1:
+      raise ValueError(f'table {self.name!r} has {self.rows} rows: it needs at least one')
+
 
 @dataclasses.dataclass(frozen=True)
 class SparseFeature:

@@ -221,6 +221,7 @@ def test_split_parts_cut_the_train_file_into_days(tmp_path):
 def test_every_process_gets_the_same_number_of_batches(elm_dir, use_cache):
   config = config_for(elm_dir, use_cache=use_cache)
   config.batch_size = 12  # 4 rows a process
+  config.eval_batch_size = 48  # global too: 16 rows a process
   shares, counts = [], []
   for k in range(3):
     data = data_sources.resolve(config, SPEC, process_index=k, process_count=3)
@@ -231,6 +232,7 @@ def test_every_process_gets_the_same_number_of_batches(elm_dir, use_cache):
                                              process_count=3))
     counts.append(len(batches))
     shares.append(rows_of(batches))
+    assert all(len(b['label']) == 16 for b in batches)
   # 45 eval rows: 15 a process, one batch of 16 each.
   assert counts == [1, 1, 1]
   assert sorted(sum(shares, [])) == list(range(1000, 1045))
@@ -353,3 +355,11 @@ def test_criteo_configs(tmp_path):
   data = data_sources.resolve(config, spec, process_index=0, process_count=1)
   assert data.train_rows == 46 and len(data.train_sources) == 23
   assert data.eval_sources[0].path == str(tmp_path / 'day_23.gz')
+
+
+def test_a_table_of_no_rows_is_refused_by_the_spec():
+  # Ids are hashes modulo the rows: with 0 every id read 0 and numpy only warned.
+  with pytest.raises(ValueError, match="table 'shop_id' has 0 rows: it needs at least one"):
+    feature_spec.elm_spec(hash_buckets=0)
+  with pytest.raises(ValueError, match="table 'C26' has -1 rows"):
+    feature_spec.criteo_spec((8,) * 25 + (-1,))
