@@ -1091,6 +1091,7 @@ def generate(kind: str, out_dir: str, train_rows: int, eval_rows: int, seed: int
   logging.info('planted %s data: %d rows in %.1f s (%.0f rows/s; world %.1f s) -> %s', kind,
                train_rows + eval_rows, seconds, (train_rows + eval_rows) / max(seconds, 1e-9),
                built - started, out_dir)
+  oracle = metrics.json_ready(oracle)  # as read back when reused: an undefined AUC is None
   _write_json(oracle_path, oracle)
   return _with_paths(oracle, out_dir, reused=False)
 

@@ -18,8 +18,8 @@ The layout planned, the one `train.py` uses on the mesh:
   * the global batch is split over 'data'.
 
 What is estimated rather than read off the code, per device:
-  * step temporaries of the tables: on the sparse path the batch's unique rows (a power-of-two
-    capacity, at most batch x slots per table array, as models.UniqueRows pads them) gathered,
+  * step temporaries of the tables: on the sparse path the batch's unique rows (capacity for
+    at most batch x slots per table array, with models.UniqueRows' headroom and steps) gathered,
     their gradient, and each optimizer slot's rows; a full-table gradient on the dense path and
     for 'adam', which keeps TensorFlow's dense semantics;
   * activations: every layer's outputs from the layer widths (Dense and ReLU outputs, batch norm,
@@ -231,7 +231,7 @@ def plan(config, num_devices: int, mesh_shape: Optional[Sequence[int]] = None) -
   setup = _local_setup(config)
   spec = setup.spec
   batch_size = int(config.batch_size)
-  train.check_batch_split(config, data)
+  train.check_batch_split(config, data, (data, model))
   if ROW_PADDING % model:
     # As train.make_mesh: the padded rows of every table array split over the model axis.
     raise ValueError(f'the model axis ({model}) must divide {ROW_PADDING}, the multiple table '

@@ -203,21 +203,23 @@ def config_for(config, spec: fs.FeatureSpec) -> BlocksConfig:
   from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
   train_default, eval_default = data_sources.FILE_NAMES[spec.name]
 
-  def names(field, default):
-    value = config.get(field, '') or default
+  def names(value):
     return tuple(n.strip() for n in value.split(',') if n.strip())
 
   parts = int(config.get('split_parts', 0))
   fingerprint = row_cache.parse_fingerprint(spec)
-  train_files = names('train_files', train_default)
-  eval_files = () if parts else names('eval_files', eval_default)
+  train_files = names(config.get('train_files', '') or train_default)
+  eval_files = () if parts else names(config.get('eval_files', '') or eval_default)
   eval_parts = int(config.get('eval_parts', 1))
   # Another choice of files or parts is another data set: TFDS would otherwise read the one
-  # built first under this name (a run naming other files would train on the old ones).
-  selection = hashlib.sha256(json.dumps(
-      [train_files, eval_files, parts, eval_parts if parts else 0]).encode()).hexdigest()
+  # built first under this name (a run naming other files would train on the old ones). The
+  # default choice keeps the name data sets had before, so that they are found again.
+  chosen = (train_files, eval_files, eval_parts if parts else 1)
+  suffix = ''
+  if chosen != (names(train_default), () if parts else names(eval_default), 1):
+    suffix = '_' + hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:8]
   return BlocksConfig(
-      name=f'{spec.name}_{fingerprint[:12]}_{parts or "files"}_{selection[:8]}',
+      name=f'{spec.name}_{fingerprint[:12]}_{parts or "files"}{suffix}',
       description=f'spec {spec.name} (parse fingerprint {fingerprint}), train {train_files}, '
                   f'eval {eval_files or f"the last {eval_parts} of {parts} parts"}',
       spec=spec, train_files=train_files, eval_files=eval_files, split_parts=parts,

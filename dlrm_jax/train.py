@@ -217,15 +217,16 @@ def make_setup(config) -> Setup:
                merge_across_processes=jax.process_count() > 1)
 
 
-def check_batch_split(config, data_devices: int) -> None:
+def check_batch_split(config, data_devices: int, mesh_shape=None) -> None:
   """Batches split evenly over the mesh's data axis (and so over processes), or JAX refuses the
-  first batch, after the data are written and cached."""
+  first batch, after the data are written and cached. `mesh_shape`: default config.mesh_shape."""
   evaluates = config.mode != 'train' or not config.no_eval
+  mesh_shape = tuple(config.mesh_shape if mesh_shape is None else mesh_shape)
   for field in ('batch_size',) + (('eval_batch_size',) if evaluates else ()):
     if config[field] % data_devices:
       raise ValueError(
           f'config.{field}={config[field]} does not split over the {data_devices} devices of the '
-          f'mesh\'s data axis (mesh_shape {tuple(config.mesh_shape)}): use a multiple of '
+          f'mesh\'s data axis (mesh_shape {mesh_shape}): use a multiple of '
           f'{data_devices}, e.g. {-(-config[field] // data_devices) * data_devices}')
 
 
@@ -797,6 +798,7 @@ def predict(setup: Setup, state: TrainState, config, input_path: str, output_pat
   batches = input_pipeline.batches(
       [input_path], spec, config.eval_batch_size, drop_remainder=False, skip_bad_rows=False,
       num_workers=data_sources.parse_workers(config, input_pipeline.expand_paths([input_path])))
+  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   tmp = f'{output_path}.tmp-{os.getpid()}'
   count = 0
   try:
@@ -830,10 +832,14 @@ def check_predict_output(input_path: str, output_path: str) -> None:
   if os.path.exists(output_path) and any(os.path.samefile(i, output_path) for i in inputs):
     raise ValueError(f'config.predict_output={output_path!r} is the input file '
                      f'(config.predict_input={input_path!r}): it would be overwritten')
+  # The nearest existing directory decides: nothing is created before the checkpoint is found
+  # (with the default output in the run directory, a mistyped one would be made).
   parent = os.path.dirname(os.path.abspath(output_path))
-  os.makedirs(parent, exist_ok=True)
-  if not os.access(parent, os.W_OK):
-    raise PermissionError(f'config.predict_output={output_path!r}: {parent} is not writable')
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    raise PermissionError(f'config.predict_output={output_path!r}: {parent} is not a writable '
+                          'directory')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:

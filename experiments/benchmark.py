@@ -1030,11 +1030,13 @@ def main(argv):
   groups = select_groups(build_groups(quick, _FLAGS.tiny), _FLAGS.configs)
   if _FLAGS.jemalloc:
     # The loader skips a preload it cannot find with a note in the worker's log only: the row
-    # labelled jemalloc would time glibc's allocator.
-    if not os.path.isfile(_FLAGS.jemalloc):
-      raise app.UsageError(f'--jemalloc: no file {_FLAGS.jemalloc} (Debian: apt-get install '
-                           'libjemalloc2)')
-    groups = [with_jemalloc(g, _FLAGS.jemalloc) for g in groups]
+    # labelled jemalloc would time glibc's allocator. Workers run from the repository root: a
+    # relative path is made absolute here.
+    library = os.path.abspath(_FLAGS.jemalloc)
+    if not os.path.isfile(library):
+      raise app.UsageError(f'--jemalloc: no file {library} (give the library\'s path; Debian: '
+                           'apt-get install libjemalloc2)')
+    groups = [with_jemalloc(g, library) for g in groups]
   if _FLAGS.malloc_arena_max > 0:
     groups = [with_malloc_arena_max(g, _FLAGS.malloc_arena_max) for g in groups]
   if _FLAGS.async_dispatch:

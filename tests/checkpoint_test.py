@@ -378,6 +378,12 @@ def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path)
   with pytest.raises(FileNotFoundError, match='needs a checkpoint'):
     train.train_and_evaluate(config, str(tmp_path / 'empty'))
   assert not os.path.exists(tmp_path / 'empty')  # a mistyped run directory is not created
+  rows = tmp_path / 'rows.csv'
+  rows.write_text('1,2\n')
+  predict = _config(tmp_path, mode='predict', predict_input=str(rows))
+  with pytest.raises(FileNotFoundError, match='needs a checkpoint'):
+    train.train_and_evaluate(predict, str(tmp_path / 'empty'))  # its output would go there
+  assert not os.path.exists(tmp_path / 'empty')
   # ... and the (planted) data were not generated for it first: that takes minutes at full size.
   assert not os.path.exists(os.path.join(config.output_dir, 'planted_elm'))
   trained = os.path.join(config.output_dir, 'model_DLRM_1')

@@ -311,7 +311,9 @@ def test_switching_compression_removes_the_other_files(tmp_path):
 def test_an_undefined_oracle_auc_is_written_as_json_null(tmp_path):
   # One eval row has one class: its AUC is undefined, and JSON has no NaN.
   oracle = datagen.generate_elm(str(tmp_path), 300, 1, 5, planted=SMALL)
-  assert math.isnan(oracle['oracle_auc'])
+  assert oracle['oracle_auc'] is None  # as when the data set is reused and read back
+  assert datagen.ensure_planted_data(str(tmp_path), 'elm', 300, 1, 5, planted=SMALL) == dict(
+      oracle, reused=True)
   with open(tmp_path / 'oracle.json') as f:
     written = json.load(f, parse_constant=lambda c: pytest.fail(f'{c} in oracle.json'))
   assert written['oracle_auc'] is None and written['eval_rows'] == 1

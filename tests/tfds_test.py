@@ -116,6 +116,9 @@ def test_other_files_or_parts_make_another_data_set(tmp_path):
       config, SPEC, data, process_index=0, process_count=1))
   first = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'))
   assert resolve(first).train_rows == 40
+  # The default files keep the name earlier releases built their data sets under.
+  fingerprint = tfds_builders.row_cache.parse_fingerprint(SPEC)
+  assert tfds_builders.config_for(first, SPEC).name == f'elm_{fingerprint[:12]}_files'
   other = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), train_files='other.csv',
                      eval_files='small_eval.csv')
   data = resolve(other)
