@@ -96,7 +96,7 @@ def get_config(mode: str = ''):
   # write is done. False: each save completes first, and the peak stays at one state.
   config.async_checkpointing = True
   config.timeline = 0                  # trace one step every N steps (DeepRec's --timeline),
-                                       # from the 10th on; 0 = off
+                                       # from the 11th step of each invocation on; 0 = off
   config.activation_summary_steps = 1000  # zero fractions and histograms of MLP layers; 0 = off
   config.export_dir = ''               # write a serving artifact here after training; '' = none
 

@@ -89,12 +89,12 @@ OPTIMIZER_NAMES = ('adam', 'adamasync', 'adagrad', 'adagraddecay', 'gradientdesc
 def _check_adam_hparams(beta1, beta2, epsilon):
   if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
     raise ValueError(f'beta1 and beta2 must be in [0, 1): {beta1}, {beta2}')
-  if epsilon < 0.0:
-    raise ValueError(f'epsilon must be non-negative: {epsilon}')
+  if not 0.0 <= epsilon < math.inf:
+    raise ValueError(f'epsilon must be non-negative and finite: {epsilon}')
 
 
 def _check_adagrad_hparams(initial_accumulator_value):
-  if initial_accumulator_value <= 0.0:
+  if not 0.0 < initial_accumulator_value < math.inf:
     raise ValueError(f'initial_accumulator_value must be positive: {initial_accumulator_value}')
 
 

@@ -132,6 +132,9 @@ def check_config(config) -> None:
   need('criteo_table_rows', all(rows > 0 for rows in config.criteo_table_rows),
        'positive row counts (or empty: hash_buckets each)')
   need('num_workers', config.num_workers >= -1, '-1 (one per core) or 0 or more')
+  # Seeds initialisation (jax.random.PRNGKey) and the shuffle (numpy's generators), as TF's
+  # int64 seed.
+  need('seed', 0 <= config.seed < 2**63, 'an integer in [0, 2**63)')
   mesh = tuple(config.mesh_shape)
   need('mesh_shape', len(mesh) == 2 and (mesh[0] == -1 or mesh[0] > 0) and mesh[1] > 0,
        '(data, model): a positive size or -1 (all the other devices) for data, a positive one '
@@ -936,13 +939,19 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   else:
     logging.info('training to step %d from step %d (batch %d, %s)', num_steps, start_step,
                  config.batch_size, ', '.join(f'{k}={v}' for k, v in options.items()))
-  pending_losses = []
+  pending_losses = []  # on device, fetched at log and save steps
+  logged_losses = []  # fetched since the last log line, which reports their mean
   last_saved = checkpoints.latest_step(manager)
   save_stall, saves = 0.0, 0
   train_start = time.perf_counter()
   timed_steps, timed_since = 0, None
   profiler = metric_writer.Timeline(workdir, config.timeline, first_step=start_step + 10)
   progress = metric_writer.progress_bar(num_steps, start_step)
+
+  def last_good():
+    if last_saved is None:
+      return f'no checkpoint was saved before it (in {manager.directory})'
+    return f'the last good checkpoint is step {last_saved} in {manager.directory} (left intact)'
 
   def check_losses(step):
     """Fetches the losses since the last check; stops the run at the first non-finite one."""
@@ -951,16 +960,13 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
       raise FloatingPointError(
-          f'non-finite training loss at step {step - values.size + bad[0] + 1}; the last good '
-          f'checkpoint is step {last_saved} in {manager.directory} (left intact)')
-    return values
+          f'non-finite training loss at step {step - values.size + bad[0] + 1}; {last_good()}')
+    logged_losses.append(values)
 
   def check_params(step):
     """Stops the run before a save of non-finite parameters would replace a good checkpoint."""
     if not bool(all_finite(state.params)):
-      raise FloatingPointError(
-          f'non-finite parameters after step {step}; the last good checkpoint is step '
-          f'{last_saved} in {manager.directory} (left intact)')
+      raise FloatingPointError(f'non-finite parameters after step {step}; {last_good()}')
 
   def save_before_failing(done, what):
     """Saves step `done` when reading data fails mid-run (a bad row found only now, with
@@ -1019,23 +1025,26 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
       log_now = done % config.log_every_steps == 0 or done == num_steps
       save_now = bool(config.save_steps) and done % config.save_steps == 0
       if log_now or save_now:
-        values = check_losses(done)  # never checkpoint a state that has gone non-finite
-        if log_now:
-          elapsed = time.perf_counter() - timed_since
-          rate = timed_steps * config.batch_size / elapsed if elapsed > 0 else float('nan')
-          writer.write_scalars(done, {'train_loss': float(values.mean()),
-                                      'train_samples_per_s': rate,
-                                      'learning_rate': config.learning_rate})
-          progress.update(done, loss=float(values.mean()), samples_per_s=rate)
-        if config.activation_summary_steps and done % config.activation_summary_steps == 0:
-          write_activation_summaries(writer, done, summarize(state, batch))
-        if save_now:
-          t = time.perf_counter()
-          check_params(done)
-          checkpoints.save(manager, done, state)
-          save_stall += time.perf_counter() - t
-          saves += 1
-          last_saved = done
+        check_losses(done)  # never checkpoint a state that has gone non-finite
+      if log_now:
+        mean_loss = float(np.concatenate(logged_losses).mean())  # every step since the last log
+        logged_losses.clear()
+        scalars = {'train_loss': mean_loss, 'learning_rate': config.learning_rate}
+        elapsed = time.perf_counter() - timed_since
+        rate = float('nan')
+        if timed_steps and elapsed > 0:  # none yet on an invocation's first (compiling) step
+          rate = scalars['train_samples_per_s'] = timed_steps * config.batch_size / elapsed
+        writer.write_scalars(done, scalars)
+        progress.update(done, loss=mean_loss, samples_per_s=rate)
+      if config.activation_summary_steps and done % config.activation_summary_steps == 0:
+        write_activation_summaries(writer, done, summarize(state, batch))
+      if save_now:
+        t = time.perf_counter()
+        check_params(done)
+        checkpoints.save(manager, done, state)
+        save_stall += time.perf_counter() - t
+        saves += 1
+        last_saved = done
       if eval_every and done % eval_every == 0 and done < num_steps:
         evaluate_during_training(done)
       stopped_by = preempted(done)

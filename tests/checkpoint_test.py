@@ -155,6 +155,14 @@ def test_eval_with_another_max_list_len_is_refused(tmp_path):
   assert int(_restored(_config(tmp_path, mode='eval'), workdir).step) == 3
 
 
+def test_non_finite_loss_before_any_checkpoint_says_there_is_none(tmp_path):
+  # It used to say "the last good checkpoint is step None".
+  with pytest.raises(FloatingPointError, match=r'non-finite training loss at step \d+; no '
+                                               r'checkpoint was saved before it'):
+    train.train_and_evaluate(_config(tmp_path, steps=40, save_steps=0, learning_rate=1e30),
+                             str(tmp_path / 'run'))
+
+
 def test_a_criteo_run_from_before_criteo_missing_is_read_as_it_was_trained(tmp_path):
   # Until criteo_missing existed an empty C field was dropped; such a run's config.json has no
   # criteo_missing. Read with the new default ' ', its never-trained rows would be looked up.
@@ -404,7 +412,7 @@ def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path)
     ('learning_rate', float('nan')), ('bottom_mlp', ()), ('top_mlp', (16, 0)),
     ('cache_block_rows', 0), ('mode', 'serve'), ('interaction_op', 'Dot'), ('optimizer', 'sgd'),
     ('feature_spec', 'avazu'), ('bottom_mlp', (16, 8)), ('mesh_shape', (1,)),
-    ('mesh_shape', (-1, -1)), ('mesh_shape', (0, 1))])
+    ('mesh_shape', (-1, -1)), ('mesh_shape', (0, 1)), ('seed', -5), ('seed', 2**63)])
 def test_bad_config_values_fail_first_naming_the_field(tmp_path, field, value):
   # Each of these used to fail mid-run (after training, for eval_batch_size and embedding_dim)
   # or quietly did something else (save_steps=-1 saved every step). A misspelt interaction_op
@@ -466,7 +474,8 @@ def test_timeline_summaries_and_checkpoint_counts_are_written(tmp_path):
   assert checkpoints.latest_step(checkpoints.make_manager(workdir, config)) == 16
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f)['last_checkpoint_step'] == 16
-  # DeepRec's --timeline 2: one step's trace every 2 steps, here from the 10th step (index) on.
+  # DeepRec's --timeline 2: one step's trace every 2 steps, here from the 11th step of the
+  # invocation (step index 10) on.
   traces = glob.glob(os.path.join(workdir, 'timeline', '*', 'plugins', 'profile', '*',
                                   '*.xplane.pb'))
   assert sorted(os.path.relpath(t, os.path.join(workdir, 'timeline')).split(os.sep)[0]
@@ -477,6 +486,29 @@ def test_timeline_summaries_and_checkpoint_counts_are_written(tmp_path):
     assert tag in tags, (tag, sorted(tags))
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['steps'] == 16
+
+
+def test_logged_loss_is_the_mean_since_the_last_log_and_summaries_keep_their_own_steps(tmp_path):
+  # The saves (every 3 steps) used to reset the logged mean (step 8 logged steps 7-8 only), and
+  # activation summaries came only on log or save steps (7 and 14 are neither).
+  from dlrm_jax import metric_writer
+  every = dict(steps=16, shuffle_buffer=0, no_eval=True)
+  per_step = str(tmp_path / 'per_step')
+  train.train_and_evaluate(_config(tmp_path, log_every_steps=1, save_steps=0, **every), per_step)
+  steps, losses = metric_writer.read_scalars(per_step, 'train_loss')
+  np.testing.assert_array_equal(steps, np.arange(1, 17))
+  # No rate on the invocation's first step: it compiles, and nothing was timed yet.
+  rate_steps, _ = metric_writer.read_scalars(per_step, 'train_samples_per_s')
+  np.testing.assert_array_equal(rate_steps, np.arange(2, 17))
+  logged = str(tmp_path / 'logged')
+  train.train_and_evaluate(_config(tmp_path, log_every_steps=4, save_steps=3,
+                                   activation_summary_steps=7, **every), logged)
+  steps, means = metric_writer.read_scalars(logged, 'train_loss')
+  np.testing.assert_array_equal(steps, [4, 8, 12, 16])
+  # Same seed and order: the same losses, each logged value the mean of its four steps.
+  np.testing.assert_allclose(means, losses.reshape(4, 4).mean(axis=1), rtol=1e-5)
+  summary_steps, _ = metric_writer.read_scalars(logged, 'zero_fraction/bottom_mlp/Dense_0')
+  np.testing.assert_array_equal(summary_steps, [7, 14])
 
 
 def test_too_little_disk_for_checkpoints_fails_before_training(tmp_path, monkeypatch):

@@ -275,6 +275,13 @@ def test_invalid_hparams_are_rejected():
     optimizers.create('adagraddecay', 0.1, accumulator_decay_rate=1.5)
   with pytest.raises(ValueError):
     optimizers.create_sparse('adagrad', 0.1, initial_accumulator_value=0.0)
+  # NaN passed the range checks (every comparison with NaN is false) and trained NaN.
+  for create, name, hparams in ((optimizers.create, 'adam', dict(epsilon=float('nan'))),
+                                (optimizers.create_sparse, 'adamasync', dict(epsilon=np.inf)),
+                                (optimizers.create, 'adagrad',
+                                 dict(initial_accumulator_value=float('nan')))):
+    with pytest.raises(ValueError, match='finite|positive'):
+      create(name, 0.1, **hparams)
   # Another optimizer's argument is named, with the ones this optimizer takes.
   with pytest.raises(ValueError, match="'gradientdescent' takes no beta1; its arguments: none"):
     optimizers.create('gradientdescent', 0.1, beta1=0.9)
