@@ -162,10 +162,8 @@ def _evaluates_planted_eval_file(config, spec: fs.FeatureSpec, directory: str,
     logging.info('planted data: evaluating parts of the train file, which oracle.json does not '
                  'score; results.json gets no oracle figures')
     return False
-  if not names:
-    return True
   try:
-    paths = _find(directory, names, spec.name, '')
+    paths = _find(directory, names, spec.name, FILE_NAMES[spec.name][1])
   except FileNotFoundError:
     return False  # resolve names the missing file
   if [os.path.realpath(p) for p in paths] == [os.path.realpath(planted['eval_path'])]:
@@ -187,12 +185,14 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True,
   train_name, eval_name = FILE_NAMES[spec.name]
   if config.data_location:
     directory = config.data_location
-    oracle = {}
+    # Planted data that datagen wrote there, complete as its oracle.json recorded it, has its
+    # oracle figures too.
+    written = datagen.read_complete(directory, spec.name)
   else:
     directory = os.path.join(config.output_dir, f'planted_{spec.name}')
-    oracle = _planted_data(config, spec, directory)
-    oracle = ({k: v for k, v in oracle.items() if k in ('oracle_auc', 'oracle_logloss')}
-              if _evaluates_planted_eval_file(config, spec, directory, oracle) else {})
+    written = _planted_data(config, spec, directory)
+  oracle = ({k: v for k, v in written.items() if k in ('oracle_auc', 'oracle_logloss')}
+            if written and _evaluates_planted_eval_file(config, spec, directory, written) else {})
   if _option(config, 'tfds_data_dir', ''):
     # The TFDS data set (prepared from `directory` if it is not yet) is the data.
     from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top

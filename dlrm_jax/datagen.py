@@ -1135,6 +1135,15 @@ def read_oracle(out_dir: str) -> Optional[Dict[str, Any]]:
     return None
 
 
+def read_complete(out_dir: str, kind: str) -> Optional[Dict[str, Any]]:
+  """The oracle dict (with 'train_path' and 'eval_path') of a complete planted data set of
+  `kind` in out_dir, its files as oracle.json recorded them; None if there is none."""
+  oracle = read_oracle(out_dir)
+  if oracle is None or oracle.get('kind') != kind or not _is_complete(oracle, out_dir):
+    return None
+  return _with_paths(oracle, out_dir, reused=True)
+
+
 def _is_complete(oracle: Dict[str, Any], out_dir: str) -> bool:
   try:
     return all(os.path.getsize(os.path.join(out_dir, oracle['files'][split])) ==

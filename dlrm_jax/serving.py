@@ -89,6 +89,10 @@ def export_model(setup, state, directory: str, spec_args: Dict) -> str:
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
   try:
+    # mkdtemp makes it 0700: a server running as another user could not read the artifact.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     with open(os.path.join(tmp, ARTIFACT), 'wb') as f:
       f.write(exported.serialize())
     np.savez(os.path.join(tmp, PARAMS), **_flatten(params))

@@ -642,6 +642,9 @@ def test_export_replaces_only_an_earlier_export(tmp_path):
     train.train_and_evaluate(_config(tmp_path, steps=steps, save_steps=0, no_eval=True,
                                      export_dir=export), str(tmp_path / 'run3'))
   assert sorted(os.listdir(export)) == ['model.jax_export', 'params.npz', 'spec.json']
+  # Readable as any directory made here is (it was 0700, unreadable to a server of another user).
+  os.mkdir(tmp_path / 'plain')
+  assert os.stat(export).st_mode == os.stat(tmp_path / 'plain').st_mode
 
 
 def test_an_unwritable_export_dir_fails_before_training(tmp_path):

@@ -164,6 +164,15 @@ def test_planted_oracle_only_for_the_planted_eval_rows(tmp_path, fields, has_ora
                               process_count=1)
   assert bool(data.oracle) == has_oracle
   assert not has_oracle or set(data.oracle) == {'oracle_auc', 'oracle_logloss'}
+  # The same planted files named by data_location (as datagen's command line writes them): the
+  # same oracle figures, unless a file is no longer the one oracle.json describes.
+  config.data_location = str(tmp_path / 'planted_criteo')
+  resolve = lambda: data_sources.resolve(config, feature_spec.from_config(config),
+                                         process_index=0, process_count=1).oracle
+  assert resolve() == data.oracle
+  with open(tmp_path / 'planted_criteo' / 'eval.txt', 'a') as f:
+    f.write('1' + '\t' * 39 + '\n')
+  assert resolve() == {}
 
 
 def test_criteo_missing_is_recorded_and_absent_means_dropped():
