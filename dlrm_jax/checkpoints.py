@@ -171,6 +171,19 @@ def wait(manager: ocp.CheckpointManager) -> None:
   manager.wait_until_finished()
 
 
+@contextlib.contextmanager
+def finished_on_failure(manager: ocp.CheckpointManager) -> Iterator[None]:
+  """Lets a save still being written finish when the block fails: the error names it as the
+  checkpoint to resume from, and the exiting process would leave it half written. One process
+  only: the others, which did not fail, would not join a collective wait."""
+  try:
+    yield
+  except Exception:
+    if jax.process_count() == 1:
+      wait(manager)
+    raise
+
+
 class RunDirectoryInUse(RuntimeError):
   """Another training run holds the run directory's lock."""
 

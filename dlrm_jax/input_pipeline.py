@@ -62,6 +62,7 @@ parses in worker processes when one core is not enough.
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import glob
@@ -72,6 +73,8 @@ import operator
 import os
 import queue
 import re
+import signal
+import sys
 import threading
 import weakref
 import zlib
@@ -960,11 +963,18 @@ def _row_chunks(paths: Paths, spec: feature_spec_lib.FeatureSpec, chunk_rows: in
 
 # The spec of a worker process, sent once when it starts rather than with every chunk.
 _worker_spec: Optional[feature_spec_lib.FeatureSpec] = None
+_PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
-def _start_worker(spec: feature_spec_lib.FeatureSpec) -> None:
+def _start_worker(spec: feature_spec_lib.FeatureSpec, parent: int) -> None:
   global _worker_spec
   _worker_spec = spec
+  # A trainer killed outright (SIGKILL, or SIGTERM while it caches) runs no cleanup: its
+  # workers would wait for work forever. On Linux the kernel sends them SIGTERM when it dies.
+  if sys.platform.startswith('linux'):
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request took effect
+      os._exit(1)  # pylint: disable=protected-access
 
 
 def _parse_in_worker(path: str, first_line: int, lines: List[str], line_step: int,
@@ -983,7 +993,7 @@ class _WorkerPool:
     # 'spawn', not fork: the parent usually has JAX's threads running, which fork does not copy.
     self._executor = concurrent.futures.ProcessPoolExecutor(
         num_workers, mp_context=multiprocessing.get_context('spawn'),
-        initializer=_start_worker, initargs=(spec,))
+        initializer=_start_worker, initargs=(spec, os.getpid()))
     # Two chunks per worker keep every worker busy; more would only hold memory.
     self._in_flight = 2 * num_workers
 

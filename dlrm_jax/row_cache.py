@@ -656,6 +656,15 @@ def open_or_build(source: Source, spec: feature_spec_lib.FeatureSpec, *, cache_r
   for it, or with `wait=False` returns None.
   """
   root = cache_root or default_cache_root(source)
+  shares = [(process_index, process_count)]
+  if use_full_cache and process_count > 1:
+    shares.insert(0, (0, 1))
+  # A valid cache is read where it is, also on a read-only mount (built ahead, shared).
+  for share in shares:
+    directory = os.path.join(root, cache_name(source, spec, share))
+    if _problem(directory, _expected_manifest(source, spec, share)) is None:
+      return _opened(directory, source, spec, share, skip_bad_rows, process_index,
+                     process_count)
   try:
     os.makedirs(root, exist_ok=True)
     probe = os.path.join(root, f'.probe-{socket.gethostname()}-{os.getpid()}')
@@ -664,21 +673,17 @@ def open_or_build(source: Source, spec: feature_spec_lib.FeatureSpec, *, cache_r
   except OSError as e:
     raise OSError(e.errno, f'cannot write the row cache in {root} ({e.strerror}): set '
                   'config.cache_dir to a writable directory, or config.use_cache=False') from e
-  shares = [(process_index, process_count)]
-  if use_full_cache and process_count > 1:
-    shares.insert(0, (0, 1))
-  for share in shares:
-    directory = os.path.join(root, cache_name(source, spec, share))
-    if _problem(directory, _expected_manifest(source, spec, share)) is None:
-      return _opened(directory, source, spec, share, skip_bad_rows, process_index,
-                     process_count)
   share = shares[-1]
   directory = os.path.join(root, cache_name(source, spec, share))
   with open(f'{directory}.lock', 'w') as lock:
     try:
-      fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      return None  # another process is building it
+      if not wait:
+        return None  # another process is building it
+      logging.info('waiting for another process to finish building the cache of %s in %s',
+                   source.describe(), directory)
+      fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       problem = _problem(directory, _expected_manifest(source, spec, share))
       if problem is not None:

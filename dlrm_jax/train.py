@@ -740,8 +740,8 @@ def restore_state(manager, setup: Setup, saved: Setup) -> TrainState:
 
 # The fields that decide which rows make batch k of a run; the rest may change on a resume
 # without touching the data order.
-DATA_ORDER_FIELDS = ('data_location', 'train_files', 'split_parts', 'batch_size', 'seed',
-                     'shuffle_buffer', 'cache_block_rows', 'use_cache', 'tfds_data_dir',
+DATA_ORDER_FIELDS = ('data_location', 'train_files', 'split_parts', 'eval_parts', 'batch_size',
+                     'seed', 'shuffle_buffer', 'cache_block_rows', 'use_cache', 'tfds_data_dir',
                      'skip_bad_rows', 'max_list_len', 'planted')
 
 
@@ -972,12 +972,18 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     """Saves step `done` when reading data fails mid-run (a bad row found only now, with
     use_cache=False), so the steps since the last save are not lost. One process only: another
     process, whose rows parse, would not join the collective save."""
-    if jax.process_count() == 1 and done not in (last_saved, 0) and bool(all_finite(state.params)):
+    if jax.process_count() != 1 or done == 0:
+      return
+    if done != last_saved:
+      if not bool(all_finite(state.params)):
+        return
       checkpoints.save(manager, done, state)
-      checkpoints.wait(manager)
-      logging.error('%s failed after step %d (below); step %d is saved in %s, and the '
-                    'command with --config.checkpoint=%s resumes from it once that is fixed',
-                    what, done, done, manager.directory, workdir)
+    # Also when step `done` is the periodic save still being written: the process is about to
+    # exit, which would leave it half written.
+    checkpoints.wait(manager)
+    logging.error('%s failed after step %d (below); step %d is saved in %s, and the '
+                  'command with --config.checkpoint=%s resumes from it once that is fixed',
+                  what, done, done, manager.directory, workdir)
 
   def evaluate_during_training(step):
     """An evaluation every eval_every_steps: logged, kept for results.json, and its time kept
@@ -999,7 +1005,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   eval_every = 0 if config.no_eval else config.eval_every_steps
   eval_history, eval_time = [], 0.0
   stopped_at, stopped_by = None, ''  # the step of a preemption notice (SIGTERM) or Ctrl-C
-  with checkpoints.preemption_notices() as preempted:
+  with checkpoints.preemption_notices() as preempted, checkpoints.finished_on_failure(manager):
     for step in range(start_step, num_steps):
       traced = profiler.seconds
       profiler.before_step(step)

@@ -688,6 +688,40 @@ def test_a_failed_evaluation_during_training_saves_its_step_first(tmp_path):
   assert _latest_checkpoint_step(workdir) == 10  # not lost: no save was due before step 20
 
 
+def test_a_save_still_being_written_when_reading_fails_is_finished_first(tmp_path, monkeypatch):
+  # Step 10 is saved asynchronously, then the evaluation at step 10 fails on a bad row. The
+  # process used to exit without waiting: a large state's save was left half written, and the
+  # run lost every step. The delayed save below stands in for such a state's.
+  import threading  # pylint: disable=g-import-not-at-top
+  local, rows = _bad_row_after(tmp_path, 'eval.csv')
+  real_save, real_wait, in_flight = checkpoints.save, checkpoints.wait, []
+
+  def slow_save(manager, step, state):
+    in_flight.append(threading.Timer(1.0, real_save, (manager, step, state)))
+    in_flight[-1].start()
+
+  def wait(manager):
+    for timer in in_flight:
+      timer.join()
+    real_wait(manager)
+
+  monkeypatch.setattr(checkpoints, 'save', slow_save)
+  monkeypatch.setattr(checkpoints, 'wait', wait)
+  config = _config(tmp_path, data_location=str(local), use_cache=False, save_steps=10,
+                   eval_every_steps=10)
+  workdir = str(tmp_path / 'run')
+  try:
+    with pytest.raises(input_pipeline.DataError, match=f'eval.csv:{len(rows) + 1}:'):
+      train.train_and_evaluate(config, workdir)
+    assert all(not t.is_alive() for t in in_flight)
+  finally:
+    for timer in in_flight:  # the old code's save, still waiting to be written
+      timer.join()
+  monkeypatch.undo()
+  assert _latest_checkpoint_step(workdir) == 10
+  assert int(_restored(config, workdir).step) == 10
+
+
 def test_a_bad_train_row_found_mid_run_saves_the_step_before_it(tmp_path):
   # The bad row at line 9001 surfaces after ~128 steps of 64, long after the run began.
   local, _ = _bad_row_after(tmp_path, 'train.csv')

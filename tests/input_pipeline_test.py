@@ -581,6 +581,39 @@ def test_worker_processes_match_the_serial_parser(tmp_path):
   assert (e.value.line, e.value.column) == (91, 'price_list')
 
 
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='prctl is Linux only')
+def test_parse_workers_end_with_a_killed_parent(tmp_path):
+  # SIGKILL (or SIGTERM while caching) runs no cleanup in the parent: its parse workers used to
+  # wait for work forever, re-parented to init.
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  path = write(tmp_path, 'rows.csv', '\n'.join(random_elm_lines(200, seed=1)) + '\n')
+  code = ('import multiprocessing, sys, time\n'
+          'from dlrm_jax import input_pipeline\n'
+          'from input_pipeline_test import SPEC\n'
+          f'chunks = input_pipeline.iter_row_chunks({path!r}, SPEC, chunk_rows=16, num_workers=2)\n'
+          'next(chunks)\n'
+          'print(*[p.pid for p in multiprocessing.active_children()], flush=True)\n'
+          'time.sleep(60)\n')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(
+          os.path.abspath(__file__)))]))
+  parent = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True,
+                            env=env)
+  try:
+    workers = [int(p) for p in parent.stdout.readline().split()]
+  finally:
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+  assert len(workers) >= 2
+  deadline = time.time() + 20
+  alive = lambda pid: os.path.exists(f'/proc/{pid}') and 'Z' not in open(
+      f'/proc/{pid}/stat').read().split(')')[-1].split()[0]
+  while any(alive(w) for w in workers) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not [w for w in workers if alive(w)]
+
+
 # ------------------------------------------------------------------------------------------------
 # Prefetch.
 

@@ -145,6 +145,38 @@ def test_reused_until_the_source_or_the_spec_changes(tmp_path):
   assert built  # (a timestamp string)
 
 
+def test_a_valid_cache_is_read_where_it_cannot_be_written(tmp_path, monkeypatch):
+  # A cache built ahead (python -m dlrm_jax.data_sources) and shared on a read-only mount: the
+  # write probe used to run first and refuse it.
+  path = write(tmp_path, 'train.csv', random_elm_lines(40, seed=2))
+  built, _, _ = row_cache.open_or_build(row_cache.Source(path), SPEC)
+  # (Root writes anywhere: the probe's file is made unwritable by its name instead.)
+  monkeypatch.setattr(row_cache.socket, 'gethostname', lambda: 'read-only/mount')
+  assert row_cache.open_or_build(row_cache.Source(path), SPEC)[0].directory == built.directory
+  other = write(tmp_path, 'other.csv', random_elm_lines(40, seed=3))
+  with pytest.raises(OSError, match='cannot write the row cache in'):
+    row_cache.open_or_build(row_cache.Source(other), SPEC)
+
+
+def test_a_process_waiting_for_another_build_says_so(tmp_path, caplog):
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  path = write(tmp_path, 'train.csv', random_elm_lines(40, seed=2))
+  source = row_cache.Source(path)
+  directory = os.path.join(row_cache.default_cache_root(source), row_cache.cache_name(
+      source, SPEC, (0, 1)))
+  os.makedirs(os.path.dirname(directory), exist_ok=True)
+  with open(f'{directory}.lock', 'w') as held:
+    fcntl.flock(held, fcntl.LOCK_EX)  # as another process building it
+    assert row_cache.open_or_build(source, SPEC, wait=False) is None
+    threading.Timer(0.5, fcntl.flock, (held, fcntl.LOCK_UN)).start()
+    with caplog.at_level(logging.INFO):
+      cache, _, stop = row_cache.open_or_build(source, SPEC)
+  assert stop == 40 and cache.directory == directory
+  assert 'waiting for another process to finish building the cache of' in caplog.text
+
+
 def test_a_damaged_cache_is_rebuilt(tmp_path):
   path = write(tmp_path, 'train.csv', random_elm_lines(30, seed=3))
   cache, _, _ = row_cache.open_or_build(row_cache.Source(path), SPEC)
