@@ -275,10 +275,47 @@ def _ctrl_c_as_sigterm(install: bool) -> Iterator[List[str]]:
     signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
+class NoticeWhileWaiting(Exception):
+  """A preemption notice (SIGTERM, a first Ctrl-C) that came while the loop waited for its
+  next batch (`stop.waiting()`): the input may never come (a hung mount), so the loop stops at
+  the step it reached instead of waiting on."""
+
+  def __init__(self, name: str):
+    super().__init__(f'{name} while waiting for the next batch')
+    self.name = name
+
+
+class _Notices:
+  """`stop(step)`, and `stop.waiting()` around the wait for the next batch."""
+
+  def __init__(self, ask: Callable[[int], str], interruptible: bool):
+    self._ask, self._interruptible, self._waiting = ask, interruptible, False
+
+  def __call__(self, step: int) -> str:
+    return self._ask(step)
+
+  @contextlib.contextmanager
+  def waiting(self) -> Iterator[None]:
+    self._waiting = self._interruptible
+    try:
+      yield
+    finally:
+      self._waiting = False
+
+  def notice(self, name: str) -> None:
+    """From a signal handler, on the main thread: interrupts a wait for the next batch."""
+    if self._waiting:
+      self._waiting = False
+      raise NoticeWhileWaiting(name)
+
+
 @contextlib.contextmanager
-def preemption_notices() -> Iterator[Callable[[int], str]]:
+def preemption_notices() -> Iterator[_Notices]:
   """Yields `stop(step)`, to be asked after every train step: save this step, then stop? It
   answers the signal's name ('SIGTERM', 'SIGINT'), or '' to go on.
+
+  In a single process, a notice while the loop waits inside `stop.waiting()` (for its next
+  batch) raises NoticeWhileWaiting there: the batch may never come.
 
   Multi-process runs ask JAX's preemption service, which makes every process answer at the same
   step, so that their collective save lines up. Asking it is the only way such a run notices
@@ -291,14 +328,18 @@ def preemption_notices() -> Iterator[Callable[[int], str]]:
   """
   on_main_thread = threading.current_thread() is threading.main_thread()
   if jax.distributed.is_initialized():
+    # The service answers at a step every process reaches: a process waiting for input cannot
+    # be stopped apart from the others.
     with _ctrl_c_as_sigterm(on_main_thread) as ctrl_c:
-      yield lambda step: ((ctrl_c[0] if ctrl_c else 'SIGTERM')
-                          if multihost_utils.reached_preemption_sync_point(step) else '')
+      yield _Notices(lambda step: ((ctrl_c[0] if ctrl_c else 'SIGTERM')
+                                   if multihost_utils.reached_preemption_sync_point(step) else ''),
+                     interruptible=False)
     return
   if not on_main_thread:
-    yield lambda step: ''  # Python delivers signals to the main thread only
+    yield _Notices(lambda step: '', interruptible=False)  # signals reach the main thread only
     return
   noticed = []
+  notices = _Notices(lambda step: noticed[0] if noticed else '', interruptible=True)
 
   def notice(signum, frame):
     del frame
@@ -306,10 +347,11 @@ def preemption_notices() -> Iterator[Callable[[int], str]]:
     if signum == signal.SIGINT:
       logging.warning('Ctrl-C: saving the current step, then stopping (Ctrl-C again aborts)')
       signal.signal(signal.SIGINT, signal.default_int_handler)
+    notices.notice(noticed[0])
 
   previous = {s: signal.signal(s, notice) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    yield lambda step: noticed[0] if noticed else ''
+    yield notices
   finally:
     for s, handler in previous.items():
       signal.signal(s, signal.SIG_DFL if handler is None else handler)

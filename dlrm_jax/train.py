@@ -1010,7 +1010,13 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
       traced = profiler.seconds
       profiler.before_step(step)
       try:
-        batch = next(batches, None)
+        with preempted.waiting():
+          batch = next(batches, None)
+      except checkpoints.NoticeWhileWaiting as e:
+        logging.warning('%s while waiting for the next batch: stopping after step %d', e.name,
+                        step)
+        stopped_at, stopped_by = step, e.name
+        break
       except Exception:
         save_before_failing(step, 'reading the training data')
         raise

@@ -3,6 +3,7 @@
 import glob
 import gzip
 import importlib
+import itertools
 import json
 import os
 import re
@@ -720,6 +721,36 @@ def test_a_save_still_being_written_when_reading_fails_is_finished_first(tmp_pat
   monkeypatch.undo()
   assert _latest_checkpoint_step(workdir) == 10
   assert int(_restored(config, workdir).step) == 10
+
+
+@pytest.mark.parametrize('smartstaged', [True, False])
+def test_a_notice_while_the_input_hangs_saves_the_step_reached(tmp_path, monkeypatch,
+                                                              smartstaged):
+  # Input that never comes (a hung mount): SIGTERM used to be noted and the wait went on, until
+  # the scheduler's SIGKILL lost every step since the last save.
+  import threading  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
+  real, hanging = data_sources.train_batches, threading.Event()
+
+  def hangs_after_seven(*args, **kwargs):
+    yield from itertools.islice(real(*args, **kwargs), 7)
+    hanging.set()
+    threading.Event().wait()  # forever
+
+  def notice():
+    if hanging.wait(timeout=120):
+      time.sleep(0.3)  # the loop is waiting for the eighth batch
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(data_sources, 'train_batches', hangs_after_seven)
+  threading.Thread(target=notice, daemon=True).start()
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(checkpoints.Preempted, match='stopped after step 7 of 20'):
+    train.train_and_evaluate(_config(tmp_path, smartstaged=smartstaged, save_steps=0), workdir)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  assert (results['preempted_at_step'], results['preempted_by']) == (7, 'SIGTERM')
+  assert _latest_checkpoint_step(workdir) == 7
 
 
 def test_a_bad_train_row_found_mid_run_saves_the_step_before_it(tmp_path):
