@@ -4,8 +4,8 @@
       --grid interaction_op=dot,cat --seeds 1,2,3 --out_dir runs/ablation_interactions
 
 The default model and training on planted data whose logit has a pairwise term of standard
-deviation 2 (user x item and user x category factor products, twice the default) beside the
-default first-order and history-match terms. A dot product of two embeddings is that term's
+deviation 2 (user x item and user x category factor products; the generator's default is 0.6,
+the embedded default config's 0.3) beside the default first-order and history-match terms. A dot product of two embeddings is that term's
 exact form, which `cat` must approximate with its top MLP. The twin setting without any
 pairwise term is configs/ablation_no_interactions.py; the README compares the two.
 

@@ -9,9 +9,10 @@ hashed into per-column tables:
   reference (default): the Facebook reference's table sizes for 1TB with --max-ind-range=10M
     (49.1M rows in all), embedding 64, bottom 512-256-64, top 512-512-256, dot interaction,
     batch 2048, as its dlrm_s_criteo_terabyte.sh.
-  deeprec: 10000 buckets per column, embedding 16, the default model.
-Each day file is cached on its own (under <data_location>/dlrm_cache, ~180 bytes a row, about
-760 GB for days 0-22; point cache_dir at a disk with room), so an interrupted first pass keeps
+  deeprec: 10000 buckets per column, embedding 16, the default MLPs, with the dot interaction
+    (as the reference's variant).
+Each day file is cached on its own (under <data_location>/dlrm_cache, ~191 bytes a row, about
+800 GB for days 0-22; point cache_dir at a disk with room), so an interrupted first pass keeps
 the days it finished and a replaced file rebuilds only its own cache. To cache before training,
 start this on one machine, or at once on several sharing cache_dir (a file system with flock):
 each takes the days no other is building.

@@ -15,7 +15,7 @@ Where this config differs from DLRMv2:
     does not implement; the original DLRM pairwise `dot` stands in for it (27 vectors -> 351
     products + 128 = 479 inputs to the top MLP).
   * Inputs are one-hot: one id per categorical feature, as in the raw day files. DLRMv2 trains on
-    a synthetic multi-hot expansion of them (130 ids per example).
+    a synthetic multi-hot expansion of them (214 ids per example).
   * Ids are FarmHash Fingerprint64 of the hex strings modulo each table's rows (input_pipeline),
     not MLPerf's preprocessed contiguous ids, so small tables see hash collisions MLPerf does not.
   * Optimizer: MLPerf's reference runs torch.optim.Adagrad on everything; on the tables TorchRec

@@ -9,14 +9,14 @@ days 0-5 train and day 6 is the eval set. Dense features are log(x + 1) of the i
 negatives clamped to 0; each categorical is hashed (FarmHash, as TensorFlow) into its own table:
   deeprec (default): 10000 buckets per column, embedding 16 (DeepRec's Criteo DLRM,
     modelzoo/dlrm, as its default feature columns build it).
-  deeprec_tables: DeepRec's per-column HASH_BUCKET_SIZES (2500 .. 5M, 19.0M rows in all), which
+  deeprec_tables: DeepRec's per-column HASH_BUCKET_SIZES (20 .. 5M, 19.0M rows in all), which
     its DLRM sizes the tables with under --adaptive_emb; the tables of the README's Criteo
     speed and memory figures ("DeepRec's Criteo tables", experiments/benchmark.py).
   reference: the Facebook reference's Kaggle table sizes (its per-column cardinalities), so
     tables hold 33.8M rows in all; the same model otherwise (dot interaction, 512-256-64-16 /
     512-256, as its Kaggle script).
-The first run parses train.txt once into the row cache (<data_location>/dlrm_cache, about 180
-bytes per row: 8.3 GB) and every later epoch and run reads the cache.
+The first run parses train.txt once into the row cache (<data_location>/dlrm_cache, about 191
+bytes per row, all 26 ids stored: 8.8 GB) and every later epoch and run reads the cache.
 Without the files the run stops and says where they come from; a stand-in of the same format:
   python -m dlrm_jax.datagen criteo --out_dir /data/criteo --train_rows 1000000 --eval_rows 1 \
       --seed 1

@@ -232,7 +232,7 @@ class UniqueRows:
   Table arrays dedup through a row-indexed scratch (`unique_inverse`, 4 bytes a row, kept for
   the reader's life) while their rows sum to at most `SCRATCH_ROWS`, the smallest arrays first:
   ELM's fused 1.3M rows take 5 MiB and halve the input thread's dedup. Larger arrays (DeepRec's
-  Criteo tables, 19M rows: 76 MiB, more than that config's peak-memory target leaves) sort ids
+  Criteo tables, 19M rows: 73 MiB, more than that config's peak-memory target leaves) sort ids
   with their positions instead, which needs no memory per row.
 
   With several processes every process prepares its own rows: process p's unique lists and

@@ -14,7 +14,7 @@ the rows exactly as `input_pipeline.parse_chunk` produced them, in a compact col
 Weights are not stored: every filled slot of a feature with c filled slots has weight
 float32(1 / c) (1 for a present scalar), padding has id 0 and weight 0, so `expand` rebuilds the
 padded batch layout bit for bit. This is 3-15x smaller than the padded layout (ELM with
-max_list_len 50 pads every row to 465 slots; a row fills ~20-120 of them).
+max_list_len 50 pads every row to 465 slots; planted rows fill ~105-180 of them on average).
 
 The files are plain .npy (np.load(..., mmap_mode='r') works), but the reader fetches blocks with
 positional reads instead of a memory map, so resident memory stays the size of one shuffle window

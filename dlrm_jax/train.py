@@ -7,8 +7,9 @@ The train step comes in two flavours with one signature:
   * sparse (default): gradients with respect to the looked-up rows only, summed per unique row,
     and a row-wise optimizer that gathers, updates and scatters just those rows in place
     (donated buffers); the MLPs keep their optax chain.
-Both are jitted over a device mesh: the batch is split over the 'data' axis, everything else is
-replicated, and batch norm sees the global batch, so one device and N devices agree.
+Both are jitted over a device mesh: the batch is split over the 'data' axis, the tables and
+their optimizer slots by rows over the 'model' axis, everything else is replicated, and batch
+norm sees the global batch, so one device and N devices agree.
 """
 
 import ctypes

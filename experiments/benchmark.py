@@ -782,7 +782,7 @@ def build_groups(quick: bool, tiny: bool) -> List[Group]:
 
   def elm(label, framework, batch, interaction, **kw):
     # The end-to-end csv reader parses max(4096, 2 batches) lines per chunk, not the trainer's
-    # 32768: a measurement window must hold whole chunks, and 32768 lines are 64 steps of 512.
+    # 8192: a measurement window must hold whole chunks, and 8192 lines are 16 steps of 512.
     return Variant(label=label, framework=framework, spec='elm', rows=kw.pop('rows', s['rows']),
                    batch_size=batch, interaction=interaction, chunk_rows=max(4096, 2 * batch),
                    **common, **kw)
