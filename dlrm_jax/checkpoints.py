@@ -180,7 +180,11 @@ def finished_on_failure(manager: ocp.CheckpointManager) -> Iterator[None]:
     yield
   except Exception:
     if jax.process_count() == 1:
-      wait(manager)
+      try:
+        wait(manager)
+      except Exception:  # pylint: disable=broad-except
+        # The failure that stopped the run is the one to report (and to catch by its type).
+        logging.exception('the checkpoint save in flight failed too')
     raise
 
 

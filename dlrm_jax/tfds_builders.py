@@ -212,14 +212,12 @@ def config_for(config, spec: fs.FeatureSpec) -> BlocksConfig:
   eval_files = () if parts else names(config.get('eval_files', '') or eval_default)
   eval_parts = int(config.get('eval_parts', 1))
   # Another choice of files or parts is another data set: TFDS would otherwise read the one
-  # built first under this name (a run naming other files would train on the old ones). The
-  # default choice keeps the name data sets had before, so that they are found again.
+  # built first under this name (a run naming other files would train on the old ones). Data
+  # sets of earlier releases, named without it, may hold any choice's rows: they are not used.
   chosen = (train_files, eval_files, eval_parts if parts else 1)
-  suffix = ''
-  if chosen != (names(train_default), () if parts else names(eval_default), 1):
-    suffix = '_' + hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:8]
+  suffix = hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:8]
   return BlocksConfig(
-      name=f'{spec.name}_{fingerprint[:12]}_{parts or "files"}{suffix}',
+      name=f'{spec.name}_{fingerprint[:12]}_{parts or "files"}_{suffix}',
       description=f'spec {spec.name} (parse fingerprint {fingerprint}), train {train_files}, '
                   f'eval {eval_files or f"the last {eval_parts} of {parts} parts"}',
       spec=spec, train_files=train_files, eval_files=eval_files, split_parts=parts,

@@ -1006,83 +1006,85 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   eval_every = 0 if config.no_eval else config.eval_every_steps
   eval_history, eval_time = [], 0.0
   stopped_at, stopped_by = None, ''  # the step of a preemption notice (SIGTERM) or Ctrl-C
-  with checkpoints.preemption_notices() as preempted, checkpoints.finished_on_failure(manager):
-    for step in range(start_step, num_steps):
-      traced = profiler.seconds
-      profiler.before_step(step)
-      try:
-        with preempted.waiting():
-          batch = next(batches, None)
-      except checkpoints.NoticeWhileWaiting as e:
-        logging.warning('%s while waiting for the next batch: stopping after step %d', e.name,
-                        step)
-        stopped_at, stopped_by = step, e.name
-        break
-      except Exception:
-        save_before_failing(step, 'reading the training data')
-        raise
-      if batch is None:
-        logging.warning('train data ran out at step %d', step)
-        break
-      state, loss = step_fn(state, batch)
-      pending_losses.append(loss)
-      if step == start_step:
-        jax.block_until_ready(loss)  # the first step compiles; time from the second on
-        timed_since = time.perf_counter()
-      else:
-        timed_steps += 1
-      profiler.after_step(step, loss)
-      if timed_since is not None:
-        timed_since += profiler.seconds - traced  # writing a trace is not training time
-      done = step + 1
-      log_now = done % config.log_every_steps == 0 or done == num_steps
-      save_now = bool(config.save_steps) and done % config.save_steps == 0
-      if log_now or save_now:
-        check_losses(done)  # never checkpoint a state that has gone non-finite
-      if log_now:
-        mean_loss = float(np.concatenate(logged_losses).mean())  # every step since the last log
-        logged_losses.clear()
-        scalars = {'train_loss': mean_loss, 'learning_rate': config.learning_rate}
-        elapsed = time.perf_counter() - timed_since
-        rate = float('nan')
-        if timed_steps and elapsed > 0:  # none yet on an invocation's first (compiling) step
-          rate = scalars['train_samples_per_s'] = timed_steps * config.batch_size / elapsed
-        writer.write_scalars(done, scalars)
-        progress.update(done, loss=mean_loss, samples_per_s=rate)
-      if config.activation_summary_steps and done % config.activation_summary_steps == 0:
-        write_activation_summaries(writer, done, summarize(state, batch))
-      if save_now:
-        t = time.perf_counter()
-        check_params(done)
-        checkpoints.save(manager, done, state)
-        save_stall += time.perf_counter() - t
-        saves += 1
-        last_saved = done
-      if eval_every and done % eval_every == 0 and done < num_steps:
-        evaluate_during_training(done)
-      stopped_by = preempted(done)
-      if stopped_by:
-        stopped_at = done
-        break
-  check_losses(int(state.step))
-  jax.block_until_ready(state)
-  train_time = time.perf_counter() - train_start - eval_time
-  rate = (timed_steps * config.batch_size / (time.perf_counter() - timed_since)
-          if timed_since and timed_steps else float('nan'))
-  progress.close()
-  profiler.close()
-  final_step = int(state.step)
-  # The steps' temporaries and the input thread's batches are freed now but still resident;
-  # handed back, the save and the evaluation reuse pages instead of adding to the peak (-29 MiB
-  # of the Criteo run's, which evaluation would otherwise set).
-  return_freed_heap()
-  if final_step != last_saved:
-    # The losses were finite, but the last update may not have been (they come before it).
-    check_params(final_step)
-    checkpoints.save(manager, final_step, state)
-    saves += 1
-    last_saved = final_step
-  checkpoints.wait(manager)
+  # A failure anywhere up to the final save lets a save still being written finish first.
+  with checkpoints.finished_on_failure(manager):
+    with checkpoints.preemption_notices() as preempted:
+      for step in range(start_step, num_steps):
+        traced = profiler.seconds
+        profiler.before_step(step)
+        try:
+          with preempted.waiting():
+            batch = next(batches, None)
+        except checkpoints.NoticeWhileWaiting as e:
+          logging.warning('%s while waiting for the next batch: stopping after step %d', e.name,
+                          step)
+          stopped_at, stopped_by = step, e.name
+          break
+        except Exception:
+          save_before_failing(step, 'reading the training data')
+          raise
+        if batch is None:
+          logging.warning('train data ran out at step %d', step)
+          break
+        state, loss = step_fn(state, batch)
+        pending_losses.append(loss)
+        if step == start_step:
+          jax.block_until_ready(loss)  # the first step compiles; time from the second on
+          timed_since = time.perf_counter()
+        else:
+          timed_steps += 1
+        profiler.after_step(step, loss)
+        if timed_since is not None:
+          timed_since += profiler.seconds - traced  # writing a trace is not training time
+        done = step + 1
+        log_now = done % config.log_every_steps == 0 or done == num_steps
+        save_now = bool(config.save_steps) and done % config.save_steps == 0
+        if log_now or save_now:
+          check_losses(done)  # never checkpoint a state that has gone non-finite
+        if log_now:
+          mean_loss = float(np.concatenate(logged_losses).mean())  # every step since the last log
+          logged_losses.clear()
+          scalars = {'train_loss': mean_loss, 'learning_rate': config.learning_rate}
+          elapsed = time.perf_counter() - timed_since
+          rate = float('nan')
+          if timed_steps and elapsed > 0:  # none yet on an invocation's first (compiling) step
+            rate = scalars['train_samples_per_s'] = timed_steps * config.batch_size / elapsed
+          writer.write_scalars(done, scalars)
+          progress.update(done, loss=mean_loss, samples_per_s=rate)
+        if config.activation_summary_steps and done % config.activation_summary_steps == 0:
+          write_activation_summaries(writer, done, summarize(state, batch))
+        if save_now:
+          t = time.perf_counter()
+          check_params(done)
+          checkpoints.save(manager, done, state)
+          save_stall += time.perf_counter() - t
+          saves += 1
+          last_saved = done
+        if eval_every and done % eval_every == 0 and done < num_steps:
+          evaluate_during_training(done)
+        stopped_by = preempted(done)
+        if stopped_by:
+          stopped_at = done
+          break
+    check_losses(int(state.step))
+    jax.block_until_ready(state)
+    train_time = time.perf_counter() - train_start - eval_time
+    rate = (timed_steps * config.batch_size / (time.perf_counter() - timed_since)
+            if timed_since and timed_steps else float('nan'))
+    progress.close()
+    profiler.close()
+    final_step = int(state.step)
+    # The steps' temporaries and the input thread's batches are freed now but still resident;
+    # handed back, the save and the evaluation reuse pages instead of adding to the peak (-29 MiB
+    # of the Criteo run's, which evaluation would otherwise set).
+    return_freed_heap()
+    if final_step != last_saved:
+      # The losses were finite, but the last update may not have been (they come before it).
+      check_params(final_step)
+      checkpoints.save(manager, final_step, state)
+      saves += 1
+      last_saved = final_step
+    checkpoints.wait(manager)
 
   # checkpoint_stall_s: the periodic saves' time on the training loop (the final save's wait is
   # not training time).

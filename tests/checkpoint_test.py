@@ -689,16 +689,21 @@ def test_a_failed_evaluation_during_training_saves_its_step_first(tmp_path):
   assert _latest_checkpoint_step(workdir) == 10  # not lost: no save was due before step 20
 
 
-def test_a_save_still_being_written_when_reading_fails_is_finished_first(tmp_path, monkeypatch):
-  # Step 10 is saved asynchronously, then the evaluation at step 10 fails on a bad row. The
-  # process used to exit without waiting: a large state's save was left half written, and the
-  # run lost every step. The delayed save below stands in for such a state's.
+@pytest.mark.parametrize('failure', ['eval', 'last_update'])
+def test_a_save_still_being_written_when_the_run_fails_is_finished_first(tmp_path, monkeypatch,
+                                                                          failure):
+  # Step 10 is saved asynchronously, then the evaluation at step 10 fails on a bad row, or the
+  # last step's update (11) goes non-finite after the loop. The process used to exit without
+  # waiting: a large state's save was left half written, and the run lost every step. The
+  # delayed save below stands in for such a state's.
   import threading  # pylint: disable=g-import-not-at-top
   local, rows = _bad_row_after(tmp_path, 'eval.csv')
   real_save, real_wait, in_flight = checkpoints.save, checkpoints.wait, []
 
   def slow_save(manager, step, state):
-    in_flight.append(threading.Timer(1.0, real_save, (manager, step, state)))
+    # A copy, as orbax's asynchronous save takes one before it returns: later steps donate.
+    snapshot = jax.tree.map(lambda x: x.copy(), state)
+    in_flight.append(threading.Timer(1.0, real_save, (manager, step, snapshot)))
     in_flight[-1].start()
 
   def wait(manager):
@@ -710,9 +715,22 @@ def test_a_save_still_being_written_when_reading_fails_is_finished_first(tmp_pat
   monkeypatch.setattr(checkpoints, 'wait', wait)
   config = _config(tmp_path, data_location=str(local), use_cache=False, save_steps=10,
                    eval_every_steps=10)
+  expected = (input_pipeline.DataError, f'eval.csv:{len(rows) + 1}:')
+  if failure == 'last_update':
+    config = _config(tmp_path, steps=11, save_steps=10, no_eval=True)
+    expected = (FloatingPointError, 'non-finite parameters after step 11; the last good '
+                                    'checkpoint is step 10')
+    finite, calls = train.all_finite, []
+
+    def last_update_not_finite(tree):  # the save at step 10 checks first, then the final step
+      calls.append(1)
+      return np.bool_(False) if len(calls) == 2 else finite(tree)
+
+    last_update_not_finite.lower = finite.lower  # compiled ahead as the real one
+    monkeypatch.setattr(train, 'all_finite', last_update_not_finite)
   workdir = str(tmp_path / 'run')
   try:
-    with pytest.raises(input_pipeline.DataError, match=f'eval.csv:{len(rows) + 1}:'):
+    with pytest.raises(expected[0], match=expected[1]):
       train.train_and_evaluate(config, workdir)
     assert all(not t.is_alive() for t in in_flight)
   finally:
