@@ -987,7 +987,11 @@ def _parse_in_worker(path: str, first_line: int, lines: List[str], line_step: in
 
 
 class _WorkerPool:
-  """Worker processes running parse_chunk, with a bounded number of chunks in flight."""
+  """Worker processes running parse_chunk, with a bounded number of chunks in flight.
+
+  Workers end with the thread that started them (Linux's parent-death signal follows the
+  thread): a generator holding a pool must be iterated by one thread, as every reader here is.
+  """
 
   def __init__(self, spec: feature_spec_lib.FeatureSpec, num_workers: int):
     # 'spawn', not fork: the parent usually has JAX's threads running, which fork does not copy.

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from typing import Callable, Dict
 
 import jax
@@ -87,12 +88,11 @@ def export_model(setup, state, directory: str, spec_args: Dict) -> str:
 
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
+  # Made as any directory is (umask), not 0700 as by mkdtemp: a server running as another user
+  # must read the artifact.
+  tmp = os.path.join(parent, f'.export-{uuid.uuid4().hex}')
+  os.mkdir(tmp)
   try:
-    # mkdtemp makes it 0700: a server running as another user could not read the artifact.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
     with open(os.path.join(tmp, ARTIFACT), 'wb') as f:
       f.write(exported.serialize())
     np.savez(os.path.join(tmp, PARAMS), **_flatten(params))

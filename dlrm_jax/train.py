@@ -761,8 +761,11 @@ def warn_if_data_order_changes(config, workdir: str, start_step: int) -> None:
   current = json.loads(config.to_json_best_effort())
 
   def order_fields(c):  # each process reads its share of the rows: their count matters too
-    return dict({k: c[k] for k in DATA_ORDER_FIELDS if k in c},
-                num_processes=c.get('distributed', {}).get('num_processes', 1))
+    fields = dict({k: c[k] for k in DATA_ORDER_FIELDS if k in c},
+                  num_processes=c.get('distributed', {}).get('num_processes', 1))
+    if not fields.get('split_parts'):
+      fields.pop('eval_parts', None)  # it cuts the train file only into split_parts
+    return fields
 
   changes = checkpoints.config_differences(order_fields(saved), order_fields(current))
   if changes:

@@ -618,9 +618,10 @@ def test_a_resume_that_changes_the_data_order_says_so(tmp_path, caplog):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(_config(tmp_path, steps=5, save_steps=0, no_eval=True), workdir)
   caplog.set_level('WARNING')
-  # Steps and learning rate leave batch k's rows alone: no warning.
+  # Steps and learning rate leave batch k's rows alone, and so does eval_parts without
+  # split_parts: no warning.
   train.train_and_evaluate(_config(tmp_path, steps=8, save_steps=0, no_eval=True,
-                                   learning_rate=0.02), workdir)
+                                   learning_rate=0.02, eval_parts=3), workdir)
   assert 'another data order' not in caplog.text
   train.train_and_evaluate(_config(tmp_path, steps=10, save_steps=0, no_eval=True,
                                    batch_size=32, seed=7), workdir)
