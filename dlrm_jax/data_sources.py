@@ -308,10 +308,8 @@ def _row_reader(config, spec, data, sources, stats, process_index, process_count
   index, count = _process(process_index, process_count)
   if _option(config, 'tfds_data_dir', ''):
     from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top
-    if stats is not None:
-      tfds_builders.add_split_stats(stats, config, spec, data.directory, split)
     return tfds_builders.row_reader(config, spec, data.directory, split, process_index=index,
-                                    process_count=count)
+                                    process_count=count, stats=stats)
   block_rows = int(_option(config, 'cache_block_rows', 1024))
   segments = [row_cache.cache_segment(cache, start, stop, block_rows)
               for cache, start, stop in _open_caches(config, spec, sources, stats, index, count)]

@@ -273,16 +273,6 @@ def check_bad_rows(sources) -> None:
           'ready and will be used as it is')
 
 
-def add_split_stats(stats: input_pipeline.ParseStats, config, spec: fs.FeatureSpec,
-                    manual_dir: str, split: str) -> None:
-  """Adds the parse statistics of the data set's build of `split` to `stats` (as a row cache's
-  are added when it is opened): the rows a run reads, and those the build dropped."""
-  recorded = data_source(config, spec, manual_dir)[split].dataset_info.metadata.get(
-      f'{split}_stats')
-  if recorded:
-    stats.add(input_pipeline.ParseStats(**recorded))
-
-
 def split_rows(config, spec: fs.FeatureSpec, manual_dir: str, split: str) -> int:
   """Rows of a split of the run's data set (prepared first if needed)."""
   source = data_source(config, spec, manual_dir)[split]
@@ -291,12 +281,18 @@ def split_rows(config, spec: fs.FeatureSpec, manual_dir: str, split: str) -> int
 
 
 def row_reader(config, spec: fs.FeatureSpec, manual_dir: str, split: str, *,
-               process_index: int = 0, process_count: int = 1) -> row_cache.RowReader:
+               process_index: int = 0, process_count: int = 1,
+               stats: Optional[input_pipeline.ParseStats] = None) -> row_cache.RowReader:
   """This process's records of a split (a contiguous range of them), as a RowReader.
 
   `reader.max_share_rows` bounds every process's rows, for an equal number of eval batches.
+  The build's parse statistics of the split (the rows read, and those it dropped) are added to
+  `stats`, as a row cache's are when it is opened.
   """
   source = data_source(config, spec, manual_dir)[split]
+  recorded = source.dataset_info.metadata.get(f'{split}_stats')
+  if stats is not None and recorded:
+    stats.add(input_pipeline.ParseStats(**recorded))
   count = len(source)
   first, stop = process_index * count // process_count, (process_index + 1) * count // process_count
   rows = 0 if stop == first else ((stop - first - 1) * BLOCK_ROWS
