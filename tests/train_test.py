@@ -89,12 +89,22 @@ def test_evaluation_during_training_equals_a_run_that_stops_there(tmp_path):
   assert 'eval_history' not in plain
 
 
-@pytest.mark.parametrize('switch', ['emb_fusion', 'op_fusion'])
-def test_fusion_switches_do_not_change_results(tmp_path, data_dir, switch):
+@pytest.mark.parametrize('switch,optimizer,interaction', [
+    ('emb_fusion', 'adamasync', 'cat'), ('emb_fusion', 'adagraddecay', 'dot'),
+    ('emb_fusion', 'adam', 'dot'), ('op_fusion', 'adamasync', 'cat'),
+    ('op_fusion', 'adagrad', 'dot')])
+def test_fusion_switches_do_not_change_results(tmp_path, data_dir, switch, optimizer,
+                                               interaction):
+  # The same arithmetic in another layout or another number of programs: float32 agreement
+  # (on this CPU they have agreed bit for bit).
   path = os.path.join(data_dir, 'train.csv')
-  on, _ = th.step_losses(th.tiny_config(tmp_path, **{switch: True}), path, 6)
-  off, _ = th.step_losses(th.tiny_config(tmp_path, **{switch: False}), path, 6)
+  common = dict(optimizer=optimizer, interaction_op=interaction)
+  on, on_state = th.step_losses(th.tiny_config(tmp_path, **{switch: True}, **common), path, 6)
+  off, off_state = th.step_losses(th.tiny_config(tmp_path, **{switch: False}, **common), path, 6)
   np.testing.assert_allclose(on, off, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(on_state.params['mlp']),
+                  jax.tree.leaves(off_state.params['mlp'])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 def test_bf16_trains_close_to_float32(tmp_path, data_dir):
