@@ -59,7 +59,7 @@ _INIT_BLOCK_ROWS = 1 << 13
 
 def padded_rows(rows: int) -> int:
   """Rows of a table array as stored: `rows` rounded up to a multiple of ROW_MULTIPLE."""
-  return -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
+  return _round_up(rows, ROW_MULTIPLE)
 
 
 def unique_capacity(needed: int, headroom: float = 1.25, multiple: int = 1) -> int:
