@@ -8,7 +8,10 @@ Challenge. As in the Facebook reference, its lines are cut into 7 equal "days" i
 days 0-5 train and day 6 is the eval set. Dense features are log(x + 1) of the integers with
 negatives clamped to 0; each categorical is hashed (FarmHash, as TensorFlow) into its own table:
   deeprec (default): 10000 buckets per column, embedding 16 (DeepRec's Criteo DLRM,
-    modelzoo/dlrm, as its default feature columns build it).
+    modelzoo/dlrm, as its default feature columns build it). Two things follow the Facebook
+    reference instead, in every variant: the `dot` interaction (DeepRec's script defaults to
+    `cat`: --config.interaction_op=cat) and the log(x + 1) of the integers (DeepRec feeds them
+    raw to the bottom MLP).
   deeprec_tables: DeepRec's per-column HASH_BUCKET_SIZES (20 .. 5M, 19.0M rows in all), which
     its DLRM sizes the tables with under --adaptive_emb; the tables of the README's Criteo
     speed and memory figures ("DeepRec's Criteo tables", experiments/benchmark.py).

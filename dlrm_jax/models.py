@@ -543,19 +543,17 @@ def _pairwise_dots(n: int):
 
 def dot_interaction(x: Array, embeddings: Array) -> Array:
   """Pairwise dot products of [x, e_1..e_F], strict lower triangle, after x: [B, D + n(n-1)/2]."""
-  features = jnp.concatenate([x[:, None, :], embeddings], axis=1)
-  if features.dtype == jnp.bfloat16 and jax.default_backend() == 'cpu':
-    # The Gram matrix's batched dots have a transposed operand, which XLA:CPU runs on float32
-    # copies anyway (see `gather_transposes`); widening first (exact: bf16 values fit float32)
-    # makes the float32 accumulation explicit. The pairs are rounded back to bfloat16 below.
-    features = features.astype(jnp.float32)
+  # Under bf16 the products are taken in float32 and only the pairs are rounded to x's
+  # bfloat16, as DeepRec's --bf16 computes its interaction: x comes back to float32 from the
+  # bottom MLP and the embeddings never leave it.
+  features = jnp.concatenate([x[:, None, :], embeddings], axis=1).astype(jnp.float32)
   pairs = _pairwise_dots(features.shape[1])(features)
   return jnp.concatenate([x, pairs.astype(x.dtype)], axis=1)
 
 
 def cat_interaction(x: Array, embeddings: Array) -> Array:
   """[x, e_1, ..., e_F] flattened: [B, D + F * D]."""
-  return jnp.concatenate([x, embeddings.reshape(embeddings.shape[0], -1)], axis=1)
+  return jnp.concatenate([x, embeddings.reshape(embeddings.shape[0], -1).astype(x.dtype)], axis=1)
 
 
 INTERACTIONS = {'dot': dot_interaction, 'cat': cat_interaction}
@@ -566,8 +564,9 @@ class DLRM(nn.Module):
 
   The top MLP is chained (each layer feeds the next) as in the DLRM paper; DeepRec's script feeds
   every top layer the interaction output, so only its last layer reaches the logit.
-  `dtype` is the compute dtype (bfloat16 under `bf16`); parameters stay float32 and the logit is
-  returned in float32 so the loss is computed in full precision.
+  `dtype` is the compute dtype of the MLPs (bfloat16 under `bf16`); parameters stay float32. As
+  DeepRec's --bf16 does, the embeddings enter the interaction in float32 (`dot` multiplies them
+  in float32; `cat` rounds the concatenation for the top MLP) and the logit layer is float32.
   """
   bottom_mlp: Sequence[int]
   top_mlp: Sequence[int]
@@ -585,11 +584,10 @@ class DLRM(nn.Module):
                        f'{embeddings.shape[-1]}, got {self.bottom_mlp[-1]}')
     x = MLP(self.bottom_mlp, self.batch_norm, self.dtype, name='bottom_mlp')(
         dense.astype(self.dtype), train)
-    z = INTERACTIONS[self.interaction_op](x, embeddings.astype(self.dtype))
+    z = INTERACTIONS[self.interaction_op](x, embeddings.astype(jnp.float32))
     z = MLP(self.top_mlp, False, self.dtype, name='top_mlp')(z, train)
-    logit = nn.Dense(1, dtype=self.dtype, kernel_init=dense_init,
-                     dot_general=mixed_precision_dot_general, name='logit')(z)
-    return logit[:, 0].astype(jnp.float32)
+    logit = nn.Dense(1, dtype=jnp.float32, kernel_init=dense_init, name='logit')(z)
+    return logit[:, 0]
 
 
 def interaction_width(spec: fs.FeatureSpec, bottom_out: int, interaction_op: str) -> int:

@@ -587,14 +587,17 @@ def resolve_workdir(config) -> str:
 
 
 def steps_for(config, num_train_rows: int) -> int:
-  """`steps`, or one epoch of the train file when it is 0 (the reference's default)."""
+  """`steps`, or one epoch of the train file when it is 0 (the reference's default).
+
+  An epoch is ceil(rows / batch_size) steps, as DeepRec counts it, so every row is trained on;
+  batches run across epoch boundaries, so the last one is completed from the next epoch's order
+  (DeepRec trains a short last batch instead, which would compile a second step).
+  """
   if config.steps:
     return int(config.steps)
-  steps = num_train_rows // config.batch_size
-  if steps == 0:
-    raise input_pipeline.DataError(
-        f'the train file has {num_train_rows} rows, fewer than one batch of {config.batch_size}')
-  return steps
+  if num_train_rows <= 0:
+    raise input_pipeline.DataError('the train file has no rows')
+  return -(-num_train_rows // config.batch_size)
 
 
 @jax.jit

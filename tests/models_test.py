@@ -357,6 +357,36 @@ def test_bf16_policy_keeps_float32_params_and_logits():
   assert not np.array_equal(out16, out32)
 
 
+@pytest.mark.parametrize('op', ['dot', 'cat'])
+def test_bf16_keeps_the_interaction_inputs_and_the_logit_float32_as_deeprec(op):
+  # DeepRec's --bf16 runs the MLPs in bfloat16 but casts the bottom MLP's output back to float32,
+  # takes the dot products of float32 embeddings, rounds only the interaction's output for the
+  # top MLP and casts the top MLP's output to float32 for the logit layer. The reference below
+  # is built from the model's own pieces in that order; both sides run the same ops on the same
+  # values, so they agree to float32 rounding (rtol 1e-6), while rounding the embeddings or the
+  # logit layer to bfloat16 moves the output by ~2^-8 relative.
+  spec = tiny_spec()
+  dense, _, _ = random_batch(spec)
+  emb = jnp.asarray(np.random.default_rng(1).normal(size=(5, spec.num_sparse, 4)), jnp.float32)
+  model = models.DLRM((8, 4), (6,), op, dtype=jnp.bfloat16)
+  variables = model.init(jax.random.PRNGKey(0), dense, emb)
+  params = variables['params']
+  bottom = models.MLP((8, 4), True, jnp.bfloat16).apply(
+      {'params': params['bottom_mlp'], 'batch_stats': variables['batch_stats']['bottom_mlp']},
+      jnp.asarray(dense, jnp.bfloat16), False)
+  if op == 'dot':
+    features = jnp.concatenate([bottom[:, None, :].astype(jnp.float32), emb], axis=1)
+    gram = jnp.einsum('bid,bjd->bij', features, features)
+    rows, cols = np.tril_indices(features.shape[1], k=-1)
+    z = jnp.concatenate([bottom, gram[:, rows, cols].astype(jnp.bfloat16)], axis=1)
+  else:
+    z = jnp.concatenate([bottom, emb.reshape(5, -1).astype(jnp.bfloat16)], axis=1)
+  top = models.MLP((6,), False, jnp.bfloat16).apply({'params': params['top_mlp']}, z, False)
+  logit = top.astype(jnp.float32) @ params['logit']['kernel'] + params['logit']['bias']
+  np.testing.assert_allclose(model.apply(variables, dense, emb), logit[:, 0], rtol=1e-6,
+                             atol=1e-7)
+
+
 @pytest.mark.parametrize('gather', [True, False])
 def test_bf16_matmul_is_the_rounded_operands_product_in_float32(gather, monkeypatch):
   # Both transposes of the backward pass (a gather on CPU, a plain .T on accelerators) must give

@@ -247,6 +247,30 @@ def test_state_creation_drops_the_initialiser_before_handing_back_the_heap(tmp_p
   assert int(state.step) == 0
 
 
+def test_an_epoch_is_every_row_rounded_up_to_whole_batches_as_deeprec():
+  # DeepRec: train_steps = ceil(rows / batch_size) when --steps is 0.
+  for rows, batch, steps in ((1000, 512, 2), (1024, 512, 2), (1025, 512, 3), (5, 512, 1)):
+    assert train.steps_for(_steps_config(0, batch), rows) == steps, (rows, batch)
+  assert train.steps_for(_steps_config(7, 512), 1000) == 7
+  with pytest.raises(input_pipeline.DataError, match='no rows'):
+    train.steps_for(_steps_config(0, 512), 0)
+
+
+def _steps_config(steps, batch_size):
+  config = default.get_config('tiny')
+  config.steps, config.batch_size = steps, batch_size
+  return config
+
+
+@pytest.mark.slow
+def test_steps_zero_trains_one_epoch_of_the_train_file(tmp_path, data_dir):
+  # 2000 planted rows in batches of 300: 7 steps, the 7th completed from the second epoch.
+  config = th.tiny_config(tmp_path, steps=0, batch_size=300, no_eval=True,
+                          data_location=data_dir)
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['steps'] == 7
+
+
 def test_all_finite_finds_any_nan_or_inf():
   tree = {'a': jax.numpy.ones((64, 16)), 'b': jax.numpy.zeros(7), 'step': jax.numpy.int32(3)}
   assert bool(train.all_finite(tree))
