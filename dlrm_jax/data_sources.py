@@ -173,14 +173,16 @@ def _evaluates_planted_eval_file(config, spec: fs.FeatureSpec, directory: str,
   return False
 
 
-def resolve(config, spec: fs.FeatureSpec, *, train: bool = True,
+def resolve(config, spec: fs.FeatureSpec, *, train: bool = True, need_train_files: bool = True,
             process_index: Optional[int] = None,
             process_count: Optional[int] = None) -> DataFiles:
   """The run's files, checked to exist before anything is read.
 
   With `train` the train rows are counted (from the caches' manifests with `use_cache`, building
-  the caches first if needed, so the run's step count is known); `train=False` (eval mode) leaves
-  train_rows 0 and reads nothing. Process index and count default to JAX's.
+  the caches first if needed, so the run's step count is known); `train=False` leaves
+  train_rows 0 and reads nothing. `need_train_files=False` (eval mode) does not look for the
+  train files at all unless `split_parts` cuts the eval rows out of them, so an evaluator needs
+  only its eval file. Process index and count default to JAX's.
   """
   train_name, eval_name = FILE_NAMES[spec.name]
   if config.data_location:
@@ -200,9 +202,11 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True,
     return DataFiles(config.tfds_data_dir, config.tfds_data_dir, train_rows, oracle,
                      directory=directory)
   planted = not config.data_location
-  train_files = _find(directory, _option(config, 'train_files', ''), spec.name, train_name,
-                      planted)
   parts = int(_option(config, 'split_parts', 0))
+  train_files = ()
+  if need_train_files or train or parts:
+    train_files = _find(directory, _option(config, 'train_files', ''), spec.name, train_name,
+                        planted)
   if parts:
     eval_parts = int(_option(config, 'eval_parts', 1))
     if not 0 < eval_parts < parts:
@@ -219,7 +223,8 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True,
   if train:
     train_rows = sum(source_lines(config, spec, train_sources, process_index, process_count))
   eval_path = eval_sources[0].path if eval_sources else os.path.join(directory, eval_name)
-  return DataFiles(train_files[0], eval_path, train_rows, oracle, train_sources, eval_sources,
+  train_path = train_files[0] if train_files else ''
+  return DataFiles(train_path, eval_path, train_rows, oracle, train_sources, eval_sources,
                    directory)
 
 

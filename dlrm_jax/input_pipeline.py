@@ -567,8 +567,10 @@ def _field_count_problem(line: str, plan: _Plan) -> Tuple[int, str]:
   if found < expected:
     return found, (f'{found} fields, expected {expected}: no field for column '
                    f'{plan.names[found]!r} onwards')
+  # Lines ended by a lone CR (old Mac files) read as one line of every row's fields.
+  hint = ' (lines ended by CR alone? convert them to LF)' if '\r' in line.rstrip('\r') else ''
   return expected - 1, (f'{found} fields, expected {expected}: extra fields after the last '
-                        f'column {plan.names[-1]!r}')
+                        f'column {plan.names[-1]!r}{hint}')
 
 
 # A bad row found while parsing: (index in the chunk's lines, column index, message).

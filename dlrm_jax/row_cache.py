@@ -628,10 +628,15 @@ def add_manifest_stats(stats: input_pipeline.ParseStats, manifest: Dict[str, Any
 
 
 def _check_bad_rows(manifest: Dict[str, Any], skip_bad_rows: bool, source: Source) -> None:
-  if manifest['stats']['bad_rows'] and not skip_bad_rows:
-    raise bad_rows_error(manifest['stats'], source.describe(), source.path,
+  stats = manifest['stats']
+  if stats['bad_rows'] and not skip_bad_rows:
+    raise bad_rows_error(stats, source.describe(), source.path,
                          '; set skip_bad_rows=True to train without them: the cache of the '
                           'good rows is ready and will be used as it is')
+  if stats['bad_rows']:
+    # Said at every opening, not only when the cache is built: a later run reads it silently.
+    logging.warning('%s: %d bad rows left out (skip_bad_rows), the first: %s',
+                    source.describe(), stats['bad_rows'], (stats['bad_row_examples'] or ['?'])[0])
 
 
 def has_full_cache(source: Source, spec: feature_spec_lib.FeatureSpec,

@@ -42,6 +42,7 @@ from dlrm_jax import metric_writer
 from dlrm_jax import metrics
 from dlrm_jax import models
 from dlrm_jax import optimizers
+from dlrm_jax import row_cache
 from dlrm_jax import serving
 
 Batch = Dict[str, jax.Array]
@@ -524,15 +525,33 @@ def make_eval_step(setup: Setup) -> Callable:
                         out_shardings=NamedSharding(setup.mesh, P()))
 
 
-def first_eval_batch(setup: Setup, config, data: data_sources.DataFiles) -> Optional[Batch]:
-  """The first eval batch as `evaluate` will prepare it (its shapes, for compiling ahead)."""
-  host = data_sources.eval_batches(config, setup.spec, data, compact=True)
+def first_eval_batch(setup: Setup, config, data: data_sources.DataFiles) -> Batch:
+  """The first eval batch as `evaluate` will prepare it (its shapes, for compiling ahead).
+
+  Raises a DataError when it holds no row (eval batches are full but for the last, so then no
+  eval row is left, e.g. every one was bad and `skip_bad_rows` dropped it): before training,
+  not after it.
+  """
+  stats = input_pipeline.ParseStats()
+  host = data_sources.eval_batches(config, setup.spec, data, stats=stats, compact=True)
   try:
     first = next(host, None)
   finally:
     if hasattr(host, 'close'):
       host.close()  # a generator's readers and parse workers stop here
-  return None if first is None else next(step_batches(iter([first]), setup, False))
+  batch = None if first is None else next(step_batches(iter([first]), setup, False))
+  # The global mask's sum: with several processes one may hold no eval row of a tiny file.
+  if batch is None or not int(jnp.sum(batch['mask'] > 0)):
+    raise no_eval_rows_error(data, stats)
+  return batch
+
+
+def no_eval_rows_error(data: data_sources.DataFiles,
+                       stats: input_pipeline.ParseStats) -> input_pipeline.DataError:
+  if stats.bad_rows:
+    return row_cache.bad_rows_error(stats.as_dict(), data.eval_path, data.eval_path,
+                                    '; no good row is left to evaluate')
+  return input_pipeline.DataError(f'{data.eval_path}: no rows to evaluate')
 
 
 def evaluate(setup: Setup, state: TrainState, config, data: data_sources.DataFiles,
@@ -548,12 +567,18 @@ def evaluate(setup: Setup, state: TrainState, config, data: data_sources.DataFil
     probs.append(p[keep])
     labels.append(y[keep])
   if not labels or not sum(len(y) for y in labels):
-    raise input_pipeline.DataError(f'{data.eval_path}: no rows to evaluate')
+    raise no_eval_rows_error(data, stats)
   values = metrics.classification_metrics(np.concatenate(labels), np.concatenate(probs))
   if math.isnan(values['auc']):
     logging.warning('eval AUC is undefined (NaN): all %d rows of %s have label %d',
                     values['num_examples'], data.eval_path, int(values['positive_rate'] > 0.5))
   return values
+
+
+def parse_results(stats: input_pipeline.ParseStats) -> Dict[str, Any]:
+  """What results.json (eval_results.json) reports of the rows read."""
+  return {'rows_parsed': stats.rows, 'bad_rows': stats.bad_rows,
+          'truncated_list_values': stats.truncated_values, 'parse_stats': stats.as_dict()}
 
 
 def agree_on_workdir(workdir: str) -> str:
@@ -880,10 +905,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     # The checkpoint first: a mistyped run directory fails before the data are generated or
     # cached (minutes for the default planted data).
     state = restore_for_inference(setup, config, workdir)
-    data = data_sources.resolve(config, setup.spec, train=False)
+    data = data_sources.resolve(config, setup.spec, train=False, need_train_files=False)
     results = {'steps': int(state.step), **data.oracle}
-    results.update({f'eval_{k}': v for k, v in evaluate(
-        setup, state, config, data, input_pipeline.ParseStats()).items()})
+    stats = input_pipeline.ParseStats()
+    results.update({f'eval_{k}': v for k, v in evaluate(setup, state, config, data, stats).items()})
+    results.update(parse_results(stats))
     if jax.process_index() == 0:
       write_results(os.path.join(workdir, 'eval_results.json'), results)
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
@@ -924,11 +950,9 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
       calls.append((summarize, (abstract, first)))
     # Evaluation at the end too: compiled then, its compiler's leftovers would come on top of
     # the state (17 MiB of the Criteo run's peak). Its first batch is read now for the shapes.
-    first_eval = None if config.no_eval else first_eval_batch(setup, config, data)
-    if first_eval is not None:
-      calls.append((eval_fn, (abstract, first_eval)))
+    if not config.no_eval:
+      calls.append((eval_fn, (abstract, first_eval_batch(setup, config, data))))
     compile_ahead(calls)
-    del first_eval
     batches = itertools.chain([first], batches)
   # A resumed run restores straight into the abstract state: no fresh state beside it.
   if start_step:
@@ -1108,9 +1132,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
 
   def record_results():
     results.update(data.oracle)
-    results.update({'rows_parsed': stats.rows, 'bad_rows': stats.bad_rows,
-                    'truncated_list_values': stats.truncated_values,
-                    'parse_stats': stats.as_dict()})
+    results.update(parse_results(stats))
     writer.close()
     if jax.process_index() == 0:
       write_results(os.path.join(workdir, 'results.json'), results)

@@ -77,6 +77,17 @@ def test_crlf_bom_and_a_missing_final_newline_read_as_plain_lines(tmp_path):
   assert stats.rows == 6 + 6 and stats.bad_rows == 0
 
 
+def test_lines_ended_by_cr_alone_are_named_as_such(tmp_path):
+  # Old Mac line ends: the whole file reads as one line of every row's fields.
+  make(tmp_path, lines_bytes(GOOD, '\r'))
+  with pytest.raises(input_pipeline.DataError, match=r'train.csv:1: .*CR alone\? convert'):
+    run(tmp_path)
+  make(tmp_path, lines_bytes(GOOD[:2] + [GOOD[2] + ',surplus'] + GOOD[3:]))
+  with pytest.raises(input_pipeline.DataError, match='extra fields') as raised:
+    run(tmp_path)
+  assert 'CR alone' not in str(raised.value)
+
+
 @pytest.mark.parametrize('bad_line, line, column', [
     (GOOD[0][:len(GOOD[0]) // 2], 4, None),                       # truncated mid-row
     (GOOD[0] + ',surplus', 4, 'geohash12'),                       # a field too many

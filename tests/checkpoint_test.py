@@ -5,7 +5,9 @@ import gzip
 import importlib
 import itertools
 import json
+import logging
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -405,6 +407,48 @@ def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path)
   evaluate = _config(tmp_path, mode='eval', no_eval=True)
   results = train.train_and_evaluate(evaluate, trained)
   assert results['steps'] == 3 and results['eval_num_examples'] == evaluate.planted.eval_rows
+
+
+def test_eval_mode_needs_only_the_eval_file_and_reports_its_bad_rows(tmp_path, caplog):
+  trained = str(tmp_path / 'trained')
+  config = _config(tmp_path, steps=3, save_steps=0, no_eval=True)
+  train.train_and_evaluate(config, trained)
+  # An evaluator's directory holds only the eval file (it used to be refused for want of
+  # train.csv), here with one bad row in it.
+  rows = (pathlib.Path(config.output_dir) / 'planted_elm' / 'eval.csv').read_text().splitlines()
+  only_eval = tmp_path / 'only_eval'
+  only_eval.mkdir()
+  (only_eval / 'eval.csv').write_text('\n'.join(rows[:50] + ['1,2,3'] + rows[50:]) + '\n')
+  evaluate = _config(tmp_path, mode='eval', data_location=str(only_eval), skip_bad_rows=True)
+  results = train.train_and_evaluate(evaluate, trained)
+  assert results['eval_num_examples'] == len(rows) and results['bad_rows'] == 1
+  with open(os.path.join(trained, 'eval_results.json')) as f:
+    written = json.load(f)
+  assert written['bad_rows'] == 1 and 'eval.csv:51:' in written['parse_stats']['bad_row_examples'][0]
+  # A second evaluation reads the cache built by the first: the bad row is still said.
+  with caplog.at_level(logging.WARNING):
+    again = train.train_and_evaluate(evaluate, trained)
+  assert again['bad_rows'] == 1
+  assert any('1 bad rows left out' in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize('skip_bad_rows', [True, False])
+def test_an_eval_file_without_a_good_row_stops_the_run_before_training(tmp_path, skip_bad_rows):
+  # It used to train to the end and only then find that nothing was left to evaluate.
+  planted = pathlib.Path(th.planted_dir(tmp_path / 'data'))
+  local = tmp_path / 'local'
+  local.mkdir()
+  shutil.copy(planted / 'train.csv', local / 'train.csv')
+  (local / 'eval.csv').write_text('clicked,user_id\n1,2,3\n')
+  config = _config(tmp_path, steps=3, save_steps=0, data_location=str(local),
+                   skip_bad_rows=skip_bad_rows)
+  workdir = tmp_path / 'run'
+  with pytest.raises(input_pipeline.DataError, match='eval.csv:1:') as raised:
+    train.train_and_evaluate(config, str(workdir))
+  if skip_bad_rows:
+    assert 'no good row is left to evaluate' in str(raised.value)
+  assert not (workdir / 'checkpoints').exists() or not os.listdir(workdir / 'checkpoints')
+  assert not (workdir / 'results.json').exists()
 
 
 @pytest.mark.parametrize('field,value', [
