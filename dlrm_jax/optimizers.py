@@ -202,13 +202,17 @@ def scale_by_tf_adam(b1: float = 0.9, b2: float = 0.999,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+# AdagradDecayOptimizer's default accumulator_decay_step.
+DECAY_STEP = 100000
+
+
 class ScaleByAdagradDecayState(NamedTuple):
   count: jax.Array  # int32 scalar: updates applied so far (DeepRec's global_step).
   accumulator: optax.Updates
 
 
 def scale_by_adagrad_decay(initial_accumulator_value: float = 0.1,
-                           accumulator_decay_step: int = 100000,
+                           accumulator_decay_step: int = DECAY_STEP,
                            accumulator_decay_rate: float = 0.9) -> optax.GradientTransformation:
   """DeepRec's AdagradDecay direction g / sqrt(accum), the accumulator decayed every decay_step."""
   _check_adagrad_hparams(initial_accumulator_value)
@@ -255,7 +259,7 @@ def _dense_adagrad(learning_rate, *, initial_accumulator_value=0.1):
 
 
 def _dense_adagrad_decay(learning_rate, *, initial_accumulator_value=0.1,
-                         accumulator_decay_step=100000, accumulator_decay_rate=0.9,
+                         accumulator_decay_step=DECAY_STEP, accumulator_decay_rate=0.9,
                          decay_all_missed_periods=True):
   # Every dense element sees every step, so no period is ever missed: the flag is accepted only so
   # that one hparams dict serves both `create` and `create_sparse`.
@@ -425,7 +429,7 @@ class RowAdagradDecayState(NamedTuple):
 
 
 def _rowwise_adagrad_decay(learning_rate, *, initial_accumulator_value=0.1,
-                           accumulator_decay_step=100000, accumulator_decay_rate=0.9,
+                           accumulator_decay_step=DECAY_STEP, accumulator_decay_rate=0.9,
                            decay_all_missed_periods=True):
   _check_adagrad_hparams(initial_accumulator_value)
   _check_decay_hparams(accumulator_decay_step, accumulator_decay_rate)

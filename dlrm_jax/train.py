@@ -774,6 +774,32 @@ DATA_ORDER_FIELDS = ('data_location', 'train_files', 'split_parts', 'eval_parts'
                      'skip_bad_rows', 'max_list_len', 'planted')
 
 
+def decay_step_change(config, workdir: str) -> List[str]:
+  """Why an adagraddecay run cannot resume with another accumulator_decay_step ([] if it can).
+
+  Each row's slot holds the decay periods it has had, counted in steps of the run's
+  accumulator_decay_step: under another step every row would take dozens of decays at its next
+  touch, while the MLPs' dense accumulators take at most one.
+  """
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return []
+  if config.optimizer != 'adagraddecay' or saved.get('optimizer') != 'adagraddecay':
+    return []
+
+  def decay_step(hparams):
+    value = (hparams or {}).get('accumulator_decay_step')
+    return optimizers.DECAY_STEP if value is None else int(value)
+
+  was, now = decay_step(saved.get('optimizer_hparams')), decay_step(config.optimizer_hparams)
+  if was == now:
+    return []
+  return [f'adagraddecay accumulated with accumulator_decay_step={was}, {now} now: '
+          f'--config.optimizer_hparams.accumulator_decay_step={was} resumes it']
+
+
 def warn_if_data_order_changes(config, workdir: str, start_step: int) -> None:
   """Warns when a resume changes what decides the data order (config.json has the run's).
 
@@ -928,6 +954,9 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   saved_setup = checkpoint_setup(manager, setup, config, workdir)
   start_step = checkpoints.latest_step(manager) or 0
   if start_step:
+    changed = decay_step_change(config, workdir)
+    if changed:
+      checkpoints.refuse(manager, changed, config, workdir)
     warn_if_data_order_changes(config, workdir, start_step)
   writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.write_config(config)

@@ -376,6 +376,25 @@ def test_resume_with_other_settings_keeps_the_earlier_config(tmp_path):
   assert (current['steps'], current['learning_rate']) == (8, 0.02)
 
 
+def test_adagraddecay_resumes_only_with_its_decay_step(tmp_path):
+  # Its rows count their decay periods in units of the step: resumed with another one, each row
+  # took ~50 decays at its next touch while the MLPs' accumulators took at most one.
+  workdir = str(tmp_path / 'run')
+
+  def config(steps, **hparams):
+    return _config(tmp_path, steps=steps, save_steps=0, no_eval=True, optimizer='adagraddecay',
+                   optimizer_hparams=hparams)
+
+  train.train_and_evaluate(config(3), workdir)  # the default step, 100000
+  with pytest.raises(ValueError, match=r'accumulator_decay_step=100000, 4 now: '
+                                       r'--config.optimizer_hparams.accumulator_decay_step=100000'):
+    train.train_and_evaluate(config(6, accumulator_decay_step=4), workdir)
+  assert train.train_and_evaluate(config(6, accumulator_decay_step=100000), workdir)['steps'] == 6
+  # The rate may change: the periods' count stays right.
+  results = train.train_and_evaluate(config(8, accumulator_decay_rate=0.5), workdir)
+  assert results['steps'] == 8
+
+
 def test_predict_mode_refuses_several_processes(tmp_path, monkeypatch):
   # Each process would read the whole file as its share of the batch (rows written twice).
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
