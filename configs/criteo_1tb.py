@@ -8,7 +8,9 @@ found for `day_5`). Dense features are log(x + 1) with negatives clamped to 0; c
 hashed into per-column tables:
   reference (default): the Facebook reference's table sizes for 1TB with --max-ind-range=10M
     (49.1M rows in all), embedding 64, bottom 512-256-64, top 512-512-256, dot interaction,
-    batch 2048, as its dlrm_s_criteo_terabyte.sh.
+    batch 2048, as its dlrm_s_criteo_terabyte.sh; the training otherwise DeepRec's (batch norm,
+    adamasync at 0.01), where that script has no batch norm and runs SGD at 0.1
+    (--config.batch_norm=False --config.optimizer=gradientdescent --config.learning_rate=0.1).
   deeprec: 10000 buckets per column, embedding 16, the default MLPs, with the dot interaction
     (as the reference's variant).
 Each day file is cached on its own (under <data_location>/dlrm_cache, ~191 bytes a row, about

@@ -26,9 +26,14 @@ Where this config differs from DLRMv2:
     reference starts the accumulator at 0 with epsilon 1e-10; TensorFlow's Adagrad used here starts
     it at 0.1 with no epsilon.
   * No learning-rate warm-up or decay schedule (this codebase has none).
+  * Dense features are log(x + 1) with negatives clamped to 0, as the original DLRM reference;
+    DLRMv2's preprocessing (TorchRec's criteo utilities) takes log(x - min + 2) over each file,
+    which keeps negative values apart.
+  * The whole of day_23 is evaluated; MLPerf evaluates on its halves (validation and test).
 
-Data: `data_location` must hold `train.txt` (days 0-22 of the Criteo 1TB click logs, day_0 ..
-day_22 concatenated, 4,195,197,692 rows) and `eval.txt` (day_23; MLPerf evaluates on its halves).
+Data: `data_location` holds the day files as downloaded, `day_0` .. `day_22` to train
+(4,195,197,692 rows) and `day_23` to evaluate, each plain or gzip'd, cached one file at a time
+as `configs/criteo_1tb.py` reads them.
 
 Mesh: tables are split by rows over the 'model' axis, replicated over 'data'; MLPs are replicated
 and the batch splits over 'data'. Eight table shards (26 GB of tables and accumulator per device)
@@ -49,7 +54,9 @@ def get_config():
 
   # Data.
   config.feature_spec = 'criteo'
-  config.data_location = './data/criteo_1tb'   # train.txt (day_0..day_22), eval.txt (day_23)
+  config.data_location = './data/criteo_1tb'
+  config.train_files = ','.join(f'day_{d}' for d in range(23))
+  config.eval_files = 'day_23'
   config.criteo_table_rows = MLPERF_DLRMV2_TABLE_ROWS
   config.embedding_dim = 128
 

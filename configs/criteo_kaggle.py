@@ -4,8 +4,11 @@
   python -m dlrm_jax.main --config=configs/criteo_kaggle.py:reference --config.data_location=...
 
 data_location holds `train.txt` (or `train.txt.gz`) from the Kaggle Display Advertising
-Challenge. As in the Facebook reference, its lines are cut into 7 equal "days" in file order;
-days 0-5 train and day 6 is the eval set. Dense features are log(x + 1) of the integers with
+Challenge. As in the Facebook reference, its lines are cut into 7 equal "days" in file order
+and days 0-5 train; all of day 6 is the eval set, where the reference splits day 6 in two and
+tests on the first half (its AUC is over half as many rows: not directly comparable), and the
+7-way cut's spare rows (45,840,617 = 7 x 6,548,659 + 4) go to the last days here, to the first
+days there. Dense features are log(x + 1) of the integers with
 negatives clamped to 0; each categorical is hashed (FarmHash, as TensorFlow) into its own table:
   deeprec (default): 10000 buckets per column, embedding 16 (DeepRec's Criteo DLRM,
     modelzoo/dlrm, as its default feature columns build it). Two things follow the Facebook
@@ -16,8 +19,11 @@ negatives clamped to 0; each categorical is hashed (FarmHash, as TensorFlow) int
     its DLRM sizes the tables with under --adaptive_emb; the tables of the README's Criteo
     speed and memory figures ("DeepRec's Criteo tables", experiments/benchmark.py).
   reference: the Facebook reference's Kaggle table sizes (its per-column cardinalities), so
-    tables hold 33.8M rows in all; the same model otherwise (dot interaction, 512-256-64-16 /
-    512-256, as its Kaggle script).
+    tables hold 33.8M rows in all, and its Kaggle script's MLP shapes (dot interaction,
+    512-256-64-16 / 512-256). The training stays DeepRec's (batch norm in the bottom MLP,
+    adamasync at 0.01, batch 512), where the reference's script has no batch norm and runs SGD
+    at 0.1 on batches of 128: add --config.batch_norm=False --config.optimizer=gradientdescent
+    --config.learning_rate=0.1 --config.batch_size=128 for that.
 The first run parses train.txt once into the row cache (<data_location>/dlrm_cache, about 191
 bytes per row, all 26 ids stored: 8.8 GB) and every later epoch and run reads the cache.
 Without the files the run stops and says where they come from; a stand-in of the same format:

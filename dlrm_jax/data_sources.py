@@ -8,7 +8,7 @@ data_location; '' = train.csv / eval.csv for ELM, train.txt / eval.txt for Crite
 files, each optionally gzip'd (`day_0` finds `day_0.gz` too). With `split_parts = n > 0` the
 train files hold everything: each is cut by line into n equal parts, the last `eval_parts` of
 them are evaluated on and the rest trained on (Criteo Kaggle: train.txt is 7 days, the 7th is
-the test set, as in the Facebook reference).
+evaluated on; the Facebook reference evaluates only its first half, its test set).
 
 Reading. With `use_cache` (the default) each source is parsed once into a row cache
 (`row_cache`, under `cache_dir` or `<data dir>/dlrm_cache`) and every epoch and evaluation reads

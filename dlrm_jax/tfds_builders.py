@@ -181,7 +181,8 @@ class CriteoBlocks(_Blocks):
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Criteo Kaggle: put `train.txt` (45,840,617 labelled rows, from the Kaggle Display Advertising
   Challenge archive dac.tar.gz) in the manual directory; its first 6/7 of lines are the train
-  split and the last 1/7 the eval split, as in the Facebook DLRM reference.
+  split and the last 1/7 the eval split (the Facebook DLRM reference tests on the first half of
+  that last 1/7 only).
   Criteo 1TB: put `day_0` .. `day_23` (or day_N.gz as downloaded) in the manual directory;
   days 0-22 are the train split and day 23 the eval split.
   The manual directory is ~/tensorflow_datasets/downloads/manual/ unless

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import criteo_1tb
+from configs import criteo_1tb_mlperf
 from configs import criteo_kaggle
 from configs import default
 from dlrm_jax import data_sources
@@ -358,12 +359,13 @@ def test_criteo_configs(tmp_path):
   line = '\t'.join(['1'] + ['3'] * 13 + ['68fd1e64'] * 26)
   for day in range(24):
     write(tmp_path / (f'day_{day}.gz' if day % 2 else f'day_{day}'), [line] * 2, day % 2 == 1)
-  config = criteo_1tb.get_config('deeprec')
-  config.data_location = str(tmp_path)
-  config.num_workers = 0
-  data = data_sources.resolve(config, spec, process_index=0, process_count=1)
-  assert data.train_rows == 46 and len(data.train_sources) == 23
-  assert data.eval_sources[0].path == str(tmp_path / 'day_23.gz')
+  # The MLPerf sizes read the same day files (the config used to want them concatenated).
+  for config in criteo_1tb.get_config('deeprec'), criteo_1tb_mlperf.get_config():
+    config.data_location = str(tmp_path)
+    config.num_workers = 0
+    data = data_sources.resolve(config, spec, process_index=0, process_count=1)
+    assert data.train_rows == 46 and len(data.train_sources) == 23
+    assert data.eval_sources[0].path == str(tmp_path / 'day_23.gz')
 
 
 def test_a_table_of_no_rows_is_refused_by_the_spec():
