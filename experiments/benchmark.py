@@ -75,10 +75,13 @@ flags.DEFINE_float('min_time', None, 'Seconds of work per measurement (default 0
 flags.DEFINE_string('json_out', 'benchmark.json', 'Where to write the results.')
 flags.DEFINE_bool('torchrec', True, 'Measure TorchRec too (skipped when it is not installed).')
 flags.DEFINE_bool('tiny', False, 'Tiny tables and MLPs: checks the machinery in seconds (tests).')
-flags.DEFINE_integer('torch_threads', 2, 'PyTorch intra-op threads of the TorchRec workers.')
+flags.DEFINE_integer('torch_threads', None, 'PyTorch intra-op threads of the TorchRec workers '
+                     "(default: the CPUs this process may run on, as many as XLA:CPU's pool "
+                     'takes for ours).')
 flags.DEFINE_list('torch_omp_wait_policies', ['PASSIVE', 'default'],
                   "OMP_WAIT_POLICY of the TorchRec workers, one worker per value ('default' = "
-                  "unset: OpenMP's spin-then-sleep; PASSIVE and ACTIVE as OpenMP defines them). "
+                  "unset: OpenMP's spin-then-sleep; PASSIVE as OpenMP defines it; not ACTIVE, "
+                  'whose threads spin on while the other workers are timed). '
                   'With several, each TorchRec configuration runs once per policy in the same '
                   'alternation and ours is compared with the fastest of them in each round: on a '
                   'shared CPU a spinning thread waits for a peer that is not running and PASSIVE '
@@ -332,7 +335,7 @@ def serve(runner_factory: Callable[[Dict[str, Any], List[Dict[str, np.ndarray]]]
     for line in sys.stdin:
       request = json.loads(line)
       if request['cmd'] == 'calibrate':
-        per_step = runner.time_steps(kinds[0], 2) / 2
+        per_step = calibrated_step_time(runner, kinds[0], request['min_time'])
         n = max(2, math.ceil(request['min_time'] / max(per_step, 1e-6)))
         min_steps = getattr(runner, 'min_steps', {})
         steps = {kind: max(n, min_steps.get(kind, 1)) for kind in kinds}
@@ -543,6 +546,19 @@ def _wait_until_idle(quiet_s: float = 0.01, timeout_s: float = 120.0) -> float:
 # ------------------------------------------------------------------------------------------------
 # Parent side: start workers, alternate them, collect medians.
 
+def calibrated_step_time(runner, kind: str, min_time: float) -> float:
+  """Seconds a step of `kind` takes, from a sample of at least a quarter of `min_time`.
+
+  The sample doubles from 2 steps until it is that long: two steps right after the warm-up have
+  run 2x slower than the steady rate, and the measuring windows came out that much short.
+  """
+  count, seconds = 2, runner.time_steps(kind, 2)
+  while seconds < min_time / 4 and count < 4096:
+    count *= 2
+    seconds = runner.time_steps(kind, count)
+  return seconds / count
+
+
 class WorkerError(RuntimeError):
   pass
 
@@ -557,6 +573,8 @@ class Worker:
       command = [sys.executable, os.path.join(_ROOT, 'experiments', 'torchrec_dlrm.py')]
       if variant.omp_wait_policy:
         env['OMP_WAIT_POLICY'] = variant.omp_wait_policy
+      else:  # OpenMP's default, whatever this shell exports
+        env.pop('OMP_WAIT_POLICY', None)
     else:
       command = [sys.executable, os.path.abspath(__file__), '--worker']
     env.update(dict(variant.env))
@@ -754,9 +772,13 @@ def per_wait_policy(group: Group, policies: Sequence[str]) -> Group:
 
 def _policy_env(policy: str) -> str:
   """A --torch_omp_wait_policies value as OMP_WAIT_POLICY's value ('' = unset)."""
-  if policy.upper() not in ('PASSIVE', 'ACTIVE', 'DEFAULT'):
-    raise app.UsageError(f'--torch_omp_wait_policies: {policy!r} is none of PASSIVE, ACTIVE, '
-                         'default')
+  if policy.upper() == 'ACTIVE':
+    # An ACTIVE worker's threads spin for as long as it waits for its next turn: a core taken
+    # from every other worker's measurement.
+    raise app.UsageError('--torch_omp_wait_policies: ACTIVE keeps its threads spinning while the '
+                         'other workers are timed; the default policy spins, then sleeps')
+  if policy.upper() not in ('PASSIVE', 'DEFAULT'):
+    raise app.UsageError(f'--torch_omp_wait_policies: {policy!r} is neither PASSIVE nor default')
   return '' if policy.upper() == 'DEFAULT' else policy.upper()
 
 
@@ -1062,11 +1084,12 @@ def main(argv):
     data_dir, why = prepare_planted_data(_FLAGS.data_dir, _FLAGS.tiny)
     if why:
       skip['end-to-end'] = why
+  torch_threads = _FLAGS.torch_threads or len(os.sched_getaffinity(0))
   cache = _FLAGS.jax_cache_dir
   if cache is None:
     cache = os.path.join(tempfile.gettempdir(), 'dlrm_jax_benchmark', 'jax_cache')
   groups = [dataclasses.replace(g, variants=tuple(
-      dataclasses.replace(v, data_dir=data_dir, torch_threads=_FLAGS.torch_threads,
+      dataclasses.replace(v, data_dir=data_dir, torch_threads=torch_threads,
                           jax_cache_dir=cache)
       for v in g.variants)) for g in groups]
 
@@ -1084,6 +1107,7 @@ def main(argv):
   report = {
       'machine': machine_info(),
       'settings': {'quick': quick, 'tiny': _FLAGS.tiny, 'pairs': pairs, 'min_time_s': min_time,
+                   'torch_threads': torch_threads,
                    'configs': list(_FLAGS.configs), 'seconds': time.perf_counter() - started,
                    'skipped': skip, 'kinds': KINDS},
       'summary': summary,

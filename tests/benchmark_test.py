@@ -5,6 +5,7 @@ only that the report has every expected number, positive and finite.
 """
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -142,6 +143,44 @@ def test_ratios_are_against_the_fastest_wait_policy_in_each_round():
   assert single.variants[0].omp_wait_policy == ''
   with pytest.raises(app.UsageError, match='spin'):
     benchmark.per_wait_policy(group, ['PASSIVE', 'spin'])
+  # ACTIVE's threads spin while the other workers are timed: refused.
+  with pytest.raises(app.UsageError, match='spinning while the other workers are timed'):
+    benchmark.per_wait_policy(group, ['PASSIVE', 'ACTIVE'])
+
+
+def test_the_default_wait_policy_worker_gets_no_inherited_policy(tmp_path, monkeypatch):
+  # A PASSIVE exported in the shell used to make the 'default' twin a second PASSIVE worker.
+  monkeypatch.setenv('OMP_WAIT_POLICY', 'PASSIVE')
+  envs = {}
+
+  class Process:
+    def __init__(self, command, env, **kwargs):
+      del command, kwargs
+      self.stdin = io.StringIO()
+      envs[len(envs)] = env
+
+  monkeypatch.setattr(benchmark.subprocess, 'Popen', Process)
+  group = benchmark.per_wait_policy(benchmark.build_groups(quick=True, tiny=True)[0],
+                                    ['PASSIVE', 'default'])
+  for variant in group.variants[:2]:
+    benchmark.Worker(variant, str(tmp_path))
+  assert envs[0]['OMP_WAIT_POLICY'] == 'PASSIVE' and 'OMP_WAIT_POLICY' not in envs[1]
+
+
+def test_calibration_samples_a_quarter_of_min_time():
+  # The first two steps after the warm-up take 50 ms each, the rest 10 ms: a two-step sample
+  # alone gave 50 ms a step and windows a fifth of min_time long.
+  class Runner:
+    def __init__(self):
+      self.slow = 2
+
+    def time_steps(self, kind, n):
+      del kind
+      slow, self.slow = min(n, self.slow), max(0, self.slow - n)
+      return 0.05 * slow + 0.01 * (n - slow)
+
+  assert benchmark.calibrated_step_time(Runner(), 'step', 0.5) == pytest.approx(0.01)
+  assert benchmark.calibrated_step_time(Runner(), 'step', 0.0) == pytest.approx(0.05)
 
 
 def test_the_ceiling_is_measured_right_after_the_step():
