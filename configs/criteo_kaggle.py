@@ -7,8 +7,8 @@ data_location holds `train.txt` (or `train.txt.gz`) from the Kaggle Display Adve
 Challenge. As in the Facebook reference, its lines are cut into 7 equal "days" in file order
 and days 0-5 train; all of day 6 is the eval set, where the reference splits day 6 in two and
 tests on the first half (its AUC is over half as many rows: not directly comparable), and the
-7-way cut's spare rows (45,840,617 = 7 x 6,548,659 + 4) go to the last days here, to the first
-days there. Dense features are log(x + 1) of the integers with
+7-way cut's spare rows (45,840,617 = 7 x 6,548,659 + 4) fall on days 1, 3, 5 and 6 here (day k
+starts at line floor(k x rows / 7)), on the first four days there. Dense features are log(x + 1) of the integers with
 negatives clamped to 0; each categorical is hashed (FarmHash, as TensorFlow) into its own table:
   deeprec (default): 10000 buckets per column, embedding 16 (DeepRec's Criteo DLRM,
     modelzoo/dlrm, as its default feature columns build it). Two things follow the Facebook

@@ -25,7 +25,8 @@ What is estimated rather than read off the code, per device:
   * activations: every layer's outputs from the layer widths (Dense and ReLU outputs, batch norm,
     the interaction's inputs, Gram matrix and output), x 2 in training for the values saved for
     the backward pass and their gradients; MLP activations in the compute dtype (bf16 halves
-    them), looked-up and pooled embedding rows in float32 as the tables;
+    them), looked-up and pooled embedding rows and the `dot` interaction's stacked features and
+    Gram matrix in float32 (as under DeepRec's bf16);
   * the batch: the step's batch plus those smartstaged keeps on the devices ahead of it.
 XLA's own workspace and fragmentation are not counted: leave some headroom.
 
@@ -193,16 +194,15 @@ def _activation_bytes_per_row(setup: train.Setup, bf16: bool) -> int:
   spec = setup.spec
   model = setup.model
   # Looked-up slot rows [S, D] and pooled features [F, D], float32 as the tables.
-  embedding = (spec.num_slots + spec.num_sparse) * spec.embedding_dim * 4
-  per_layer = 3 if model.batch_norm else 2  # Dense output, ReLU output (, batch norm output)
-  values = spec.num_dense + per_layer * sum(model.bottom_mlp)
-  width = models.interaction_width(spec, model.bottom_mlp[-1], model.interaction_op)
+  float32 = (spec.num_slots + spec.num_sparse) * spec.embedding_dim
   if model.interaction_op == 'dot':
     n = spec.num_sparse + 1
-    values += n * spec.embedding_dim + n * n  # stacked features and their Gram matrix
-  values += width
+    float32 += n * spec.embedding_dim + n * n  # stacked features and their Gram: float32 always
+  per_layer = 3 if model.batch_norm else 2  # Dense output, ReLU output (, batch norm output)
+  values = spec.num_dense + per_layer * sum(model.bottom_mlp)
+  values += models.interaction_width(spec, model.bottom_mlp[-1], model.interaction_op)
   values += 2 * sum(model.top_mlp) + 1      # Dense and ReLU outputs, then the logit
-  return 2 * (embedding + values * (2 if bf16 else 4))
+  return 2 * (float32 * 4 + values * (2 if bf16 else 4))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -633,10 +633,16 @@ def _check_bad_rows(manifest: Dict[str, Any], skip_bad_rows: bool, source: Sourc
     raise bad_rows_error(stats, source.describe(), source.path,
                          '; set skip_bad_rows=True to train without them: the cache of the '
                           'good rows is ready and will be used as it is')
-  if stats['bad_rows']:
-    # Said at every opening, not only when the cache is built: a later run reads it silently.
+  key = (source.describe(), json.dumps(manifest.get('source')), str(manifest.get('share')))
+  if stats['bad_rows'] and key not in _SAID_BAD_ROWS:
+    # Said when a process first opens the cache, not only when it is built: a later run would
+    # read it silently. Once: the trainer opens each cache several times.
+    _SAID_BAD_ROWS.add(key)
     logging.warning('%s: %d bad rows left out (skip_bad_rows), the first: %s',
                     source.describe(), stats['bad_rows'], (stats['bad_row_examples'] or ['?'])[0])
+
+
+_SAID_BAD_ROWS = set()
 
 
 def has_full_cache(source: Source, spec: feature_spec_lib.FeatureSpec,

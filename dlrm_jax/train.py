@@ -548,10 +548,12 @@ def first_eval_batch(setup: Setup, config, data: data_sources.DataFiles) -> Batc
 
 def no_eval_rows_error(data: data_sources.DataFiles,
                        stats: input_pipeline.ParseStats) -> input_pipeline.DataError:
+  where = (', '.join(s.describe() for s in data.eval_sources) if data.eval_sources
+           else data.eval_path)  # the eval parts of the train files, or several eval files
   if stats.bad_rows:
-    return row_cache.bad_rows_error(stats.as_dict(), data.eval_path, data.eval_path,
+    return row_cache.bad_rows_error(stats.as_dict(), where, data.eval_path,
                                     '; no good row is left to evaluate')
-  return input_pipeline.DataError(f'{data.eval_path}: no rows to evaluate')
+  return input_pipeline.DataError(f'{where}: no rows to evaluate')
 
 
 def evaluate(setup: Setup, state: TrainState, config, data: data_sources.DataFiles,
@@ -1202,11 +1204,15 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
 def write_json_atomic(path: str, obj) -> None:
   """Write to a temporary name, then rename: a crash never leaves a half-written file."""
   tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(metrics.json_ready(obj), f, indent=2, sort_keys=True, default=float)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(metrics.json_ready(obj), f, indent=2, sort_keys=True, default=float)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def write_results(path: str, results: Dict[str, Any]) -> None:

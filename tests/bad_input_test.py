@@ -96,6 +96,7 @@ def test_lines_ended_by_cr_alone_are_named_as_such(tmp_path):
     (elm_line(total_amt_30='1' + '0' * 400), 4, 'total_amt_30'),  # beyond float64
     (elm_line(price_list='9e38;1'), 4, 'price_list'),  # a list mean beyond float32
     (elm_line(clicked='1.0'), 4, 'clicked'),
+    (elm_line(clicked='0.5'), 4, 'clicked'),   # the reference parses the label as an integer
 ])
 def test_bad_rows_name_file_line_and_column_or_are_counted(tmp_path, bad_line, line, column):
   lines = GOOD[:3] + [bad_line] + GOOD[3:]

@@ -44,8 +44,12 @@ def test_logloss_and_accuracy_match_definitions():
   expected = -np.mean([np.log(0.9), np.log(0.8), np.log(0.4), np.log(0.4)])
   assert metrics.logloss(labels, probs) == pytest.approx(expected, rel=1e-12)
   assert metrics.accuracy(labels, probs) == 0.5
-  # Clipping keeps a confident mistake finite.
-  assert np.isfinite(metrics.logloss([1], [0.0]))
+  # Clipping keeps a confident mistake finite, at Keras' BinaryCrossentropy epsilon 1e-7.
+  assert metrics.logloss([1], [0.0]) == pytest.approx(-np.log(1e-7), rel=1e-9)
+  assert metrics.logloss([0], [1.0]) == pytest.approx(-np.log(1e-7), rel=1e-6)
+  # A probability of exactly 0.5 predicts no click: DeepRec's tf.round rounds half to even.
+  assert metrics.accuracy([0, 1], [0.5, 0.5]) == 0.5
+  assert metrics.accuracy([0], [0.5]) == 1.0
 
 
 def test_metric_writer_skips_unneeded_imports_and_reads_back(tmp_path):

@@ -108,8 +108,12 @@ def train_path_pool(tables, ids, weights, spec, fused, unique_rows=None):
 
 
 @pytest.mark.parametrize('fused', [True, False])
-def test_training_pooling_equals_naive_mean_pooling(fused):
-  spec = tiny_spec()
+@pytest.mark.parametrize('buckets', [50, 64])
+def test_training_pooling_equals_naive_mean_pooling(fused, buckets):
+  # With 64 buckets a per-table array has no padding row (a multiple of ROW_MULTIPLE): the
+  # entries that pad the dedup's buffers then read a real row, and only their zero weight keeps
+  # it out of the pooled sums.
+  spec = fs.elm_spec(hash_buckets=buckets, embedding_dim=4, max_list_len=3)
   _, ids, weights = random_batch(spec, batch=6, seed=4)
   weights[weights < 0.3] = 0.0  # dead slots: padding, missing scalars, out-of-vocabulary
   tables = models.init_tables(jax.random.PRNGKey(1), spec, emb_fusion=fused)
@@ -355,6 +359,25 @@ def test_bf16_policy_keeps_float32_params_and_logits():
   # bfloat16 keeps 8 mantissa bits: ~1% relative error through a few small layers.
   np.testing.assert_allclose(out16, out32, rtol=0.05, atol=0.05)
   assert not np.array_equal(out16, out32)
+
+
+def test_batch_norm_has_tensorflows_momentum_and_epsilon():
+  # tf.layers.batch_normalization's defaults, as DeepRec builds its bottom MLP: momentum 0.99,
+  # epsilon 1e-3 (flax's own default epsilon is 1e-5). One training step moves the running
+  # statistics 1% of the way to the batch's; evaluation normalizes with them and 1e-3.
+  x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, size=(64, 5)), jnp.float32)
+  mlp = models.MLP((3,), batch_norm=True)
+  variables = mlp.init(jax.random.PRNGKey(0), x, False)
+  _, updates = mlp.apply(variables, x, True, mutable=['batch_stats'])
+  dense = variables['params']['Dense_0']
+  h = np.maximum(np.asarray(x @ dense['kernel'] + dense['bias'], np.float64), 0)
+  stats = updates['batch_stats']['BatchNorm_0']
+  np.testing.assert_allclose(stats['mean'], 0.01 * h.mean(0), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(stats['var'], 0.99 + 0.01 * h.var(0), rtol=1e-5)
+  out = mlp.apply({'params': variables['params'], 'batch_stats': updates['batch_stats']}, x,
+                  False)
+  expected = (h - stats['mean']) / np.sqrt(np.asarray(stats['var'], np.float64) + 1e-3)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('op', ['dot', 'cat'])

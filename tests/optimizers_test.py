@@ -6,9 +6,11 @@ correction as running products beta^t and AdagradDecay with an explicit decay co
 
 Tolerances: the optimizers run in float32 (unit roundoff 6e-8); a handful of elementwise steps
 accumulate a few ulps of relative error (we measured at most 2e-6, on a value near zero), so
-rtol 1e-5 leaves a margin while the formula slips we guard against (epsilon placement, bias
-correction, a missed or extra decay, a moved untouched row) change values far more with the
-settings used here. atol 1e-6 covers values that cancel to near zero. Row-wise and dense paths
+rtol 1e-5 leaves a margin while the formula slips we guard against (Adam's epsilon inside or
+outside the bias correction, the bias correction itself, a missed or extra decay, a moved
+untouched row) change values far more with the settings used here. Slips at float32's own
+resolution are not told from rounding: a Keras-style 1e-7 added to Adagrad's sqrt(accumulator)
+(at least 0.3 here) moves a value by ~3e-7 relative. atol 1e-6 covers values that cancel to near zero. Row-wise and dense paths
 that run the same float32 formula are compared at rtol 1e-6 (a few ulps: XLA may fuse a multiply
 and an add into one rounding in one program and not the other), and rows that neither path may
 move are compared bit for bit.

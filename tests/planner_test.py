@@ -144,6 +144,20 @@ def test_activations_split_over_data_and_bf16_shrinks_them():
   assert one.batch > two.batch
   half = planner.plan(tiny_criteo_config(bf16=True), 2, (1, 2))
   assert one.activations / 2 < half.activations < one.activations  # embeddings stay float32
+  # The count itself, written out for the tiny Criteo model with `dot`: 26 one-id slots and 26
+  # pooled rows of dim 4; 13 dense inputs; bottom (16, 4) with Dense, ReLU and batch norm
+  # outputs; `dot` over 27 vectors (stacked 27 x 4, Gram 27 x 27, float32 always) out to
+  # 4 + 351; top (16,) with Dense and ReLU outputs, then the logit. x 2: saved values and their
+  # gradients.
+  dot = tiny_criteo_config(interaction_op='dot')
+  spec, model = fs.from_config(dot), train.make_setup(dot).model
+  assert (spec.num_slots, spec.num_sparse, spec.embedding_dim, spec.num_dense) == (26, 26, 4, 13)
+  assert (model.bottom_mlp, model.top_mlp) == ((16, 4), (16,))
+  float32 = (26 + 26) * 4 + 27 * 4 + 27 * 27
+  compute = 13 + 3 * (16 + 4) + (4 + 27 * 26 // 2) + 2 * 16 + 1
+  for bf16, width in ((False, 4), (True, 2)):
+    p = planner.plan(tiny_criteo_config(interaction_op='dot', bf16=bf16), 2, (1, 2))
+    assert p.activations == p.rows_per_device * 2 * (4 * float32 + width * compute), bf16
 
 
 def test_no_acceleration_plans_the_dense_path_without_staging():

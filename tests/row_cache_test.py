@@ -323,6 +323,8 @@ def test_shuffle_is_seeded_and_mixes_the_whole_file(tmp_path):
   # Each epoch has its own order; batches run across the epoch boundary.
   two = order(1, epochs=2)
   assert two[:500] == first and sorted(two[500:]) == list(range(500)) and two[500:] != first
+  # ... down to which blocks come first, not only the order inside each window of 50.
+  assert set(two[500:550]) != set(first[:50])
 
 
 def test_first_batch_continues_the_same_order_without_reading_skipped_rows(tmp_path):
