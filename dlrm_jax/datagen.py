@@ -51,6 +51,12 @@ where
 - The intercept is solved (bisection on 32768 rows of its own random stream) so that the mean
   true probability is target_ctr [0.04]. Labels are Bernoulli(sigmoid(logit)).
 Weekdays, times, timediffs, visit_city, geohashes and the other ids carry no effect of their own.
+The layout is the real files' (39 fields, no header, `;` lists); some values are drawn
+differently: `times` is a small count here where the real column holds the request time (nearly
+one distinct value, so one table row, per row: planted batches touch ~8% fewer unique rows), a
+missing value is an empty field where the real files also write -99 or -1 (the reader takes
+both, as DeepRec's does: an empty scalar id is left out, a -1 is hashed), and timediffs are in
+hours (the real unit is not documented).
 At the defaults the oracle AUC on 200k rows is 0.77-0.80 over seeds 0-3 (0.69-0.70 with
 interaction_weight=0); the oracle logloss is about 0.143 against 0.167 for a constant CTR.
 
