@@ -19,10 +19,13 @@ import jax
 import numpy as np
 import pytest
 
+import input_pipeline_test
 import train_helpers as th
 from dlrm_jax import checkpoints
 from dlrm_jax import input_pipeline
+from dlrm_jax import feature_spec
 from dlrm_jax import models
+from dlrm_jax import serving
 from dlrm_jax import train
 
 
@@ -184,6 +187,31 @@ def test_a_criteo_run_from_before_criteo_missing_is_read_as_it_was_trained(tmp_p
     _restored(_config(tmp_path, mode='eval', **common), workdir)
   assert int(_restored(_config(tmp_path, mode='eval', criteo_missing='', **common),
                        workdir).step) == 3
+
+
+def test_an_export_of_per_table_arrays_looks_up_each_tables_rows(tmp_path):
+  # emb_fusion=False: the export concatenates the tables' real rows (not their padding to a
+  # multiple of 64, which would shift every later table's rows) into one array.
+  config = _config(tmp_path, emb_fusion=False)
+  setup = train.make_setup(config)
+  state = train.create_train_state(jax.random.PRNGKey(0), setup)
+  export_dir = str(tmp_path / 'export')
+  serving.export_model(setup, state, export_dir, feature_spec.spec_args(config))
+  spec = setup.spec
+  assert any(state.params['tables'][t.name].shape[0] != t.rows for t in spec.tables)
+  lines = [input_pipeline_test.elm_line(user_id=f'u{i}', item_id=f'i{i}', times=str(i))
+           for i in range(16)]
+  batch = input_pipeline.parse_chunk(lines, spec, path='rows.csv', first_line=1)
+  # Every slot looked up in its own table, then the model as evaluation runs it.
+  tables = {name: np.asarray(t) for name, t in state.params['tables'].items()}
+  names = [t.name for t in spec.tables]
+  rows = np.stack([tables[names[spec.slot_table[s]]][batch['ids'][:, s]]
+                   for s in range(spec.num_slots)], axis=1)
+  pooled = models.pool_slots(jax.numpy.asarray(rows), batch['weights'], spec)
+  logits = setup.model.apply({'params': state.params['mlp'], 'batch_stats': state.batch_stats},
+                             batch['dense'], pooled, train=False)
+  served = serving.load(export_dir)(batch['dense'], batch['ids'], batch['weights'])
+  np.testing.assert_allclose(served, jax.nn.sigmoid(logits), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow

@@ -225,6 +225,11 @@ def test_split_parts_cut_the_train_file_into_days(tmp_path):
     train = data_sources.train_batches(config, SPEC, data, num_steps=4, process_index=0,
                                        process_count=1)
     assert rows_of(train) == list(range(60)) + list(range(4))
+  # Every part evaluated would leave nothing to train on.
+  for eval_parts in (0, 7):
+    config.eval_parts = eval_parts
+    with pytest.raises(ValueError, match=r'must be in \[1, split_parts=7\)'):
+      data_sources.resolve(config, SPEC, process_index=0, process_count=1)
 
 
 @pytest.mark.parametrize('use_cache', [True, False])
@@ -246,6 +251,17 @@ def test_every_process_gets_the_same_number_of_batches(elm_dir, use_cache):
   # 45 eval rows: 15 a process, one batch of 16 each.
   assert counts == [1, 1, 1]
   assert sorted(sum(shares, [])) == list(range(1000, 1045))
+  # Two processes, 11 rows a batch: shares of 23 and 22 rows take 3 and 2 batches, and the
+  # second process pads a masked batch so that both run the same number of eval steps.
+  config.eval_batch_size = 22
+  shares, counts = [], []
+  for k in range(2):
+    data = data_sources.resolve(config, SPEC, process_index=k, process_count=2)
+    batches = list(data_sources.eval_batches(config, SPEC, data, process_index=k,
+                                             process_count=2))
+    counts.append(len(batches))
+    shares.append(rows_of(batches))
+  assert counts == [3, 3] and sorted(shares[0] + shares[1]) == list(range(1000, 1045))
 
 
 SHARES_SCRIPT = """

@@ -166,6 +166,40 @@ def test_shared_tables_give_the_same_row():
           == out['ids'][0, feature_slots('geohash12').start] == hashed('g'))
 
 
+def test_elm_features_are_deeprecs_columns():
+  # DeepRec's tianchi/DLRM/train.py, written out: SHARE_EMBEDDING_COLS share a table per group,
+  # EMBEDDING_COLS have one each, TYPE_COLS a vocabulary table each over TYPE_LIST (its order is
+  # the rows' order, so a checkpoint reads the same rows); every HISTORY_COLUMN but the two
+  # continuous ones (averaged into dense inputs) and the unused weekdays_list is a ';' list.
+  shared = [['shop_id', 'shop_id_list'], ['item_id', 'item_id_list'],
+            ['category_1_id', 'category_1_id_list'],
+            ['merge_standard_food_id', 'merge_standard_food_id_list'],
+            ['brand_id', 'brand_id_list'], ['shop_aoi_id', 'shop_aoi_id_list'],
+            ['shop_geohash_12', 'geohash12'], ['shop_geohash_6', 'shop_geohash6_list'],
+            ['visit_city', 'city_id']]
+  own = ['user_id', 'district_id', 'times', 'timediff_list', 'time_type', 'time_type_list']
+  table_of = {f.column: f.table for f in SPEC.sparse}
+  assert sorted(table_of) == sorted([c for group in shared for c in group] + own)
+  groups = {frozenset(c for c in table_of if table_of[c] == t) for t in table_of.values()}
+  assert groups == {frozenset(g) for g in shared} | {frozenset([c]) for c in own}
+  lists = {'shop_id_list', 'item_id_list', 'category_1_id_list', 'merge_standard_food_id_list',
+           'brand_id_list', 'shop_aoi_id_list', 'shop_geohash6_list', 'timediff_list',
+           'time_type_list'}
+  assert {f.column for f in SPEC.sparse if f.is_list} == lists
+  assert all(f.max_len == (MAX_LEN if f.is_list else 1) for f in SPEC.sparse)
+  assert feature_spec.ELM_TIME_TYPES == ('lunch', 'night', 'dinner', 'tea', 'breakfast')
+  vocab = {f.column: f.vocabulary for f in SPEC.sparse if f.vocabulary}
+  assert vocab == dict.fromkeys(['time_type', 'time_type_list'], feature_spec.ELM_TIME_TYPES)
+  assert [d.column for d in SPEC.dense] == [
+      'gender', 'avg_price', 'is_supervip', 'ctr_30', 'ord_30', 'total_amt_30', 'rank_7',
+      'rank_30', 'rank_90', 'hours', 'price_list', 'hours_list']
+  # The parsed row agrees: a two-value timediff list fills two slots of weight 1/2.
+  batch = parse([elm_line(timediff_list='5;6')])
+  np.testing.assert_array_equal(batch['weights'][0, feature_slots('timediff_list')][:2], 0.5)
+  with pytest.raises(ValueError):
+    feature_spec.elm_spec(max_list_len=0)
+
+
 def test_vocabulary_features_drop_out_of_vocabulary_values():
   stats = input_pipeline.ParseStats()
   rows = [elm_line(time_type='lunch', time_type_list='tea;brunch;night'),

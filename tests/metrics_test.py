@@ -5,10 +5,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+from dlrm_jax import metric_writer
 from dlrm_jax import metrics
 
 
@@ -102,3 +104,18 @@ def test_results_with_an_undefined_metric_are_strict_json(tmp_path):
                                       'steps': 3}
   with open(str(tmp_path / 'results_history.jsonl')) as f:
     assert json.loads(f.read(), **strict)['eval_auc'] is None
+
+
+def test_a_resumed_runs_later_write_of_a_step_wins(tmp_path):
+  # An interrupted run logged steps 5 and 10; its resume (a new event file) logged 10 again.
+  first = metric_writer.MetricWriter(str(tmp_path))
+  first.write_scalars(5, {'train_loss': 0.7})
+  first.write_scalars(10, {'train_loss': 0.6})
+  first.close()
+  time.sleep(1.1)  # event files are named by the second they are opened in
+  resumed = metric_writer.MetricWriter(str(tmp_path))
+  resumed.write_scalars(10, {'train_loss': 0.5})
+  resumed.close()
+  assert len(os.listdir(tmp_path)) >= 2
+  steps, values = metric_writer.read_scalars(str(tmp_path), 'train_loss')
+  assert list(steps) == [5, 10] and list(values) == pytest.approx([0.7, 0.5])

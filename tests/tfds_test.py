@@ -65,12 +65,16 @@ def test_elm_blocks_hold_exactly_the_parsed_rows(tmp_path):
   shuffled = rows_of(data_sources.train_batches(config, SPEC, data, num_steps=11,
                                                 process_index=0, process_count=1))
   assert sorted(shuffled) == list(range(1100)) and shuffled != list(range(1100))
-  # Two processes: disjoint record ranges, as many eval batches each.
-  counts = []
+  # Two processes: disjoint record ranges, as many eval batches each, every row once (in
+  # batches of 4 a process: the 15 rows of a share end in a part batch).
+  config.eval_batch_size = 8
+  counts, rows = [], []
   for k in range(2):
-    counts.append(len(list(data_sources.eval_batches(config, SPEC, data, process_index=k,
-                                                     process_count=2))))
-  assert counts[0] == counts[1]
+    batches = list(data_sources.eval_batches(config, SPEC, data, process_index=k,
+                                             process_count=2))
+    counts.append(len(batches))
+    rows += rows_of(iter(batches))
+  assert counts[0] == counts[1] and sorted(rows) == list(range(5000, 5030))
   # `python -m dlrm_jax.data_sources` prepares the TFDS data set (it used to print {}).
   prepared = data_sources.prepare(config, SPEC)
   assert [v['rows'] for v in prepared.values()] == [1100, 30], prepared
@@ -79,6 +83,10 @@ def test_elm_blocks_hold_exactly_the_parsed_rows(tmp_path):
   os.remove(manual / 'train.csv')
   assert data_sources.resolve(config, SPEC, process_index=0, process_count=1).train_rows == 1100
   write(manual / 'eval.csv', numbered_lines(7000, 31))
+  with pytest.raises(tfds_builders.SourceChanged, match=re.escape(f'{manual / "eval.csv"} (')):
+    data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+  # ... also when only its modification time tells: the built file's bytes written again.
+  write(manual / 'eval.csv', numbered_lines(5000, 30))
   with pytest.raises(tfds_builders.SourceChanged, match=re.escape(f'{manual / "eval.csv"} (')):
     data_sources.resolve(config, SPEC, process_index=0, process_count=1)
 
