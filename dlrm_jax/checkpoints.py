@@ -56,9 +56,13 @@ def _leaves(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
 
 def config_differences(saved: Dict[str, Any], current: Dict[str, Any],
                        prefix: str = '') -> List[str]:
-  """'field: saved -> current' for every (dotted) field whose value differs between two configs."""
+  """'field: saved -> current' for every (dotted) field whose value differs between two configs.
+
+  `distributed` is left out: config.json is process 0's, and each process has its own id (and
+  a resume may well run on other hosts).
+  """
   lines = []
-  for key in sorted(set(saved) | set(current)):
+  for key in sorted((set(saved) | set(current)) - ({'distributed'} if not prefix else set())):
     old, new = saved.get(key, '(absent)'), current.get(key, '(absent)')
     if isinstance(old, dict) and isinstance(new, dict):
       lines += config_differences(old, new, f'{prefix}{key}.')

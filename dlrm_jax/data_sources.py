@@ -271,18 +271,50 @@ def _open_caches(config, spec, sources, stats, process_index, process_count):
         num_workers=parse_workers(config, [sources[i].path]), process_index=index,
         process_count=count, wait=wait, use_full_cache=use_full[i])
 
-  opened = [open_one(i, wait=False) for i in range(len(sources))]
-  opened = [o if o is not None else open_one(i, wait=True) for i, o in enumerate(opened)]
-  for i, (cache, _, _) in enumerate(opened):
-    if use_full[i] and cache.manifest['share'] != [0, 1]:
-      # It went stale since every process agreed to read it: this process now reads its own
-      # share while the others read slices.
-      raise RuntimeError(f'the row cache of {sources[i].describe()} changed while the processes '
-                         'opened it (rebuilt, or its source file changed): run again')
+  error = None
+  try:
+    opened = [open_one(i, wait=False) for i in range(len(sources))]
+    opened = [o if o is not None else open_one(i, wait=True) for i, o in enumerate(opened)]
+    for i, (cache, _, _) in enumerate(opened):
+      if use_full[i] and cache.manifest['share'] != [0, 1]:
+        # It went stale since every process agreed to read it: this process now reads its own
+        # share while the others read slices.
+        raise RuntimeError(f'the row cache of {sources[i].describe()} changed while the '
+                           'processes opened it (rebuilt, or its source file changed): run again')
+  except Exception as e:  # pylint: disable=broad-except
+    error = e
+  if count > 1:
+    fail_together(error, 'reading ' + ', '.join(s.describe() for s in sources))
+  elif error is not None:
+    raise error
   if stats is not None:
-    for cache, _, _ in opened:
-      row_cache.add_manifest_stats(stats, cache.manifest)
+    for (cache, _, _), full in zip(opened, use_full):
+      # A cache of the whole file holds every process's counts: they are process 0's to report,
+      # so that the run's totals (train.global_parse_stats) add up.
+      if not full or index == 0:
+        row_cache.add_manifest_stats(stats, cache.manifest)
   return opened
+
+
+def fail_together(error: Optional[BaseException], what: str) -> None:
+  """Raises `error` here and a DataError on every other process of a multi-process run.
+
+  A bad row is often in one process's share only: that process would raise and wait in JAX's
+  shutdown barrier while the others waited in their next collective, both for minutes, and the
+  others' logs would only say that the barrier failed. Every process calls this at the same
+  point, error or not. Without jax.distributed (processes simulated in one interpreter) it
+  raises `error` alone.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.distributed.is_initialized() and jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).ravel()
+    if failed.any() and error is None:
+      raise input_pipeline.DataError(
+          f'{what} failed on process {", ".join(map(str, np.flatnonzero(failed)))}: its log '
+          'says why')
+  if error is not None:
+    raise error
 
 
 def _on_every_process(flags: List[bool]) -> List[bool]:

@@ -533,12 +533,17 @@ def first_eval_batch(setup: Setup, config, data: data_sources.DataFiles) -> Batc
   not after it.
   """
   stats = input_pipeline.ParseStats()
-  host = data_sources.eval_batches(config, setup.spec, data, stats=stats, compact=True)
+  error = first = None
   try:
-    first = next(host, None)
-  finally:
-    if hasattr(host, 'close'):
-      host.close()  # a generator's readers and parse workers stop here
+    host = data_sources.eval_batches(config, setup.spec, data, stats=stats, compact=True)
+    try:
+      first = next(host, None)
+    finally:
+      if hasattr(host, 'close'):
+        host.close()  # a generator's readers and parse workers stop here
+  except Exception as e:  # pylint: disable=broad-except
+    error = e  # a bad row in one process's share: every process stops
+  data_sources.fail_together(error, f'reading the eval rows of {data.eval_path}')
   batch = None if first is None else next(step_batches(iter([first]), setup, False))
   # The global mask's sum: with several processes one may hold no eval row of a tiny file.
   if batch is None or not int(jnp.sum(batch['mask'] > 0)):
@@ -575,6 +580,29 @@ def evaluate(setup: Setup, state: TrainState, config, data: data_sources.DataFil
     logging.warning('eval AUC is undefined (NaN): all %d rows of %s have label %d',
                     values['num_examples'], data.eval_path, int(values['positive_rate'] > 0.5))
   return values
+
+
+def global_parse_stats(stats: input_pipeline.ParseStats) -> input_pipeline.ParseStats:
+  """The run's parse counts: each process counts its own share, so they are summed over the
+  processes (source_lines, the lines of the files, is every process's already); the bad-row
+  examples are this process's, plus a line naming the other processes that dropped rows.
+  Collective: every process calls it, at the same point."""
+  if jax.process_count() == 1:
+    return stats
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  names = ('rows', 'bad_rows', 'truncated_values', 'lines', 'oov_values', 'non_utf8_lines',
+           'source_lines')
+  local = np.asarray([getattr(stats, n) for n in names], np.int64)
+  # As int32 pairs: without jax_enable_x64 an int64 would be narrowed (1TB's 4.2B lines).
+  every = np.asarray(multihost_utils.process_allgather(local.view(np.int32)))
+  every = np.ascontiguousarray(every.reshape(jax.process_count(), -1)).view(np.int64)
+  counts = dict(zip(names, every.sum(axis=0).tolist()))
+  counts['source_lines'] = int(every[:, -1].max())
+  others = [p for p in range(len(every)) if every[p, 1] and p != jax.process_index()]
+  examples = list(stats.bad_row_examples)
+  if others:
+    examples.append(f'and bad rows on process {", ".join(map(str, others))}: its log names them')
+  return input_pipeline.ParseStats(**counts, bad_row_examples=examples)
 
 
 def parse_results(stats: input_pipeline.ParseStats) -> Dict[str, Any]:
@@ -937,7 +965,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     results = {'steps': int(state.step), **data.oracle}
     stats = input_pipeline.ParseStats()
     results.update({f'eval_{k}': v for k, v in evaluate(setup, state, config, data, stats).items()})
-    results.update(parse_results(stats))
+    results.update(parse_results(global_parse_stats(stats)))
     if jax.process_index() == 0:
       write_results(os.path.join(workdir, 'eval_results.json'), results)
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
@@ -1161,9 +1189,10 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     results['eval_history'] = eval_history  # the evaluations during training, by step
     results['eval_during_training_s'] = eval_time
 
-  def record_results():
+  def record_results(every_process: bool):
+    # After a failure the processes may not be at the same point: this process's counts then.
     results.update(data.oracle)
-    results.update(parse_results(stats))
+    results.update(parse_results(global_parse_stats(stats) if every_process else stats))
     writer.close()
     if jax.process_index() == 0:
       write_results(os.path.join(workdir, 'results.json'), results)
@@ -1183,13 +1212,13 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     # A bad eval row found only now (parsing the CSV as it goes), or a failed export: the
     # training's figures (and the evaluation's) still go to results.json, beside its checkpoint.
     results['failed_after_training'] = f'{type(e).__name__}: {e}'[:2000]
-    record_results()
+    record_results(every_process=False)
     logging.error('training finished: step %d is saved in %s and its figures are in '
                   'results.json. What failed after it is below; once it is fixed, the command '
                   'with --config.checkpoint=%s evaluates that step without training again',
                   last_saved, manager.directory, workdir)
     raise
-  record_results()
+  record_results(every_process=True)
   if stopped_at is not None:
     what = 'Ctrl-C (SIGINT)' if stopped_by == 'SIGINT' else f'preemption notice ({stopped_by})'
     raise checkpoints.Preempted(

@@ -406,6 +406,16 @@ def test_resume_with_other_settings_keeps_the_earlier_config(tmp_path):
   assert (current['steps'], current['learning_rate']) == (8, 0.02)
 
 
+def test_config_differences_leave_out_each_processs_own_settings():
+  # config.json is process 0's: on process 1 its own id read as a difference in every refusal.
+  saved = {'steps': 1, 'distributed': {'process_id': 0, 'num_processes': 2},
+           'optimizer_hparams': {'beta1': None}}
+  now = {'steps': 2, 'distributed': {'process_id': 1, 'num_processes': 2},
+         'optimizer_hparams': {'beta1': 0.8}}
+  assert checkpoints.config_differences(saved, now) == [
+      'optimizer_hparams.beta1: null -> 0.8', 'steps: 1 -> 2']
+
+
 def test_adagraddecay_resumes_only_with_its_decay_step(tmp_path):
   # Its rows count their decay periods in units of the step: resumed with another one, each row
   # took ~50 decays at its next touch while the MLPs' accumulators took at most one.

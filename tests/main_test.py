@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from dlrm_jax import checkpoints
 from dlrm_jax import feature_spec
 from dlrm_jax import input_pipeline
 from dlrm_jax import serving
+import train_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS='cpu')
@@ -200,6 +202,34 @@ def test_preemption_notices_take_signals_only_inside_the_block(signum):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)
   assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.slow
+def test_bad_rows_in_one_processs_share_stop_both_or_are_counted_over_both(tmp_path):
+  # Each process parses every second line: the bad rows at the even lines are process 1's
+  # alone. Process 0 used to wait in its next collective while process 1 waited in JAX's
+  # shutdown barrier, for 5 minutes, and then both aborted; with skip_bad_rows, results.json
+  # counted process 0's rows only.
+  planted = train_helpers.planted_dir(tmp_path / 'planted')
+  data = tmp_path / 'data'
+  data.mkdir()
+  shutil.copy(os.path.join(planted, 'train.csv'), data / 'train.csv')
+  with open(os.path.join(planted, 'eval.csv')) as f:
+    good = f.read().splitlines()[:20]
+  (data / 'eval.csv').write_text(''.join(f'{line}\n1,2,3\n' for line in good))
+  common = (f'--config.data_location={data}', '--config.batch_size=64')
+  started = time.monotonic()
+  codes, logs = _two_processes(tmp_path, 'strict', 3, *common)
+  assert codes[0] != 0 and codes[1] != 0 and time.monotonic() - started < 120, codes
+  assert 'eval.csv:2: column' in logs[1]
+  assert 'failed on process 1: its log says why' in logs[0]
+  assert not os.path.exists(tmp_path / 'run' / 'results.json')
+  shutil.rmtree(tmp_path / 'run')
+  codes, logs = _two_processes(tmp_path, 'skip', 3, *common, '--config.skip_bad_rows=True')
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  results = _results(tmp_path)
+  assert results['eval_num_examples'] == 20 and results['bad_rows'] == 20
+  assert results['parse_stats']['bad_row_examples'][-1].startswith('and bad rows on process 1')
 
 
 @pytest.mark.slow
