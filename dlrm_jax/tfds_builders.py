@@ -288,11 +288,12 @@ def row_reader(config, spec: fs.FeatureSpec, manual_dir: str, split: str, *,
 
   `reader.max_share_rows` bounds every process's rows, for an equal number of eval batches.
   The build's parse statistics of the split (the rows read, and those it dropped) are added to
-  `stats`, as a row cache's are when it is opened.
+  process 0's `stats`, as a whole-file row cache's are when it is opened: they are the whole
+  split's, and train.global_parse_stats sums the processes' counts.
   """
   source = data_source(config, spec, manual_dir)[split]
   recorded = source.dataset_info.metadata.get(f'{split}_stats')
-  if stats is not None and recorded:
+  if stats is not None and recorded and process_index == 0:
     stats.add(input_pipeline.ParseStats(**recorded))
   count = len(source)
   first, stop = process_index * count // process_count, (process_index + 1) * count // process_count

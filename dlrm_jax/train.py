@@ -1189,20 +1189,24 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     results['eval_history'] = eval_history  # the evaluations during training, by step
     results['eval_during_training_s'] = eval_time
 
-  def record_results(every_process: bool):
-    # After a failure the processes may not be at the same point: this process's counts then.
+  def record_results(parse_stats: input_pipeline.ParseStats):
     results.update(data.oracle)
-    results.update(parse_results(global_parse_stats(stats) if every_process else stats))
+    results.update(parse_results(parse_stats))
     writer.close()
     if jax.process_index() == 0:
       write_results(os.path.join(workdir, 'results.json'), results)
 
   evaluate_now = not config.no_eval and stopped_at is None
+  run_stats = None
   try:
     if evaluate_now:
       return_freed_heap()  # what the save freed
       eval_metrics = evaluate(setup, state, config, data, stats, step=eval_fn)
       results.update({f'eval_{k}': v for k, v in eval_metrics.items()})
+    # The run's counts, summed over the processes while they are all here, before what only
+    # process 0 does and may fail at alone (its summaries, the export's write).
+    run_stats = global_parse_stats(stats)
+    if evaluate_now:
       writer.write_scalars(final_step, {f'eval_{k}': results[f'eval_{k}']
                                         for k in ('auc', 'accuracy', 'logloss')})
     if config.export_dir and stopped_at is None:
@@ -1212,13 +1216,14 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     # A bad eval row found only now (parsing the CSV as it goes), or a failed export: the
     # training's figures (and the evaluation's) still go to results.json, beside its checkpoint.
     results['failed_after_training'] = f'{type(e).__name__}: {e}'[:2000]
-    record_results(every_process=False)
+    # Failed in the evaluation, the processes may not all have got this far: this one's counts.
+    record_results(run_stats or stats)
     logging.error('training finished: step %d is saved in %s and its figures are in '
                   'results.json. What failed after it is below; once it is fixed, the command '
                   'with --config.checkpoint=%s evaluates that step without training again',
                   last_saved, manager.directory, workdir)
     raise
-  record_results(every_process=True)
+  record_results(run_stats)
   if stopped_at is not None:
     what = 'Ctrl-C (SIGINT)' if stopped_by == 'SIGINT' else f'preemption notice ({stopped_by})'
     raise checkpoints.Preempted(

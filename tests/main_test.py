@@ -225,11 +225,55 @@ def test_bad_rows_in_one_processs_share_stop_both_or_are_counted_over_both(tmp_p
   assert 'failed on process 1: its log says why' in logs[0]
   assert not os.path.exists(tmp_path / 'run' / 'results.json')
   shutil.rmtree(tmp_path / 'run')
+  # Parsing as it goes (no row cache): found in the first eval batch, read before training.
+  codes, logs = _two_processes(tmp_path, 'csv', 3, *common, '--config.use_cache=False')
+  assert codes[0] != 0 and codes[1] != 0 and time.monotonic() - started < 240, codes
+  assert 'eval.csv:2: column' in logs[1]
+  assert 'reading the eval rows of' in logs[0] and 'failed on process 1' in logs[0]
+  shutil.rmtree(tmp_path / 'run')
   codes, logs = _two_processes(tmp_path, 'skip', 3, *common, '--config.skip_bad_rows=True')
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   results = _results(tmp_path)
   assert results['eval_num_examples'] == 20 and results['bad_rows'] == 20
   assert results['parse_stats']['bad_row_examples'][-1].startswith('and bad rows on process 1')
+
+
+EXPORT_FAILS_ON_PROCESS_0 = r"""
+import runpy, sys
+import jax
+from dlrm_jax import serving
+export_model = serving.export_model
+def failing_on_process_0(*args, **kwargs):
+  out = export_model(*args, **kwargs)
+  if jax.process_index() == 0:
+    raise OSError(28, 'No space left on device (process 0 only)')
+  return out
+serving.export_model = failing_on_process_0
+sys.argv = ['main'] + sys.argv[1:]
+runpy.run_module('dlrm_jax.main', run_name='__main__')
+"""
+
+
+@pytest.mark.slow
+def test_a_failure_of_process_0_alone_after_training_hangs_no_process(tmp_path):
+  # Only process 0 writes the export and the summaries. When its write failed, the others went
+  # on to sum the parse counts over the processes and waited for process 0 there for good.
+  port = _free_port()
+  procs = []
+  for pid in (0, 1):
+    command = [sys.executable, '-c', EXPORT_FAILS_ON_PROCESS_0,
+               *_command(tmp_path, 3, f'--config.export_dir={tmp_path / "export"}',
+                         *_distributed(port, 2, pid))[3:]]
+    procs.append(_start(command, tmp_path / f'export{pid}.txt'))
+  try:
+    codes = [p.wait(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert codes == [1, 0], codes
+  results = _results(tmp_path)
+  assert results['failed_after_training'].startswith('OSError: [Errno 28]')
+  assert results['rows_parsed'] > 0 and 0 < results['eval_auc'] < 1
 
 
 @pytest.mark.slow

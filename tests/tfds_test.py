@@ -68,13 +68,18 @@ def test_elm_blocks_hold_exactly_the_parsed_rows(tmp_path):
   # Two processes: disjoint record ranges, as many eval batches each, every row once (in
   # batches of 4 a process: the 15 rows of a share end in a part batch).
   config.eval_batch_size = 8
-  counts, rows = [], []
+  counts, rows, parsed = [], [], []
   for k in range(2):
-    batches = list(data_sources.eval_batches(config, SPEC, data, process_index=k,
+    stats = input_pipeline.ParseStats()
+    batches = list(data_sources.eval_batches(config, SPEC, data, stats=stats, process_index=k,
                                              process_count=2))
     counts.append(len(batches))
     rows += rows_of(iter(batches))
+    parsed.append(stats.rows)
   assert counts[0] == counts[1] and sorted(rows) == list(range(5000, 5030))
+  # The build's counts are the whole split's: process 0 reports them, so that the run's sum
+  # over processes (train.global_parse_stats) is the split's 30 rows, not 60.
+  assert parsed == [30, 0]
   # `python -m dlrm_jax.data_sources` prepares the TFDS data set (it used to print {}).
   prepared = data_sources.prepare(config, SPEC)
   assert [v['rows'] for v in prepared.values()] == [1100, 30], prepared
