@@ -590,15 +590,15 @@ def global_parse_stats(stats: input_pipeline.ParseStats) -> input_pipeline.Parse
   if jax.process_count() == 1:
     return stats
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  names = ('rows', 'bad_rows', 'truncated_values', 'lines', 'oov_values', 'non_utf8_lines',
-           'source_lines')
+  names = [f.name for f in dataclasses.fields(stats) if f.name != 'bad_row_examples']
   local = np.asarray([getattr(stats, n) for n in names], np.int64)
   # As int32 pairs: without jax_enable_x64 an int64 would be narrowed (1TB's 4.2B lines).
   every = np.asarray(multihost_utils.process_allgather(local.view(np.int32)))
   every = np.ascontiguousarray(every.reshape(jax.process_count(), -1)).view(np.int64)
-  counts = dict(zip(names, every.sum(axis=0).tolist()))
-  counts['source_lines'] = int(every[:, -1].max())
-  others = [p for p in range(len(every)) if every[p, 1] and p != jax.process_index()]
+  by_name = dict(zip(names, every.T))  # each counter's value on every process
+  counts = {n: int(v.sum()) for n, v in by_name.items()}
+  counts['source_lines'] = int(by_name['source_lines'].max())
+  others = [p for p, bad in enumerate(by_name['bad_rows']) if bad and p != jax.process_index()]
   examples = list(stats.bad_row_examples)
   if others:
     examples.append(f'and bad rows on process {", ".join(map(str, others))}: its log names them')
