@@ -80,21 +80,29 @@ def _option(config, name, default):
   return config.get(name, default)
 
 
-def _find(directory: str, names: str, spec_name: str, default: str,
-          planted: bool = False) -> List[str]:
-  """Files named by a comma-separated list of names / patterns inside `directory` (the planted
-  data set's with `planted`)."""
+def match_files(directory: str, names: Sequence[str]) -> Tuple[List[str], List[str]]:
+  """(files, missing paths) of file names or glob patterns inside `directory`: a name is the
+  file, or the file with `.gz` added; a pattern is the files it matches, sorted."""
   files, missing = [], []
-  for name in [n.strip() for n in (names or default).split(',') if n.strip()]:
+  for name in names:
     path = os.path.join(directory, name)
     if os.path.isfile(path):
       files.append(path)
     elif os.path.isfile(path + '.gz'):
       files.append(path + '.gz')
-    elif glob.has_magic(path) and glob.glob(path):
+    elif glob.has_magic(path) and any(os.path.isfile(p) for p in glob.glob(path)):
       files.extend(sorted(p for p in glob.glob(path) if os.path.isfile(p)))
     else:
       missing.append(path)
+  return files, missing
+
+
+def _find(directory: str, names: str, spec_name: str, default: str,
+          planted: bool = False) -> List[str]:
+  """Files named by a comma-separated list of names / patterns inside `directory` (the planted
+  data set's with `planted`)."""
+  files, missing = match_files(
+      directory, [n.strip() for n in (names or default).split(',') if n.strip()])
   if missing and planted:
     # A config for a data set of other file names (criteo_1tb.py's days) on planted data.
     raise FileNotFoundError(
@@ -243,11 +251,15 @@ def source_lines(config, spec: fs.FeatureSpec, sources: Sequence[Source],
 
 
 def parse_workers(config, paths: Sequence[str]) -> int:
-  """CSV parse processes for `paths`: config.num_workers, or with -1 one per core (at most 8)
-  when a file is large enough to repay starting them."""
-  workers = int(_option(config, 'num_workers', -1))
-  if workers >= 0:
-    return workers
+  """CSV parse processes for `paths` by config.num_workers."""
+  return workers_for(int(_option(config, 'num_workers', -1)), paths)
+
+
+def workers_for(num_workers: int, paths: Sequence[str]) -> int:
+  """`num_workers` parse processes, or with -1 one per core (at most 8) when a file of `paths`
+  is large enough to repay starting them."""
+  if num_workers >= 0:
+    return num_workers
   big = any(os.path.getsize(p) >= _AUTO_WORKERS_BYTES for p in paths)
   return min(os.cpu_count() or 1, 8) if big and (os.cpu_count() or 1) > 1 else 0
 

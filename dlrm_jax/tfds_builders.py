@@ -35,6 +35,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dlrm_jax import data_sources
 from dlrm_jax import feature_spec as fs
 from dlrm_jax import input_pipeline
 from dlrm_jax import row_cache
@@ -56,22 +57,13 @@ class BlocksConfig(tfds.core.BuilderConfig):
   split_parts: int = 0
   eval_parts: int = 1
   skip_bad_rows: bool = False
-  num_workers: int = 0
+  num_workers: int = -1
 
 
 def _files(directory: str, names: Sequence[str]) -> List[str]:
-  import glob  # pylint: disable=g-import-not-at-top
-  files = []
-  for name in names:
-    path = os.path.join(directory, name)
-    if os.path.isfile(path):
-      files.append(path)
-    elif os.path.isfile(path + '.gz'):
-      files.append(path + '.gz')
-    elif glob.glob(path):
-      files.extend(sorted(glob.glob(path)))
-    else:
-      raise FileNotFoundError(f'{path} is missing from the manual directory {directory}')
+  files, missing = data_sources.match_files(directory, names)
+  if missing:
+    raise FileNotFoundError(f"{', '.join(missing)} missing from the manual directory {directory}")
   return files
 
 
@@ -119,10 +111,12 @@ class _Blocks(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     pending: List[row_cache.Rows] = []
     have = 0
     key = 0
+    # -1: one per core for large files, as a run's own cache build decides.
+    workers = data_sources.workers_for(config.num_workers, [s.path for s in sources])
     for source in sources:
       chunks = input_pipeline.iter_row_chunks(
           source.path, spec, skip_bad_rows=config.skip_bad_rows, stats=stats,
-          num_workers=config.num_workers, line_ranges=[source.line_range()],
+          num_workers=workers, line_ranges=[source.line_range()],
           postprocess=functools.partial(row_cache.compact, spec=spec))
       for rows in chunks:
         pending.append(rows)
@@ -201,7 +195,6 @@ BUILDERS = {'elm': ElmBlocks, 'criteo': CriteoBlocks}
 
 def config_for(config, spec: fs.FeatureSpec) -> BlocksConfig:
   """The builder config of a run config: its files, split and spec."""
-  from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
   train_default, eval_default = data_sources.FILE_NAMES[spec.name]
 
   def names(value):
@@ -223,7 +216,7 @@ def config_for(config, spec: fs.FeatureSpec) -> BlocksConfig:
                   f'eval {eval_files or f"the last {eval_parts} of {parts} parts"}',
       spec=spec, train_files=train_files, eval_files=eval_files, split_parts=parts,
       eval_parts=eval_parts, skip_bad_rows=bool(config.skip_bad_rows),
-      num_workers=max(0, int(config.get('num_workers', 0))))
+      num_workers=int(config.get('num_workers', -1)))
 
 
 class SourceChanged(ValueError):

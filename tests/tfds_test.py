@@ -166,3 +166,31 @@ def test_rows_a_build_dropped_are_counted_and_a_strict_run_refuses_them(tmp_path
                      r'in the train split of the TFDS data set') as error:
     data_sources.resolve(strict, SPEC, process_index=0, process_count=1)
   assert (error.value.path, error.value.line) == (str(manual / 'train.csv'), 10)
+
+
+def test_build_parses_with_the_runs_worker_count_and_names_missing_files(tmp_path, monkeypatch):
+  # The build used to read num_workers=-1 (the default: one parse process per core for large
+  # files) as 0, so a Terabyte build parsed in one process where the row cache used every core.
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  write(manual / 'train.csv', numbered_lines(0, 40))
+  write(manual / 'eval.csv', numbered_lines(1000, 20))
+  (manual / 'days_dir.csv').mkdir()
+  monkeypatch.setattr(data_sources, '_AUTO_WORKERS_BYTES', 1)  # every file is "large"
+  monkeypatch.setattr(os, 'cpu_count', lambda: 3)
+  used = []
+  parse = input_pipeline.iter_row_chunks
+
+  def spy(*args, num_workers=0, **kwargs):
+    used.append(num_workers)
+    return parse(*args, num_workers=0, **kwargs)  # the rows, without starting processes
+
+  monkeypatch.setattr(input_pipeline, 'iter_row_chunks', spy)
+  config = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), num_workers=-1)
+  assert data_sources.resolve(config, SPEC, process_index=0, process_count=1).train_rows == 40
+  assert used == [3, 3]  # train and eval, as data_sources.parse_workers gives a run's cache
+  # A pattern that matches only a directory names no file: it is missing, named, as the row
+  # cache's reader says (the build used to take the directory for a file).
+  config = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), train_files='days_*.csv')
+  with pytest.raises(FileNotFoundError, match=re.escape(f'{manual / "days_*.csv"} missing')):
+    data_sources.resolve(config, SPEC, process_index=0, process_count=1)
