@@ -75,11 +75,6 @@ class DataFiles:
   directory: str = ''  # data_location, or the planted data's directory
 
 
-def _option(config, name, default):
-  """A config field, or its default for configs written before the field existed."""
-  return config.get(name, default)
-
-
 def match_files(directory: str, names: Sequence[str]) -> Tuple[List[str], List[str]]:
   """(files, missing paths) of file names or glob patterns inside `directory`: a name is the
   file, or the file with `.gz` added; a pattern is the files it matches, sorted."""
@@ -165,8 +160,8 @@ def _evaluates_planted_eval_file(config, spec: fs.FeatureSpec, directory: str,
   """Whether the run's eval rows are the planted eval file, all of it: the rows its oracle
   figures are of. Not so with split_parts (the last parts of the train file) or with eval_files
   naming other files."""
-  names = _option(config, 'eval_files', '')
-  if int(_option(config, 'split_parts', 0)):
+  names = config.eval_files
+  if int(config.split_parts):
     logging.info('planted data: evaluating parts of the train file, which oracle.json does not '
                  'score; results.json gets no oracle figures')
     return False
@@ -203,20 +198,20 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True, need_train_file
     written = _planted_data(config, spec, directory)
   oracle = ({k: v for k, v in written.items() if k in ('oracle_auc', 'oracle_logloss')}
             if written and _evaluates_planted_eval_file(config, spec, directory, written) else {})
-  if _option(config, 'tfds_data_dir', ''):
+  if config.tfds_data_dir:
     # The TFDS data set (prepared from `directory` if it is not yet) is the data.
     from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top
     train_rows = tfds_builders.split_rows(config, spec, directory, 'train') if train else 0
     return DataFiles(config.tfds_data_dir, config.tfds_data_dir, train_rows, oracle,
                      directory=directory)
   planted = not config.data_location
-  parts = int(_option(config, 'split_parts', 0))
+  parts = int(config.split_parts)
   train_files = ()
   if need_train_files or train or parts:
-    train_files = _find(directory, _option(config, 'train_files', ''), spec.name, train_name,
+    train_files = _find(directory, config.train_files, spec.name, train_name,
                         planted)
   if parts:
-    eval_parts = int(_option(config, 'eval_parts', 1))
+    eval_parts = int(config.eval_parts)
     if not 0 < eval_parts < parts:
       raise ValueError(f'eval_parts={eval_parts} must be in [1, split_parts={parts})')
     train_sources = tuple(Source(p, (0, parts - eval_parts, parts)) for p in train_files)
@@ -224,9 +219,9 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True, need_train_file
   else:
     train_sources = tuple(Source(p) for p in train_files)
     eval_sources = ()
-    if not config.no_eval or _option(config, 'mode', 'train') == 'eval':  # eval mode evaluates
+    if not config.no_eval or config.mode == 'eval':  # eval mode evaluates
       eval_sources = tuple(Source(p) for p in _find(
-          directory, _option(config, 'eval_files', ''), spec.name, eval_name, planted))
+          directory, config.eval_files, spec.name, eval_name, planted))
   train_rows = 0
   if train:
     train_rows = sum(source_lines(config, spec, train_sources, process_index, process_count))
@@ -240,7 +235,7 @@ def source_lines(config, spec: fs.FeatureSpec, sources: Sequence[Source],
                  process_index: Optional[int] = None,
                  process_count: Optional[int] = None) -> List[int]:
   """Lines of each source (all processes' together): from the caches, or counted."""
-  if _option(config, 'use_cache', True):
+  if config.use_cache:
     return [cache.manifest['lines'] for cache, _, _ in
             _open_caches(config, spec, sources, None, process_index, process_count)]
   counts = []
@@ -252,7 +247,7 @@ def source_lines(config, spec: fs.FeatureSpec, sources: Sequence[Source],
 
 def parse_workers(config, paths: Sequence[str]) -> int:
   """CSV parse processes for `paths` by config.num_workers."""
-  return workers_for(int(_option(config, 'num_workers', -1)), paths)
+  return workers_for(int(config.num_workers), paths)
 
 
 def workers_for(num_workers: int, paths: Sequence[str]) -> int:
@@ -272,7 +267,7 @@ def _open_caches(config, spec, sources, stats, process_index, process_count):
   directory, build different files instead of queueing for the same one.
   """
   index, count = _process(process_index, process_count)
-  root = _option(config, 'cache_dir', '')
+  root = config.cache_dir
   use_full = [count > 1 and row_cache.has_full_cache(s, spec, root) for s in sources]
   if count > 1:
     use_full = _on_every_process(use_full)
@@ -355,11 +350,11 @@ def _on_every_process(flags: List[bool]) -> List[bool]:
 def _row_reader(config, spec, data, sources, stats, process_index, process_count, split):
   """A RowReader over this process's rows of `sources` (row caches or the TFDS split)."""
   index, count = _process(process_index, process_count)
-  if _option(config, 'tfds_data_dir', ''):
+  if config.tfds_data_dir:
     from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top
     return tfds_builders.row_reader(config, spec, data.directory, split, process_index=index,
                                     process_count=count, stats=stats)
-  block_rows = int(_option(config, 'cache_block_rows', 1024))
+  block_rows = int(config.cache_block_rows)
   segments = [row_cache.cache_segment(cache, start, stop, block_rows)
               for cache, start, stop in _open_caches(config, spec, sources, stats, index, count)]
   return row_cache.RowReader(segments, spec, name=', '.join(s.describe() for s in sources))
@@ -397,7 +392,7 @@ def train_batches(config, spec: fs.FeatureSpec, data: DataFiles, *, num_steps: i
   """
   index, count = _process(process_index, process_count)
   batch_size = config.batch_size // count
-  if _option(config, 'use_cache', True) or _option(config, 'tfds_data_dir', ''):
+  if config.use_cache or config.tfds_data_dir:
     reader = _row_reader(config, spec, data, data.train_sources, stats, index, count, 'train')
     return reader.batches(batch_size, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
                           num_epochs=None, first_batch=start_step, num_batches=num_steps,
@@ -428,14 +423,14 @@ def eval_batches(config, spec: fs.FeatureSpec, data: DataFiles, *,
   process. `compact` as for train_batches."""
   index, count = _process(process_index, process_count)
   batch_size = config.eval_batch_size // count
-  if _option(config, 'tfds_data_dir', ''):
+  if config.tfds_data_dir:
     reader = _row_reader(config, spec, data, data.eval_sources, stats, index, count, 'eval')
     return reader.batches(batch_size, num_epochs=1, drop_remainder=False,
                           num_batches=max(1, -(-reader.max_share_rows // batch_size)),
                           compact=compact)
   lines = source_lines(config, spec, data.eval_sources, index, count)
   num_batches = row_cache.max_share_batches(lines, count, batch_size)
-  if _option(config, 'use_cache', True):
+  if config.use_cache:
     reader = _row_reader(config, spec, data, data.eval_sources, stats, index, count, 'eval')
     return reader.batches(batch_size, num_epochs=1, drop_remainder=False,
                           num_batches=num_batches, compact=compact)
@@ -457,7 +452,7 @@ def prepare(config, spec: fs.FeatureSpec, *, process_index: int = 0,
   """
   data = resolve(config, spec, train=False, process_index=process_index,
                  process_count=process_count)
-  if _option(config, 'tfds_data_dir', ''):
+  if config.tfds_data_dir:
     from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top
     return {f'{config.tfds_data_dir} {split}':
             {'rows': tfds_builders.split_rows(config, spec, data.directory, split)}

@@ -309,8 +309,8 @@ def spec_args(config) -> dict:
   """The config fields a spec is built from (`from_args`), as JSON values."""
   return {'feature_spec': config.feature_spec, 'hash_buckets': int(config.hash_buckets),
           'embedding_dim': int(config.embedding_dim), 'max_list_len': int(config.max_list_len),
-          'criteo_table_rows': [int(r) for r in config.get('criteo_table_rows', ())],
-          'criteo_missing': str(config.get('criteo_missing', ' '))}
+          'criteo_table_rows': [int(r) for r in config.criteo_table_rows],
+          'criteo_missing': str(config.criteo_missing)}
 
 
 def from_args(feature_spec: str, hash_buckets: int, embedding_dim: int, max_list_len: int,

@@ -200,11 +200,11 @@ def config_for(config, spec: fs.FeatureSpec) -> BlocksConfig:
   def names(value):
     return tuple(n.strip() for n in value.split(',') if n.strip())
 
-  parts = int(config.get('split_parts', 0))
+  parts = int(config.split_parts)
   fingerprint = row_cache.parse_fingerprint(spec)
-  train_files = names(config.get('train_files', '') or train_default)
-  eval_files = () if parts else names(config.get('eval_files', '') or eval_default)
-  eval_parts = int(config.get('eval_parts', 1))
+  train_files = names(config.train_files or train_default)
+  eval_files = () if parts else names(config.eval_files or eval_default)
+  eval_parts = int(config.eval_parts)
   # Another choice of files or parts is another data set: TFDS would otherwise read the one
   # built first under this name (a run naming other files would train on the old ones). Data
   # sets of earlier releases, named without it, may hold any choice's rows: they are not used.
@@ -216,7 +216,7 @@ def config_for(config, spec: fs.FeatureSpec) -> BlocksConfig:
                   f'eval {eval_files or f"the last {eval_parts} of {parts} parts"}',
       spec=spec, train_files=train_files, eval_files=eval_files, split_parts=parts,
       eval_parts=eval_parts, skip_bad_rows=bool(config.skip_bad_rows),
-      num_workers=int(config.get('num_workers', -1)))
+      num_workers=int(config.num_workers))
 
 
 class SourceChanged(ValueError):
