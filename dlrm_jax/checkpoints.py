@@ -54,6 +54,17 @@ def _leaves(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def saved_config(workdir: str) -> Optional[Dict[str, Any]]:
+  """The run's config.json (the settings its checkpoints were made with); None when there is
+  none or it cannot be read."""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return saved if isinstance(saved, dict) else None
+
+
 def config_differences(saved: Dict[str, Any], current: Dict[str, Any],
                        prefix: str = '') -> List[str]:
   """'field: saved -> current' for every (dotted) field whose value differs between two configs.
@@ -104,15 +115,12 @@ def refuse(manager: ocp.CheckpointManager, problems: List[str], config, workdir:
   """
   message = [f'the checkpoint at step {manager.latest_step()} in {manager.directory} does not '
              'fit this config: ' + '; '.join(problems) + '.']
-  config_path = os.path.join(workdir, 'config.json')
-  try:
-    with open(config_path) as f:
-      differences = config_differences(json.load(f),
-                                       json.loads(config.to_json_best_effort()))
-    message.append(f'The config differs from {config_path} (the settings the checkpoint was '
-                   'made with) in: ' + (', '.join(differences) or 'nothing') + '.')
-  except (OSError, ValueError):
-    pass
+  saved = saved_config(workdir)
+  if saved is not None:
+    differences = config_differences(saved, json.loads(config.to_json_best_effort()))
+    message.append(f'The config differs from {os.path.join(workdir, "config.json")} (the '
+                   'settings the checkpoint was made with) in: '
+                   + (', '.join(differences) or 'nothing') + '.')
   message.append('Those among them that shape the state (table sizes, embedding_dim, the MLPs, '
                  'the optimizer, sparse_updates, no_acceleration) must be the run\'s; the others '
                  '(steps, learning_rate, emb_fusion, ...) may change on a resume. Or train into a '

@@ -749,14 +749,15 @@ def spec_changes(workdir: str, spec: fs.FeatureSpec) -> List[str]:
   dropped (config.json without criteo_missing) would look up rows it never trained for them, and
   lists cut at another max_list_len would pool other rows. [] when config.json cannot say.
   """
+  saved = checkpoints.saved_config(workdir)
+  if saved is None:
+    return []
   try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      saved = json.load(f)
     saved_spec = fs.from_args(saved['feature_spec'], saved['hash_buckets'],
                               saved['embedding_dim'], saved['max_list_len'],
                               saved.get('criteo_table_rows') or (),
                               saved.get('criteo_missing', ''))
-  except (OSError, ValueError, KeyError, TypeError):
+  except (ValueError, KeyError, TypeError):
     return []
   rows = {t.name: t.rows for t in saved_spec.tables}
   changed = [f'{t.name}: {rows[t.name]} saved, {t.rows} now' for t in spec.tables
@@ -811,11 +812,7 @@ def decay_step_change(config, workdir: str) -> List[str]:
   accumulator_decay_step: under another step every row would take dozens of decays at its next
   touch, while the MLPs' dense accumulators take at most one.
   """
-  try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
-    return []
+  saved = checkpoints.saved_config(workdir) or {}
   if config.optimizer != 'adagraddecay' or saved.get('optimizer') != 'adagraddecay':
     return []
 
@@ -837,10 +834,8 @@ def warn_if_data_order_changes(config, workdir: str, start_step: int) -> None:
   checkpointed run's exactly only when that order is the same; otherwise the rest of the epoch
   may repeat some rows and skip others (DeepRec restarts its input at every resume).
   """
-  try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
+  saved = checkpoints.saved_config(workdir)
+  if saved is None:
     return
   current = json.loads(config.to_json_best_effort())
 
@@ -857,6 +852,29 @@ def warn_if_data_order_changes(config, workdir: str, start_step: int) -> None:
         'resuming at step %d with another data order (%s): training goes on at batch %d of the '
         'new order, so the rest of this epoch may repeat some rows and skip others',
         start_step, '; '.join(changes), start_step)
+
+
+def eval_data_changes(config, workdir: str) -> List[str]:
+  """Why eval mode would write and score other planted rows than the run trained on ([] if
+  not; also when the run's config.json cannot say).
+
+  With data_location empty the planted data are written from config.planted when the files
+  there are not of those settings: an evaluator without the run's --config.planted overrides
+  (or without its data_location) would replace the run's files, which its trainer may still be
+  reading, and report the AUC of another data set's rows.
+  """
+  saved = checkpoints.saved_config(workdir)
+  if config.data_location or saved is None:
+    return []
+  if saved.get('data_location'):
+    return [f'the run trained on data_location={saved["data_location"]!r}, this command names '
+            f'none (planted data): --config.data_location={saved["data_location"]} evaluates '
+            'on the run\'s data']
+  current = config.planted.to_dict()
+  changed = {k: v for k, v in saved.get('planted', {}).items() if current.get(k, v) != v}
+  return [f'the run\'s planted data were written with planted.{k}={v!r}, this command has '
+          f'{current[k]!r}: --config.planted.{k}={json.dumps(v)} evaluates on them'
+          for k, v in sorted(changed.items())]
 
 
 def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
@@ -961,6 +979,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     # The checkpoint first: a mistyped run directory fails before the data are generated or
     # cached (minutes for the default planted data).
     state = restore_for_inference(setup, config, workdir)
+    changes = eval_data_changes(config, workdir)
+    if changes:
+      raise ValueError(f'mode=eval of {workdir}: ' + '; '.join(changes) + '. Nothing was written.')
     data = data_sources.resolve(config, setup.spec, train=False, need_train_files=False)
     results = {'steps': int(state.step), **data.oracle}
     stats = input_pipeline.ParseStats()

@@ -466,6 +466,25 @@ def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path)
   evaluate = _config(tmp_path, mode='eval', no_eval=True)
   results = train.train_and_evaluate(evaluate, trained)
   assert results['steps'] == 3 and results['eval_num_examples'] == evaluate.planted.eval_rows
+  # An evaluator without the run's planted settings used to write the planted files anew from
+  # its own (under a trainer that may still read them) and score the other rows without a word.
+  planted = pathlib.Path(config.output_dir) / 'planted_elm'
+  before = {p.name: p.read_bytes() for p in planted.glob('*.csv')}
+  other = _config(tmp_path, mode='eval')
+  other.planted.eval_rows += 10
+  other.planted.seed += 1
+  with pytest.raises(ValueError, match=re.escape(
+      f'planted.eval_rows={config.planted.eval_rows!r}, this command has '
+      f'{other.planted.eval_rows!r}: --config.planted.eval_rows={config.planted.eval_rows} ')
+      + '.*' + re.escape(f'--config.planted.seed={config.planted.seed} evaluates on them')):
+    train.train_and_evaluate(other, trained)
+  assert {p.name: p.read_bytes() for p in planted.glob('*.csv')} == before
+  # ... and a run trained on files, evaluated without naming them, is refused likewise.
+  on_files = os.path.join(config.output_dir, 'model_DLRM_files')
+  train.train_and_evaluate(_config(tmp_path, steps=1, save_steps=0, no_eval=True,
+                                   data_location=str(planted)), on_files)
+  with pytest.raises(ValueError, match=re.escape(f'--config.data_location={planted} evaluates')):
+    train.train_and_evaluate(_config(tmp_path, mode='eval'), on_files)
 
 
 def test_eval_mode_needs_only_the_eval_file_and_reports_its_bad_rows(tmp_path, caplog):
