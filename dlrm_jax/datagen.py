@@ -1059,7 +1059,7 @@ def _claim_file_names(out_dir: str, kind: str) -> None:
     raise FileExistsError(
         f'{out_dir} holds {", ".join(foreign)}, not written by datagen (not listed in its '
         f'{PLANTED_MARKER}): refusing to overwrite them; choose another out_dir')
-  _write_json(os.path.join(out_dir, PLANTED_MARKER), sorted(set(recorded) | set(names)))
+  metrics.write_json_atomic(os.path.join(out_dir, PLANTED_MARKER), sorted(set(recorded) | set(names)))
 
 
 def generate(kind: str, out_dir: str, train_rows: int, eval_rows: int, seed: int,
@@ -1098,7 +1098,7 @@ def generate(kind: str, out_dir: str, train_rows: int, eval_rows: int, seed: int
                train_rows + eval_rows, seconds, (train_rows + eval_rows) / max(seconds, 1e-9),
                built - started, out_dir)
   oracle = metrics.json_ready(oracle)  # as read back when reused: an undefined AUC is None
-  _write_json(oracle_path, oracle)
+  metrics.write_json_atomic(oracle_path, oracle)
   return _with_paths(oracle, out_dir, reused=False)
 
 
@@ -1114,14 +1114,6 @@ def generate_criteo(out_dir: str, train_rows: int, eval_rows: int, seed: int,
                     gzip_files: bool = False) -> Dict[str, Any]:
   """Criteo train.txt / eval.txt and oracle.json under out_dir; returns the oracle dict."""
   return generate('criteo', out_dir, train_rows, eval_rows, seed, planted, gzip_files)
-
-
-def _write_json(path: str, value: Dict[str, Any]):
-  temporary = f'{path}.tmp-{os.getpid()}'
-  with open(temporary, 'w') as f:
-    json.dump(metrics.json_ready(value), f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(temporary, path)
 
 
 def _with_paths(oracle: Dict[str, Any], out_dir: str, reused: bool) -> Dict[str, Any]:

@@ -6,7 +6,6 @@ without it. Only process 0 writes, so multi-host runs produce one set of summari
 
 import glob
 import importlib
-import json
 import os
 import struct
 import sys
@@ -17,6 +16,8 @@ from absl import logging
 import jax
 import numpy as np
 import tqdm
+
+from dlrm_jax import metrics
 
 
 # Optional packages tensorboardX imports whenever they are installed, and what it needs each for.
@@ -79,17 +80,11 @@ class MetricWriter:
     path = os.path.join(self._workdir, 'config.json')
     if os.path.exists(path):
       with open(path) as f:
-        previous = f.read()
-      if previous != text:
-        try:
-          record = json.dumps(json.loads(previous), sort_keys=True)
-        except ValueError:
-          record = json.dumps({'unreadable_config': previous})
-        with open(os.path.join(self._workdir, 'config_history.jsonl'), 'a') as f:
-          f.write(record + '\n')
-    with open(path + '.tmp', 'w') as f:
-      f.write(text)
-    os.replace(path + '.tmp', path)
+        changed = f.read() != text
+      if changed:
+        metrics.archive_previous(path, os.path.join(self._workdir, 'config_history.jsonl'),
+                                 'unreadable_config')
+    metrics.write_text_atomic(path, text)
     self._writer.add_text('config', '```\n' + text + '\n```', global_step=0)
 
   def flush(self) -> None:

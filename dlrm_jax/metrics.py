@@ -1,9 +1,13 @@
-"""Evaluation metrics computed on the host over a whole eval set: exact AUC, accuracy, logloss.
+"""Evaluation metrics computed on the host over a whole eval set: exact AUC, accuracy, logloss;
+and the JSON files results are written to.
 
 The reference reports a 1000-threshold approximate AUC (tf.metrics.auc); we report the exact
 rank-based AUC (Mann-Whitney U with tied scores sharing their average rank), which is what the
 planted data's oracle AUC is computed with too, so the two compare directly.
 """
+
+import json
+import os
 
 import numpy as np
 
@@ -61,3 +65,42 @@ def json_ready(value):
   if isinstance(value, (float, np.floating)) and not np.isfinite(value):
     return None
   return value
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Write to a temporary name, then rename: a crash or kill never leaves a half-written file,
+  and a failed write leaves the old one (and no temporary file)."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """`obj` (non-finite floats as null, numpy scalars as numbers) to `path`, atomically."""
+  write_text_atomic(path, json.dumps(json_ready(obj), indent=2, sort_keys=True, default=float)
+                    + '\n')
+
+
+def archive_previous(path: str, history_path: str, unreadable_key: str) -> None:
+  """Appends the JSON file at `path`, if there is one, to `history_path` as one line (its text
+  under `unreadable_key` when it does not parse): a file about to be replaced stays on record.
+  Never raises over a damaged old file: the new one matters more."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    text = f.read()
+  try:
+    previous = json.loads(text)
+  except ValueError:
+    previous = {unreadable_key: text}
+  with open(history_path, 'a') as f:
+    f.write(json.dumps(json_ready(previous), sort_keys=True, default=float) + '\n')
+    f.flush()
+    os.fsync(f.fileno())

@@ -62,6 +62,7 @@ import numpy as np
 
 from dlrm_jax import feature_spec as feature_spec_lib
 from dlrm_jax import input_pipeline
+from dlrm_jax import metrics
 
 Batch = Dict[str, np.ndarray]
 
@@ -390,13 +391,6 @@ def _fsync_dir(path: str) -> None:
     os.close(fd)
 
 
-def _write_json(path: str, value: Any) -> None:
-  with open(path, 'w') as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -522,7 +516,7 @@ def _build(source: Source, spec: feature_spec_lib.FeatureSpec, directory: str,
                     first_line=start, arrays=arrays, stats=stats.as_dict(),
                     build_seconds=round(seconds, 3),
                     created=time.strftime('%Y-%m-%dT%H:%M:%S'))
-    _write_json(os.path.join(tmp, 'manifest.json'), manifest)
+    metrics.write_json_atomic(os.path.join(tmp, 'manifest.json'), manifest)
     _fsync_dir(tmp)
     if os.path.exists(directory):
       # A stale cache goes only now that its successor is complete.

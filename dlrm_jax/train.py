@@ -1256,20 +1256,6 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   return results
 
 
-def write_json_atomic(path: str, obj) -> None:
-  """Write to a temporary name, then rename: a crash never leaves a half-written file."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  try:
-    with open(tmp, 'w') as f:
-      json.dump(metrics.json_ready(obj), f, indent=2, sort_keys=True, default=float)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def write_results(path: str, results: Dict[str, Any]) -> None:
   """`results` to `path` (a .json file); what it replaces goes to `<name>_history.jsonl` first.
 
@@ -1277,15 +1263,5 @@ def write_results(path: str, results: Dict[str, Any]) -> None:
   (a resume with no_eval would otherwise drop the earlier eval_auc). Never raises over the old
   file: the new results matter more than a damaged old one, which is kept as its text.
   """
-  if os.path.exists(path):
-    with open(path) as f:
-      text = f.read()
-    try:
-      previous = json.loads(text)
-    except ValueError:
-      previous = {'unreadable_results': text}
-    with open(path[:-len('.json')] + '_history.jsonl', 'a') as f:
-      f.write(json.dumps(metrics.json_ready(previous), sort_keys=True, default=float) + '\n')
-      f.flush()
-      os.fsync(f.fileno())
-  write_json_atomic(path, results)
+  metrics.archive_previous(path, path[:-len('.json')] + '_history.jsonl', 'unreadable_results')
+  metrics.write_json_atomic(path, results)

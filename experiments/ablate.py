@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from dlrm_jax import metric_writer
+from dlrm_jax import metrics
 
 # The metrics the table summarises, in column order, with their Markdown headers and formats.
 METRICS = (
@@ -199,20 +200,13 @@ def _read_json(path: str) -> Dict[str, Any]:
     return json.load(f)
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def _check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Records the cell's config, or fails if the directory holds a run of another config."""
   path = os.path.join(workdir, CELL_CONFIG)
   wanted = _config_dict(config)
   if not os.path.exists(path):
     os.makedirs(workdir, exist_ok=True)
-    _write_json(path, wanted)
+    metrics.write_json_atomic(path, wanted)
     return
   found, wanted = _comparable(_read_json(path)), _comparable(wanted)
   changed = sorted(k for k in set(found) & set(wanted) if found[k] != wanted[k])

@@ -15,6 +15,7 @@ import pytest
 import train_helpers as th
 from configs import default
 from dlrm_jax import input_pipeline
+from dlrm_jax import metrics
 from dlrm_jax import train
 
 
@@ -284,9 +285,9 @@ def test_steps_zero_trains_one_epoch_of_the_train_file(tmp_path, data_dir):
 
 def test_a_failed_results_write_keeps_the_old_file(tmp_path):
   path = str(tmp_path / 'results.json')
-  train.write_json_atomic(path, {'steps': 3})
+  metrics.write_json_atomic(path, {'steps': 3})
   with pytest.raises(TypeError):  # json.dump fails part-way, after 'a' is written
-    train.write_json_atomic(path, {'a': 1, 'b': object()})
+    metrics.write_json_atomic(path, {'a': 1, 'b': object()})
   with open(path) as f:
     assert json.load(f) == {'steps': 3}
   assert os.listdir(tmp_path) == ['results.json']  # no temporary file left either
