@@ -62,7 +62,7 @@ class Setup:
   spec: fs.FeatureSpec
   model: models.DLRM
   tx: optax.GradientTransformation
-  row_tx: Any  # optimizers.SparseOptimizer, or None on the dense path
+  row_tx: Optional[optimizers.RowwiseOptimizer]  # None on the dense path
   emb_fusion: bool
   mesh: Mesh
   # With several processes each one dedups its own rows; the step merges ids repeated across

@@ -30,15 +30,22 @@ RTOL = 1e-5
 @pytest.mark.slow
 @pytest.mark.parametrize('mesh', [(1, 4), (2, 2)])
 def test_sharded_tables_match_one_device(tmp_path, train_path, one_device_losses, mesh):
-  losses = th.losses_in_subprocess(tmp_path, train_path, 5, 4, mesh_shape=mesh)
+  losses, shards = th.losses_in_subprocess(tmp_path, train_path, 5, 4, mesh_shape=mesh,
+                                           with_shards=True)
   np.testing.assert_allclose(losses, one_device_losses, rtol=RTOL)
+  # The losses would agree as well with every table whole on every device: the tables and
+  # their row-wise slots must be split by rows over the model axis.
+  model = mesh[1]
+  assert shards and all(parts == [rows // model] for rows, parts in shards), shards
 
 
 @pytest.mark.slow
 def test_unfused_tables_sharded_match_one_device(tmp_path, train_path):
   one = th.losses_in_subprocess(tmp_path, train_path, 4, 1, emb_fusion=False)
-  four = th.losses_in_subprocess(tmp_path, train_path, 4, 4, emb_fusion=False, mesh_shape=(2, 2))
+  four, shards = th.losses_in_subprocess(tmp_path, train_path, 4, 4, emb_fusion=False,
+                                         mesh_shape=(2, 2), with_shards=True)
   np.testing.assert_allclose(four, one, rtol=RTOL)
+  assert len(shards) > 2 and all(parts == [rows // 2] for rows, parts in shards), shards
 
 
 @pytest.mark.slow

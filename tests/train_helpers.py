@@ -61,15 +61,22 @@ from dlrm_jax import train
 train.initialize_distributed(config)
 import jax
 assert jax.device_count() == {devices}, jax.devices()
-losses, _ = th.step_losses(config, {path!r}, {steps})
+losses, state = th.step_losses(config, {path!r}, {steps})
+# Each table-shaped array of the state after the steps: its rows, and the rows of the device
+# shards this process holds (with a model axis of m, rows / m each).
+shards = [[leaf.shape[0], sorted({{s.data.shape[0] for s in leaf.addressable_shards}})]
+          for leaf in jax.tree.leaves((state.params['tables'], state.table_opt_state))
+          if leaf.ndim >= 1]
 if jax.process_index() == 0:
   print('LOSSES', json.dumps(list(map(float, losses))))
+  print('SHARDS', json.dumps(shards))
 """
 
 
 def losses_in_subprocess(out_dir, train_path, steps, local_devices, total_devices=None,
-                         num_processes=1, **overrides):
-  """Per-step losses from fresh processes with `local_devices` CPU devices each.
+                         num_processes=1, with_shards=False, **overrides):
+  """Per-step losses from fresh processes with `local_devices` CPU devices each; with
+  `with_shards` also [rows, [rows of each device's shard]] of the final state's table arrays.
 
   Device counts are fixed when JAX starts, so each configuration runs in its own interpreter.
   With num_processes > 1 the processes join through a coordinator on localhost.
@@ -97,5 +104,7 @@ def losses_in_subprocess(out_dir, train_path, steps, local_devices, total_device
   outputs = [p.communicate(timeout=900) for p in procs]
   for p, (out, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-4000:]
-  line = [l for l in outputs[0][0].splitlines() if l.startswith('LOSSES')][-1]
-  return np.asarray(json.loads(line.split(' ', 1)[1]))
+  printed = {l.split(' ', 1)[0]: json.loads(l.split(' ', 1)[1])
+             for l in outputs[0][0].splitlines() if l.startswith(('LOSSES ', 'SHARDS '))}
+  losses = np.asarray(printed['LOSSES'])
+  return (losses, printed['SHARDS']) if with_shards else losses
