@@ -27,9 +27,11 @@ set, so delete its directory to rebuild it. Source files deleted after the build
 
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
 import os
+import tempfile
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -244,11 +246,22 @@ def check_sources(sources, manual_dir: str) -> None:
 def data_source(config, spec: fs.FeatureSpec, manual_dir: str):
   """tfds.data_source of the run's data set, prepared from `manual_dir` first if needed, and
   checked against the files there (`check_sources`)."""
-  sources = tfds.data_source(
-      BUILDERS[spec.name].name, data_dir=config.tfds_data_dir,
-      builder_kwargs={'config': config_for(config, spec), 'file_format': 'array_record'},
-      download_and_prepare_kwargs={'download_config': tfds.download.DownloadConfig(
-          manual_dir=manual_dir)})
+  # Making a builder of a data set not yet prepared, TFDS makes a temporary directory for
+  # dataset info from its GCS bucket (disabled: it stays empty) and never removes it.
+  stray = os.path.join(tempfile.gettempdir(), 'tmp*tfds')
+  before = set(glob.glob(stray))
+  try:
+    sources = tfds.data_source(
+        BUILDERS[spec.name].name, data_dir=config.tfds_data_dir,
+        builder_kwargs={'config': config_for(config, spec), 'file_format': 'array_record'},
+        download_and_prepare_kwargs={'download_config': tfds.download.DownloadConfig(
+            manual_dir=manual_dir)})
+  finally:
+    for path in set(glob.glob(stray)) - before:
+      try:
+        os.rmdir(path)  # only an empty one: never what another process put there
+      except OSError:
+        pass
   check_sources(sources, manual_dir)
   if not config.skip_bad_rows:
     check_bad_rows(sources)
