@@ -63,9 +63,10 @@ def _wait_for_training(log_path, seconds=300):
 
 
 def _two_processes(tmp_path, name, steps, *extra, devices=1, sigterm_to=None,
-                   signum=signal.SIGTERM):
+                   signum=signal.SIGTERM, timeout=300):
   """main in two processes of `devices` CPU devices each: their exit codes and logs. With
-  `sigterm_to`, that process gets `signum` once training has started."""
+  `sigterm_to`, that process gets `signum` once training has started. Processes still running
+  after `timeout` seconds fail the test (subprocess.TimeoutExpired): a hang."""
   port = _free_port()
   env = dict(ENV, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   logs = [tmp_path / f'{name}{pid}.txt' for pid in (0, 1)]
@@ -75,7 +76,7 @@ def _two_processes(tmp_path, name, steps, *extra, devices=1, sigterm_to=None,
     if sigterm_to is not None:
       _wait_for_training(logs[sigterm_to])
       procs[sigterm_to].send_signal(signum)
-    codes = [p.wait(timeout=300) for p in procs]
+    codes = [p.wait(timeout=timeout) for p in procs]
   finally:
     for p in procs:
       p.kill()
@@ -218,16 +219,17 @@ def test_bad_rows_in_one_processs_share_stop_both_or_are_counted_over_both(tmp_p
     good = f.read().splitlines()[:20]
   (data / 'eval.csv').write_text(''.join(f'{line}\n1,2,3\n' for line in good))
   common = (f'--config.data_location={data}', '--config.batch_size=64')
-  started = time.monotonic()
-  codes, logs = _two_processes(tmp_path, 'strict', 3, *common)
-  assert codes[0] != 0 and codes[1] != 0 and time.monotonic() - started < 120, codes
+  # The hang ended after JAX's 5-minute shutdown barrier: a shorter wait tells it apart.
+  codes, logs = _two_processes(tmp_path, 'strict', 3, *common, timeout=150)
+  assert codes[0] != 0 and codes[1] != 0, codes
   assert 'eval.csv:2: column' in logs[1]
   assert 'failed on process 1: its log says why' in logs[0]
   assert not os.path.exists(tmp_path / 'run' / 'results.json')
   shutil.rmtree(tmp_path / 'run')
   # Parsing as it goes (no row cache): found in the first eval batch, read before training.
-  codes, logs = _two_processes(tmp_path, 'csv', 3, *common, '--config.use_cache=False')
-  assert codes[0] != 0 and codes[1] != 0 and time.monotonic() - started < 240, codes
+  codes, logs = _two_processes(tmp_path, 'csv', 3, *common, '--config.use_cache=False',
+                               timeout=150)
+  assert codes[0] != 0 and codes[1] != 0, codes
   assert 'eval.csv:2: column' in logs[1]
   assert 'reading the eval rows of' in logs[0] and 'failed on process 1' in logs[0]
   shutil.rmtree(tmp_path / 'run')
