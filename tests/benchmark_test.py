@@ -75,6 +75,7 @@ def _positive_finite(value):
   return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_quick_tiny_run_writes_every_number(tmp_path):
   out = tmp_path / 'benchmark.json'
   command = [sys.executable, '-m', 'experiments.benchmark', '--tiny', '--quick', '--notorchrec',

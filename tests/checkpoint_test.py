@@ -357,6 +357,7 @@ def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_pat
     _restored(_config(tmp_path, hash_buckets=1001, mode='eval'), workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('optimizer,sparse', [('adamasync', True), ('adagraddecay', True),
                                               ('adam', False), ('adagraddecay', False)])
 def test_a_resume_may_switch_emb_fusion(tmp_path, optimizer, sparse):
@@ -664,6 +665,7 @@ def test_a_bad_eval_file_fails_before_training(tmp_path):
   assert checkpoints.latest_step(checkpoints.make_manager(workdir, config)) is None
 
 
+@pytest.mark.slow
 def test_saving_a_table_holds_no_copy_of_it(tmp_path):
   # A compressed write keeps every encoded chunk until the write completes (random floats do not
   # compress, so one table's worth: 1.08 GB for the Criteo tables). Saving a 256 MiB random table

@@ -13,6 +13,7 @@ from experiments import benchmark
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_memory_runs_report_peak_runtime_and_state(tmp_path):
   out = tmp_path / 'memory.json'
   command = [sys.executable, '-m', 'experiments.memory_benchmark', '--table_rows=small',

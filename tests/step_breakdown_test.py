@@ -11,6 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('bf16', [False, True])
 def test_breakdown_reports_every_program_against_the_step(tmp_path, bf16):
   out = tmp_path / 'breakdown.json'

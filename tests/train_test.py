@@ -83,6 +83,7 @@ def test_sparse_updates_equal_dense_path(tmp_path, data_dir, optimizer):
   _assert_batch_stats_moved(sparse, th.tiny_config(tmp_path, optimizer=optimizer))
 
 
+@pytest.mark.slow
 def test_evaluation_during_training_equals_a_run_that_stops_there(tmp_path):
   short = train.train_and_evaluate(th.tiny_config(tmp_path / 'out', steps=10),
                                    str(tmp_path / 'short'))
