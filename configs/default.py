@@ -116,7 +116,8 @@ def get_config(mode: str = ''):
   # Set before the process's first JAX computation; GPUs and multi-device CPU steps ignore it.
   config.cpu_async_dispatch = False
   # Multi-process runs: every process starts with the same coordinator_address and its own
-  # process_id (e.g. --config.distributed.process_id=$RANK). '' = one process.
+  # process_id (e.g. --config.distributed.process_id=$RANK). '' = one process. cpu_collectives:
+  # CPU devices of several processes exchange data through gloo (multi-process CPU runs, tests).
   config.distributed = ml_collections.ConfigDict(dict(
       coordinator_address='', num_processes=1, process_id=0, cpu_collectives=False))
   if mode == 'tiny':

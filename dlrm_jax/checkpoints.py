@@ -39,10 +39,6 @@ def make_manager(workdir: str, config, training: bool = False) -> ocp.Checkpoint
                                options=options, item_handlers=handler)
 
 
-def latest_step(manager: ocp.CheckpointManager) -> Optional[int]:
-  return manager.latest_step()
-
-
 def _leaves(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
   """`tree`'s array leaves by dotted path ('params.tables.fused'), as (shape, dtype)."""
   def name(key):

@@ -883,7 +883,7 @@ def _line_chunks(path: str, chunk_lines: int, skip: int = 0, limit: Optional[int
     yield next_line, pending
 
 
-# (path, 0-based first line or None for the file's start, line after the last or None for its end)
+# (0-based first line, line after the last or None for the file's end)
 LineRange = Tuple[int, Optional[int]]
 
 

@@ -3,7 +3,8 @@
 The embedding tables are plain arrays outside the Flax module, so that the fast path can take
 gradients with respect to the looked-up rows only and update those rows in place
 (`train.py`), while the dense path differentiates through the gather like any other parameter.
-Everything here is a pure function of its inputs.
+The modules and functions are pure functions of their inputs; `UniqueRows`, the host-side
+(numpy) preparation of a batch's lookups, keeps capacities and scratch buffers between batches.
 
     dense [B, n] -> bottom MLP -> x [B, D]
     ids, weights [B, S] -> table rows [B, S, D] -> mean pooling -> e [B, F, D]

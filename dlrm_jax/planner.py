@@ -52,10 +52,6 @@ from dlrm_jax import models
 from dlrm_jax import train
 
 ROW_PADDING = models.ROW_MULTIPLE
-padded_rows = models.padded_rows
-# train.step_batches stages this many batches ahead under smartstaged (its prefetch queue); one
-# more may be on its way to the devices while the queue is full.
-STAGED_BATCHES = 3
 # Row-wise optimizers that keep dense semantics: each step scatters the rows' gradients into a
 # full-table gradient (optimizers._rowwise_dense_adam) instead of touching only those rows.
 DENSE_ROWWISE_OPTIMIZERS = frozenset({'adam'})
@@ -237,8 +233,7 @@ def plan(config, num_devices: int, mesh_shape: Optional[Sequence[int]] = None) -
     raise ValueError(f'the model axis ({model}) must divide {ROW_PADDING}, the multiple table '
                      'rows are padded to')
 
-  array_rows = models.table_array_rows(spec, setup.emb_fusion)
-  stored = {name: padded_rows(rows) for name, rows in array_rows.items()}
+  stored = models.table_array_rows(spec, setup.emb_fusion)  # padding included
   dim = spec.embedding_dim
   table_shapes = {name: jax.ShapeDtypeStruct((rows, dim), jnp.float32)
                   for name, rows in stored.items()}
@@ -253,7 +248,7 @@ def plan(config, num_devices: int, mesh_shape: Optional[Sequence[int]] = None) -
   mlp_params = _tree_bytes(mlp) + _tree_bytes(variables.get('batch_stats', {}))
 
   groups = models.table_groups(spec, setup.emb_fusion)
-  capacity = {name: _unique_capacity(array_rows[name], len(groups[name][0]), batch_size)
+  capacity = {name: _unique_capacity(stored[name], len(groups[name][0]), batch_size)
               for name in stored}
   unique_rows = sum(capacity.values()) * dim * 4  # one [capacity, D] float32 buffer per array
 
@@ -286,11 +281,14 @@ def plan(config, num_devices: int, mesh_shape: Optional[Sequence[int]] = None) -
 
   rows_per_device = batch_size // data
   activations = rows_per_device * _activation_bytes_per_row(setup, options['bf16'])
-  # label, mask, dense [n], ids, weights, inverse [S] (all 4 bytes) split over data; the unique
-  # ids of each table array replicated.
+  # label, mask and dense [n] per row, entry_index, entry_weight and entry_segment per live slot
+  # (at most num_slots a row), all 4 bytes, split over data; the unique ids of each table array
+  # replicated.
   per_row = 4 * (2 + spec.num_dense + 3 * spec.num_slots)
   one_batch = rows_per_device * per_row + 4 * sum(capacity.values())
-  batches_on_device = 1 + (STAGED_BATCHES + 1 if options['smartstaged'] else 0)
+  # Under smartstaged the prefetch queue holds STAGED_BATCHES, and one more may be on its way to
+  # the devices while the queue is full.
+  batches_on_device = 1 + (train.STAGED_BATCHES + 1 if options['smartstaged'] else 0)
 
   return Plan(
       num_devices=num_devices, mesh_shape=(data, model), optimizer=config.optimizer.lower(),

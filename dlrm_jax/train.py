@@ -489,6 +489,10 @@ def compile_train_step(setup: Setup, state: TrainState, op_fusion: bool) -> Call
 # ------------------------------------------------------------------------------------------------
 # The loop.
 
+# Batches staged ahead of the step under smartstaged (the prefetch queue's size).
+STAGED_BATCHES = 3
+
+
 def step_batches(batches: Iterator[Dict[str, np.ndarray]], setup: Setup,
                  smartstaged: bool) -> Iterator[Batch]:
   """Host batches -> deduplicated ids -> batches for the functions of `jit_on_batches`.
@@ -516,7 +520,7 @@ def step_batches(batches: Iterator[Dict[str, np.ndarray]], setup: Setup,
     return batch
 
   if smartstaged:
-    return input_pipeline.prefetch(batches, size=3, transform=prepare)
+    return input_pipeline.prefetch(batches, size=STAGED_BATCHES, transform=prepare)
   return map(prepare, batches)
 
 
@@ -883,7 +887,7 @@ def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
   has_steps = os.path.isdir(os.path.join(workdir, 'checkpoints')) and any(
       name.isdigit() for name in os.listdir(os.path.join(workdir, 'checkpoints')))
   manager = checkpoints.make_manager(workdir, config) if has_steps else None
-  if manager is None or checkpoints.latest_step(manager) is None:
+  if manager is None or manager.latest_step() is None:
     runs = sorted(glob.glob(os.path.join(config.output_dir, '*', 'checkpoints', '[0-9]*')),
                   key=os.path.getmtime, reverse=True)
     newest = os.path.dirname(os.path.dirname(runs[0])) if runs else None
@@ -992,10 +996,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
     return results
   with checkpoints.training_lock(workdir):
-    return train_and_eval(setup, config, workdir)
+    return run_training(setup, config, workdir)
 
 
-def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
+def run_training(setup: Setup, config, workdir: str) -> Dict[str, Any]:
+  """mode=train: resume or start, train (evaluating every eval_every_steps), save, evaluate,
+  export and write results.json; the run's results."""
   options = effective_options(config)
   data = data_sources.resolve(config, setup.spec)
   abstract = abstract_train_state(setup)
@@ -1003,7 +1009,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   check_writable(workdir, abstract, config, num_steps)
   manager = checkpoints.make_manager(workdir, config, training=True)
   saved_setup = checkpoint_setup(manager, setup, config, workdir)
-  start_step = checkpoints.latest_step(manager) or 0
+  start_step = manager.latest_step() or 0
   if start_step:
     changed = decay_step_change(config, workdir)
     if changed:
@@ -1052,7 +1058,7 @@ def train_and_eval(setup: Setup, config, workdir: str) -> Dict[str, Any]:
                  config.batch_size, ', '.join(f'{k}={v}' for k, v in options.items()))
   pending_losses = []  # on device, fetched at log and save steps
   logged_losses = []  # fetched since the last log line, which reports their mean
-  last_saved = checkpoints.latest_step(manager)
+  last_saved = manager.latest_step()
   save_stall, saves = 0.0, 0
   train_start = time.perf_counter()
   timed_steps, timed_since = 0, None

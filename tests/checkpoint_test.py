@@ -55,7 +55,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   # mode changes only when a save completes, never what is saved.
   half = _config(tmp_path, steps=10, async_checkpointing=False)
   train.train_and_evaluate(half, str(tmp_path / 'resumed'))
-  assert checkpoints.latest_step(checkpoints.make_manager(str(tmp_path / 'resumed'), half)) == 10
+  assert checkpoints.make_manager(str(tmp_path / 'resumed'), half).latest_step() == 10
   results = train.train_and_evaluate(_config(tmp_path), str(tmp_path / 'resumed'))
   assert results['steps'] == 20
   # This run's saves only: steps 15 and 20.
@@ -110,7 +110,7 @@ def test_sigkill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
                           hash_buckets=100000, shuffle_buffer=0, log_every_steps=1,
                           no_eval=True)
   manager = checkpoints.make_manager(workdir, config)
-  step = checkpoints.latest_step(manager)
+  step = manager.latest_step()
   assert step is not None and step < 40
   restored = _restored(config, workdir)  # must not raise: only complete steps are visible
   assert int(restored.step) == step
@@ -311,7 +311,7 @@ def test_results_keep_every_earlier_invocation_even_a_damaged_one(tmp_path):
   train.write_results(path, {'steps': 12})
   with open(tmp_path / 'results_history.jsonl') as f:
     history = [json.loads(line) for line in f]
-  assert history[0] == {'unreadable_results': '{\n  "steps": 5\n}{ torn'}
+  assert history[0] == {'unreadable_results': '{\n  "steps": 5\n}\n{ torn'}
   assert history[1] == {'steps': 9}
   with open(path) as f:
     assert json.load(f) == {'steps': 12}
@@ -598,7 +598,7 @@ def test_timeline_summaries_and_checkpoint_counts_are_written(tmp_path):
   results = train.train_and_evaluate(config, workdir)
   # Saves at steps 5, 10 and 15, then the final step 16 (not a multiple of save_steps).
   assert (results['checkpoint_saves'], results['last_checkpoint_step']) == (4, 16)
-  assert checkpoints.latest_step(checkpoints.make_manager(workdir, config)) == 16
+  assert checkpoints.make_manager(workdir, config).latest_step() == 16
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f)['last_checkpoint_step'] == 16
   # DeepRec's --timeline 2: one step's trace every 2 steps, here from the 11th step of the
@@ -662,7 +662,7 @@ def test_a_bad_eval_file_fails_before_training(tmp_path):
   workdir, config = str(tmp_path / 'run'), _config(tmp_path, data_location=data)
   with pytest.raises(input_pipeline.DataError, match=r'eval\.csv:2: column'):
     train.train_and_evaluate(config, workdir)
-  assert checkpoints.latest_step(checkpoints.make_manager(workdir, config)) is None
+  assert checkpoints.make_manager(workdir, config).latest_step() is None
 
 
 @pytest.mark.slow
