@@ -442,7 +442,7 @@ class JaxRunner:
     # Imported here, not at the top: see the note under the imports.
     import jax  # pylint: disable=g-import-not-at-top
     from dlrm_jax import train  # pylint: disable=g-import-not-at-top
-    self._jax, self._train = jax, train
+    self._jax = jax
     if variant['jax_cache_dir']:
       # Later groups and later runs reuse the compiled programs: building a worker is then
       # seconds instead of a minute on this machine.
