@@ -1173,6 +1173,9 @@ def run_training(setup: Setup, config, workdir: str) -> Dict[str, Any]:
           t = time.perf_counter()
           check_params(done)
           checkpoints.save(manager, done, state)
+          # The summaries up to a checkpoint go to disk with it: a resume from it writes only
+          # the steps after it, so unflushed ones would be lost for good by a kill.
+          writer.flush()
           save_stall += time.perf_counter() - t
           saves += 1
           last_saved = done
@@ -1200,6 +1203,7 @@ def run_training(setup: Setup, config, workdir: str) -> Dict[str, Any]:
       checkpoints.save(manager, final_step, state)
       saves += 1
       last_saved = final_step
+    writer.flush()
     checkpoints.wait(manager)
 
   # checkpoint_stall_s: the periodic saves' time on the training loop (the final save's wait is

@@ -957,3 +957,23 @@ def test_an_evaluator_takes_the_newer_step_when_its_step_is_deleted(tmp_path):
   assert not os.path.exists(os.path.join(workdir, 'checkpoints', '1'))
   restored = checkpoints.restore_latest(evaluator, {'w': jax.numpy.zeros(4)})
   np.testing.assert_array_equal(np.asarray(restored['w']), np.ones(4))
+
+
+def test_summaries_up_to_a_checkpoint_are_on_disk_with_it(tmp_path, monkeypatch):
+  # TensorBoard's writer flushed every 10 s: a kill lost the losses logged before the newest
+  # checkpoint for good (the resumed run logs only the steps after it).
+  from dlrm_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  on_disk = {}
+  save = checkpoints.save
+
+  def save_and_look(manager, step, state):
+    # What a kill at this save would leave: the summaries written so far.
+    on_disk[step] = list(metric_writer.read_scalars(workdir, 'train_loss')[0])
+    return save(manager, step, state)
+
+  monkeypatch.setattr(checkpoints, 'save', save_and_look)
+  train.train_and_evaluate(_config(tmp_path, steps=15, save_steps=5, log_every_steps=1,
+                                   no_eval=True), workdir)
+  assert sorted(on_disk) == [5, 10, 15]
+  assert on_disk[10] == list(range(1, 6)) and on_disk[15] == list(range(1, 11)), on_disk
