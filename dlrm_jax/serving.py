@@ -17,10 +17,12 @@ Serving looks rows up by id directly; the host-side dedup of training is a train
 optimisation only.
 """
 
+import ctypes
+import errno
 import json
 import os
 import shutil
-import tempfile
+import socket
 import uuid
 from typing import Callable, Dict
 
@@ -88,9 +90,10 @@ def export_model(setup, state, directory: str, spec_args: Dict) -> str:
 
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
+  prefix = _temporary_prefix(directory)
   # Made as any directory is (umask), not 0700 as by mkdtemp: a server running as another user
   # must read the artifact.
-  tmp = os.path.join(parent, f'.export-{uuid.uuid4().hex}')
+  tmp = os.path.join(parent, f'{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}')
   os.mkdir(tmp)
   try:
     with open(os.path.join(tmp, ARTIFACT), 'wb') as f:
@@ -101,19 +104,72 @@ def export_model(setup, state, directory: str, spec_args: Dict) -> str:
                  'num_sparse': spec.num_sparse, 'embedding_dim': spec.embedding_dim,
                  'tables': {t.name: t.rows for t in spec.tables}, 'spec_args': spec_args},
                 f, indent=2)
+    for name in os.listdir(tmp):
+      _fsync(os.path.join(tmp, name))
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  # The previous artifact is moved aside, not deleted, until the new one is in place: a crash in
-  # between leaves it in `.export-old-*` beside the directory.
-  previous = None
-  if os.path.exists(directory):
-    previous = tempfile.mkdtemp(prefix='.export-old-', dir=parent)
-    os.replace(directory, os.path.join(previous, 'artifact'))
-  os.replace(tmp, directory)
-  if previous:
-    shutil.rmtree(previous)
+  if os.path.exists(directory) and _exchange(tmp, directory):
+    shutil.rmtree(tmp)  # it holds the previous artifact now
+  else:
+    # Without an atomic exchange the previous artifact is moved aside, not deleted, until the
+    # new one is in place: a crash in between leaves it in the temporary directory.
+    if os.path.exists(directory):
+      previous = f'{tmp}-old'
+      os.replace(directory, previous)
+    os.replace(tmp, directory)
+    shutil.rmtree(f'{tmp}-old', ignore_errors=True)
+  _remove_dead_temporaries(parent, prefix)
   return directory
+
+
+def _temporary_prefix(directory: str) -> str:
+  """The name an export's temporary directories beside `directory` start with; then come the
+  writing process's pid and a random part."""
+  return f'.{os.path.basename(os.path.abspath(directory))}.export-{socket.gethostname()}-'
+
+
+def _remove_dead_temporaries(parent: str, prefix: str) -> None:
+  """Deletes what killed exports of this directory on this host left beside it (a copy of
+  every parameter each)."""
+  for entry in os.listdir(parent):
+    pid = entry[len(prefix):].split('-')[0]
+    if entry.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _fsync(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps two paths in one step (Linux renameat2 with RENAME_EXCHANGE): a reader finds the old
+  artifact or the new one, never none. False where the system or file system cannot."""
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return False
+  at_fdcwd, rename_exchange = -100, 2
+  if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    return True
+  error = ctypes.get_errno()
+  if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    return False
+  raise OSError(error, os.strerror(error), b)
 
 
 def load_spec(directory: str):

@@ -756,7 +756,7 @@ def test_a_resume_that_changes_the_data_order_says_so(tmp_path, caplog):
                    r'seed: \d+ -> 7\)', caplog.text), caplog.text
 
 
-def test_export_replaces_only_an_earlier_export(tmp_path):
+def test_export_replaces_only_an_earlier_export(tmp_path, monkeypatch):
   # Exporting replaces the whole directory: export_dir=output_dir used to delete every run in it.
   first = _config(tmp_path, steps=3, save_steps=0, no_eval=True)
   train.train_and_evaluate(first, os.path.join(first.output_dir, 'model_DLRM_1'))
@@ -767,10 +767,33 @@ def test_export_replaces_only_an_earlier_export(tmp_path):
   assert sorted(os.listdir(first.output_dir)) == before
   assert not os.path.exists(tmp_path / 'run2' / 'checkpoints' / '3')  # refused before training
   export = str(tmp_path / 'serving')
-  for steps in (3, 5):  # the second export replaces the first
-    train.train_and_evaluate(_config(tmp_path, steps=steps, save_steps=0, no_eval=True,
-                                     export_dir=export), str(tmp_path / 'run3'))
+  train.train_and_evaluate(_config(tmp_path, steps=3, save_steps=0, no_eval=True,
+                                   export_dir=export), str(tmp_path / 'run3'))
+  # What killed exports left beside it (a copy of every parameter each) goes with the next
+  # export; a running one's stays.
+  prefix = serving._temporary_prefix(export)
+  for leftover in (f'{prefix}999999999-0a1b', f'{prefix}999999999-0a1b-old',
+                   f'{prefix}{os.getpid()}-running'):
+    os.makedirs(tmp_path / leftover / 'artifact')
+  exchanged, exchange = [], serving._exchange
+  monkeypatch.setattr(serving, '_exchange', lambda a, b: exchanged.append(exchange(a, b))
+                      or exchanged[-1])
+  train.train_and_evaluate(_config(tmp_path, steps=5, save_steps=0, no_eval=True,
+                                   export_dir=export), str(tmp_path / 'run3'))
+  # Swapped with the first in one step where the system can (Linux): a server never finds the
+  # directory missing, as it did between two renames.
+  assert exchanged == [sys.platform.startswith('linux')]
   assert sorted(os.listdir(export)) == ['model.jax_export', 'params.npz', 'spec.json']
+  assert serving.load_spec(export) and 'serving' in os.listdir(tmp_path)
+  assert [n for n in os.listdir(tmp_path) if n.startswith(prefix)] == [
+      f'{prefix}{os.getpid()}-running']
+  shutil.rmtree(tmp_path / f'{prefix}{os.getpid()}-running')
+  # Where it cannot, the old artifact is moved aside first, and nothing is left either.
+  monkeypatch.setattr(serving, '_exchange', lambda a, b: False)
+  train.train_and_evaluate(_config(tmp_path, steps=7, save_steps=0, no_eval=True,
+                                   export_dir=export), str(tmp_path / 'run3'))
+  assert sorted(os.listdir(export)) == ['model.jax_export', 'params.npz', 'spec.json']
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(prefix)]
   # Readable as any directory made here is (it was 0700, unreadable to a server of another user).
   os.mkdir(tmp_path / 'plain')
   assert os.stat(export).st_mode == os.stat(tmp_path / 'plain').st_mode

@@ -297,7 +297,7 @@ def test_two_processes_with_sharded_tables_export_one_artifact(tmp_path):
                                devices=2)
   assert codes == [0, 0], [t[-3000:] for t in logs]
   assert sorted(os.listdir(tmp_path)).count('export') == 1
-  assert not [n for n in os.listdir(tmp_path) if n.startswith('.export-')]
+  assert not [n for n in os.listdir(tmp_path) if '.export-' in n]
 
   eval_path = tmp_path / 'planted_elm' / 'eval.csv'
   predicted = subprocess.run(
