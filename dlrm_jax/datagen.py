@@ -1059,7 +1059,8 @@ def _claim_file_names(out_dir: str, kind: str) -> None:
     raise FileExistsError(
         f'{out_dir} holds {", ".join(foreign)}, not written by datagen (not listed in its '
         f'{PLANTED_MARKER}): refusing to overwrite them; choose another out_dir')
-  metrics.write_json_atomic(os.path.join(out_dir, PLANTED_MARKER), sorted(set(recorded) | set(names)))
+  metrics.write_json_atomic(os.path.join(out_dir, PLANTED_MARKER),
+                            sorted(set(recorded) | set(names)))
 
 
 def generate(kind: str, out_dir: str, train_rows: int, eval_rows: int, seed: int,

@@ -211,6 +211,8 @@ def test_an_export_of_per_table_arrays_looks_up_each_tables_rows(tmp_path):
   logits = setup.model.apply({'params': state.params['mlp'], 'batch_stats': state.batch_stats},
                              batch['dense'], pooled, train=False)
   served = serving.load(export_dir)(batch['dense'], batch['ids'], batch['weights'])
+  # The artifact is another XLA program over the same float32 values (its own fusions and sum
+  # orders): rounding of ~1e-7 relative per op; a wrong row or table moves probabilities ~1e-2.
   np.testing.assert_allclose(served, jax.nn.sigmoid(logits), rtol=1e-5, atol=1e-7)
 
 
@@ -224,6 +226,8 @@ def test_eval_and_predict_modes_and_exported_artifact_agree(tmp_path):
 
   config.mode = 'eval'
   evaluated = train.train_and_evaluate(config, workdir)
+  # The same checkpoint's values and eval program: the same predictions, and so the same AUC
+  # (1e-12 only absorbs its float64 sums in another order).
   assert evaluated['eval_auc'] == pytest.approx(results['eval_auc'], abs=1e-12)
 
   config.mode = 'predict'
@@ -632,7 +636,8 @@ def test_logged_loss_is_the_mean_since_the_last_log_and_summaries_keep_their_own
                                    activation_summary_steps=7, **every), logged)
   steps, means = metric_writer.read_scalars(logged, 'train_loss')
   np.testing.assert_array_equal(steps, [4, 8, 12, 16])
-  # Same seed and order: the same losses, each logged value the mean of its four steps.
+  # Same seed and order: the same losses, each logged value the mean of its four steps (taken in
+  # float32 by the trainer, in float64 here: 1e-5 relative is a few float32 roundings).
   np.testing.assert_allclose(means, losses.reshape(4, 4).mean(axis=1), rtol=1e-5)
   summary_steps, _ = metric_writer.read_scalars(logged, 'zero_fraction/bottom_mlp/Dense_0')
   np.testing.assert_array_equal(summary_steps, [7, 14])

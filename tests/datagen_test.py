@@ -161,6 +161,8 @@ def test_elm_oracle_matches_probabilities_recomputed_from_the_file(elm_dir, spli
   assert oracle['planted'] == dataclasses.asdict(datagen.PlantedModel(**SMALL))
   labels, probs = datagen.true_probabilities(elm_dir, split)
   assert labels.size == oracle[f'{split}_rows']
+  # The generator's figures and these, recomputed from the files' text: the same float64 sums
+  # (1e-12 absorbs their order), while another row or probability moves them by 1e-4 and more.
   assert oracle[f'{split}_ctr'] == pytest.approx(labels.mean(), abs=1e-12)
   assert oracle[f'{split}_oracle_auc'] == pytest.approx(metrics.exact_auc(labels, probs),
                                                         abs=1e-12)
@@ -333,7 +335,7 @@ def test_criteo_lines_have_40_fields_and_hex_categoricals(criteo_dir):
   labels, probs = datagen.true_probabilities(criteo_dir, 'eval')
   with open(os.path.join(criteo_dir, 'oracle.json')) as f:
     oracle = json.load(f)
-  assert oracle['oracle_auc'] == pytest.approx(metrics.exact_auc(labels, probs), abs=1e-12)
+  assert oracle['oracle_auc'] == pytest.approx(metrics.exact_auc(labels, probs), abs=1e-12)  # ditto
   assert oracle['oracle_auc'] > 0.6
 
 

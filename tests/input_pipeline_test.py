@@ -468,6 +468,7 @@ def test_criteo_rows():
   cats = ['68fd1e64', '', '80e26c9b'] + ['fb936136'] * 23
   out = parse(['\t'.join(['1'] + ints + cats)], spec)
   expected = np.log1p([0, 0, 0, 5, 1000] + [2] * 8).astype(np.float32)
+  # float32 log1p against numpy's float64 one rounded to float32: an ulp (1.2e-7) at most.
   np.testing.assert_allclose(out['dense'][0], expected, rtol=1e-6)
   # An empty C field is DeepRec's default ' ', hashed and looked up like any category.
   assert out['ids'][0, :3].tolist() == [hashed('68fd1e64', 10000), hashed(' ', 10000),
@@ -717,6 +718,7 @@ def test_fuzz_parse_or_data_error(lines):
   assert np.isfinite(out['dense']).all()
   for feature, start, end in zip(SPEC.sparse, SPEC.slot_starts, SPEC.slot_starts[1:]):
     if feature.is_list and feature.vocabulary is None:
+      # n float32 weights of 1/n: their sum is off 1 by a few ulps.
       np.testing.assert_allclose(out['weights'][:, start:end].sum(axis=1), 1, rtol=1e-5)
 
 
@@ -771,7 +773,7 @@ def test_random_rows_parse_consistently(tmp_path):
     totals = out['weights'][:, start:end].sum(axis=1)
     if feature.vocabulary is None:  # hashed: a mean always sums to one, a scalar is 0 or 1
       expected = 1.0 if feature.is_list else totals.round()
-      np.testing.assert_allclose(totals, expected, rtol=1e-5)
+      np.testing.assert_allclose(totals, expected, rtol=1e-5)  # float32 sums of 1/n, as above
   # Row by row in Python gives the same ids (the vectorised path is not the only path).
   column = NAMES.index('item_id_list')
   for row in (0, 17, 299):

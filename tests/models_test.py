@@ -261,6 +261,7 @@ def test_pool_is_weighted_mean_over_each_features_slots():
   pooled, _ = train_path_pool(tables, ids, weights, spec, True)
   rows = slot_rows(tables, ids, spec, True)
   np.testing.assert_array_equal(pooled[:, empty], 0.0)
+  # float32 weighted sums against exact rows and numpy means: a few ulps (1.2e-7 each).
   np.testing.assert_allclose(pooled[:, one], rows[:, starts[one]], rtol=1e-6)
   np.testing.assert_allclose(pooled[:, many], rows[:, starts[many]:starts[many] + 3].mean(1),
                              rtol=1e-5, atol=1e-7)
@@ -302,6 +303,7 @@ def test_fused_and_per_table_lookups_agree():
   _, ids, weights = random_batch(spec, batch=4, seed=3)
   per_table = models.init_tables(jax.random.PRNGKey(2), spec, emb_fusion=False)
   fused = models.init_tables(jax.random.PRNGKey(2), spec, emb_fusion=True)
+  # The same rows pooled by two programs (sums in another order): float32 rounding.
   np.testing.assert_allclose(train_path_pool(per_table, ids, weights, spec, False)[0],
                              train_path_pool(fused, ids, weights, spec, True)[0],
                              rtol=1e-6, atol=1e-7)
@@ -374,6 +376,7 @@ def test_batch_norm_has_tensorflows_momentum_and_epsilon():
   dense = variables['params']['Dense_0']
   h = np.maximum(np.asarray(x @ dense['kernel'] + dense['bias'], np.float64), 0)
   stats = updates['batch_stats']['BatchNorm_0']
+  # float32 layers against a float64 reference of the same values: float32 rounding (1e-5).
   np.testing.assert_allclose(stats['mean'], 0.01 * h.mean(0), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(stats['var'], 0.99 + 0.01 * h.var(0), rtol=1e-5)
   out = mlp.apply({'params': variables['params'], 'batch_stats': updates['batch_stats']}, x,
