@@ -223,6 +223,10 @@ def test_mlperf_config_sizes_and_plan():
   replicated = planner.plan(config, 8, (8, 1))
   assert replicated.tables > memory and not replicated.fits(memory)
   assert planner.plan(config, 64).mesh_shape == (8, 8)
+  # Data axis 4 leaves each device half the tables (52 GB) and as much Adagrad state: over 80 GB;
+  # data axis 2 a quarter of each (26 + 26 GB).
+  assert not planner.plan(config, 8, (4, 2)).fits(memory)
+  assert planner.plan(config, 8, (2, 4)).fits(memory)
   assert planner.largest_data_axis_that_fits(config, 8, memory).mesh_shape == (2, 4)
 
 
