@@ -26,7 +26,6 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   config = default.get_config(mode)
   if not mode:
     # The generator's default world and 400k rows, as the README's ablation table was run.
-    config.planted = ml_collections.ConfigDict(dict(train_rows=400_000, eval_rows=100_000,
-                                                    seed=1))
+    config.planted = default.planted_world(train_rows=400_000, eval_rows=100_000, seed=1)
   config.planted.update(PLANTED_WEIGHTS)
   return config

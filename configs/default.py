@@ -7,8 +7,12 @@ AUC) is generated under output_dir/planted_elm on the first run and reused after
 named like a DeepRec flag means what that flag means.
 """
 
+import dataclasses
+
 import ml_collections
 from ml_collections.config_dict import placeholder
+
+from dlrm_jax import datagen
 
 
 def get_config(mode: str = ''):
@@ -46,12 +50,12 @@ def get_config(mode: str = ''):
   # rows sees every id often, so a DLRM can get close to the oracle; every kind of term is
   # planted (per-id biases, a low-rank user x item/category interaction, history matches,
   # price, hour and rank effects).
-  config.planted = ml_collections.ConfigDict(dict(
+  config.planted = planted_world(
       train_rows=1_000_000, eval_rows=100_000, seed=1,
       num_users=2000, num_items=200, num_shops=60, num_foods=100, num_brands=30, num_aois=50,
       num_districts=12, num_cities=3, num_categories=20, history_sharpness=3.0,
       mean_history=20.0, target_ctr=0.06, latent_dim=2, interaction_weight=0.3,
-      history_weight=2.0))
+      history_weight=2.0)
 
   # Model.
   config.bottom_mlp = (512, 256, 64, 16)
@@ -141,7 +145,17 @@ def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.log_every_steps = 10
   config.activation_summary_steps = 0
   # The generator's default world, shrunk so ids repeat often enough in a few thousand rows.
-  config.planted = ml_collections.ConfigDict(dict(
-      train_rows=8000, eval_rows=3000, seed=1,
-      num_users=2000, num_items=1000, num_shops=200, num_foods=300))
+  config.planted = planted_world(train_rows=8000, eval_rows=3000, seed=1, num_users=2000,
+                                 num_items=1000, num_shops=200, num_foods=300)
   return config
+
+
+def planted_world(**fields) -> ml_collections.ConfigDict:
+  """config.planted: `fields`, and every other scalar field of datagen's planted models as a
+  placeholder (None: that model's default), so that the command line can set any of them."""
+  world = dict(fields)
+  for model in datagen.PLANTED_MODELS.values():
+    for field in dataclasses.fields(model):
+      if field.name not in world and isinstance(field.default, (int, float)):
+        world[field.name] = placeholder(type(field.default))
+  return ml_collections.ConfigDict(world)

@@ -127,6 +127,33 @@ def _process(process_index: Optional[int], process_count: Optional[int]) -> Tupl
   return process_index, process_count
 
 
+PLANTED_SIZES = ('train_rows', 'eval_rows', 'seed')
+
+
+def planted_arguments(planted: Dict[str, Any], kind: str) -> Dict[str, Any]:
+  """datagen.ensure_planted_data's keyword arguments from config.planted: its fields that are
+  set (None: the generator's default) and describe `kind`'s world. config.planted describes the
+  ELM world (configs/default.py); a Criteo world takes the sizes, the seed and the fields its
+  model shares (target_ctr, latent_dim, interaction_weight, linear_weight)."""
+  world = {f.name for f in dataclasses.fields(datagen.PLANTED_MODELS[kind])} | set(PLANTED_SIZES)
+  return {k: v for k, v in planted.items() if k in world and v is not None}
+
+
+def planted_parameters(planted: Dict[str, Any], kind: str) -> Optional[Dict[str, Any]]:
+  """The sizes, seed and model fields (defaults included) of the planted data set config.planted
+  makes: what decides its rows. None when `planted` cannot say (a config.json of a release with
+  other fields)."""
+  arguments = planted_arguments(planted, kind)
+  try:
+    model = datagen.planted_model(kind, **{k: v for k, v in arguments.items()
+                                           if k not in PLANTED_SIZES})
+    recorded = datagen.recorded_parameters(kind, *(arguments[k] for k in PLANTED_SIZES), False,
+                                           model)
+  except (KeyError, TypeError, ValueError):
+    return None
+  return {**{k: recorded[k] for k in PLANTED_SIZES}, **recorded['planted']}
+
+
 def _planted_data(config, spec: fs.FeatureSpec, directory: str) -> Dict[str, Any]:
   """datagen.ensure_planted_data, with the processes of a multi-process run taking turns.
 
@@ -135,16 +162,12 @@ def _planted_data(config, spec: fs.FeatureSpec, directory: str) -> Dict[str, Any
   replace each other's files while the other is caching them.
   """
   planted = config.planted.to_dict()
-  # config.planted describes the ELM world (configs/default.py); a Criteo world takes the sizes,
-  # the seed and the fields its model shares (target_ctr, latent_dim, interaction_weight).
-  world = {f.name for f in dataclasses.fields(datagen.PLANTED_MODELS[spec.name])}
-  world |= {'train_rows', 'eval_rows', 'seed'}
-  unused = sorted(set(planted) - world)
+  arguments = planted_arguments(planted, spec.name)
+  unused = sorted(k for k, v in planted.items() if v is not None and k not in arguments)
   if unused:
     logging.info('planted %s data: config.planted.%s do not describe its world and are not '
                  'used', spec.name, ', '.join(unused))
-  ensure = functools.partial(datagen.ensure_planted_data, directory, spec.name,
-                             **{k: v for k, v in planted.items() if k in world})
+  ensure = functools.partial(datagen.ensure_planted_data, directory, spec.name, **arguments)
   import jax  # pylint: disable=g-import-not-at-top
   if not (jax.distributed.is_initialized() and jax.process_count() > 1):
     return ensure()

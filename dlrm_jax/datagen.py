@@ -1017,7 +1017,8 @@ def _file_names(kind: str, use_gzip: bool) -> Tuple[str, str]:
   return tuple(name + ('.gz' if use_gzip else '') for name in FILE_NAMES[kind])
 
 
-def _recorded_parameters(kind, train_rows, eval_rows, seed, use_gzip, planted) -> Dict[str, Any]:
+def recorded_parameters(kind, train_rows, eval_rows, seed, use_gzip, planted) -> Dict[str, Any]:
+  """What decides a planted data set's rows, as oracle.json records it."""
   params = dict(generator_version=GENERATOR_VERSION, kind=kind, seed=int(seed),
                 train_rows=int(train_rows), eval_rows=int(eval_rows), gzip=bool(use_gzip),
                 planted=dataclasses.asdict(planted))
@@ -1082,7 +1083,7 @@ def generate(kind: str, out_dir: str, train_rows: int, eval_rows: int, seed: int
   for name in (ORACLE_FILE, *_file_names(kind, not gzip_files)):
     if os.path.exists(os.path.join(out_dir, name)):
       os.remove(os.path.join(out_dir, name))
-  oracle = _recorded_parameters(kind, train_rows, eval_rows, seed, gzip_files, planted)
+  oracle = recorded_parameters(kind, train_rows, eval_rows, seed, gzip_files, planted)
   oracle['intercept'] = world.intercept
   oracle['files'] = dict(zip(('train', 'eval'), names))
   oracle['file_bytes'] = {}
@@ -1169,7 +1170,7 @@ def ensure_planted_data(out_dir: str, kind: str, train_rows: int, eval_rows: int
     The oracle dict (oracle.json) plus 'train_path', 'eval_path' and 'reused'.
   """
   model = planted_model(kind, planted, **planted_fields)
-  wanted = _recorded_parameters(kind, train_rows, eval_rows, seed, gzip_files, model)
+  wanted = recorded_parameters(kind, train_rows, eval_rows, seed, gzip_files, model)
   oracle = read_oracle(out_dir)
   if (oracle is not None and all(oracle.get(k) == v for k, v in wanted.items())
       and _is_complete(oracle, out_dir)):

@@ -846,6 +846,9 @@ def warn_if_data_order_changes(config, workdir: str, start_step: int) -> None:
   def order_fields(c):  # each process reads its share of the rows: their count matters too
     fields = dict({k: c[k] for k in DATA_ORDER_FIELDS if k in c},
                   num_processes=c.get('distributed', {}).get('num_processes', 1))
+    if 'planted' in fields:  # the data set it makes: unset fields are the generator's defaults
+      fields['planted'] = data_sources.planted_parameters(
+          fields['planted'], c.get('feature_spec', 'elm')) or fields['planted']
     if not fields.get('split_parts'):
       fields.pop('eval_parts', None)  # it cuts the train file only into split_parts
     return fields
@@ -874,11 +877,15 @@ def eval_data_changes(config, workdir: str) -> List[str]:
     return [f'the run trained on data_location={saved["data_location"]!r}, this command names '
             f'none (planted data): --config.data_location={saved["data_location"]} evaluates '
             'on the run\'s data']
-  current = config.planted.to_dict()
-  changed = {k: v for k, v in saved.get('planted', {}).items() if current.get(k, v) != v}
-  return [f'the run\'s planted data were written with planted.{k}={v!r}, this command has '
-          f'{current[k]!r}: --config.planted.{k}={json.dumps(v)} evaluates on them'
-          for k, v in sorted(changed.items())]
+  # Compared with the generator's defaults filled in: a field one config leaves out may be set
+  # to another value by the other.
+  was = data_sources.planted_parameters(saved.get('planted') or {}, config.feature_spec)
+  now = data_sources.planted_parameters(config.planted.to_dict(), config.feature_spec)
+  if was is None or now is None:
+    return []
+  return [f'the run\'s planted data were written with planted.{k}={json.dumps(was[k])}, this '
+          f'command has {json.dumps(now[k])}: --config.planted.{k}={json.dumps(was[k])} '
+          'evaluates on them' for k in sorted(was) if was[k] != now.get(k)]
 
 
 def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:

@@ -166,7 +166,9 @@ def data_dir(config: ml_collections.ConfigDict, out_dir: str) -> str:
   Keyed by the planted fields so that a grid over them (e.g. planted.interaction_weight) gives
   each setting its own files instead of regenerating one directory back and forth.
   """
-  planted = json.dumps(config.planted.to_dict(), sort_keys=True, default=str)
+  # Unset fields (None: the generator's defaults) left out: the keys of earlier releases' data.
+  set_fields = {k: v for k, v in config.planted.to_dict().items() if v is not None}
+  planted = json.dumps(set_fields, sort_keys=True, default=str)
   return os.path.join(out_dir, 'data', 'planted-' + hashlib.sha1(planted.encode()).hexdigest()[:8])
 
 
@@ -192,7 +194,11 @@ def _comparable(config: Dict[str, Any]) -> Dict[str, Any]:
   # output_dir follows from out_dir and the planted fields (compared themselves): leaving it out
   # lets a moved or copied out_dir resume. A cell trains in its own directory whatever
   # `checkpoint` says, so adding one does not make another experiment.
-  return {k: v for k, v in config.items() if k not in ('output_dir', 'checkpoint')}
+  # Unset planted fields (None: the generator's defaults) are left out as earlier releases did.
+  comparable = {k: v for k, v in config.items() if k not in ('output_dir', 'checkpoint')}
+  if isinstance(comparable.get('planted'), dict):
+    comparable['planted'] = {k: v for k, v in comparable['planted'].items() if v is not None}
+  return comparable
 
 
 def _read_json(path: str) -> Dict[str, Any]:
@@ -330,7 +336,8 @@ def markdown_table(summary: pd.DataFrame, fields: Sequence[str]) -> str:
 
 def describe(base: ml_collections.ConfigDict, seeds: Sequence[int]) -> str:
   """One line saying which data and model the table is about."""
-  planted = ', '.join(f'{k}={v}' for k, v in sorted(base.planted.to_dict().items()))
+  planted = ', '.join(f'{k}={v}' for k, v in sorted(base.planted.to_dict().items())
+                      if v is not None)
   data = f'planted data ({planted})' if not base.data_location else base.data_location
   return (f'{data}; seeds {", ".join(map(str, seeds))}; batch {base.batch_size}, '
           f'hash_buckets {base.hash_buckets}, embedding_dim {base.embedding_dim}, '

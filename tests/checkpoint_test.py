@@ -484,6 +484,14 @@ def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path)
       + '.*' + re.escape(f'--config.planted.seed={config.planted.seed} evaluates on them')):
     train.train_and_evaluate(other, trained)
   assert {p.name: p.read_bytes() for p in planted.glob('*.csv')} == before
+  # Compared with the generator's defaults filled in: the run left latent_dim unset (8).
+  same = _config(tmp_path, mode='eval')
+  same.planted.latent_dim = 8
+  assert train.train_and_evaluate(same, trained)['steps'] == 3
+  same.planted.latent_dim = 4
+  with pytest.raises(ValueError, match=re.escape('--config.planted.latent_dim=8 evaluates')):
+    train.train_and_evaluate(same, trained)
+  assert {p.name: p.read_bytes() for p in planted.glob('*.csv')} == before
   # ... and a run trained on files, evaluated without naming them, is refused likewise.
   on_files = os.path.join(config.output_dir, 'model_DLRM_files')
   train.train_and_evaluate(_config(tmp_path, steps=1, save_steps=0, no_eval=True,
@@ -754,6 +762,15 @@ def test_a_resume_that_changes_the_data_order_says_so(tmp_path, caplog):
   # split_parts: no warning.
   train.train_and_evaluate(_config(tmp_path, steps=8, save_steps=0, no_eval=True,
                                    learning_rate=0.02, eval_parts=3), workdir)
+  assert 'another data order' not in caplog.text
+  # Nor does a config.json of a release that listed only the planted fields it set (the others
+  # are the generator's defaults, as now).
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  saved['planted'] = {k: v for k, v in saved['planted'].items() if v is not None}
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(saved, f)
+  train.warn_if_data_order_changes(_config(tmp_path), workdir, 8)
   assert 'another data order' not in caplog.text
   train.train_and_evaluate(_config(tmp_path, steps=10, save_steps=0, no_eval=True,
                                    batch_size=32, seed=7), workdir)

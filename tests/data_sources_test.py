@@ -150,6 +150,33 @@ def test_planted_criteo_data_from_the_default_config(tmp_path):
     assert json.load(f)['planted']['target_ctr'] == config.planted.target_ctr
 
 
+def test_every_planted_field_can_be_set_and_unset_ones_are_the_generators_defaults():
+  # A field a config left out of config.planted could not be set from the command line (an
+  # ml_collections KeyError: --config.planted.linear_weight=2 on the default config).
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from configs import ablation_interactions  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import datagen  # pylint: disable=g-import-not-at-top
+  scalars = {f.name for m in datagen.PLANTED_MODELS.values() for f in dataclasses.fields(m)
+             if isinstance(f.default, (int, float))}
+  for config in (default.get_config(), default.get_config('tiny'),
+                 ablation_interactions.get_config()):
+    assert scalars <= set(config.planted), scalars - set(config.planted)
+    config.planted.linear_weight = 2.0  # the placeholder takes a value like any field
+  tiny = default.get_config('tiny').planted.to_dict()
+  assert tiny['latent_dim'] is None
+  # Unset (None) fields are not passed on: the generator's defaults, which differ by world.
+  for kind in ('elm', 'criteo'):
+    arguments = data_sources.planted_arguments(tiny, kind)
+    assert None not in arguments.values() and arguments['train_rows'] == 8000
+    parameters = data_sources.planted_parameters(tiny, kind)
+    model = datagen.PLANTED_MODELS[kind]()
+    assert parameters['latent_dim'] == model.latent_dim
+    assert parameters['target_ctr'] == model.target_ctr  # 0.04 for ELM, 0.25 for Criteo
+  assert 'num_users' not in data_sources.planted_parameters(tiny, 'criteo')
+  # A config.json without the sizes cannot say which data set it made.
+  assert data_sources.planted_parameters({**tiny, 'train_rows': None}, 'elm') is None
+
+
 @pytest.mark.parametrize('fields, has_oracle', [
     ({}, True), ({'eval_files': 'eval.txt'}, True), ({'split_parts': 3}, False),
     ({'eval_files': 'train.txt'}, False)])
