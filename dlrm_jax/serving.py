@@ -21,6 +21,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -109,16 +110,28 @@ def export_model(setup, state, directory: str, spec_args: Dict) -> str:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  if os.path.exists(directory) and _exchange(tmp, directory):
-    shutil.rmtree(tmp)  # it holds the previous artifact now
+  try:
+    exchanged = os.path.lexists(directory) and _exchange(tmp, directory)
+  except BaseException:
+    _remove(tmp)
+    raise
+  if exchanged:
+    _remove(tmp)  # the previous artifact (or the symlink that named it) is there now
   else:
     # Without an atomic exchange the previous artifact is moved aside, not deleted, until the
-    # new one is in place: a crash in between leaves it in the temporary directory.
-    if os.path.exists(directory):
-      previous = f'{tmp}-old'
+    # new one is in place: a crash in between leaves it beside the directory, for the next
+    # export to remove.
+    previous = f'{tmp}-old'
+    if os.path.lexists(directory):
       os.replace(directory, previous)
-    os.replace(tmp, directory)
-    shutil.rmtree(f'{tmp}-old', ignore_errors=True)
+    try:
+      os.replace(tmp, directory)
+    except BaseException:
+      if os.path.lexists(previous):
+        os.replace(previous, directory)
+      _remove(tmp)
+      raise
+    _remove(previous)
   _remove_dead_temporaries(parent, prefix)
   return directory
 
@@ -133,9 +146,18 @@ def _remove_dead_temporaries(parent: str, prefix: str) -> None:
   """Deletes what killed exports of this directory on this host left beside it (a copy of
   every parameter each)."""
   for entry in os.listdir(parent):
-    pid = entry[len(prefix):].split('-')[0]
-    if entry.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
-      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    # The whole rest of the name: a host named like this one with '-<digits>' added is another.
+    match = re.fullmatch(r'(\d+)-[0-9a-f]{8}(-old)?', entry[len(prefix):])
+    if entry.startswith(prefix) and match and not _pid_alive(int(match.group(1))):
+      _remove(os.path.join(parent, entry))
+
+
+def _remove(path: str) -> None:
+  """Deletes a directory tree, or a symlink (not what it points to); nothing if it is gone."""
+  if os.path.islink(path):
+    os.unlink(path)
+  elif os.path.exists(path):
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -167,7 +189,8 @@ def _exchange(a: str, b: str) -> bool:
   if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
     return True
   error = ctypes.get_errno()
-  if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+  # EINVAL: the file system cannot (NFS, CIFS, some FUSE); EPERM: a sandbox filters the call.
+  if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
     return False
   raise OSError(error, os.strerror(error), b)
 

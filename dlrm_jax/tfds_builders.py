@@ -259,7 +259,7 @@ def data_source(config, spec: fs.FeatureSpec, manual_dir: str):
   finally:
     for path in set(glob.glob(stray)) - before:
       try:
-        os.rmdir(path)  # only an empty one: never what another process put there
+        os.rmdir(path)  # only an empty one: what TFDS never fills with its GCS copy disabled
       except OSError:
         pass
   check_sources(sources, manual_dir)

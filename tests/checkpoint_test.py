@@ -794,9 +794,13 @@ def test_export_replaces_only_an_earlier_export(tmp_path, monkeypatch):
   # What killed exports left beside it (a copy of every parameter each) goes with the next
   # export; a running one's stays.
   prefix = serving._temporary_prefix(export)
-  for leftover in (f'{prefix}999999999-0a1b', f'{prefix}999999999-0a1b-old',
-                   f'{prefix}{os.getpid()}-running'):
+  running = f'{prefix}{os.getpid()}-5e6f7a8b'
+  # A host named as this one with '-4242' added: its names are not this host's.
+  other_host = f'{prefix}4242-999999999-0a1b2c3d'
+  for leftover in (f'{prefix}999999999-0a1b2c3d', f'{prefix}999999999-0a1b2c3d-old', running,
+                   other_host):
     os.makedirs(tmp_path / leftover / 'artifact')
+  os.symlink(tmp_path / 'plain_target', tmp_path / f'{prefix}999999998-1a2b3c4d')  # a dead link
   exchanged, exchange = [], serving._exchange
   monkeypatch.setattr(serving, '_exchange', lambda a, b: exchanged.append(exchange(a, b))
                       or exchanged[-1])
@@ -807,14 +811,27 @@ def test_export_replaces_only_an_earlier_export(tmp_path, monkeypatch):
   assert exchanged == [sys.platform.startswith('linux')]
   assert sorted(os.listdir(export)) == ['model.jax_export', 'params.npz', 'spec.json']
   assert serving.load_spec(export) and 'serving' in os.listdir(tmp_path)
-  assert [n for n in os.listdir(tmp_path) if n.startswith(prefix)] == [
-      f'{prefix}{os.getpid()}-running']
-  shutil.rmtree(tmp_path / f'{prefix}{os.getpid()}-running')
+  assert sorted(n for n in os.listdir(tmp_path) if n.startswith(prefix)) == sorted(
+      [running, other_host])
+  shutil.rmtree(tmp_path / running)
+  shutil.rmtree(tmp_path / other_host)
   # Where it cannot, the old artifact is moved aside first, and nothing is left either.
   monkeypatch.setattr(serving, '_exchange', lambda a, b: False)
   train.train_and_evaluate(_config(tmp_path, steps=7, save_steps=0, no_eval=True,
                                    export_dir=export), str(tmp_path / 'run3'))
   assert sorted(os.listdir(export)) == ['model.jax_export', 'params.npz', 'spec.json']
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(prefix)]
+  # A symlink to an earlier export (a "current -> v1" layout) is replaced by the new directory;
+  # what it pointed to is left as it was. (The link used to end the run with an error after the
+  # export, and stay beside it.)
+  monkeypatch.setattr(serving, '_exchange', exchange)
+  os.rename(export, tmp_path / 'v1')
+  os.symlink(tmp_path / 'v1', export)
+  v1 = sorted(os.listdir(tmp_path / 'v1'))
+  train.train_and_evaluate(_config(tmp_path, steps=9, save_steps=0, no_eval=True,
+                                   export_dir=export), str(tmp_path / 'run3'))
+  assert not os.path.islink(export) and sorted(os.listdir(export)) == v1
+  assert sorted(os.listdir(tmp_path / 'v1')) == v1
   assert not [n for n in os.listdir(tmp_path) if n.startswith(prefix)]
   # Readable as any directory made here is (it was 0700, unreadable to a server of another user).
   os.mkdir(tmp_path / 'plain')
