@@ -7,7 +7,9 @@ data_location holds `day_0` .. `day_23`, each plain or gzip'd as downloaded (`da
 found for `day_5`). Dense features are log(x + 1) with negatives clamped to 0; categoricals are
 hashed into per-column tables:
   reference (default): the Facebook reference's table sizes for 1TB with --max-ind-range=10M
-    (49.1M rows in all), embedding 64, bottom 512-256-64, top 512-512-256, dot interaction,
+    (49.1M rows in all; ids are hashed into them, where the reference maps each distinct value
+    to its own row, so a table sized at its column's distinct values leaves ~37% of its rows
+    unused and shares the rest), embedding 64, bottom 512-256-64, top 512-512-256, dot interaction,
     batch 2048, as its dlrm_s_criteo_terabyte.sh; the training otherwise DeepRec's (batch norm,
     adamasync at 0.01), where that script has no batch norm and runs SGD at 0.1
     (--config.batch_norm=False --config.optimizer=gradientdescent --config.learning_rate=0.1).
@@ -17,7 +19,10 @@ Each day file is cached on its own (under <data_location>/dlrm_cache, ~191 bytes
 800 GB for days 0-22; point cache_dir at a disk with room), so an interrupted first pass keeps
 the days it finished and a replaced file rebuilds only its own cache. To cache before training,
 start this on one machine, or at once on several sharing cache_dir (a file system with flock):
-each takes the days no other is building.
+each takes the days no other is building. A cache holds ids already reduced to the tables'
+rows, so it belongs to one variant (one set of table sizes): cache with the variant you train
+(`configs/criteo_1tb.py:deeprec` for that one); another variant builds its own ~800 GB beside
+it, and the first stays until deleted.
   python -m dlrm_jax.data_sources --config=configs/criteo_1tb.py --config.data_location=...
 """
 

@@ -33,7 +33,8 @@ Where this config differs from DLRMv2:
 
 Data: `data_location` holds the day files as downloaded, `day_0` .. `day_22` to train
 (4,195,197,692 rows) and `day_23` to evaluate, each plain or gzip'd, cached one file at a time
-as `configs/criteo_1tb.py` reads them.
+as `configs/criteo_1tb.py` reads them, but in caches of their own (a cache holds ids reduced to
+one set of table sizes).
 
 Mesh: tables are split by rows over the 'model' axis, replicated over 'data'; MLPs are replicated
 and the batch splits over 'data'. Eight table shards (26 GB of tables and accumulator per device)
