@@ -161,6 +161,13 @@ def check_config(config) -> None:
     need('predict_input', bool(config.predict_input), 'a file to score in mode=predict')
   if problems:
     raise ValueError('bad config: ' + '; '.join(problems))
+  if config.split_parts and config.eval_files:
+    logging.warning('config.eval_files=%r is not read: with split_parts=%d the eval rows are the '
+                    'last eval_parts=%d parts of the train files', config.eval_files,
+                    config.split_parts, config.eval_parts)
+  if config.feature_spec == 'criteo' and config.criteo_table_rows:
+    logging.info('criteo_table_rows sizes the 26 tables (%d rows in all); hash_buckets=%d is not '
+                 'used', sum(config.criteo_table_rows), config.hash_buckets)
 
 
 def set_cpu_dispatch(config) -> None:

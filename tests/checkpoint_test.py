@@ -588,6 +588,20 @@ def test_every_shipped_config_passes_the_config_check():
     train.check_config(importlib.import_module(f'configs.{name}').get_config())
 
 
+def test_settings_that_another_one_overrides_are_named(caplog):
+  # Both used to be ignored without a word.
+  from configs import criteo_kaggle  # pylint: disable=g-import-not-at-top
+  config = criteo_kaggle.get_config('deeprec_tables')
+  with caplog.at_level(logging.INFO):
+    train.check_config(config)
+    assert 'eval_files' not in caplog.text
+    assert re.search(r'criteo_table_rows sizes the 26 tables \(19\d{6} rows in all\); '
+                     r'hash_buckets=10000 is not used', caplog.text), caplog.text
+    config.eval_files = 'eval.txt'
+    train.check_config(config)
+  assert "config.eval_files='eval.txt' is not read: with split_parts=7" in caplog.text
+
+
 def test_keep_checkpoint_max_zero_keeps_every_checkpoint(tmp_path):
   # DeepRec passes keep_checkpoint_max to TensorFlow's Saver, where 0 means keep them all.
   workdir = str(tmp_path / 'run')
