@@ -383,7 +383,8 @@ class _CacheWriter:
       f.close()
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_path(path: str) -> None:
+  """fsync of a file or directory by its path."""
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
@@ -391,7 +392,8 @@ def _fsync_dir(path: str) -> None:
     os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+  """Whether process `pid` runs on this host (one of another user counts)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -408,7 +410,7 @@ def _remove_dead_builds(directory: str) -> None:
   for entry in os.listdir(parent):
     if entry.startswith(prefix):
       pid = entry[len(prefix):]
-      if pid.isdigit() and not _pid_alive(int(pid)):
+      if pid.isdigit() and not pid_alive(int(pid)):
         shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
@@ -517,7 +519,7 @@ def _build(source: Source, spec: feature_spec_lib.FeatureSpec, directory: str,
                     build_seconds=round(seconds, 3),
                     created=time.strftime('%Y-%m-%dT%H:%M:%S'))
     metrics.write_json_atomic(os.path.join(tmp, 'manifest.json'), manifest)
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     if os.path.exists(directory):
       # A stale cache goes only now that its successor is complete.
       stale = f'{directory}.stale-{socket.gethostname()}-{os.getpid()}'
@@ -526,7 +528,7 @@ def _build(source: Source, spec: feature_spec_lib.FeatureSpec, directory: str,
       shutil.rmtree(stale, ignore_errors=True)
     else:
       os.rename(tmp, directory)
-    _fsync_dir(os.path.dirname(directory))
+    fsync_path(os.path.dirname(directory))
   except BaseException as e:
     writer.abort()
     shutil.rmtree(tmp, ignore_errors=True)

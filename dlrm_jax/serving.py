@@ -63,6 +63,7 @@ def export_model(setup, state, directory: str, spec_args: Dict) -> str:
   (`train.make_mesh` keeps a table's shards within one process).
   """
   from dlrm_jax import models  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import row_cache  # pylint: disable=g-import-not-at-top
 
   check_export_dir(directory)
   spec = setup.spec
@@ -106,7 +107,7 @@ def export_model(setup, state, directory: str, spec_args: Dict) -> str:
                  'tables': {t.name: t.rows for t in spec.tables}, 'spec_args': spec_args},
                 f, indent=2)
     for name in os.listdir(tmp):
-      _fsync(os.path.join(tmp, name))
+      row_cache.fsync_path(os.path.join(tmp, name))
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -145,10 +146,11 @@ def _temporary_prefix(directory: str) -> str:
 def _remove_dead_temporaries(parent: str, prefix: str) -> None:
   """Deletes what killed exports of this directory on this host left beside it (a copy of
   every parameter each)."""
+  from dlrm_jax import row_cache  # pylint: disable=g-import-not-at-top
   for entry in os.listdir(parent):
     # The whole rest of the name: a host named like this one with '-<digits>' added is another.
     match = re.fullmatch(r'(\d+)-[0-9a-f]{8}(-old)?', entry[len(prefix):])
-    if entry.startswith(prefix) and match and not _pid_alive(int(match.group(1))):
+    if entry.startswith(prefix) and match and not row_cache.pid_alive(int(match.group(1))):
       _remove(os.path.join(parent, entry))
 
 
@@ -158,24 +160,6 @@ def _remove(path: str) -> None:
     os.unlink(path)
   elif os.path.exists(path):
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def _fsync(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
 
 
 def _exchange(a: str, b: str) -> bool:
