@@ -12,6 +12,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dlrm_jax import data_sources  # pylint: disable=wrong-import-position
 from dlrm_jax import datagen  # pylint: disable=wrong-import-position
 from dlrm_jax import input_pipeline  # pylint: disable=wrong-import-position
 from dlrm_jax import train  # pylint: disable=wrong-import-position
@@ -34,7 +35,7 @@ def planted_dir(tmp_root, train_rows=2000, eval_rows=500, seed=1):
   directory = os.path.join(str(tmp_root), f'planted_elm_{train_rows}_{eval_rows}_{seed}')
   planted = default.get_config('tiny').planted.to_dict()
   planted.update(train_rows=train_rows, eval_rows=eval_rows, seed=seed)
-  datagen.ensure_planted_data(directory, 'elm', **planted)
+  datagen.ensure_planted_data(directory, 'elm', **data_sources.planted_arguments(planted, 'elm'))
   return directory
 
 
