@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -245,15 +245,34 @@ def check_sources(sources, manual_dir: str) -> None:
 
 def data_source(config, spec: fs.FeatureSpec, manual_dir: str):
   """tfds.data_source of the run's data set, prepared from `manual_dir` first if needed, and
-  checked against the files there (`check_sources`)."""
+  checked against the files there (`check_sources`) at each call.
+
+  Opened once a process: each builder TFDS makes stays alive in its own cache (with a log line),
+  and a run opens its eval split at every evaluation.
+  """
+  builder_config = config_for(config, spec)
+  key = (os.path.abspath(config.tfds_data_dir), builder_config.name, os.path.abspath(manual_dir))
+  sources = _OPENED.get(key)
+  if sources is None:
+    sources = _OPENED[key] = _open(config.tfds_data_dir, spec, builder_config, manual_dir)
+  check_sources(sources, manual_dir)
+  if not config.skip_bad_rows:
+    check_bad_rows(sources)
+  return sources
+
+
+_OPENED: Dict[Tuple[str, str, str], Any] = {}
+
+
+def _open(data_dir: str, spec: fs.FeatureSpec, builder_config: BlocksConfig, manual_dir: str):
   # Making a builder of a data set not yet prepared, TFDS makes a temporary directory for
   # dataset info from its GCS bucket (disabled: it stays empty) and never removes it.
   stray = os.path.join(tempfile.gettempdir(), 'tmp*tfds')
   before = set(glob.glob(stray))
   try:
-    sources = tfds.data_source(
-        BUILDERS[spec.name].name, data_dir=config.tfds_data_dir,
-        builder_kwargs={'config': config_for(config, spec), 'file_format': 'array_record'},
+    return tfds.data_source(
+        BUILDERS[spec.name].name, data_dir=data_dir,
+        builder_kwargs={'config': builder_config, 'file_format': 'array_record'},
         download_and_prepare_kwargs={'download_config': tfds.download.DownloadConfig(
             manual_dir=manual_dir)})
   finally:
@@ -262,10 +281,6 @@ def data_source(config, spec: fs.FeatureSpec, manual_dir: str):
         os.rmdir(path)  # only an empty one: what TFDS never fills with its GCS copy disabled
       except OSError:
         pass
-  check_sources(sources, manual_dir)
-  if not config.skip_bad_rows:
-    check_bad_rows(sources)
-  return sources
 
 
 def check_bad_rows(sources) -> None:

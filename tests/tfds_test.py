@@ -82,6 +82,9 @@ def test_elm_blocks_hold_exactly_the_parsed_rows(tmp_path):
   # The build's counts are the whole split's: process 0 reports them, so that the run's sum
   # over processes (train.global_parse_stats) is the split's 30 rows, not 60.
   assert parsed == [30, 0]
+  # Opened once a process: a builder per evaluation stayed alive in TFDS's cache, and logged.
+  opened = tfds_builders.data_source(config, SPEC, str(manual))
+  assert tfds_builders.data_source(config, SPEC, str(manual)) is opened
   # `python -m dlrm_jax.data_sources` prepares the TFDS data set (it used to print {}).
   prepared = data_sources.prepare(config, SPEC)
   assert [v['rows'] for v in prepared.values()] == [1100, 30], prepared
