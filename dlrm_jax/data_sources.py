@@ -134,7 +134,7 @@ def planted_arguments(planted: Dict[str, Any], kind: str) -> Dict[str, Any]:
   """datagen.ensure_planted_data's keyword arguments from config.planted: its fields that are
   set (None: the generator's default) and describe `kind`'s world. config.planted describes the
   ELM world (configs/default.py); a Criteo world takes the sizes, the seed and the fields its
-  model shares (target_ctr, latent_dim, interaction_weight, linear_weight)."""
+  model shares (target_ctr, latent_dim, interaction_weight, linear_weight) and its own zipf."""
   world = {f.name for f in dataclasses.fields(datagen.PLANTED_MODELS[kind])} | set(PLANTED_SIZES)
   return {k: v for k, v in planted.items() if k in world and v is not None}
 

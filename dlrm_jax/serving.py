@@ -123,9 +123,9 @@ def export_model(setup, state, directory: str, spec_args: Dict) -> str:
     # new one is in place: a crash in between leaves it beside the directory, for the next
     # export to remove.
     previous = f'{tmp}-old'
-    if os.path.lexists(directory):
-      os.replace(directory, previous)
     try:
+      if os.path.lexists(directory):
+        os.replace(directory, previous)
       os.replace(tmp, directory)
     except BaseException:
       if os.path.lexists(previous):

@@ -252,16 +252,33 @@ def data_source(config, spec: fs.FeatureSpec, manual_dir: str):
   """
   builder_config = config_for(config, spec)
   key = (os.path.abspath(config.tfds_data_dir), builder_config.name, os.path.abspath(manual_dir))
-  sources = _OPENED.get(key)
-  if sources is None:
-    sources = _OPENED[key] = _open(config.tfds_data_dir, spec, builder_config, manual_dir)
-  check_sources(sources, manual_dir)
-  if not config.skip_bad_rows:
-    check_bad_rows(sources)
+  opened = _OPENED.get(key)
+  # Reopened when its directory was deleted or rebuilt since (the fix check_sources names).
+  if opened is None or opened[1] is None or _written(opened[0]) != opened[1]:
+    sources = _open(config.tfds_data_dir, spec, builder_config, manual_dir)
+    opened = _OPENED[key] = (sources, _written(sources))
+  sources = opened[0]
+  try:
+    check_sources(sources, manual_dir)
+    if not config.skip_bad_rows:
+      check_bad_rows(sources)
+  except Exception:
+    del _OPENED[key]
+    raise
   return sources
 
 
-_OPENED: Dict[Tuple[str, str, str], Any] = {}
+_OPENED: Dict[Tuple[str, str, str], Tuple[Any, Any]] = {}
+
+
+def _written(sources):
+  """(inode, mtime) of the data set's dataset_info.json, None when it is gone."""
+  info = next(iter(sources.values())).dataset_info
+  try:
+    stat = os.stat(os.path.join(info.data_dir, 'dataset_info.json'))
+  except OSError:
+    return None
+  return stat.st_ino, stat.st_mtime_ns
 
 
 def _open(data_dir: str, spec: fs.FeatureSpec, builder_config: BlocksConfig, manual_dir: str):

@@ -204,3 +204,21 @@ def test_build_parses_with_the_runs_worker_count_and_names_missing_files(tmp_pat
   config = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), train_files='days_*.csv')
   with pytest.raises(FileNotFoundError, match=re.escape(f'{manual / "days_*.csv"} missing')):
     data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+
+
+def test_a_deleted_data_set_is_built_again_in_the_same_process(tmp_path):
+  # The data set is opened once a process; deleting it, as a SourceChanged error says to, must
+  # still rebuild it (the opened one used to be served again, and refused again).
+  import shutil  # pylint: disable=g-import-not-at-top
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  write(manual / 'train.csv', numbered_lines(0, 40))
+  write(manual / 'eval.csv', numbered_lines(1000, 20))
+  config = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'))
+  resolve = lambda: data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+  assert resolve().train_rows == 40
+  write(manual / 'train.csv', numbered_lines(0, 70))
+  with pytest.raises(tfds_builders.SourceChanged):
+    resolve()
+  shutil.rmtree(tmp_path / 'tfds')
+  assert resolve().train_rows == 70
