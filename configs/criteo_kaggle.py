@@ -23,8 +23,9 @@ negatives clamped to 0; each categorical is hashed (FarmHash, as TensorFlow) int
     distinct value to its own row: ~37% of a table's rows go unused, the rest shared), and its
     Kaggle script's MLP shapes (dot interaction, 512-256-64-16 / 512-256). The training stays
     DeepRec's (batch norm in the bottom MLP, adamasync at 0.01, batch 512), where the
-    reference's script has no batch norm and runs SGD at 0.1 on batches of 128: add --config.batch_norm=False --config.optimizer=gradientdescent
-    --config.learning_rate=0.1 --config.batch_size=128 for that.
+    reference's script has no batch norm and runs SGD at 0.1 on batches of 128: add
+    --config.batch_norm=False --config.optimizer=gradientdescent --config.learning_rate=0.1
+    --config.batch_size=128 for that.
 The first run parses train.txt once into the row cache (<data_location>/dlrm_cache, about 191
 bytes per row, all 26 ids stored: 8.8 GB) and every later epoch and run of the same variant
 reads the cache (its ids are reduced to the variant's table sizes: each variant has its own).
