@@ -141,8 +141,8 @@ def planted_arguments(planted: Dict[str, Any], kind: str) -> Dict[str, Any]:
 
 def planted_parameters(planted: Dict[str, Any], kind: str) -> Optional[Dict[str, Any]]:
   """The sizes, seed and model fields (defaults included) of the planted data set config.planted
-  makes: what decides its rows. None when `planted` cannot say (a config.json of a release with
-  other fields)."""
+  makes: what decides its rows. None when `planted` cannot say (no sizes or seed, or a value
+  the generator refuses)."""
   arguments = planted_arguments(planted, kind)
   try:
     model = datagen.planted_model(kind, **{k: v for k, v in arguments.items()
