@@ -901,7 +901,10 @@ def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
   has_steps = os.path.isdir(os.path.join(workdir, 'checkpoints')) and any(
       name.isdigit() for name in os.listdir(os.path.join(workdir, 'checkpoints')))
   manager = checkpoints.make_manager(workdir, config) if has_steps else None
-  if manager is None or manager.latest_step() is None:
+  if manager is not None and manager.latest_step() is None:
+    manager.close()
+    manager = None
+  if manager is None:
     runs = sorted(glob.glob(os.path.join(config.output_dir, '*', 'checkpoints', '[0-9]*')),
                   key=os.path.getmtime, reverse=True)
     newest = os.path.dirname(os.path.dirname(runs[0])) if runs else None
@@ -909,7 +912,12 @@ def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
         f'mode={config.mode} needs a checkpoint in {workdir}/checkpoints, and there is none; '
         'train first, or name the run with --config.checkpoint (or --workdir)'
         + (f'; the newest run under {config.output_dir} is {newest}' if newest else ''))
-  return restore_state(manager, setup, checkpoint_setup(manager, setup, config, workdir))
+  # Closed when done: an open manager keeps its threads and metadata stores for the life of a
+  # process that evaluates or predicts many times.
+  try:
+    return restore_state(manager, setup, checkpoint_setup(manager, setup, config, workdir))
+  finally:
+    manager.close()
 
 
 def predict(setup: Setup, state: TrainState, config, input_path: str, output_path: str) -> int:
@@ -1219,7 +1227,8 @@ def run_training(setup: Setup, config, workdir: str) -> Dict[str, Any]:
       saves += 1
       last_saved = final_step
     writer.flush()
-    checkpoints.wait(manager)
+    # Waits for the saves in flight; nothing is saved after this point.
+    manager.close()
 
   # checkpoint_stall_s: the periodic saves' time on the training loop (the final save's wait is
   # not training time).

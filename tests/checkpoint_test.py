@@ -448,6 +448,32 @@ def test_predict_mode_refuses_several_processes(tmp_path, monkeypatch):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
+def test_every_checkpoint_manager_is_closed(tmp_path, monkeypatch):
+  # An open manager keeps its threads and metadata stores for the life of the process: a
+  # notebook or a service that evaluates many times would pile them up.
+  made = []
+  make = checkpoints.make_manager
+
+  def tracked(*args, **kwargs):
+    manager = make(*args, **kwargs)
+    close = manager.close
+    manager.closes = 0
+
+    def counted():
+      manager.closes += 1
+      close()
+    manager.close = counted
+    made.append(manager)
+    return manager
+  monkeypatch.setattr(checkpoints, 'make_manager', tracked)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(tmp_path, steps=3, save_steps=0, no_eval=True), workdir)
+  train.train_and_evaluate(_config(tmp_path, mode='eval'), workdir)
+  with pytest.raises(ValueError, match='embedding_dim: 4 -> 8'):  # refused, closed all the same
+    _restored(_config(tmp_path, embedding_dim=8, mode='eval'), workdir)
+  assert [m.closes for m in made] == [1, 1, 1]
+
+
 def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path):
   config = _config(tmp_path, mode='eval')
   with pytest.raises(FileNotFoundError, match='needs a checkpoint'):
