@@ -100,7 +100,14 @@ def archive_previous(path: str, history_path: str, unreadable_key: str) -> None:
     previous = json.loads(text)
   except ValueError:
     previous = {unreadable_key: text}
-  with open(history_path, 'a') as f:
-    f.write(json.dumps(json_ready(previous), sort_keys=True, default=float) + '\n')
+  line = (json.dumps(json_ready(previous), sort_keys=True, default=float) + '\n').encode()
+  with open(history_path, 'a+b') as f:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - len(line) - 1))
+    tail = f.read()
+    if tail[-len(line) - 1:] in (line, b'\n' + line):
+      return  # a kill between this append and the file's replacement: it is on record already
+    # A kill in the middle of an append leaves a cut line; the next record starts a line of its own.
+    f.write((b'\n' if tail and not tail.endswith(b'\n') else b'') + line)
     f.flush()
     os.fsync(f.fileno())

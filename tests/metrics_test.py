@@ -107,6 +107,27 @@ def test_results_with_an_undefined_metric_are_strict_json(tmp_path):
     assert json.loads(f.read(), **strict)['eval_auc'] is None
 
 
+def test_the_history_survives_kills_around_its_append(tmp_path):
+  path, history = tmp_path / 'results.json', tmp_path / 'results_history.jsonl'
+  metrics.write_json_atomic(str(path), {'steps': 1})
+  # Killed after the append, before the replacement: the rerun archives the same file again.
+  for _ in range(2):
+    metrics.archive_previous(str(path), str(history), 'unreadable')
+  assert history.read_text() == '{"steps": 1}\n'
+  # Killed in the middle of an append: the cut line stays, and the next record has a line.
+  with open(history, 'a') as f:
+    f.write('{"steps": 2, "eval')
+  metrics.write_json_atomic(str(path), {'steps': 3})
+  metrics.archive_previous(str(path), str(history), 'unreadable')
+  assert history.read_text().splitlines() == ['{"steps": 1}', '{"steps": 2, "eval',
+                                              '{"steps": 3}']
+  # A new record after the same one further up is kept: only a repeat of the last is a kill's.
+  metrics.write_json_atomic(str(path), {'steps': 1})
+  metrics.archive_previous(str(path), str(history), 'unreadable')
+  assert history.read_text().splitlines()[-1] == '{"steps": 1}'
+  assert len(history.read_text().splitlines()) == 4
+
+
 def test_a_resumed_runs_later_write_of_a_step_wins(tmp_path):
   # An interrupted run logged steps 5 and 10; its resume (a new event file) logged 10 again.
   first = metric_writer.MetricWriter(str(tmp_path))
