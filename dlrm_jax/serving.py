@@ -25,7 +25,7 @@ import re
 import shutil
 import socket
 import uuid
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ import numpy as np
 ARTIFACT = 'model.jax_export'
 PARAMS = 'params.npz'
 SPEC = 'spec.json'
+EXPORT_FILES = (ARTIFACT, PARAMS, SPEC)  # all an export directory holds
 PLATFORMS = ('cpu', 'cuda', 'tpu')  # what jax.export lowers the artifact for
 
 
@@ -42,15 +43,27 @@ def _flatten(tree) -> Dict[str, np.ndarray]:
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
-def check_export_dir(directory: str) -> None:
-  """Refuses a `directory` that holds something other than an artifact: exporting replaces the
-  whole directory (export_dir=./result would delete every run in it)."""
-  if (os.path.isdir(directory) and os.listdir(directory)
-      and not os.path.isfile(os.path.join(directory, ARTIFACT))):
-    raise ValueError(f'export_dir {directory} holds files and no {ARTIFACT}: an export replaces '
-                     'the whole directory, so name a new one (or an earlier export)')
+def check_export_dir(directory: str, workdir: Optional[str] = None) -> None:
+  """Refuses a `directory` that holds anything but an earlier export's files, or whose
+  replacement would take the run directory `workdir` or its checkpoints with it: exporting
+  replaces the whole directory (export_dir=./result would delete every run in it)."""
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise ValueError(f'export_dir {directory} is a file, not a directory')
+  if workdir is not None:
+    export, run = os.path.realpath(directory), os.path.realpath(workdir)
+    checkpoints = os.path.join(run, 'checkpoints')
+    if (run == export or run.startswith(export + os.sep) or export == checkpoints
+        or export.startswith(checkpoints + os.sep)):
+      raise ValueError(f'export_dir {directory} would replace the run directory {workdir} or '
+                       'its checkpoints: name a directory outside them (or <run>/export)')
+  others = sorted(set(os.listdir(directory)) - set(EXPORT_FILES)) if os.path.isdir(
+      directory) else []
+  if others:
+    # An earlier export holds these files and nothing else: a directory that also holds runs,
+    # data or the user's files is not one, even with an artifact among them.
+    raise ValueError(f'export_dir {directory} holds {len(others)} entries besides an export\'s '
+                     f'{", ".join(EXPORT_FILES)} (first: {others[0]}): an export replaces the '
+                     'whole directory, so name a new one (or an earlier export)')
 
 
 def export_model(setup, state, directory: str, spec_args: Dict) -> str:

@@ -696,7 +696,7 @@ def check_writable(workdir: str, state: TrainState, config, num_steps: int) -> N
   serving artifact's directory cannot be written (the export comes after training)."""
   _probe_writable(workdir, 'run directory')
   if config.export_dir and jax.process_index() == 0:
-    serving.check_export_dir(config.export_dir)
+    serving.check_export_dir(config.export_dir, workdir)
     # export_model writes beside export_dir and renames into it.
     _probe_writable(os.path.dirname(os.path.abspath(config.export_dir)),
                     'the directory of export_dir')

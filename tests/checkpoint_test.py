@@ -823,11 +823,26 @@ def test_export_replaces_only_an_earlier_export(tmp_path, monkeypatch):
   first = _config(tmp_path, steps=3, save_steps=0, no_eval=True)
   train.train_and_evaluate(first, os.path.join(first.output_dir, 'model_DLRM_1'))
   before = sorted(os.listdir(first.output_dir))
-  with pytest.raises(ValueError, match='holds files and no model.jax_export'):
+  refused = 'holds 2 entries besides an export.s model.jax_export, params.npz, spec.json'
+  with pytest.raises(ValueError, match=refused):
     train.train_and_evaluate(_config(tmp_path, steps=3, no_eval=True,
                                      export_dir=first.output_dir), str(tmp_path / 'run2'))
   assert sorted(os.listdir(first.output_dir)) == before
   assert not os.path.exists(tmp_path / 'run2' / 'checkpoints' / '3')  # refused before training
+  # An artifact among the runs did not make the directory an earlier export: a run trained
+  # into an export directory went with the next export.
+  (pathlib.Path(first.output_dir) / 'model.jax_export').write_text('')
+  with pytest.raises(ValueError, match=refused):
+    train.train_and_evaluate(_config(tmp_path, steps=3, no_eval=True,
+                                     export_dir=first.output_dir), str(tmp_path / 'run2'))
+  assert sorted(os.listdir(first.output_dir)) == sorted(before + ['model.jax_export'])
+  # The run's own checkpoints, or a directory the run is in, before training too (the
+  # checkpoints directory did not exist yet at the check, and was refused only after training).
+  for inside in ('run2/checkpoints', 'run2/checkpoints/x', 'run2', '.'):
+    with pytest.raises(ValueError, match='would replace the run directory'):
+      train.train_and_evaluate(_config(tmp_path, steps=3, no_eval=True,
+                                       export_dir=str(tmp_path / inside)), str(tmp_path / 'run2'))
+  assert not os.path.exists(tmp_path / 'run2' / 'checkpoints' / '3')
   export = str(tmp_path / 'serving')
   train.train_and_evaluate(_config(tmp_path, steps=3, save_steps=0, no_eval=True,
                                    export_dir=export), str(tmp_path / 'run3'))
