@@ -118,8 +118,11 @@ class Timeline:
     if (self._enabled and not self._active and step >= self._first
         and (step - self._first) % self._every == 0):
       start = time.perf_counter()
-      jax.profiler.start_trace(os.path.join(self.logdir, f'step_{step + 1}'))
-      self._active = True
+      try:
+        jax.profiler.start_trace(os.path.join(self.logdir, f'step_{step + 1}'))
+        self._active = True
+      except RuntimeError as e:  # another trace is running (the user's, around the run)
+        logging.warning('profiler timeline: step %d not traced: %s', step + 1, e)
       self.seconds += time.perf_counter() - start
 
   def after_step(self, step: int, result) -> None:
@@ -132,9 +135,11 @@ class Timeline:
                    os.path.join(self.logdir, f'step_{step + 1}'))
 
   def close(self) -> None:
+    """Stops a trace in progress; also when a step failed, or the profiler would stay on for
+    the rest of the process and the next run's first trace would fail to start."""
     if self._active:
-      jax.profiler.stop_trace()
       self._active = False
+      jax.profiler.stop_trace()
 
 
 class _Progress:

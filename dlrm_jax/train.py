@@ -12,6 +12,7 @@ their optimizer slots by rows over the 'model' axis, everything else is replicat
 norm sees the global batch, so one device and N devices agree.
 """
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -120,23 +121,30 @@ def check_config(config) -> None:
     if not ok:
       problems.append(f'config.{field}={config[field]!r} must be {rule}')
 
+  def number(field, test) -> bool:
+    # ConfigDict lets any field be set to None in Python (TF's Saver(max_to_keep=None) keeps
+    # all): a comparison would fail with a TypeError that names no field.
+    value = config[field]
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and test(value)
+
   for field in ('batch_size', 'eval_batch_size', 'embedding_dim', 'hash_buckets', 'max_list_len',
                 'log_every_steps', 'cache_block_rows'):
-    need(field, config[field] > 0, 'positive')
+    need(field, number(field, lambda v: v > 0), 'positive')
   for field in ('steps', 'save_steps', 'keep_checkpoint_max', 'shuffle_buffer', 'timeline',
                 'activation_summary_steps', 'split_parts', 'eval_every_steps'):
-    need(field, config[field] >= 0, '0 or more')
-  need('learning_rate', math.isfinite(config.learning_rate) and config.learning_rate >= 0,
+    need(field, number(field, lambda v: v >= 0), '0 or more')
+  need('learning_rate', number('learning_rate', lambda v: math.isfinite(v) and v >= 0),
        'a finite number, 0 or more')
   need('bottom_mlp', len(config.bottom_mlp) > 0 and min(config.bottom_mlp) > 0,
        'one or more positive layer widths')
   need('top_mlp', all(width > 0 for width in config.top_mlp), 'positive layer widths')
   need('criteo_table_rows', all(rows > 0 for rows in config.criteo_table_rows),
        'positive row counts (or empty: hash_buckets each)')
-  need('num_workers', config.num_workers >= -1, '-1 (one per core) or 0 or more')
+  need('num_workers', number('num_workers', lambda v: v >= -1),
+       '-1 (one per core) or 0 or more')
   # Seeds initialisation (jax.random.PRNGKey) and the shuffle (numpy's generators), as TF's
   # int64 seed.
-  need('seed', 0 <= config.seed < 2**63, 'an integer in [0, 2**63)')
+  need('seed', number('seed', lambda v: 0 <= v < 2**63), 'an integer in [0, 2**63)')
   mesh = tuple(config.mesh_shape)
   need('mesh_shape', len(mesh) == 2 and (mesh[0] == -1 or mesh[0] > 0) and mesh[1] > 0,
        '(data, model): a positive size or -1 (all the other devices) for data, a positive one '
@@ -1144,8 +1152,9 @@ def run_training(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   eval_every = 0 if config.no_eval else config.eval_every_steps
   eval_history, eval_time = [], 0.0
   stopped_at, stopped_by = None, ''  # the step of a preemption notice (SIGTERM) or Ctrl-C
-  # A failure anywhere up to the final save lets a save still being written finish first.
-  with checkpoints.finished_on_failure(manager):
+  # A failure anywhere up to the final save lets a save still being written finish first (and
+  # stops a trace in progress).
+  with checkpoints.finished_on_failure(manager), contextlib.closing(profiler):
     with checkpoints.preemption_notices() as preempted:
       for step in range(start_step, num_steps):
         traced = profiler.seconds
@@ -1245,7 +1254,8 @@ def run_training(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     results['eval_during_training_s'] = eval_time
 
   def record_results(parse_stats: input_pipeline.ParseStats):
-    results.update(data.oracle)
+    if 'eval_auc' in results:  # the oracle is the eval file's best: only beside its eval figures
+      results.update(data.oracle)
     results.update(parse_results(parse_stats))
     writer.close()
     if jax.process_index() == 0:

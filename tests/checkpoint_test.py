@@ -22,6 +22,7 @@ import pytest
 import input_pipeline_test
 import train_helpers as th
 from dlrm_jax import checkpoints
+from dlrm_jax import data_sources
 from dlrm_jax import input_pipeline
 from dlrm_jax import feature_spec
 from dlrm_jax import models
@@ -488,7 +489,9 @@ def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path)
   # ... and the (planted) data were not generated for it first: that takes minutes at full size.
   assert not os.path.exists(os.path.join(config.output_dir, 'planted_elm'))
   trained = os.path.join(config.output_dir, 'model_DLRM_1')
-  train.train_and_evaluate(_config(tmp_path, steps=3, save_steps=0, no_eval=True), trained)
+  results = train.train_and_evaluate(_config(tmp_path, steps=3, save_steps=0, no_eval=True),
+                                     trained)
+  assert 'oracle_auc' not in results  # nothing evaluated to set beside it
   with pytest.raises(FileNotFoundError, match=re.escape(f'the newest run under '
                                                         f'{config.output_dir} is {trained}')):
     train.train_and_evaluate(config, os.path.join(config.output_dir, 'model_DLRM_2'))
@@ -497,6 +500,7 @@ def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path)
   evaluate = _config(tmp_path, mode='eval', no_eval=True)
   results = train.train_and_evaluate(evaluate, trained)
   assert results['steps'] == 3 and results['eval_num_examples'] == evaluate.planted.eval_rows
+  assert 0.5 < results['oracle_auc'] <= 1
   # An evaluator without the run's planted settings used to write the planted files anew from
   # its own (under a trainer that may still read them) and score the other rows without a word.
   planted = pathlib.Path(config.output_dir) / 'planted_elm'
@@ -577,7 +581,10 @@ def test_an_eval_file_without_a_good_row_stops_the_run_before_training(tmp_path,
     ('learning_rate', float('nan')), ('bottom_mlp', ()), ('top_mlp', (16, 0)),
     ('cache_block_rows', 0), ('mode', 'serve'), ('interaction_op', 'Dot'), ('optimizer', 'sgd'),
     ('feature_spec', 'avazu'), ('bottom_mlp', (16, 8)), ('mesh_shape', (1,)),
-    ('mesh_shape', (-1, -1)), ('mesh_shape', (0, 1)), ('seed', -5), ('seed', 2**63)])
+    ('mesh_shape', (-1, -1)), ('mesh_shape', (0, 1)), ('seed', -5), ('seed', 2**63),
+    # None, as TF's Saver(max_to_keep=None): a TypeError that named no field.
+    ('keep_checkpoint_max', None), ('learning_rate', None), ('seed', None),
+    ('num_workers', None)])
 def test_bad_config_values_fail_first_naming_the_field(tmp_path, field, value):
   # Each of these used to fail mid-run (after training, for eval_batch_size and embedding_dim)
   # or quietly did something else (save_steps=-1 saved every step). A misspelt interaction_op
@@ -665,6 +672,33 @@ def test_timeline_summaries_and_checkpoint_counts_are_written(tmp_path):
     assert tag in tags, (tag, sorted(tags))
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['steps'] == 16
+
+
+def test_a_failure_in_a_traced_step_stops_the_trace(tmp_path, monkeypatch, caplog):
+  # The trace of a failed step stayed on: the process's next run with a timeline failed at its
+  # first trace ("Profile has already been started"), before any checkpoint.
+  batches = data_sources.train_batches
+
+  def failing_at_step_12(*args, **kwargs):
+    for i, batch in enumerate(batches(*args, **kwargs)):
+      if i == 12:
+        raise OSError('the disk went away')
+      yield batch
+  monkeypatch.setattr(data_sources, 'train_batches', failing_at_step_12)
+  with pytest.raises(OSError, match='the disk went away'):
+    train.train_and_evaluate(_config(tmp_path, steps=16, timeline=1, no_eval=True,
+                                     smartstaged=False), str(tmp_path / 'failed'))
+  monkeypatch.undo()
+  workdir = str(tmp_path / 'next')
+  train.train_and_evaluate(_config(tmp_path, steps=12, timeline=1, no_eval=True), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'timeline'))) == ['step_11', 'step_12']
+  # A trace the timeline cannot start (the user's own, around the run) skips that step's.
+  caplog.set_level('WARNING')
+  with jax.profiler.trace(str(tmp_path / 'outer')):
+    train.train_and_evaluate(_config(tmp_path, steps=11, timeline=1, no_eval=True),
+                             str(tmp_path / 'traced'))
+  assert 'profiler timeline: step 11 not traced' in caplog.text
+  assert checkpoints.make_manager(str(tmp_path / 'traced'), _config(tmp_path)).latest_step() == 11
 
 
 def test_logged_loss_is_the_mean_since_the_last_log_and_summaries_keep_their_own_steps(tmp_path):
