@@ -98,14 +98,16 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import gzip
 import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from absl import logging
 import numpy as np
@@ -1056,6 +1058,10 @@ def _claim_file_names(out_dir: str, kind: str) -> None:
   names = _all_file_names(kind)
   recorded = _planted_names(out_dir) or []
   foreign = [n for n in names if n not in recorded and os.path.exists(os.path.join(out_dir, n))]
+  oracle = read_oracle(out_dir)
+  if (os.path.exists(os.path.join(out_dir, ORACLE_FILE))
+      and not (oracle and oracle.get('kind') in FILE_NAMES)):
+    foreign.append(ORACLE_FILE)  # someone's own notes by that name, removed before generating
   if foreign:
     raise FileExistsError(
         f'{out_dir} holds {", ".join(foreign)}, not written by datagen (not listed in its '
@@ -1130,9 +1136,10 @@ def read_oracle(out_dir: str) -> Optional[Dict[str, Any]]:
   """oracle.json of a complete data set under out_dir, or None."""
   try:
     with open(os.path.join(out_dir, ORACLE_FILE)) as f:
-      return json.load(f)
+      oracle = json.load(f)
   except (OSError, ValueError):
     return None
+  return oracle if isinstance(oracle, dict) else None
 
 
 def read_complete(out_dir: str, kind: str) -> Optional[Dict[str, Any]]:
@@ -1171,12 +1178,49 @@ def ensure_planted_data(out_dir: str, kind: str, train_rows: int, eval_rows: int
   """
   model = planted_model(kind, planted, **planted_fields)
   wanted = recorded_parameters(kind, train_rows, eval_rows, seed, gzip_files, model)
-  oracle = read_oracle(out_dir)
-  if (oracle is not None and all(oracle.get(k) == v for k, v in wanted.items())
-      and _is_complete(oracle, out_dir)):
-    logging.info('reusing planted %s data in %s', kind, out_dir)
-    return _with_paths(oracle, out_dir, reused=True)
-  return generate(kind, out_dir, train_rows, eval_rows, seed, model, gzip_files)
+  with writer_lock(out_dir):
+    oracle = read_oracle(out_dir)
+    if (oracle is not None and all(oracle.get(k) == v for k, v in wanted.items())
+        and _is_complete(oracle, out_dir)):
+      logging.info('reusing planted %s data in %s', kind, out_dir)
+      return _with_paths(oracle, out_dir, reused=True)
+    return generate(kind, out_dir, train_rows, eval_rows, seed, model, gzip_files)
+
+
+@contextlib.contextmanager
+def writer_lock(out_dir: str) -> Iterator[None]:
+  """Holds a lock on the directory out_dir itself (flock, no lock file) while its data are
+  checked and (re)written.
+
+  Two runs started on one output_dir both found the data missing and both wrote them: the
+  second rewrote the files while the first was caching them ("changed while it was being
+  cached"). The second now waits, then reuses them. A directory that cannot be opened (or a
+  file system without flock) is used unguarded. A directory made for the lock is removed again
+  if the block fails before writing into it.
+  """
+  created = not os.path.isdir(out_dir)
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+  except OSError:
+    yield
+    return
+  try:
+    try:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        logging.info('waiting for another process writing planted data in %s', out_dir)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as e:
+      logging.warning('cannot lock %s (%s): writing its planted data unguarded', out_dir, e)
+    yield
+  except BaseException:
+    if created and not os.listdir(out_dir):
+      os.rmdir(out_dir)
+    raise
+  finally:
+    os.close(fd)  # releases the lock
 
 
 def _open_text(path: str):
@@ -1234,8 +1278,9 @@ def main(argv: Optional[Sequence[str]] = None):
                if getattr(args, f.name, None) is not None}
   model = planted_model(args.kind, None, **overrides)
   if args.force:
-    oracle = generate(args.kind, args.out_dir, args.train_rows, args.eval_rows, args.seed, model,
-                      args.gzip)
+    with writer_lock(args.out_dir):
+      oracle = generate(args.kind, args.out_dir, args.train_rows, args.eval_rows, args.seed,
+                        model, args.gzip)
   else:
     oracle = ensure_planted_data(args.out_dir, args.kind, args.train_rows, args.eval_rows,
                                  args.seed, gzip_files=args.gzip, planted=model)

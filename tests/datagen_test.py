@@ -6,6 +6,9 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -268,6 +271,34 @@ def test_interrupted_generation_is_never_reused(tmp_path, monkeypatch):
   assert not datagen.ensure_planted_data(*args, planted=SMALL)['reused']
 
 
+def test_a_second_writer_waits_and_then_reuses_the_data(tmp_path):
+  # Two runs started on one output_dir both generated the planted data: the second rewrote the
+  # files under the first's row-cache build, which failed ("changed while it was being cached").
+  directory = str(tmp_path / 'planted')
+  log = tmp_path / 'second.log'
+  script = ('import json, sys\nfrom absl import logging\nfrom dlrm_jax import datagen\n'
+            'logging.set_verbosity(logging.INFO)\n'
+            f'r = datagen.ensure_planted_data({directory!r}, "elm", 300, 200, 5, '
+            f'planted={SMALL!r})\n'
+            'print(json.dumps({"reused": r["reused"]}))\n')
+  with datagen.writer_lock(directory):
+    with open(log, 'w') as err:
+      second = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+    deadline = time.monotonic() + 120  # an import and a model build on a busy machine
+    while 'waiting for another process' not in log.read_text():
+      assert second.poll() is None and time.monotonic() < deadline, log.read_text()
+      time.sleep(0.1)
+    first = datagen.generate('elm', directory, 300, 200, 5, SMALL)
+    inode = os.stat(first['train_path']).st_ino
+  out, _ = second.communicate(timeout=120)
+  assert second.returncode == 0, log.read_text()
+  assert json.loads(out.splitlines()[-1]) == {'reused': True}
+  assert os.stat(first['train_path']).st_ino == inode  # not written again
+  # Without the lock file of a lock: the directory holds the data and datagen's files only.
+  assert sorted(os.listdir(directory)) == ['.planted', 'eval.csv', 'oracle.json', 'train.csv']
+
+
 def test_files_not_written_by_datagen_are_never_overwritten(tmp_path):
   # E.g. a data_location with the real train.csv and no eval.csv yet.
   for kind, name, planted in (('elm', 'train.csv', SMALL), ('criteo', 'eval.txt.gz', None)):
@@ -278,6 +309,15 @@ def test_files_not_written_by_datagen_are_never_overwritten(tmp_path):
       datagen.ensure_planted_data(str(real), kind, 300, 200, 5, planted=planted)
     assert sorted(os.listdir(real)) == [name]
     assert (real / name).read_text() == 'the real rows\n'
+  # An oracle.json datagen did not write was deleted (or, not a JSON object, crashed the check).
+  for text in ('{"my": "notes"}', '[1, 2]', 'not json'):
+    notes = tmp_path / 'notes'
+    notes.mkdir(exist_ok=True)
+    (notes / 'oracle.json').write_text(text)
+    with pytest.raises(FileExistsError, match='holds oracle.json, not written by datagen'):
+      datagen.ensure_planted_data(str(notes), 'elm', 300, 200, 5, planted=SMALL)
+    assert sorted(os.listdir(notes)) == ['oracle.json']
+    assert (notes / 'oracle.json').read_text() == text
 
 
 def test_planted_data_of_one_kind_never_vouches_for_real_files_of_the_other(tmp_path):
