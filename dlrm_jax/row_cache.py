@@ -404,14 +404,16 @@ def pid_alive(pid: int) -> bool:
 
 
 def _remove_dead_builds(directory: str) -> None:
-  """Deletes the temporary directories of builds on this host whose process is gone."""
+  """Deletes what builds on this host whose process is gone left: their temporary directories,
+  and the stale caches they had moved aside to delete (a copy of the cache each)."""
   parent, name = os.path.split(directory)
-  prefix = f'{name}.tmp-{socket.gethostname()}-'
-  for entry in os.listdir(parent):
-    if entry.startswith(prefix):
-      pid = entry[len(prefix):]
-      if pid.isdigit() and not pid_alive(int(pid)):
-        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+  for kind in ('tmp', 'stale'):
+    prefix = f'{name}.{kind}-{socket.gethostname()}-'
+    for entry in os.listdir(parent):
+      if entry.startswith(prefix):
+        pid = entry[len(prefix):]
+        if pid.isdigit() and not pid_alive(int(pid)):
+          shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def _expected_manifest(source: Source, spec: feature_spec_lib.FeatureSpec,
@@ -523,6 +525,9 @@ def _build(source: Source, spec: feature_spec_lib.FeatureSpec, directory: str,
     if os.path.exists(directory):
       # A stale cache goes only now that its successor is complete.
       stale = f'{directory}.stale-{socket.gethostname()}-{os.getpid()}'
+      # One of this pid's (this process's earlier rebuild, or a container's fixed pid) whose
+      # delete did not finish: renaming onto it would fail with "Directory not empty".
+      shutil.rmtree(stale, ignore_errors=True)
       os.rename(directory, stale)
       os.rename(tmp, directory)
       shutil.rmtree(stale, ignore_errors=True)

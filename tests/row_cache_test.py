@@ -280,10 +280,20 @@ def test_leftovers_of_killed_builds_are_removed(tmp_path):
   dead = root / f'{name}.tmp-{socket.gethostname()}-999999999'
   alive = root / f'{name}.tmp-{socket.gethostname()}-{os.getpid()}x'
   other_host = root / f'{name}.tmp-elsewhere-1'
-  for d in (dead, alive, other_host):
+  # A stale cache is moved aside before it is deleted; a kill in between left it for good.
+  dead_stale = root / f'{name}.stale-{socket.gethostname()}-999999999'
+  for d in (dead, alive, other_host, dead_stale):
     d.mkdir(parents=True)
   row_cache.open_or_build(row_cache.Source(path), SPEC)
   assert not dead.exists() and alive.exists() and other_host.exists()
+  assert not dead_stale.exists()
+  # One of this process's own that its delete left (or a recycled pid's) failed the next
+  # rebuild: "Directory not empty".
+  own_stale = root / f'{name}.stale-{socket.gethostname()}-{os.getpid()}'
+  (own_stale / 'rows').mkdir(parents=True)
+  os.utime(path, ns=(1, 1))  # the source changed: the cache is stale and is rebuilt
+  cache, _, _ = row_cache.open_or_build(row_cache.Source(path), SPEC)
+  assert cache.manifest['rows'] == 10 and not own_stale.exists()
 
 
 def test_skipped_bad_rows_are_recorded_and_a_strict_run_refuses_them(tmp_path):
