@@ -80,15 +80,21 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any],
 
 def misfits(manager: ocp.CheckpointManager, abstract_state) -> List[str]:
   """How the newest checkpoint's arrays differ from `abstract_state`'s, read from its metadata
-  (nothing is loaded); [] when they fit, or when there is no checkpoint or no readable metadata
-  (the restore's own check then still applies)."""
+  (nothing is loaded); [] when they fit, when there is no checkpoint, or when its step was
+  deleted meanwhile (restore_latest then takes the newer one)."""
   step = manager.latest_step()
   if step is None:
     return []
   try:
     saved = _leaves(manager.item_metadata(step))
-  except Exception:  # pylint: disable=broad-except
-    return []
+  except Exception as e:  # pylint: disable=broad-except
+    path = os.path.join(str(manager.directory), str(step))
+    if not os.path.exists(path):
+      return []
+    # A directory named as a step that orbax did not write (or a damaged one) failed only at
+    # the restore, with orbax's KeyError, after the run had replaced config.json.
+    return [f'{path} is not a checkpoint that can be read ({type(e).__name__}: '
+            f'{str(e)[:300]}): move it out of {manager.directory}']
   wanted = _leaves(abstract_state)
   show = lambda leaf: f'{leaf[0]} {leaf[1]}'  # pylint: disable=unnecessary-lambda-assignment
   kinds = [

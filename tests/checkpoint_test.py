@@ -328,6 +328,22 @@ def _run_files(workdir):
           for p in glob.glob(os.path.join(workdir, '**'), recursive=True) if os.path.isfile(p)}
 
 
+def test_a_step_directory_orbax_did_not_write_is_refused_before_writing(tmp_path):
+  # E.g. the user's own "checkpoints/2023": it was taken as the newest step, and failed only at
+  # the restore with orbax's KeyError, after config.json had been replaced.
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(tmp_path, steps=3, save_steps=0, no_eval=True), workdir)
+  os.makedirs(os.path.join(workdir, 'checkpoints', '2023', 'notes'))
+  before = _run_files(workdir)
+  for mode in ('train', 'eval'):
+    with pytest.raises(ValueError, match=re.escape(
+        f'{os.path.join(workdir, "checkpoints", "2023")} is not a checkpoint that can be read')):
+      train.train_and_evaluate(_config(tmp_path, steps=6, mode=mode), workdir)
+    assert _run_files(workdir) == before
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '2023'))
+  assert train.train_and_evaluate(_config(tmp_path, steps=6, no_eval=True), workdir)['steps'] == 6
+
+
 def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_path):
   workdir = str(tmp_path / 'run')
   trained = _config(tmp_path, steps=5, save_steps=0, no_eval=True)
