@@ -40,14 +40,20 @@ def make_manager(workdir: str, config, training: bool = False) -> ocp.Checkpoint
 
 
 def _leaves(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-  """`tree`'s array leaves by dotted path ('params.tables.fused'), as (shape, dtype)."""
+  """`tree`'s array leaves by dotted path ('params.tables.fused'), as (shape, dtype), and its
+  empty nodes (an optimizer without slots: EmptyState, {}; None in a checkpoint's metadata) as
+  ((), 'empty'): gradient descent's sparse and dense states differ only in those."""
   def name(key):
     for attr in ('key', 'name', 'idx'):
       if hasattr(key, attr):
         return str(getattr(key, attr))
     return str(key)
-  return {'.'.join(name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  def empty(node) -> bool:
+    return node is None or (isinstance(node, (dict, tuple, list)) and not node)
+  return {'.'.join(name(k) for k in path):
+          ((), 'empty') if empty(leaf) else (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=empty)[0]}
 
 
 def saved_config(workdir: str) -> Optional[Dict[str, Any]]:
@@ -101,8 +107,10 @@ def misfits(manager: ocp.CheckpointManager, abstract_state) -> List[str]:
       ('arrays of another shape or dtype',
        [f'{p}: {show(saved[p])} saved, {show(wanted[p])} now'
         for p in sorted(wanted) if p in saved and saved[p] != wanted[p]]),
-      ('arrays this config needs and the checkpoint lacks', sorted(set(wanted) - set(saved))),
-      ('arrays in the checkpoint this config has no place for', sorted(set(saved) - set(wanted)))]
+      ('state entries this config needs and the checkpoint lacks',
+       sorted(set(wanted) - set(saved))),
+      ('state entries in the checkpoint this config has no place for',
+       sorted(set(saved) - set(wanted)))]
   return [f'{len(paths)} {kind} (first: {paths[0]})' for kind, paths in kinds if paths]
 
 

@@ -1033,17 +1033,24 @@ def run_training(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   """mode=train: resume or start, train (evaluating every eval_every_steps), save, evaluate,
   export and write results.json; the run's results."""
   options = effective_options(config)
-  data = data_sources.resolve(config, setup.spec)
   abstract = abstract_train_state(setup)
-  num_steps = steps_for(config, data.train_rows)
-  check_writable(workdir, abstract, config, num_steps)
-  manager = checkpoints.make_manager(workdir, config, training=True)
-  saved_setup = checkpoint_setup(manager, setup, config, workdir)
-  start_step = manager.latest_step() or 0
-  if start_step:
-    changed = decay_step_change(config, workdir)
+  # A resume is checked against its checkpoint before the data are read: a refused one (a
+  # mistyped hash_buckets, say) cached the train files for its table sizes first. A new run
+  # makes checkpoints/ only once its data and directory are found fit.
+  manager, saved_setup, start_step = None, setup, 0
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    manager = checkpoints.make_manager(workdir, config, training=True)
+    saved_setup = checkpoint_setup(manager, setup, config, workdir)
+    start_step = manager.latest_step() or 0
+    changed = decay_step_change(config, workdir) if start_step else []
     if changed:
       checkpoints.refuse(manager, changed, config, workdir)
+  data = data_sources.resolve(config, setup.spec)
+  num_steps = steps_for(config, data.train_rows)
+  check_writable(workdir, abstract, config, num_steps)
+  if manager is None:
+    manager = checkpoints.make_manager(workdir, config, training=True)
+  if start_step:
     warn_if_data_order_changes(config, workdir, start_step)
   writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.write_config(config)

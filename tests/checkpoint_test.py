@@ -344,6 +344,25 @@ def test_a_step_directory_orbax_did_not_write_is_refused_before_writing(tmp_path
   assert train.train_and_evaluate(_config(tmp_path, steps=6, no_eval=True), workdir)['steps'] == 6
 
 
+def test_gradient_descent_resumed_on_the_other_path_is_refused_first(tmp_path):
+  # Without slots, the sparse and dense states have the same arrays: the check let the resume
+  # through, it replaced config.json, and orbax refused the restore after compiling.
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(tmp_path, steps=3, save_steps=0, no_eval=True,
+                                   optimizer='gradientdescent'), workdir)
+  before = _run_files(workdir)
+  for override, field in ((dict(no_acceleration=True), 'no_acceleration: false -> true'),
+                          (dict(sparse_updates=False), 'sparse_updates: true -> false')):
+    for mode in ('train', 'eval'):
+      with pytest.raises(ValueError, match=re.escape(field) + '.*') as error:
+        train.train_and_evaluate(_config(tmp_path, steps=6, no_eval=True, mode=mode,
+                                         optimizer='gradientdescent', **override), workdir)
+      assert 'state entries' in str(error.value)
+      assert _run_files(workdir) == before
+  assert train.train_and_evaluate(_config(tmp_path, steps=6, no_eval=True,
+                                          optimizer='gradientdescent'), workdir)['steps'] == 6
+
+
 def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_path):
   workdir = str(tmp_path / 'run')
   trained = _config(tmp_path, steps=5, save_steps=0, no_eval=True)
@@ -361,6 +380,10 @@ def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_pat
       (dict(hash_buckets=1003, emb_fusion=False), 'hash_buckets: 1000 -> 1003',
        'of another row count'),
   ]
+  caches = lambda: sorted(glob.glob(os.path.join(trained.output_dir, '**', 'dlrm_cache', '*'),  # pylint: disable=unnecessary-lambda-assignment
+                                    recursive=True))
+  cached = caches()
+  assert cached
   for override, field, kind in cases:
     resumed = _config(tmp_path, steps=10, save_steps=0, no_eval=True, **override)
     with pytest.raises(ValueError) as error:
@@ -368,8 +391,10 @@ def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_pat
     assert field in str(error.value) and kind in str(error.value), (override, error.value)
     assert 'steps: 5 -> 10' in str(error.value)
   # Refused before writing: the run directory (its config.json above all, the one record of the
-  # checkpoint's settings) is as the first run left it.
+  # checkpoint's settings) is as the first run left it; and before reading the data: the other
+  # table sizes used to cache the train file for them first, a cache nothing would use.
   assert _run_files(workdir) == before
+  assert caches() == cached
   with open(os.path.join(workdir, 'config.json')) as f:
     assert f.read() == saved_config
   with pytest.raises(ValueError, match='embedding_dim: 4 -> 8'):
