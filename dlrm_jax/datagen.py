@@ -1272,7 +1272,6 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None):
   args = _parse_args(sys.argv[1:] if argv is None else argv)
-  logging.set_verbosity(logging.INFO)
   cls = PLANTED_MODELS[args.kind]
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                if getattr(args, f.name, None) is not None}
@@ -1290,4 +1289,6 @@ def main(argv: Optional[Sequence[str]] = None):
 
 
 if __name__ == '__main__':
+  # Here, not in main(): a notebook calling main() keeps its own log level.
+  logging.set_verbosity(logging.INFO)
   main()

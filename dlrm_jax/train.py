@@ -1026,12 +1026,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
     return results
   with checkpoints.training_lock(workdir):
-    return run_training(setup, config, workdir)
+    try:
+      return run_training(setup, config, workdir)
+    except checkpoints.Preempted as stop:
+      # A stop is not a failure. Its traceback would keep run_training's frame (the state, the
+      # input thread, the open row cache) alive for as long as a notebook keeps the last
+      # exception: beside the resumed run's state.
+      raise stop.with_traceback(None) from None
 
 
 def run_training(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   """mode=train: resume or start, train (evaluating every eval_every_steps), save, evaluate,
   export and write results.json; the run's results."""
+  # What a run opens is closed however it ends: a failed run in a notebook or a sweep left its
+  # TensorBoard writer's threads and files open for the life of the process.
+  with contextlib.ExitStack() as closing:
+    return _run_training(setup, config, workdir, closing)
+
+
+def _run_training(setup: Setup, config, workdir: str,
+                  closing: contextlib.ExitStack) -> Dict[str, Any]:
   options = effective_options(config)
   abstract = abstract_train_state(setup)
   # A resume is checked against its checkpoint before the data are read: a refused one (a
@@ -1052,7 +1066,8 @@ def run_training(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     manager = checkpoints.make_manager(workdir, config, training=True)
   if start_step:
     warn_if_data_order_changes(config, workdir, start_step)
-  writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = closing.enter_context(contextlib.closing(
+      metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)))
   writer.write_config(config)
   stats = input_pipeline.ParseStats()
 
@@ -1100,7 +1115,8 @@ def run_training(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   train_start = time.perf_counter()
   timed_steps, timed_since = 0, None
   profiler = metric_writer.Timeline(workdir, config.timeline, first_step=start_step + 10)
-  progress = metric_writer.progress_bar(num_steps, start_step)
+  progress = closing.enter_context(contextlib.closing(
+      metric_writer.progress_bar(num_steps, start_step)))
 
   def last_good():
     if last_saved is None:

@@ -382,8 +382,12 @@ def test_criteo_lines_have_40_fields_and_hex_categoricals(criteo_dir):
 def test_command_line_writes_and_records_the_planted_weights(tmp_path, capsys):
   directory = str(tmp_path / 'cli')
   flags = [f'--{k}={v}' for k, v in SMALL.items()]
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  verbosity = logging.get_verbosity()
   datagen.main(['elm', '--out_dir', directory, '--train_rows', '200', '--eval_rows', '100',
                 '--seed', '4', '--interaction_weight', '0', '--history_weight', '0.5'] + flags)
+  # A notebook's log level is its own: main() turned on INFO (orbax's lines) for the process.
+  assert logging.get_verbosity() == verbosity
   summary = json.loads(capsys.readouterr().out)
   assert not summary['reused']
   with open(os.path.join(directory, 'oracle.json')) as f:
