@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -84,10 +84,12 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any],
   return lines
 
 
-def misfits(manager: ocp.CheckpointManager, abstract_state) -> List[str]:
+def misfits(manager: ocp.CheckpointManager, abstract_state,
+            parts: Optional[Sequence[str]] = None) -> List[str]:
   """How the newest checkpoint's arrays differ from `abstract_state`'s, read from its metadata
   (nothing is loaded); [] when they fit, when there is no checkpoint, or when its step was
-  deleted meanwhile (restore_latest then takes the newer one)."""
+  deleted meanwhile (restore_latest then takes the newer one). With `parts`, only the
+  checkpoint's entries under those top-level names count (a partial restore's)."""
   step = manager.latest_step()
   if step is None:
     return []
@@ -101,6 +103,8 @@ def misfits(manager: ocp.CheckpointManager, abstract_state) -> List[str]:
     # the restore, with orbax's KeyError, after the run had replaced config.json.
     return [f'{path} is not a checkpoint that can be read ({type(e).__name__}: '
             f'{str(e)[:300]}): move it out of {manager.directory}']
+  if parts is not None:
+    saved = {path: leaf for path, leaf in saved.items() if path.split('.')[0] in parts}
   wanted = _leaves(abstract_state)
   show = lambda leaf: f'{leaf[0]} {leaf[1]}'  # pylint: disable=unnecessary-lambda-assignment
   kinds = [
@@ -150,8 +154,10 @@ def _reloaded_latest_step(manager: ocp.CheckpointManager, attempts: int = 5) -> 
   return None
 
 
-def restore_latest(manager: ocp.CheckpointManager, state, attempts: int = 5):
+def restore_latest(manager: ocp.CheckpointManager, state, attempts: int = 5,
+                   partial: bool = False):
   """The newest complete checkpoint restored into `state`'s structure, or `state` if none.
+  With `partial`, `state` may hold a part of the checkpoint's entries, and only those are read.
 
   An evaluator that follows a run still training can see its chosen step deleted under it (the
   trainer keeps keep_checkpoint_max steps); it then takes the newer step instead.
@@ -163,7 +169,8 @@ def restore_latest(manager: ocp.CheckpointManager, state, attempts: int = 5):
   for attempt in range(attempts):
     try:
       restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-          abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+          abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+          partial_restore=partial))
       break
     except Exception as e:  # pylint: disable=broad-except
       newer = _reloaded_latest_step(manager)

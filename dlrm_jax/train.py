@@ -741,20 +741,34 @@ def write_activation_summaries(writer, step: int, activations) -> None:
                                  for k, v in activations.items()})
 
 
-def checkpoint_setup(manager, setup: Setup, config, workdir: str) -> Setup:
+# What evaluation, prediction and export read of a state: not the optimizer's slots.
+INFERENCE_PARTS = ('step', 'params', 'batch_stats')
+
+
+def restorable(setup: Setup, inference: bool = False):
+  """The abstract tree a checkpoint is restored into: the whole train state, or for inference
+  a dict of its INFERENCE_PARTS, so that the slots (two copies of the tables under adam) are
+  neither read nor required to fit: a run evaluates under any optimizer settings."""
+  abstract = abstract_train_state(setup)
+  return {k: getattr(abstract, k) for k in INFERENCE_PARTS} if inference else abstract
+
+
+def checkpoint_setup(manager, setup: Setup, config, workdir: str,
+                     inference: bool = False) -> Setup:
   """The setup whose state the newest checkpoint in `manager` holds (or `setup` if there is none).
 
   That is `setup` itself, or `setup` with the other emb_fusion layout: emb_fusion is an
   acceleration, as in DeepRec, and a run may turn it on or off when it resumes (restore_state
-  re-lays the tables). Anything else that changes the state's shapes is refused here, before the
-  run writes anything.
+  re-lays the tables). Anything else that changes the state's shapes (of its INFERENCE_PARTS,
+  with `inference`) is refused here, before the run writes anything.
   """
+  parts = INFERENCE_PARTS if inference else None
   resized = spec_changes(workdir, setup.spec) if manager.latest_step() is not None else []
-  problems = checkpoints.misfits(manager, abstract_train_state(setup))
+  problems = checkpoints.misfits(manager, restorable(setup, inference), parts)
   if not problems and not resized:
     return setup
   other = dataclasses.replace(setup, emb_fusion=not setup.emb_fusion)
-  if not resized and not checkpoints.misfits(manager, abstract_train_state(other)):
+  if not resized and not checkpoints.misfits(manager, restorable(other, inference), parts):
     return other
   checkpoints.refuse(manager, problems + resized, config, workdir)
 
@@ -799,22 +813,28 @@ def spec_changes(workdir: str, spec: fs.FeatureSpec) -> List[str]:
   return problems
 
 
-def restore_state(manager, setup: Setup, saved: Setup) -> TrainState:
+def restore_state(manager, setup: Setup, saved: Setup, inference: bool = False) -> TrainState:
   """The newest checkpoint as a state of `setup`'s layout; `saved` is its own (checkpoint_setup).
+  With `inference`, only its INFERENCE_PARTS are read, and the slots are None.
 
   A checkpoint of the other emb_fusion layout is restored as it is and then re-laid: the
   tables and their optimizer slots are held twice while that runs, once per resume.
   """
-  abstract = abstract_train_state(setup)
+  abstract = restorable(setup, inference)
   if saved.emb_fusion == setup.emb_fusion:
-    return checkpoints.restore_latest(manager, abstract)
-  restored = checkpoints.restore_latest(manager, abstract_train_state(saved))
-  logging.info('re-laying the checkpoint\'s tables from emb_fusion=%s to emb_fusion=%s',
-               saved.emb_fusion, setup.emb_fusion)
-  relayout = jax.jit(functools.partial(models.relayout_tables, spec=setup.spec,
-                                       emb_fusion=setup.emb_fusion),
-                     out_shardings=jax.tree.map(lambda x: x.sharding, abstract))
-  return relayout(restored)
+    restored = checkpoints.restore_latest(manager, abstract, partial=inference)
+  else:
+    restored = checkpoints.restore_latest(manager, restorable(saved, inference),
+                                          partial=inference)
+    logging.info('re-laying the checkpoint\'s tables from emb_fusion=%s to emb_fusion=%s',
+                 saved.emb_fusion, setup.emb_fusion)
+    relayout = jax.jit(functools.partial(models.relayout_tables, spec=setup.spec,
+                                         emb_fusion=setup.emb_fusion),
+                       out_shardings=jax.tree.map(lambda x: x.sharding, abstract))
+    restored = relayout(restored)
+  if inference:
+    return TrainState(**restored, opt_state=None, table_opt_state=None)
+  return restored
 
 
 # The fields that decide which rows make batch k of a run; the rest may change on a resume
@@ -923,7 +943,8 @@ def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
   # Closed when done: an open manager keeps its threads and metadata stores for the life of a
   # process that evaluates or predicts many times.
   try:
-    return restore_state(manager, setup, checkpoint_setup(manager, setup, config, workdir))
+    saved = checkpoint_setup(manager, setup, config, workdir, inference=True)
+    return restore_state(manager, setup, saved, inference=True)
   finally:
     manager.close()
 

@@ -354,14 +354,30 @@ def test_gradient_descent_resumed_on_the_other_path_is_refused_first(tmp_path):
   before = _run_files(workdir)
   for override, field in ((dict(no_acceleration=True), 'no_acceleration: false -> true'),
                           (dict(sparse_updates=False), 'sparse_updates: true -> false')):
-    for mode in ('train', 'eval'):
-      with pytest.raises(ValueError, match=re.escape(field) + '.*') as error:
-        train.train_and_evaluate(_config(tmp_path, steps=6, no_eval=True, mode=mode,
-                                         optimizer='gradientdescent', **override), workdir)
-      assert 'state entries' in str(error.value)
-      assert _run_files(workdir) == before
+    with pytest.raises(ValueError, match=re.escape(field) + '.*') as error:
+      train.train_and_evaluate(_config(tmp_path, steps=6, no_eval=True,
+                                       optimizer='gradientdescent', **override), workdir)
+    assert 'state entries' in str(error.value)
+    assert _run_files(workdir) == before
   assert train.train_and_evaluate(_config(tmp_path, steps=6, no_eval=True,
                                           optimizer='gradientdescent'), workdir)['steps'] == 6
+
+
+def test_evaluation_reads_no_optimizer_slots_and_takes_any_optimizer(tmp_path):
+  # Evaluation restored the whole train state: under adam two more copies of the tables, and an
+  # evaluator had to repeat the run's optimizer settings (another one was refused).
+  workdir = str(tmp_path / 'run')
+  trained = train.train_and_evaluate(_config(tmp_path, steps=5, save_steps=0,
+                                             optimizer='adam'), workdir)
+  restored = _restored(_config(tmp_path, mode='eval', optimizer='adam'), workdir)
+  assert restored.opt_state is None and restored.table_opt_state is None
+  for override in (dict(optimizer='adam'), dict(optimizer='adagrad'),
+                   dict(optimizer='gradientdescent', no_acceleration=True, emb_fusion=False)):
+    results = train.train_and_evaluate(_config(tmp_path, mode='eval', **override), workdir)
+    assert results['eval_auc'] == trained['eval_auc'], override  # the same parameters
+  # What shapes the parameters still counts.
+  with pytest.raises(ValueError, match='embedding_dim: 4 -> 8'):
+    _restored(_config(tmp_path, mode='eval', optimizer='adam', embedding_dim=8), workdir)
 
 
 def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_path):
