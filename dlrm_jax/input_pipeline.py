@@ -24,9 +24,10 @@ Parsing follows the reference reader (see /work/shared/elm-schema.md):
   error, as it is for the reference. 'float' columns accept decimal numbers with an optional
   exponent. Non-finite values ('nan', 'inf', '1e999') are rejected: the reference would read them,
   but one of them turns the whole loss into NaN, so we stop with a clear error instead.
-  Integers are range-checked against neither int32 nor int64 (the reference's int32 is narrower).
-  Every dense input (after its transform) must fit in float32, the batch's type: a larger finite
-  value would become inf there.
+  An 'int' column fed to the model as it is (ELM's) must fit in int32, as the reference's
+  decode_csv (int32 defaults) requires: a 22-digit count made the loss NaN at the first step.
+  Under log(x + 1) (Criteo's) any size is read. Every dense input (after its transform) must fit
+  in float32, the batch's type: a larger finite value would become inf there.
 - Hashed features: FarmHash Fingerprint64 of the UTF-8 bytes, modulo the table's rows, exactly
   TensorFlow's `categorical_column_with_hash_bucket`. A scalar whose value is '' is missing (weight
   0); a list field always has at least one token ('' when empty), and '' is hashed like any token.
@@ -93,7 +94,7 @@ _MAX_EXAMPLES = 10
 
 # Bump whenever a change here changes what some line parses into (or whether it parses): caches
 # of parsed rows (row_cache) record it and are rebuilt when it changes.
-PARSER_VERSION = 2
+PARSER_VERSION = 3  # 3: ELM integers beyond int32 are refused
 
 
 class DataError(ValueError):
@@ -282,8 +283,11 @@ _POWERS_OF_TEN = np.array([float(10 ** k) for k in range(_FAST_DIGITS + 1)])  # 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-# A number column's "value" that reads as a column name ('clicked', 'I1'): a header line.
-_HEADER_LIKE = re.compile(r"got '[A-Za-z_][A-Za-z0-9_ ]*'$")
+# A number column's "value" that reads as a column name ('clicked', 'I1'): a header line. Not
+# the words a number column may hold by mistake in a real row ('nan', 'NA', 'null', ...).
+_HEADER_LIKE = re.compile(r"got '([A-Za-z_][A-Za-z0-9_ ]*)'$")
+_NOT_HEADER = frozenset({'nan', 'inf', 'infinity', 'na', 'null', 'none', 'true', 'false'})
+_INT32 = (-2**31, 2**31 - 1)
 
 
 def _number_problem(value: str, kind: str) -> Optional[str]:
@@ -633,6 +637,11 @@ def _numeric_inputs(columns: Dict[int, List[str]], plan: _Plan, line_of: np.ndar
                       for row, message in bad.items())
     elif feature.column in numbers:
       dense[:, j] = numbers[feature.column]
+      if plan.kinds[feature.column] == 'int' and not feature.log1p:
+        for row in np.flatnonzero((dense[:, j] < _INT32[0]) | (dense[:, j] > _INT32[1])).tolist():
+          problems.append((int(line_of[row]), feature.column,
+                           f'{columns[feature.column][row]!r} does not fit in int32 (the '
+                           'reference reads the column as int32)'))
     else:
       dense[:, j] = check(feature.column, columns[feature.column], 'float')
     if feature.log1p:
@@ -656,7 +665,8 @@ def _report(problems: List[_Problem], plan: _Plan, path: str, first_line: int,
   messages = []
   for index, (column, message) in first_per_line.items():
     line = first_line + index * line_step
-    if line == 1 and _HEADER_LIKE.search(message):
+    header = _HEADER_LIKE.search(message)
+    if line == 1 and header and header.group(1).lower() not in _NOT_HEADER:
       message += ' (a header line? The ELM and Criteo files have none: remove it)'
     messages.append(f'{path}:{line}: column {plan.names[column]!r}: {message}')
   return messages

@@ -122,8 +122,10 @@ def test_a_header_line_is_named_as_one(tmp_path, use_cache):
   make(tmp_path, lines_bytes([header] + GOOD))
   with pytest.raises(input_pipeline.DataError, match=r":1: column 'clicked': .*a header line\?"):
     run(tmp_path, use_cache=use_cache)
-  # Text at line 1 that is no column name, and a name-like value below line 1, get no such hint.
-  for lines in ([elm_line(clicked='1.0')] + GOOD, GOOD[:2] + [header] + GOOD[2:]):
+  # Text at line 1 that is no column name, and a name-like value below line 1, get no such hint;
+  # nor do a real first row's mistaken words (the hint said to delete the row).
+  for lines in ([elm_line(clicked='1.0')] + GOOD, GOOD[:2] + [header] + GOOD[2:],
+                [elm_line(avg_price='nan')] + GOOD, [elm_line(clicked='NA')] + GOOD):
     make(tmp_path, lines_bytes(lines))
     with pytest.raises(input_pipeline.DataError) as error:
       run(tmp_path, use_cache=use_cache)
@@ -137,6 +139,20 @@ def test_a_truncated_last_line_is_the_only_bad_row(tmp_path):
     run(tmp_path)
   _, _, stats = run(tmp_path, skip_bad_rows=True)
   assert stats.bad_rows == 1
+
+
+@pytest.mark.parametrize('use_cache', [False, True])
+def test_elm_integers_must_fit_in_int32_as_for_the_reference(tmp_path, use_cache):
+  # A 22-digit rank_7 was read, and the loss was NaN from the first step with no word of why.
+  make(tmp_path, lines_bytes(GOOD[:3] + [elm_line(rank_7=str(2**31))] + GOOD[3:]))
+  with pytest.raises(input_pipeline.DataError,
+                     match=r"train.csv:4: column 'rank_7': '2147483648' does not fit in int32"):
+    run(tmp_path, use_cache=use_cache)
+  edge = elm_line(rank_7=str(2**31 - 1), gender=str(-2**31))
+  make(tmp_path, lines_bytes(GOOD), lines_bytes([edge] + GOOD))
+  _, evaluated, _ = run(tmp_path, use_cache=use_cache)
+  dense = np.concatenate([b['dense'] for b in evaluated])
+  assert dense.max() == np.float32(2**31 - 1) and dense.min() == -2**31
 
 
 def test_huge_integers_are_fine_where_they_fit(tmp_path):

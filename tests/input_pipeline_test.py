@@ -444,8 +444,11 @@ def test_dense_values_must_fit_float32():
   with pytest.raises(input_pipeline.DataError, match=r"column 'avg_price': '3.5e38' does not "
                      'fit in float32'):
     parse([elm_line(avg_price='3.5e38')])
-  out = parse([elm_line(avg_price='3.4e38', ctr_30='9' * 30)])
+  out = parse([elm_line(avg_price='3.4e38', ctr_30=str(2**31 - 1))])
   assert np.isfinite(out['dense']).all()
+  # A larger integer fits in float32 too, but is refused as the reference refuses it (int32).
+  with pytest.raises(input_pipeline.DataError, match=r"column 'ctr_30': .* does not fit in int32"):
+    parse([elm_line(ctr_30='9' * 30)])
 
 
 def _row_count(chunk):
