@@ -1194,18 +1194,32 @@ def writer_lock(out_dir: str) -> Iterator[None]:
 
   Two runs started on one output_dir both found the data missing and both wrote them: the
   second rewrote the files while the first was caching them ("changed while it was being
-  cached"). The second now waits, then reuses them. A directory that cannot be opened (or a
-  file system without flock) is used unguarded. A directory made for the lock is removed again
-  if the block fails before writing into it.
+  cached"). The second now waits, then reuses them. A directory that cannot be opened, or a file
+  system without flock on directories (NFS), leaves the data unguarded. A directory made for
+  the lock is removed again if the block fails before writing into it.
   """
   created = not os.path.isdir(out_dir)
+  fd = _locked_directory(out_dir)
   try:
-    os.makedirs(out_dir, exist_ok=True)
-    fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
-  except OSError:
     yield
-    return
-  try:
+  except BaseException:
+    if created and os.path.isdir(out_dir) and not os.listdir(out_dir):
+      os.rmdir(out_dir)
+    raise
+  finally:
+    if fd is not None:
+      os.close(fd)  # releases the lock
+
+
+def _locked_directory(out_dir: str) -> Optional[int]:
+  """An fd of out_dir (made if missing) holding its exclusive flock; None where it cannot."""
+  while True:
+    try:
+      os.makedirs(out_dir, exist_ok=True)
+      fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+      logging.warning('cannot open %s to lock it (%s): its planted data are unguarded', out_dir, e)
+      return None
     try:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1213,14 +1227,19 @@ def writer_lock(out_dir: str) -> Iterator[None]:
         logging.info('waiting for another process writing planted data in %s', out_dir)
         fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as e:
-      logging.warning('cannot lock %s (%s): writing its planted data unguarded', out_dir, e)
-    yield
-  except BaseException:
-    if created and not os.listdir(out_dir):
-      os.rmdir(out_dir)
-    raise
-  finally:
-    os.close(fd)  # releases the lock
+      os.close(fd)
+      logging.warning('cannot lock %s (%s): another run on it at the same time could rewrite its '
+                      'planted data under this one', out_dir, e)
+      return None
+    try:
+      same = os.path.samestat(os.fstat(fd), os.stat(out_dir))
+    except FileNotFoundError:
+      same = False
+    if same:
+      return fd
+    # The holder failed and removed the directory it had made (or it was replaced): the lock
+    # is on a directory no one else will open, so lock the one the name leads to now.
+    os.close(fd)
 
 
 def _open_text(path: str):

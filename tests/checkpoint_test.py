@@ -397,8 +397,9 @@ def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_pat
       (dict(hash_buckets=1003, emb_fusion=False), 'hash_buckets: 1000 -> 1003',
        'of another row count'),
   ]
-  caches = lambda: sorted(glob.glob(os.path.join(trained.output_dir, '**', 'dlrm_cache', '*'),  # pylint: disable=unnecessary-lambda-assignment
-                                    recursive=True))
+  def caches():
+    return sorted(glob.glob(os.path.join(trained.output_dir, '**', 'dlrm_cache', '*'),
+                            recursive=True))
   cached = caches()
   assert cached
   for override, field, kind in cases:

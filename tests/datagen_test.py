@@ -299,6 +299,37 @@ def test_a_second_writer_waits_and_then_reuses_the_data(tmp_path):
   assert sorted(os.listdir(directory)) == ['.planted', 'eval.csv', 'oracle.json', 'train.csv']
 
 
+def test_a_failed_writer_removing_its_directory_lets_one_writer_in_at_a_time(tmp_path, caplog):
+  # A made the directory and failed, removing it while B waited on its lock: B held a lock on
+  # the removed directory, and C locked the new one beside it: two writers at once.
+  import threading  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path / 'new')
+  events = []
+
+  def writer(name, seconds):
+    with datagen.writer_lock(directory):
+      events.append(f'{name} in')
+      time.sleep(seconds)
+      events.append(f'{name} out')
+  caplog.set_level('INFO')
+  second = threading.Thread(target=writer, args=('B', 0.5))
+  with pytest.raises(KeyboardInterrupt):
+    with datagen.writer_lock(directory):
+      second.start()
+      deadline = time.monotonic() + 30
+      while 'waiting for another process' not in caplog.text:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+      raise KeyboardInterrupt
+  while not events:  # B is in
+    time.sleep(0.01)
+  third = threading.Thread(target=writer, args=('C', 0))
+  third.start()
+  second.join()
+  third.join()
+  assert events == ['B in', 'B out', 'C in', 'C out']
+
+
 def test_files_not_written_by_datagen_are_never_overwritten(tmp_path):
   # E.g. a data_location with the real train.csv and no eval.csv yet.
   for kind, name, planted in (('elm', 'train.csv', SMALL), ('criteo', 'eval.txt.gz', None)):
