@@ -94,15 +94,19 @@ def misfits(manager: ocp.CheckpointManager, abstract_state,
   if step is None:
     return []
   try:
-    saved = _leaves(manager.item_metadata(step))
+    metadata = manager.item_metadata(step)
+    if metadata is None or not jax.tree_util.tree_leaves(metadata):
+      raise ValueError('no arrays in its metadata')
+    saved = _leaves(metadata)
   except Exception as e:  # pylint: disable=broad-except
     path = os.path.join(str(manager.directory), str(step))
-    if not os.path.exists(path):
-      return []
+    if not os.path.exists(path) or _reloaded_latest_step(manager) != step:
+      return []  # deleted meanwhile, by a trainer keeping keep_checkpoint_max steps
     # A directory named as a step that orbax did not write (or a damaged one) failed only at
     # the restore, with orbax's KeyError, after the run had replaced config.json.
-    return [f'{path} is not a checkpoint that can be read ({type(e).__name__}: '
-            f'{str(e)[:300]}): move it out of {manager.directory}']
+    raise ValueError(f'{path} is not a checkpoint that can be read ({type(e).__name__}: '
+                     f'{str(e)[:300]}): move it out of {manager.directory}, or train into a '
+                     'new run directory') from None
   if parts is not None:
     saved = {path: leaf for path, leaf in saved.items() if path.split('.')[0] in parts}
   wanted = _leaves(abstract_state)

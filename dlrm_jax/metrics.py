@@ -106,7 +106,9 @@ def archive_previous(path: str, history_path: str, unreadable_key: str) -> None:
     f.seek(max(0, size - len(line) - 1))
     tail = f.read()
     if tail[-len(line) - 1:] in (line, b'\n' + line):
-      return  # a kill between this append and the file's replacement: it is on record already
+      # On record already: a kill came between this append and the file's replacement (or an
+      # evaluation gave the same results again, which a second line would only count).
+      return
     # A kill in the middle of an append leaves a cut line; the next record starts a line of its own.
     f.write((b'\n' if tail and not tail.endswith(b'\n') else b'') + line)
     f.flush()

@@ -1065,6 +1065,15 @@ def run_training(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     return _run_training(setup, config, workdir, closing)
 
 
+def _agreed(flag: bool) -> bool:
+  """Process 0's `flag` on every process: where each process decides for itself (a run
+  directory that is not on a shared disk), their collectives could come in different orders."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def _run_training(setup: Setup, config, workdir: str,
                   closing: contextlib.ExitStack) -> Dict[str, Any]:
   options = effective_options(config)
@@ -1073,8 +1082,9 @@ def _run_training(setup: Setup, config, workdir: str,
   # mistyped hash_buckets, say) cached the train files for its table sizes first. A new run
   # makes checkpoints/ only once its data and directory are found fit.
   manager, saved_setup, start_step = None, setup, 0
-  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    manager = checkpoints.make_manager(workdir, config, training=True)
+  if _agreed(os.path.isdir(os.path.join(workdir, 'checkpoints'))):
+    manager = closing.enter_context(contextlib.closing(
+        checkpoints.make_manager(workdir, config, training=True)))
     saved_setup = checkpoint_setup(manager, setup, config, workdir)
     start_step = manager.latest_step() or 0
     changed = decay_step_change(config, workdir) if start_step else []
@@ -1084,7 +1094,8 @@ def _run_training(setup: Setup, config, workdir: str,
   num_steps = steps_for(config, data.train_rows)
   check_writable(workdir, abstract, config, num_steps)
   if manager is None:
-    manager = checkpoints.make_manager(workdir, config, training=True)
+    manager = closing.enter_context(contextlib.closing(
+        checkpoints.make_manager(workdir, config, training=True)))
   if start_step:
     warn_if_data_order_changes(config, workdir, start_step)
   writer = closing.enter_context(contextlib.closing(

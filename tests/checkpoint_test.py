@@ -531,7 +531,9 @@ def test_every_checkpoint_manager_is_closed(tmp_path, monkeypatch):
   train.train_and_evaluate(_config(tmp_path, mode='eval'), workdir)
   with pytest.raises(ValueError, match='embedding_dim: 4 -> 8'):  # refused, closed all the same
     _restored(_config(tmp_path, embedding_dim=8, mode='eval'), workdir)
-  assert [m.closes for m in made] == [1, 1, 1]
+  with pytest.raises(ValueError, match='embedding_dim: 4 -> 8'):  # a refused resume
+    train.train_and_evaluate(_config(tmp_path, steps=6, embedding_dim=8), workdir)
+  assert len(made) == 4 and all(m.closes >= 1 for m in made), [m.closes for m in made]
 
 
 def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path):
