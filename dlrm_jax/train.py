@@ -220,6 +220,31 @@ def initialize_distributed(config) -> None:
                              num_processes=dist.num_processes, process_id=dist.process_id)
 
 
+def cpu_flags(path: str = '/proc/cpuinfo') -> Optional[frozenset]:
+  """The first CPU's feature flags (Linux), or None where they cannot be read."""
+  try:
+    with open(path) as f:
+      for line in f:
+        if line.startswith('flags'):
+          return frozenset(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  return None
+
+
+def warn_if_bf16_is_emulated(config, flags: Optional[frozenset] = None) -> None:
+  """bf16 pays on a CPU that multiplies bfloat16 natively (AVX-512 BF16, AMX); elsewhere XLA
+  converts every operand to float32 and back, and the step runs slower than in float32 (0.65x
+  measured on an AVX2-only EPYC, docs/performance.md)."""
+  if not effective_options(config)['bf16'] or jax.default_backend() != 'cpu':
+    return
+  flags = cpu_flags() if flags is None else flags
+  if flags is not None and not flags & {'avx512_bf16', 'amx_bf16'}:
+    logging.warning('bf16: this CPU has no native bfloat16 arithmetic (no avx512_bf16 or '
+                    'amx_bf16 flag), so the step runs slower than in float32 here; '
+                    '--config.bf16=False is faster on it')
+
+
 def make_setup(config) -> Setup:
   options = effective_options(config)
   spec = fs.from_config(config)
@@ -1014,6 +1039,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   check_config(config)
   set_cpu_dispatch(config)
   initialize_distributed(config)
+  warn_if_bf16_is_emulated(config)
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   setup = make_setup(config)
