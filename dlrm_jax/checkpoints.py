@@ -139,10 +139,15 @@ def refuse(manager: ocp.CheckpointManager, problems: List[str], config, workdir:
     message.append(f'The config differs from {os.path.join(workdir, "config.json")} (the '
                    'settings the checkpoint was made with) in: '
                    + (', '.join(differences) or 'nothing') + '.')
-  message.append('Those among them that shape the state (table sizes, embedding_dim, the MLPs, '
-                 'the optimizer, sparse_updates, no_acceleration) must be the run\'s; the others '
-                 '(steps, learning_rate, emb_fusion, ...) may change on a resume. Or train into a '
-                 'new run directory (--config.checkpoint).')
+  if config.mode == 'train':
+    message.append('Those among them that shape the state (table sizes, embedding_dim, the '
+                   'MLPs, the optimizer, sparse_updates, no_acceleration) must be the run\'s; '
+                   'the others (steps, learning_rate, emb_fusion, ...) may change on a resume. '
+                   'Or train into a new run directory (--config.checkpoint).')
+  else:  # eval and predict read the parameters only
+    message.append('Those among them that shape the parameters (table sizes, embedding_dim, '
+                   'the MLPs, batch_norm, interaction_op) must be the run\'s; the optimizer '
+                   'settings and emb_fusion may differ.')
   raise ValueError(' '.join(message))
 
 

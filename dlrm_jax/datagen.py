@@ -1222,19 +1222,23 @@ def _locked_directory(out_dir: str) -> Optional[int]:
       return None
     try:
       try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        logging.info('waiting for another process writing planted data in %s', out_dir)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError as e:
-      os.close(fd)
-      logging.warning('cannot lock %s (%s): another run on it at the same time could rewrite its '
-                      'planted data under this one', out_dir, e)
-      return None
-    try:
-      same = os.path.samestat(os.fstat(fd), os.stat(out_dir))
-    except FileNotFoundError:
-      same = False
+        try:
+          fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+          logging.info('waiting for another process writing planted data in %s', out_dir)
+          fcntl.flock(fd, fcntl.LOCK_EX)
+      except OSError as e:
+        logging.warning('cannot lock %s (%s): another run on it at the same time could rewrite '
+                        'its planted data under this one', out_dir, e)
+        os.close(fd)
+        return None
+      try:
+        same = os.path.samestat(os.fstat(fd), os.stat(out_dir))
+      except FileNotFoundError:
+        same = False
+    except BaseException:
+      os.close(fd)  # a Ctrl-C while waiting: no fd (and no lock) left behind in the process
+      raise
     if same:
       return fd
     # The holder failed and removed the directory it had made (or it was replaced): the lock

@@ -259,11 +259,9 @@ def decode_block(data: bytes, spec: feature_spec_lib.FeatureSpec) -> Rows:
 # What a cache is of.
 
 def parse_fingerprint(spec: feature_spec_lib.FeatureSpec) -> str:
-  """A digest of everything that changes parsed rows: the spec (not the embedding dim) and the
-  parser's version, so that a prepared TFDS data set, named by it, is rebuilt as a cache is."""
+  """A digest of everything in the spec that changes parsed rows (not the embedding dim)."""
   tables = tuple(dataclasses.replace(t, dim=0) for t in spec.tables)
-  described = f'{input_pipeline.PARSER_VERSION} {dataclasses.replace(spec, tables=tables)!r}'
-  return hashlib.sha256(described.encode()).hexdigest()[:20]
+  return hashlib.sha256(repr(dataclasses.replace(spec, tables=tables)).encode()).hexdigest()[:20]
 
 
 @dataclasses.dataclass(frozen=True)

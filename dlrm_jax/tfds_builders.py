@@ -211,7 +211,10 @@ def config_for(config, spec: fs.FeatureSpec) -> BlocksConfig:
   # built first under this name (a run naming other files would train on the old ones). Data
   # sets of earlier releases, named without it, may hold any choice's rows: they are not used.
   chosen = (train_files, eval_files, eval_parts if parts else 1)
-  suffix = hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:8]
+  # The parser's version too: a prepared data set is never checked again, as a cache's manifest
+  # is, so rows another parser version reads differently are another data set.
+  version = input_pipeline.PARSER_VERSION
+  suffix = hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:8] + f'_p{version}'
   return BlocksConfig(
       name=f'{spec.name}_{fingerprint[:12]}_{parts or "files"}_{suffix}',
       description=f'spec {spec.name} (parse fingerprint {fingerprint}), train {train_files}, '

@@ -330,6 +330,34 @@ def test_a_failed_writer_removing_its_directory_lets_one_writer_in_at_a_time(tmp
   assert events == ['B in', 'B out', 'C in', 'C out']
 
 
+def test_a_ctrl_c_while_waiting_for_the_writer_lock_leaves_no_fd(tmp_path):
+  # The interrupted waiter kept its fd of the directory open for the rest of the process.
+  import signal  # pylint: disable=g-import-not-at-top
+  directory = tmp_path / 'planted'
+  directory.mkdir()
+  holder = subprocess.Popen(
+      [sys.executable, '-c', f'import fcntl, os, time\nfd = os.open({str(directory)!r}, '
+       'os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\nprint("held", flush=True)\ntime.sleep(60)'],
+      stdout=subprocess.PIPE, text=True)
+
+  def interrupt(signum, frame):
+    raise KeyboardInterrupt
+  old = signal.signal(signal.SIGALRM, interrupt)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    before = len(os.listdir('/proc/self/fd'))
+    signal.setitimer(signal.ITIMER_REAL, 0.5)  # while it waits for the holder
+    with pytest.raises(KeyboardInterrupt):
+      with datagen.writer_lock(str(directory)):
+        pass
+    assert len(os.listdir('/proc/self/fd')) == before
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, old)
+    holder.kill()
+    holder.communicate()
+
+
 def test_files_not_written_by_datagen_are_never_overwritten(tmp_path):
   # E.g. a data_location with the real train.csv and no eval.csv yet.
   for kind, name, planted in (('elm', 'train.csv', SMALL), ('criteo', 'eval.txt.gz', None)):

@@ -138,6 +138,16 @@ def test_other_files_or_parts_make_another_data_set(tmp_path):
   # another choice's rows.
   fingerprint = tfds_builders.row_cache.parse_fingerprint(SPEC)
   assert tfds_builders.config_for(first, SPEC).name.startswith(f'elm_{fingerprint[:12]}_files_')
+  # Another parser version is another data set (a prepared one is never checked again), while a
+  # row cache keeps its name and is rebuilt in place by its manifest check (a new name left the
+  # old cache on disk for good).
+  source = tfds_builders.row_cache.Source(str(manual / 'train.csv'))
+  names = (tfds_builders.config_for(first, SPEC).name,
+           tfds_builders.row_cache.cache_name(source, SPEC, (0, 1)))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(input_pipeline, 'PARSER_VERSION', input_pipeline.PARSER_VERSION + 1)
+    assert tfds_builders.config_for(first, SPEC).name != names[0]
+    assert tfds_builders.row_cache.cache_name(source, SPEC, (0, 1)) == names[1]
   other = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), train_files='other.csv',
                      eval_files='small_eval.csv')
   data = resolve(other)
