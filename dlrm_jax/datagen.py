@@ -1220,30 +1220,42 @@ def _locked_directory(out_dir: str) -> Optional[int]:
     except OSError as e:
       logging.warning('cannot open %s to lock it (%s): its planted data are unguarded', out_dir, e)
       return None
-    try:
-      try:
-        try:
-          fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-          logging.info('waiting for another process writing planted data in %s', out_dir)
-          fcntl.flock(fd, fcntl.LOCK_EX)
-      except OSError as e:
-        logging.warning('cannot lock %s (%s): another run on it at the same time could rewrite '
-                        'its planted data under this one', out_dir, e)
-        os.close(fd)
-        return None
-      try:
-        same = os.path.samestat(os.fstat(fd), os.stat(out_dir))
-      except FileNotFoundError:
-        same = False
+    try:  # a Ctrl-C while waiting leaves no fd (and no lock) behind in the process
+      locked = _flock_waiting(fd, out_dir)
+      same = locked and _names_the_same(fd, out_dir)
     except BaseException:
-      os.close(fd)  # a Ctrl-C while waiting: no fd (and no lock) left behind in the process
+      os.close(fd)
       raise
     if same:
       return fd
+    os.close(fd)
+    if not locked:
+      return None
     # The holder failed and removed the directory it had made (or it was replaced): the lock
     # is on a directory no one else will open, so lock the one the name leads to now.
-    os.close(fd)
+
+
+def _flock_waiting(fd: int, out_dir: str) -> bool:
+  """Takes fd's exclusive flock, waiting for a holder; False (and a warning) where it cannot."""
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info('waiting for another process writing planted data in %s', out_dir)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+  except OSError as e:
+    logging.warning('cannot lock %s (%s): another run on it at the same time could rewrite its '
+                    'planted data under this one', out_dir, e)
+    return False
+  return True
+
+
+def _names_the_same(fd: int, path: str) -> bool:
+  """Whether `path` still names the directory `fd` is open on."""
+  try:
+    return os.path.samestat(os.fstat(fd), os.stat(path))
+  except FileNotFoundError:
+    return False
 
 
 def _open_text(path: str):
