@@ -1132,16 +1132,9 @@ def test_a_stopped_or_failed_run_leaves_nothing_open_in_the_process(tmp_path, mo
   real = data_sources.train_batches
 
   def open_things():
-    # Identities, not counts: a thread or file left over from an earlier test may close while
-    # this one runs, and a count would then hide a leak (or, as seen in CI, fail on a shrink).
+    # Identities, not counts: a thread left by an earlier test ended during this one in CI.
     gc.collect()
-    fds = set()
-    for fd in os.listdir('/proc/self/fd'):
-      try:
-        fds.add((fd, os.readlink(f'/proc/self/fd/{fd}')))
-      except OSError:  # the listing's own fd, closed by now
-        pass
-    return set(threading.enumerate()), fds
+    return set(threading.enumerate()), th.open_files()
 
   def stopping(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs)):

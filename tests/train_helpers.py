@@ -18,6 +18,18 @@ from dlrm_jax import input_pipeline  # pylint: disable=wrong-import-position
 from dlrm_jax import train  # pylint: disable=wrong-import-position
 
 
+def open_files():
+  """The process's open files as (fd, target): identities, so that a file an earlier test's
+  thread closes meanwhile neither hides a new one nor reads as a change (counts did both)."""
+  files = set()
+  for fd in os.listdir('/proc/self/fd'):
+    try:
+      files.add((fd, os.readlink(f'/proc/self/fd/{fd}')))
+    except OSError:  # the listing's own fd, closed by now
+      pass
+  return files
+
+
 def tiny_config(output_dir, **overrides):
   """configs/default.py:tiny writing under `output_dir`, with `overrides` applied."""
   config = default.get_config('tiny')
