@@ -4,6 +4,7 @@ clu's writers need TensorFlow for TensorBoard files; tensorboardX writes the sam
 without it. Only process 0 writes, so multi-host runs produce one set of summaries.
 """
 
+import functools
 import glob
 import importlib
 import os
@@ -45,28 +46,61 @@ def _tensorboardx(module: str = 'tensorboardX', logdir: str = ''):
       del sys.modules[name]
 
 
+@functools.lru_cache(maxsize=None)
+def _tensorflow_bins() -> Tuple[float, ...]:
+  """TensorBoard's default histogram edges (as tensorboardX's SummaryWriter builds them):
+  +-1e-12 .. 1e20, 10% apart, and 0."""
+  edges, v = [], 1e-12
+  while v < 1e20:
+    edges.append(v)
+    v *= 1.1
+  return tuple([-v for v in reversed(edges)] + [0.0] + edges)
+
+
 class MetricWriter:
-  """Scalars to TensorBoard event files under `workdir` and to the log."""
+  """Scalars to TensorBoard event files under `workdir` and to the log.
+
+  Events are written on the calling thread, so that `flush` puts on disk everything written
+  before it (tensorboardX's SummaryWriter hands them to a thread through a queue, and its flush
+  leaves what the thread has not taken yet). Each writer has a file of its own: tensorboardX
+  names files by the second and host and opens them for writing, so a second run starting in the
+  same second emptied the first one's file.
+  """
+
+  _FLUSH_SECS = 10  # how stale a live TensorBoard may be
+  _opened = 0  # writers opened by this process, for unique file names
 
   def __init__(self, workdir: str, enabled: bool = True):
     self._enabled = enabled
-    self._writer = None
-    if enabled:
-      self._writer = _tensorboardx(logdir=workdir).SummaryWriter(logdir=workdir, flush_secs=10)
+    self._events = None
     self._workdir = workdir
+    if enabled:
+      MetricWriter._opened += 1
+      _tensorboardx('tensorboardX.record_writer', logdir=workdir).directory_check(workdir)
+      self._events = _tensorboardx('tensorboardX.event_file_writer', logdir=workdir).EventsWriter(
+          os.path.join(workdir, 'events'), f'.{os.getpid()}.{MetricWriter._opened}')
+      self._summary = _tensorboardx('tensorboardX.summary', logdir=workdir)
+      self._event_pb2 = _tensorboardx('tensorboardX.proto.event_pb2', logdir=workdir)
+      self._flushed = time.monotonic()
+
+  def _write(self, step: int, summary) -> None:
+    self._events.write_event(self._event_pb2.Event(summary=summary, step=int(step),
+                                                   wall_time=time.time()))
+    if time.monotonic() - self._flushed > self._FLUSH_SECS:
+      self.flush()
 
   def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
     if not self._enabled:
       return
     for name, value in scalars.items():
-      self._writer.add_scalar(name, float(value), global_step=step)
+      self._write(step, self._summary.scalar(name, float(value)))
     logging.info('[%d] %s', step, ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()))
 
   def write_histograms(self, step: int, arrays: Dict[str, object]) -> None:
     if not self._enabled:
       return
     for name, values in arrays.items():
-      self._writer.add_histogram(name, values, global_step=step)
+      self._write(step, self._summary.histogram(name, values, _tensorflow_bins()))
 
   def write_config(self, config) -> None:
     """The config as JSON beside the summaries, and as text in TensorBoard.
@@ -85,16 +119,17 @@ class MetricWriter:
         metrics.archive_previous(path, os.path.join(self._workdir, 'config_history.jsonl'),
                                  'unreadable_config')
     metrics.write_text_atomic(path, text)
-    self._writer.add_text('config', '```\n' + text + '\n```', global_step=0)
+    self._write(0, self._summary.text('config', '```\n' + text + '\n```'))
 
   def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
+    if self._events is not None:
+      self._events.flush()
+      self._flushed = time.monotonic()
 
   def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
+    if self._events is not None:
+      self._events.close()
+      self._events = None
 
 
 class Timeline:

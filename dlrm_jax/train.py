@@ -1286,8 +1286,7 @@ def _run_training(setup: Setup, config, workdir: str,
           check_params(done)
           checkpoints.save(manager, done, state)
           # The summaries up to a checkpoint go to disk with it: a resume from it writes only
-          # the steps after it, so unflushed ones would be lost for good by a kill. (flush
-          # writes what tensorboardX's thread has taken from its queue, which it takes at once.)
+          # the steps after it, so unflushed ones would be lost for good by a kill.
           writer.flush()
           save_stall += time.perf_counter() - t
           saves += 1

@@ -1239,4 +1239,5 @@ def test_summaries_up_to_a_checkpoint_are_on_disk_with_it(tmp_path, monkeypatch)
   train.train_and_evaluate(_config(tmp_path, steps=15, save_steps=5, log_every_steps=1,
                                    no_eval=True), workdir)
   assert sorted(on_disk) == [5, 10, 15]
-  assert on_disk[10] == list(range(1, 6)) and on_disk[15] == list(range(1, 11)), on_disk
+  # At least those: the writer also flushes every 10 s, which a slow machine reaches mid-run.
+  assert set(range(1, 6)) <= set(on_disk[10]) and set(range(1, 11)) <= set(on_disk[15]), on_disk
