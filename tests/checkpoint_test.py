@@ -1100,12 +1100,12 @@ def test_a_notice_while_the_input_hangs_saves_the_step_reached(tmp_path, monkeyp
   # the scheduler's SIGKILL lost every step since the last save.
   import threading  # pylint: disable=g-import-not-at-top
   from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
-  real, hanging = data_sources.train_batches, threading.Event()
+  real, hanging, released = data_sources.train_batches, threading.Event(), threading.Event()
 
   def hangs_after_seven(*args, **kwargs):
     yield from itertools.islice(real(*args, **kwargs), 7)
     hanging.set()
-    threading.Event().wait()  # forever
+    released.wait()  # for the rest of the run: the test's end lets its thread go
 
   def notice():
     if hanging.wait(timeout=120):
@@ -1115,8 +1115,12 @@ def test_a_notice_while_the_input_hangs_saves_the_step_reached(tmp_path, monkeyp
   monkeypatch.setattr(data_sources, 'train_batches', hangs_after_seven)
   threading.Thread(target=notice, daemon=True).start()
   workdir = str(tmp_path / 'run')
-  with pytest.raises(checkpoints.Preempted, match='stopped after step 7 of 20'):
-    train.train_and_evaluate(_config(tmp_path, smartstaged=smartstaged, save_steps=0), workdir)
+  try:
+    with pytest.raises(checkpoints.Preempted, match='stopped after step 7 of 20'):
+      train.train_and_evaluate(_config(tmp_path, smartstaged=smartstaged, save_steps=0),
+                               workdir)
+  finally:
+    released.set()
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
   assert (results['preempted_at_step'], results['preempted_by']) == (7, 'SIGTERM')
@@ -1158,8 +1162,14 @@ def test_a_stopped_or_failed_run_leaves_nothing_open_in_the_process(tmp_path, mo
   for _ in range(2):
     with pytest.raises(RuntimeError, match='the disk went away'):
       train.train_and_evaluate(_config(tmp_path, save_steps=0), str(tmp_path / 'failed'))
-  threads, fds = open_things()
-  assert not threads - before[0] and not fds - before[1], (threads - before[0], fds - before[1])
+  deadline = time.monotonic() + 10  # an input thread ends by itself within 0.1 s of its stop
+  while True:
+    threads, fds = open_things()
+    new = threads - before[0], fds - before[1]
+    if not any(new) or time.monotonic() > deadline:
+      break
+    time.sleep(0.1)
+  assert not any(new), new
 
 
 def test_a_bad_train_row_found_mid_run_saves_the_step_before_it(tmp_path):

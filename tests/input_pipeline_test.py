@@ -687,7 +687,7 @@ def test_prefetch_thread_stops_with_the_consumer():
 
   before = set(threading.enumerate())
   it = input_pipeline.prefetch(endless(), size=2)
-  (thread,) = set(threading.enumerate()) - before
+  (thread,) = [t for t in set(threading.enumerate()) - before if t.name == 'input-prefetch']
   assert thread.daemon
   assert next(it) == 0
   it.close()

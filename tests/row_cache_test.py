@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import socket
+import time
 
 from hypothesis import given, settings, strategies as st
 import numpy as np
@@ -177,8 +178,17 @@ def test_a_process_waiting_for_another_build_says_so(tmp_path, caplog):
   with open(f'{directory}.lock', 'w') as held:
     fcntl.flock(held, fcntl.LOCK_EX)  # as another process building it
     assert row_cache.open_or_build(source, SPEC, wait=False) is None
-    threading.Timer(0.5, fcntl.flock, (held, fcntl.LOCK_UN)).start()
+
+    def release_once_it_waits():
+      # Not on a timer: a process slowed past it would find the lock free and say nothing.
+      try:
+        deadline = time.monotonic() + 60
+        while 'waiting for another process' not in caplog.text and time.monotonic() < deadline:
+          time.sleep(0.01)
+      finally:
+        fcntl.flock(held, fcntl.LOCK_UN)
     with caplog.at_level(logging.INFO):
+      threading.Thread(target=release_once_it_waits).start()
       cache, _, stop = row_cache.open_or_build(source, SPEC)
   assert stop == 40 and cache.directory == directory
   assert 'waiting for another process to finish building the cache of' in caplog.text
