@@ -67,7 +67,7 @@ class MetricWriter:
   same second emptied the first one's file.
   """
 
-  _FLUSH_SECS = 10  # how stale a live TensorBoard may be
+  _FLUSH_SECS = 10  # a live TensorBoard lags by at most this, or one log call if rarer
   _opened = 0  # writers opened by this process, for unique file names
 
   def __init__(self, workdir: str, enabled: bool = True):
@@ -75,32 +75,33 @@ class MetricWriter:
     self._events = None
     self._workdir = workdir
     if enabled:
-      MetricWriter._opened += 1
-      _tensorboardx('tensorboardX.record_writer', logdir=workdir).directory_check(workdir)
-      self._events = _tensorboardx('tensorboardX.event_file_writer', logdir=workdir).EventsWriter(
-          os.path.join(workdir, 'events'), f'.{os.getpid()}.{MetricWriter._opened}')
       self._summary = _tensorboardx('tensorboardX.summary', logdir=workdir)
       self._event_pb2 = _tensorboardx('tensorboardX.proto.event_pb2', logdir=workdir)
+      _tensorboardx('tensorboardX.record_writer', logdir=workdir).directory_check(workdir)
+      MetricWriter._opened += 1
+      self._events = _tensorboardx('tensorboardX.event_file_writer', logdir=workdir).EventsWriter(
+          os.path.join(workdir, 'events'), f'.{os.getpid()}.{MetricWriter._opened:04d}')
       self._flushed = time.monotonic()
 
-  def _write(self, step: int, summary) -> None:
-    self._events.write_event(self._event_pb2.Event(summary=summary, step=int(step),
-                                                   wall_time=time.time()))
+  def _write(self, step: int, summaries) -> None:
+    for summary in summaries:
+      self._events.write_event(self._event_pb2.Event(summary=summary, step=int(step),
+                                                     wall_time=time.time()))
     if time.monotonic() - self._flushed > self._FLUSH_SECS:
       self.flush()
 
   def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
     if not self._enabled:
       return
-    for name, value in scalars.items():
-      self._write(step, self._summary.scalar(name, float(value)))
+    self._write(step, [self._summary.scalar(name, float(value))
+                       for name, value in scalars.items()])
     logging.info('[%d] %s', step, ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()))
 
   def write_histograms(self, step: int, arrays: Dict[str, object]) -> None:
     if not self._enabled:
       return
-    for name, values in arrays.items():
-      self._write(step, self._summary.histogram(name, values, _tensorflow_bins()))
+    self._write(step, [self._summary.histogram(name, values, _tensorflow_bins())
+                       for name, values in arrays.items()])
 
   def write_config(self, config) -> None:
     """The config as JSON beside the summaries, and as text in TensorBoard.
@@ -119,7 +120,7 @@ class MetricWriter:
         metrics.archive_previous(path, os.path.join(self._workdir, 'config_history.jsonl'),
                                  'unreadable_config')
     metrics.write_text_atomic(path, text)
-    self._write(0, self._summary.text('config', '```\n' + text + '\n```'))
+    self._write(0, [self._summary.text('config', '```\n' + text + '\n```')])
 
   def flush(self) -> None:
     if self._events is not None:

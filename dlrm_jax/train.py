@@ -1225,6 +1225,7 @@ def _run_training(setup: Setup, config, workdir: str,
       save_before_failing(step, 'the evaluation')
       raise
     writer.write_scalars(step, {f'eval_{k}': values[k] for k in ('auc', 'accuracy', 'logloss')})
+    writer.flush()  # a resume from this step's checkpoint does not evaluate it again
     eval_history.append({'step': step, **values})
     spent = time.perf_counter() - start
     timed_since += spent

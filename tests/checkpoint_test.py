@@ -1251,3 +1251,22 @@ def test_summaries_up_to_a_checkpoint_are_on_disk_with_it(tmp_path, monkeypatch)
   assert sorted(on_disk) == [5, 10, 15]
   # At least those: the writer also flushes every 10 s, which a slow machine reaches mid-run.
   assert set(range(1, 6)) <= set(on_disk[10]) and set(range(1, 11)) <= set(on_disk[15]), on_disk
+
+
+def test_an_evaluation_during_training_is_on_disk_before_the_next_checkpoint(tmp_path,
+                                                                            monkeypatch):
+  # Step 5's evaluation comes after step 5's save: the resume from that save does not evaluate
+  # step 5 again, so a kill before the next flush lost its figures for good.
+  from dlrm_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  on_disk = {}
+  save = checkpoints.save
+
+  def save_and_look(manager, step, state):
+    on_disk[step] = list(metric_writer.read_scalars(workdir, 'eval_auc')[0])
+    return save(manager, step, state)
+
+  monkeypatch.setattr(checkpoints, 'save', save_and_look)
+  train.train_and_evaluate(_config(tmp_path, steps=10, save_steps=5, eval_every_steps=5,
+                                   no_eval=False), workdir)
+  assert on_disk[10] == [5], on_disk

@@ -16,7 +16,7 @@ import pytest
 from dlrm_jax import datagen
 from dlrm_jax import feature_spec as fs
 from dlrm_jax import metrics
-import train_helpers
+import train_helpers as th
 
 # Small vocabularies keep a world's build well under a second; the model's terms are the same.
 SMALL = dict(num_users=400, num_items=300, num_shops=60, num_categories=12, num_foods=80,
@@ -346,12 +346,12 @@ def test_a_ctrl_c_while_waiting_for_the_writer_lock_leaves_no_fd(tmp_path):
   old = signal.signal(signal.SIGALRM, interrupt)
   try:
     assert holder.stdout.readline().strip() == 'held'
-    before = train_helpers.open_files()
+    before = th.open_files()
     signal.setitimer(signal.ITIMER_REAL, 0.5)  # while it waits for the holder
     with pytest.raises(KeyboardInterrupt):
       with datagen.writer_lock(str(directory)):
         pass
-    assert not train_helpers.open_files() - before
+    assert not th.open_files() - before
   finally:
     signal.setitimer(signal.ITIMER_REAL, 0)
     signal.signal(signal.SIGALRM, old)

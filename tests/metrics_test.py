@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -152,3 +153,14 @@ def test_a_flush_puts_every_summary_written_before_it_on_disk(tmp_path):
   writer.close()
   assert list(steps) == list(range(1, 201))
   np.testing.assert_allclose(values, 1.0 / np.arange(1, 201))
+
+
+def test_a_log_call_after_the_flush_interval_puts_all_its_scalars_on_disk(tmp_path, monkeypatch):
+  # Flushed after its first scalar, a call's others waited for the next call (a log interval).
+  monkeypatch.setattr(metric_writer.MetricWriter, '_FLUSH_SECS', 0.2)
+  writer = metric_writer.MetricWriter(str(tmp_path))
+  time.sleep(0.3)  # the interval is over: this call flushes
+  writer.write_scalars(7, {'train_loss': 0.5, 'learning_rate': 0.01, 'train_samples_per_s': 9.0})
+  on_disk = metric_writer.read_scalar_tags(str(tmp_path))
+  writer.close()
+  assert on_disk == {'train_loss', 'learning_rate', 'train_samples_per_s'}

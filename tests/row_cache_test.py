@@ -179,17 +179,23 @@ def test_a_process_waiting_for_another_build_says_so(tmp_path, caplog):
     fcntl.flock(held, fcntl.LOCK_EX)  # as another process building it
     assert row_cache.open_or_build(source, SPEC, wait=False) is None
 
+    done = threading.Event()
+
     def release_once_it_waits():
       # Not on a timer: a process slowed past it would find the lock free and say nothing.
-      try:
-        deadline = time.monotonic() + 60
-        while 'waiting for another process' not in caplog.text and time.monotonic() < deadline:
-          time.sleep(0.01)
-      finally:
-        fcntl.flock(held, fcntl.LOCK_UN)
+      deadline = time.monotonic() + 60
+      while ('waiting for another process' not in caplog.text and not done.is_set()
+             and time.monotonic() < deadline):
+        time.sleep(0.01)
+      fcntl.flock(held, fcntl.LOCK_UN)
+    releaser = threading.Thread(target=release_once_it_waits, daemon=True)
     with caplog.at_level(logging.INFO):
-      threading.Thread(target=release_once_it_waits).start()
-      cache, _, stop = row_cache.open_or_build(source, SPEC)
+      releaser.start()
+      try:
+        cache, _, stop = row_cache.open_or_build(source, SPEC)
+      finally:
+        done.set()
+        releaser.join()
   assert stop == 40 and cache.directory == directory
   assert 'waiting for another process to finish building the cache of' in caplog.text
 
