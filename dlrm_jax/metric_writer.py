@@ -70,7 +70,8 @@ class MetricWriter:
   _FLUSH_SECS = 10  # a live TensorBoard lags by at most this, or one log call if rarer
   _opened = 0  # writers opened by this process, for unique file names
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
+    """`start_step`: the step a resumed run restored (0 for a new run)."""
     self._enabled = enabled
     self._events = None
     self._workdir = workdir
@@ -81,6 +82,12 @@ class MetricWriter:
       MetricWriter._opened += 1
       self._events = _tensorboardx('tensorboardX.event_file_writer', logdir=workdir).EventsWriter(
           os.path.join(workdir, 'events'), f'.{os.getpid()}.{MetricWriter._opened:04d}')
+      # A restart marker, as TensorFlow's writers leave: TensorBoard then drops the earlier
+      # files' points after the restored step (logged again by this run) instead of showing
+      # both. Every run writes one: the first TensorBoard sees only marks where purging starts.
+      self._events.write_event(self._event_pb2.Event(
+          step=start_step + 1, wall_time=time.time(),
+          session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))
       self._flushed = time.monotonic()
 
   def _write(self, step: int, summaries) -> None:

@@ -1125,7 +1125,8 @@ def _run_training(setup: Setup, config, workdir: str,
   if start_step:
     warn_if_data_order_changes(config, workdir, start_step)
   writer = closing.enter_context(contextlib.closing(
-      metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)))
+      metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0,
+                                 start_step=start_step)))
   writer.write_config(config)
   stats = input_pipeline.ParseStats()
 

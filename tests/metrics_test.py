@@ -164,3 +164,20 @@ def test_a_log_call_after_the_flush_interval_puts_all_its_scalars_on_disk(tmp_pa
   on_disk = metric_writer.read_scalar_tags(str(tmp_path))
   writer.close()
   assert on_disk == {'train_loss', 'learning_rate', 'train_samples_per_s'}
+
+
+def test_each_run_marks_where_it_restarts_for_tensorboard(tmp_path):
+  # TensorBoard drops the earlier files' points from a restart marker's step on; without one
+  # its Python reader showed a resumed run's re-logged steps twice (checked with tensorboard
+  # 2.21's EventAccumulator; the Rust data server keeps the later point either way).
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  for start_step in (0, 20):
+    writer = metric_writer.MetricWriter(str(tmp_path / str(start_step)), start_step=start_step)
+    writer.write_scalars(start_step + 5, {'train_loss': 0.5})
+    writer.close()
+    (path,) = (tmp_path / str(start_step)).glob('events.out.tfevents.*')
+    records = metric_writer._records(str(path))  # pylint: disable=protected-access
+    events = [event_pb2.Event.FromString(r) for r in records]
+    assert [e.WhichOneof('what') for e in events] == ['file_version', 'session_log', 'summary']
+    assert events[1].session_log.status == event_pb2.SessionLog.START
+    assert events[1].step == start_step + 1  # the restored step's own points stay
