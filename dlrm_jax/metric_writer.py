@@ -224,7 +224,7 @@ def _records(path: str) -> Iterator[bytes]:
 
 def _scalar_events(workdir: str) -> Iterator[Tuple[str, int, float, float]]:
   event_pb2 = _tensorboardx('tensorboardX.proto.event_pb2')
-  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
+  for path in sorted(glob.glob(os.path.join(glob.escape(workdir), 'events.out.tfevents.*'))):
     for record in _records(path):
       event = event_pb2.Event.FromString(record)
       for value in event.summary.value:

@@ -237,6 +237,20 @@ def test_named_files_gzip_and_globs(tmp_path):
                                            process_count=1)) == list(range(100, 107))
 
 
+def test_a_data_directory_named_like_a_pattern_is_read_as_named(tmp_path):
+  # 'ds[1]' as a glob matches 'ds1': patterned file names used to read the sibling's data.
+  (tmp_path / 'ds[1]').mkdir()
+  (tmp_path / 'ds1').mkdir()
+  write(tmp_path / 'ds[1]' / 'day_0', numbered_lines(0, 4))
+  write(tmp_path / 'ds[1]' / 'day_1', numbered_lines(0, 3))
+  write(tmp_path / 'ds1' / 'day_0', numbered_lines(50, 9))
+  write(tmp_path / 'ds1' / 'day_1', numbered_lines(50, 8))
+  config = config_for(tmp_path / 'ds[1]', train_files='day_[0]*', eval_files='day_1')
+  data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+  assert [s.path for s in data.train_sources] == [str(tmp_path / 'ds[1]' / 'day_0')]
+  assert data.train_rows == 4
+
+
 def test_split_parts_cut_the_train_file_into_days(tmp_path):
   write(tmp_path / 'train.txt', numbered_lines(0, 71))
   config = config_for(tmp_path, train_files='train.txt', split_parts=7, eval_parts=1)

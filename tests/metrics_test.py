@@ -144,12 +144,14 @@ def test_a_resumed_runs_later_write_of_a_step_wins(tmp_path):
 
 
 def test_a_flush_puts_every_summary_written_before_it_on_disk(tmp_path):
-  # tensorboardX's flush wrote only what its thread had taken from its queue so far.
-  writer = metric_writer.MetricWriter(str(tmp_path))
+  # tensorboardX's flush wrote only what its thread had taken from its queue so far. (The run
+  # directory's name is a glob pattern too, which the reader once matched against instead.)
+  workdir = str(tmp_path / 'run [1]')
+  writer = metric_writer.MetricWriter(workdir)
   for step in range(1, 201):
     writer.write_scalars(step, {'train_loss': 1.0 / step})
   writer.flush()
-  steps, values = metric_writer.read_scalars(str(tmp_path), 'train_loss')
+  steps, values = metric_writer.read_scalars(workdir, 'train_loss')
   writer.close()
   assert list(steps) == list(range(1, 201))
   np.testing.assert_allclose(values, 1.0 / np.arange(1, 201))
