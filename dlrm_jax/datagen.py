@@ -1291,7 +1291,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   kinds = parser.add_subparsers(dest='kind', required=True)
   for kind, cls in PLANTED_MODELS.items():
     sub = kinds.add_parser(kind, help=f'{kind} files ({", ".join(FILE_NAMES[kind])})')
-    sub.add_argument('--out_dir', required=True)
+    # '--out_dir=~/x' reaches us unexpanded (the shell expands '~' only at a word's start).
+    sub.add_argument('--out_dir', required=True, type=os.path.expanduser)
     sub.add_argument('--train_rows', type=int, required=True)
     sub.add_argument('--eval_rows', type=int, required=True)
     sub.add_argument('--seed', type=int, default=0)

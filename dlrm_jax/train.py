@@ -712,6 +712,29 @@ def state_bytes(state) -> int:
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
 
 
+def check_utf8_path(path: str, what: str) -> None:
+  """orbax's tensorstore takes only UTF-8 paths: another name failed at the first save, after
+  the training up to it."""
+  try:
+    path.encode('utf-8')
+  except UnicodeEncodeError as e:
+    raise ValueError(f'{what} {path!r} is not valid UTF-8 ({e.reason} at byte {e.start}): '
+                     'checkpoints cannot be written there; rename it') from None
+
+
+def check_run_directory(workdir: str) -> None:
+  """Refuses a run directory that orbax cannot write to, or that is two directories: orbax
+  normalizes 'link/../run' as text, the file system follows the link first, and the run's
+  checkpoints and its lock, config and results went one to each (a rerun started from step 0).
+  Not resolved to one of them: in a multi-host run each host resolves links its own way."""
+  check_utf8_path(workdir, 'run directory')
+  as_text, as_opened = os.path.abspath(workdir), os.path.realpath(workdir)
+  if os.path.realpath(as_text) != as_opened:
+    raise ValueError(f"run directory {workdir}: its '..' follows a symbolic link, so it is "
+                     f'{as_opened} to the file system but {as_text} to orbax; name either '
+                     "without the '..'")
+
+
 def _probe_writable(directory: str, what: str) -> None:
   """Writes and removes a file in `directory` (made first, as the run would make it)."""
   try:
@@ -729,6 +752,7 @@ def check_writable(workdir: str, state: TrainState, config, num_steps: int) -> N
   serving artifact's directory cannot be written (the export comes after training)."""
   _probe_writable(workdir, 'run directory')
   if config.export_dir and jax.process_index() == 0:
+    check_utf8_path(config.export_dir, 'export_dir')
     serving.check_export_dir(config.export_dir, workdir)
     # export_model writes beside export_dir and renames into it.
     _probe_writable(os.path.dirname(os.path.abspath(config.export_dir)),
@@ -1037,6 +1061,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   Training resumes from the newest checkpoint in `workdir`, continuing the same data order.
   """
   check_config(config)
+  check_run_directory(workdir)
   set_cpu_dispatch(config)
   initialize_distributed(config)
   warn_if_bf16_is_emulated(config)

@@ -1010,6 +1010,27 @@ def test_an_unwritable_export_dir_fails_before_training(tmp_path):
   assert not os.path.exists(workdir / 'checkpoints' / '20')
 
 
+def test_run_and_export_directories_orbax_cannot_use_are_refused_before_anything(tmp_path):
+  # A name that is not UTF-8 trained, then failed at the first save inside tensorstore.
+  bad = os.fsdecode(os.fsencode(str(tmp_path)) + b'/bad\xffdir')
+  with pytest.raises(ValueError, match='run directory .* is not valid UTF-8'):
+    train.train_and_evaluate(_config(tmp_path), os.path.join(bad, 'run'))
+  with pytest.raises(ValueError, match='export_dir .* is not valid UTF-8'):
+    train.train_and_evaluate(_config(tmp_path, export_dir=bad), str(tmp_path / 'run'))
+  assert not os.path.exists(os.fsencode(bad))
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+  # 'link/../run': orbax's checkpoints went to <here>/run, the lock and results to the link's.
+  (tmp_path / 'real' / 'sub').mkdir(parents=True)
+  (tmp_path / 'cwd').mkdir()
+  (tmp_path / 'cwd' / 'link').symlink_to(tmp_path / 'real' / 'sub')
+  split = str(tmp_path / 'cwd' / 'link' / '..' / 'run')
+  with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'real' / 'run'} to the file "
+                                                 f"system but {tmp_path / 'cwd' / 'run'}")):
+    train.train_and_evaluate(_config(tmp_path), split)
+  assert not os.path.exists(tmp_path / 'real' / 'run')
+  assert not os.path.exists(tmp_path / 'cwd' / 'run')
+
+
 def _bad_row_after(tmp_path, name, good_rows=9000):
   """A data directory whose `name` file (train.csv or eval.csv) holds `good_rows` planted rows,
   then a bad one, past the first chunk of 8192 rows: with use_cache=False a file is parsed as it

@@ -106,6 +106,28 @@ def test_main_sets_dispatch_and_joins_a_multi_process_run_before_jax_starts(tmp_
   assert results['cpu_async_dispatch'] is False  # configs/default.py's setting
 
 
+def test_a_home_relative_path_after_an_equals_sign_is_the_home_directory(tmp_path):
+  # The shell leaves '~' alone in '--workdir=~/run': a directory named '~' was made in the
+  # working directory, the run and its export in it.
+  home, cwd = tmp_path / 'home', tmp_path / 'cwd'
+  home.mkdir()
+  cwd.mkdir()
+  env = dict(ENV, HOME=str(home), PYTHONPATH=ROOT)
+  command = [sys.executable, '-m', 'dlrm_jax.main',
+             f'--config={os.path.join(ROOT, "configs", "default.py")}:tiny', '--workdir=~/run',
+             '--config.output_dir=~/out', '--config.export_dir=~/serving', '--config.steps=3',
+             '--config.no_eval=True']
+  proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  datagen = [sys.executable, '-m', 'dlrm_jax.datagen', 'elm', '--out_dir=~/planted',
+             '--train_rows=50', '--eval_rows=20']
+  proc = subprocess.run(datagen, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert not os.listdir(cwd)
+  assert (home / 'run' / 'results.json').exists() and (home / 'serving' / 'spec.json').exists()
+  assert (home / 'planted' / 'train.csv').exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('signum,said', [(signal.SIGTERM, 'preemption notice (SIGTERM)'),
                                          (signal.SIGINT, 'Ctrl-C (SIGINT)')])
