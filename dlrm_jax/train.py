@@ -1093,9 +1093,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     stats = input_pipeline.ParseStats()
     results.update({f'eval_{k}': v for k, v in evaluate(setup, state, config, data, stats).items()})
     results.update(parse_results(global_parse_stats(stats)))
-    if jax.process_index() == 0:
-      write_results(os.path.join(workdir, 'eval_results.json'), results)
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
+    if jax.process_index() == 0:
+      try:
+        write_results(os.path.join(workdir, 'eval_results.json'), results)
+      except OSError as e:  # a run evaluated where it cannot be written (a read-only mount)
+        logging.warning('eval_results.json not written (%s): the figures are the ones above', e)
     return results
   with checkpoints.training_lock(workdir):
     try:

@@ -1,5 +1,6 @@
 """Checkpoints, exact resume, crash safety, non-finite losses, eval/predict modes, export."""
 
+import errno
 import glob
 import gzip
 import importlib
@@ -227,6 +228,21 @@ def test_an_export_of_per_table_arrays_looks_up_each_tables_rows(tmp_path):
   # The artifact is another XLA program over the same float32 values (its own fusions and sum
   # orders): rounding of ~1e-7 relative per op; a wrong row or table moves probabilities ~1e-2.
   np.testing.assert_allclose(served, jax.nn.sigmoid(logits), rtol=1e-5, atol=1e-7)
+
+
+def test_an_evaluation_it_cannot_write_down_still_reports_its_figures(tmp_path, monkeypatch,
+                                                                     capsys, caplog):
+  # A run evaluated on a read-only mount: the whole evaluation ran, then eval_results.json
+  # failed and the figures were never printed.
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(tmp_path, steps=3, save_steps=0, no_eval=True), workdir)
+
+  def read_only(path, results):
+    raise OSError(errno.EROFS, 'Read-only file system', path)
+  monkeypatch.setattr(train, 'write_results', read_only)
+  results = train.train_and_evaluate(_config(tmp_path, steps=3, mode='eval'), workdir)
+  assert f"AUC = {results['eval_auc']:.6f}" in capsys.readouterr().out
+  assert 'eval_results.json not written' in caplog.text and 'Read-only' in caplog.text
 
 
 @pytest.mark.slow
