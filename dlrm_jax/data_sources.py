@@ -110,6 +110,10 @@ def _find(directory: str, names: str, spec_name: str, default: str,
         f"{' and '.join(FILE_NAMES[spec_name])}, not {', '.join(map(os.path.basename, missing))}: "
         'add --config.train_files= --config.eval_files= to train and evaluate on its files, or '
         'set data_location to the real files.')
+  if missing and os.path.isfile(directory):
+    raise NotADirectoryError(
+        f'data_location {directory} is a file: set it to the directory that holds the data '
+        f"({' and '.join(FILE_NAMES[spec_name])}, or the files train_files and eval_files name)")
   if missing:
     # A stand-in goes beside files that are there, never over them.
     stand_in = (directory if not (os.path.isdir(directory) and os.listdir(directory))

@@ -4,6 +4,7 @@ import fcntl
 import gzip
 import json
 import os
+import re
 import threading
 import time
 
@@ -87,6 +88,14 @@ def test_missing_eval_file_stops_before_anything_is_read(elm_dir):
   config = config_for(elm_dir)
   config.no_eval = True
   assert data_sources.resolve(config, SPEC, process_index=0, process_count=1).train_rows == 70
+
+
+def test_a_data_location_naming_the_train_file_says_to_name_its_directory(elm_dir):
+  # It said the files were missing and suggested generating a stand-in at the file's path.
+  with pytest.raises(NotADirectoryError, match=re.escape(
+      f'data_location {elm_dir / "train.csv"} is a file: set it to the directory')):
+    data_sources.resolve(config_for(elm_dir / 'train.csv'), SPEC, process_index=0,
+                         process_count=1)
 
 
 def test_a_cache_another_process_is_building_is_taken_last(tmp_path):
