@@ -500,10 +500,24 @@ def prepare(config, spec: fs.FeatureSpec, *, process_index: int = 0,
   return out
 
 
+# Path settings, whose '~' the shell leaves alone in '--config.output_dir=~/runs' (it expands a
+# word's leading '~' only): a directory named '~' was made in the working directory.
+_PATH_FIELDS = ('data_location', 'cache_dir', 'tfds_data_dir', 'predict_input', 'predict_output',
+                'output_dir', 'checkpoint', 'export_dir')
+
+
+def expand_home(config) -> None:
+  """A command line's path settings with '~' as the home directory, as the shell would have."""
+  for name in _PATH_FIELDS:
+    if isinstance(config.get(name), str):
+      config[name] = os.path.expanduser(config[name])
+
+
 def _main(argv):
   del argv
   import json  # pylint: disable=g-import-not-at-top
   config = _FLAGS.config
+  expand_home(config)
   logging.set_verbosity(logging.INFO)
   print(json.dumps(prepare(config, fs.from_config(config)), indent=1))
 

@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dlrm_jax import data_sources
 from dlrm_jax import train
 
 FLAGS = flags.FLAGS
@@ -29,28 +30,14 @@ class _QuietOrbax(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
 
 
-# Path settings, whose '~' the shell leaves alone in '--config.output_dir=~/runs' (it expands a
-# word's leading '~' only): a directory named '~' was made in the working directory.
-_PATH_FIELDS = ('data_location', 'cache_dir', 'tfds_data_dir', 'predict_input', 'predict_output',
-                'output_dir', 'checkpoint', 'export_dir')
-
-
-def _expand_home(config) -> None:
-  for name in _PATH_FIELDS:
-    value = config.get(name)
-    if isinstance(value, str) and value.startswith('~'):
-      config[name] = os.path.expanduser(value)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietOrbax())
   # Nothing here may touch JAX: train_and_evaluate first sets what only takes effect before the
   # backend starts (CPU dispatch, joining a multi-process run).
-  _expand_home(FLAGS.config)
-  workdir = os.path.expanduser(FLAGS.workdir) if FLAGS.workdir else None
-  workdir = workdir or train.resolve_workdir(FLAGS.config)
+  data_sources.expand_home(FLAGS.config)
+  workdir = os.path.expanduser(FLAGS.workdir or '') or train.resolve_workdir(FLAGS.config)
   train.train_and_evaluate(FLAGS.config, workdir)
 
 

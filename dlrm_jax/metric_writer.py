@@ -84,7 +84,7 @@ class MetricWriter:
           os.path.join(workdir, 'events'), f'.{os.getpid()}.{MetricWriter._opened:04d}')
       # A restart marker, as TensorFlow's writers leave: TensorBoard then drops the earlier
       # files' points after the restored step (logged again by this run) instead of showing
-      # both. Every run writes one: the first TensorBoard sees only marks where purging starts.
+      # both. A new run's (step 1) drops only those of an attempt that saved no checkpoint.
       self._events.write_event(self._event_pb2.Event(
           step=start_step + 1, wall_time=time.time(),
           session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))

@@ -723,16 +723,17 @@ def check_utf8_path(path: str, what: str) -> None:
 
 
 def check_run_directory(workdir: str) -> None:
-  """Refuses a run directory that orbax cannot write to, or that is two directories: orbax
-  normalizes 'link/../run' as text, the file system follows the link first, and the run's
-  checkpoints and its lock, config and results went one to each (a rerun started from step 0).
-  Not resolved to one of them: in a multi-host run each host resolves links its own way."""
-  check_utf8_path(workdir, 'run directory')
+  """Refuses a run directory that orbax cannot write to, or that is two directories: the
+  checkpoint manager gets it absolute, normalized as text (checkpoints.make_manager), where the
+  file system follows a link before its '..', and the run's checkpoints and its lock, config and
+  results went one to each (a rerun started from step 0). Not resolved to one of them: in a
+  multi-host run each host resolves links its own way. Each process checks its own name."""
   as_text, as_opened = os.path.abspath(workdir), os.path.realpath(workdir)
+  check_utf8_path(as_text, 'run directory')  # with the working directory a relative one is in
   if os.path.realpath(as_text) != as_opened:
     raise ValueError(f"run directory {workdir}: its '..' follows a symbolic link, so it is "
-                     f'{as_opened} to the file system but {as_text} to orbax; name either '
-                     "without the '..'")
+                     f'{as_opened} to the file system but {as_text} to the checkpoints; name '
+                     "either without the '..'")
 
 
 def _probe_writable(directory: str, what: str) -> None:
@@ -752,7 +753,6 @@ def check_writable(workdir: str, state: TrainState, config, num_steps: int) -> N
   serving artifact's directory cannot be written (the export comes after training)."""
   _probe_writable(workdir, 'run directory')
   if config.export_dir and jax.process_index() == 0:
-    check_utf8_path(config.export_dir, 'export_dir')
     serving.check_export_dir(config.export_dir, workdir)
     # export_model writes beside export_dir and renames into it.
     _probe_writable(os.path.dirname(os.path.abspath(config.export_dir)),
@@ -982,7 +982,8 @@ def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:
     manager.close()
     manager = None
   if manager is None:
-    runs = sorted(glob.glob(os.path.join(config.output_dir, '*', 'checkpoints', '[0-9]*')),
+    runs = sorted(glob.glob(os.path.join(glob.escape(config.output_dir), '*', 'checkpoints',
+                                         '[0-9]*')),
                   key=os.path.getmtime, reverse=True)
     newest = os.path.dirname(os.path.dirname(runs[0])) if runs else None
     raise FileNotFoundError(

@@ -1026,15 +1026,18 @@ def test_an_unwritable_export_dir_fails_before_training(tmp_path):
   assert not os.path.exists(workdir / 'checkpoints' / '20')
 
 
-def test_run_and_export_directories_orbax_cannot_use_are_refused_before_anything(tmp_path):
+def test_run_directories_orbax_cannot_use_are_refused_before_anything(tmp_path, monkeypatch):
   # A name that is not UTF-8 trained, then failed at the first save inside tensorstore.
   bad = os.fsdecode(os.fsencode(str(tmp_path)) + b'/bad\xffdir')
   with pytest.raises(ValueError, match='run directory .* is not valid UTF-8'):
     train.train_and_evaluate(_config(tmp_path), os.path.join(bad, 'run'))
-  with pytest.raises(ValueError, match='export_dir .* is not valid UTF-8'):
-    train.train_and_evaluate(_config(tmp_path, export_dir=bad), str(tmp_path / 'run'))
   assert not os.path.exists(os.fsencode(bad))
-  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+  # A relative one is the working directory's too (the default ./result/model_DLRM_<time> is).
+  os.makedirs(os.fsencode(bad))
+  monkeypatch.chdir(bad)
+  with pytest.raises(ValueError, match='run directory .* is not valid UTF-8'):
+    train.train_and_evaluate(_config(tmp_path), 'run')
+  assert os.listdir(os.fsencode(bad)) == []
   # 'link/../run': orbax's checkpoints went to <here>/run, the lock and results to the link's.
   (tmp_path / 'real' / 'sub').mkdir(parents=True)
   (tmp_path / 'cwd').mkdir()

@@ -123,9 +123,14 @@ def test_a_home_relative_path_after_an_equals_sign_is_the_home_directory(tmp_pat
              '--train_rows=50', '--eval_rows=20']
   proc = subprocess.run(datagen, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr[-4000:]
+  prepare = [sys.executable, '-m', 'dlrm_jax.data_sources',
+             f'--config={os.path.join(ROOT, "configs", "default.py")}:tiny',
+             '--config.data_location=~/planted', '--config.cache_dir=~/cache']
+  proc = subprocess.run(prepare, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-4000:]
   assert not os.listdir(cwd)
   assert (home / 'run' / 'results.json').exists() and (home / 'serving' / 'spec.json').exists()
-  assert (home / 'planted' / 'train.csv').exists()
+  assert (home / 'planted' / 'train.csv').exists() and os.listdir(home / 'cache')
 
 
 @pytest.mark.slow
