@@ -274,8 +274,11 @@ def training_lock(workdir: str) -> Iterator[None]:
       # A run that fails before writing anything (missing data, say) leaves no empty
       # model_DLRM_<timestamp> directory behind it for every try.
       if created and os.listdir(workdir) == ['.train.lock']:
-        os.remove(path)
-        os.rmdir(workdir)
+        # Another run may open the lock in between: the directory is then its, and the error
+        # to raise is still this run's own.
+        with contextlib.suppress(OSError):
+          os.remove(path)
+          os.rmdir(workdir)
       raise
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)

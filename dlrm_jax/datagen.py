@@ -1204,7 +1204,8 @@ def writer_lock(out_dir: str) -> Iterator[None]:
     yield
   except BaseException:
     if created and os.path.isdir(out_dir) and not os.listdir(out_dir):
-      os.rmdir(out_dir)
+      with contextlib.suppress(OSError):  # another writer's now: this error is still the one
+        os.rmdir(out_dir)
     raise
   finally:
     if fd is not None:

@@ -917,6 +917,23 @@ def test_a_second_training_run_on_one_directory_stops_and_the_lock_dies_with_its
   assert train.train_and_evaluate(_config(tmp_path, steps=12, save_steps=0), workdir)['steps'] == 12
 
 
+def test_a_run_failing_in_a_directory_another_run_just_took_raises_its_own_error(tmp_path,
+                                                                                monkeypatch):
+  # The failed run removes its empty directory; a second run opening the lock in between made
+  # the removal raise 'Directory not empty' in place of the first run's error.
+  workdir = tmp_path / 'run'
+  real_remove = os.remove
+
+  def remove_then_another_run_opens_the_lock(path):
+    real_remove(path)
+    (workdir / '.train.lock').write_text('pid 1 on elsewhere\n')
+  monkeypatch.setattr(os, 'remove', remove_then_another_run_opens_the_lock)
+  with pytest.raises(RuntimeError, match='the data are missing'):
+    with checkpoints.training_lock(str(workdir)):
+      raise RuntimeError('the data are missing')
+  assert os.listdir(workdir) == ['.train.lock']  # the other run's, left alone
+
+
 def test_a_resume_that_changes_the_data_order_says_so(tmp_path, caplog):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(_config(tmp_path, steps=5, save_steps=0, no_eval=True), workdir)

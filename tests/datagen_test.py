@@ -331,6 +331,25 @@ def test_a_failed_writer_removing_its_directory_lets_one_writer_in_at_a_time(tmp
   assert events == ['B in', 'B out', 'C in', 'C out']
 
 
+def test_a_failed_writer_raises_its_own_error_when_another_has_just_begun(tmp_path,
+                                                                          monkeypatch):
+  # The failed writer removes the directory it made; another writer's first file appearing in
+  # between made the removal raise 'Directory not empty' in place of the first one's error.
+  directory = tmp_path / 'planted'
+  real_listdir = os.listdir
+
+  def listdir_then_another_writer_begins(path):
+    names = real_listdir(path)
+    (directory / 'train.csv.tmp').write_text('')
+    return names
+  with pytest.raises(RuntimeError, match='disk full'):
+    with datagen.writer_lock(str(directory)):
+      monkeypatch.setattr(os, 'listdir', listdir_then_another_writer_begins)
+      raise RuntimeError('disk full')
+  monkeypatch.undo()
+  assert os.listdir(directory) == ['train.csv.tmp']
+
+
 def test_a_ctrl_c_while_waiting_for_the_writer_lock_leaves_no_fd(tmp_path):
   # The interrupted waiter kept its fd of the directory open for the rest of the process.
   import signal  # pylint: disable=g-import-not-at-top
