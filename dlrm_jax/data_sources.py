@@ -73,6 +73,12 @@ class DataFiles:
   train_sources: Tuple[Source, ...] = ()
   eval_sources: Tuple[Source, ...] = ()
   directory: str = ''  # data_location, or the planted data's directory
+  # The run's shared lock on planted data (datagen.ReadersLock): close() when the run ends.
+  readers: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+  def close(self) -> None:
+    if self.readers is not None:
+      self.readers.close()
 
 
 def _glob_in(directory: str, pattern: str) -> List[str]:
@@ -163,8 +169,8 @@ def planted_parameters(planted: Dict[str, Any], kind: str) -> Optional[Dict[str,
   return {**{k: recorded[k] for k in PLANTED_SIZES}, **recorded['planted']}
 
 
-def _planted_data(config, spec: fs.FeatureSpec, directory: str) -> Dict[str, Any]:
-  """datagen.ensure_planted_data, with the processes of a multi-process run taking turns.
+def _planted_data(config, spec: fs.FeatureSpec, directory: str) -> Tuple[Dict[str, Any], Any]:
+  """datagen.ensure_and_hold, with the processes of a multi-process run taking turns.
 
   Process 0 writes the files while the others wait for it; they then reuse them (on a shared
   disk) or write the same files to their own. Writing at once, two processes on one disk would
@@ -176,15 +182,15 @@ def _planted_data(config, spec: fs.FeatureSpec, directory: str) -> Dict[str, Any
   if unused:
     logging.info('planted %s data: config.planted.%s do not describe its world and are not '
                  'used', spec.name, ', '.join(unused))
-  ensure = functools.partial(datagen.ensure_planted_data, directory, spec.name, **arguments)
+  ensure = functools.partial(datagen.ensure_and_hold, directory, spec.name, **arguments)
   import jax  # pylint: disable=g-import-not-at-top
   if not (jax.distributed.is_initialized() and jax.process_count() > 1):
     return ensure()
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   first = jax.process_index() == 0
-  oracle = ensure() if first else None
+  written = ensure() if first else None
   multihost_utils.sync_global_devices(f'planted data in {directory}')
-  return oracle if first else ensure()
+  return written if first else ensure()
 
 
 def _evaluates_planted_eval_file(config, spec: fs.FeatureSpec, directory: str,
@@ -224,43 +230,49 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True, need_train_file
     directory = config.data_location
     # Planted data that datagen wrote there, complete as its oracle.json recorded it, has its
     # oracle figures too.
-    written = datagen.read_complete(directory, spec.name)
+    written, held = datagen.read_complete(directory, spec.name), None
   else:
     directory = os.path.join(config.output_dir, f'planted_{spec.name}')
-    written = _planted_data(config, spec, directory)
-  oracle = ({k: v for k, v in written.items() if k in ('oracle_auc', 'oracle_logloss')}
-            if written and _evaluates_planted_eval_file(config, spec, directory, written) else {})
-  if config.tfds_data_dir:
-    # The TFDS data set (prepared from `directory` if it is not yet) is the data.
-    from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top
-    train_rows = tfds_builders.split_rows(config, spec, directory, 'train') if train else 0
-    return DataFiles(config.tfds_data_dir, config.tfds_data_dir, train_rows, oracle,
-                     directory=directory)
-  planted = not config.data_location
-  parts = int(config.split_parts)
-  train_files = ()
-  if need_train_files or train or parts:
-    train_files = _find(directory, config.train_files, spec.name, train_name,
-                        planted)
-  if parts:
-    eval_parts = int(config.eval_parts)
-    if not 0 < eval_parts < parts:
-      raise ValueError(f'eval_parts={eval_parts} must be in [1, split_parts={parts})')
-    train_sources = tuple(Source(p, (0, parts - eval_parts, parts)) for p in train_files)
-    eval_sources = tuple(Source(p, (parts - eval_parts, parts, parts)) for p in train_files)
-  else:
-    train_sources = tuple(Source(p) for p in train_files)
-    eval_sources = ()
-    if not config.no_eval or config.mode == 'eval':  # eval mode evaluates
-      eval_sources = tuple(Source(p) for p in _find(
-          directory, config.eval_files, spec.name, eval_name, planted))
-  train_rows = 0
-  if train:
-    train_rows = sum(source_lines(config, spec, train_sources, process_index, process_count))
-  eval_path = eval_sources[0].path if eval_sources else os.path.join(directory, eval_name)
-  train_path = train_files[0] if train_files else ''
-  return DataFiles(train_path, eval_path, train_rows, oracle, train_sources, eval_sources,
-                   directory)
+    written, held = _planted_data(config, spec, directory)
+  try:
+    oracle = ({k: v for k, v in written.items() if k in ('oracle_auc', 'oracle_logloss')}
+              if written and _evaluates_planted_eval_file(config, spec, directory, written)
+              else {})
+    if config.tfds_data_dir:
+      # The TFDS data set (prepared from `directory` if it is not yet) is the data.
+      from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top
+      train_rows = tfds_builders.split_rows(config, spec, directory, 'train') if train else 0
+      return DataFiles(config.tfds_data_dir, config.tfds_data_dir, train_rows, oracle,
+                       directory=directory, readers=held)
+    planted = not config.data_location
+    parts = int(config.split_parts)
+    train_files = ()
+    if need_train_files or train or parts:
+      train_files = _find(directory, config.train_files, spec.name, train_name,
+                          planted)
+    if parts:
+      eval_parts = int(config.eval_parts)
+      if not 0 < eval_parts < parts:
+        raise ValueError(f'eval_parts={eval_parts} must be in [1, split_parts={parts})')
+      train_sources = tuple(Source(p, (0, parts - eval_parts, parts)) for p in train_files)
+      eval_sources = tuple(Source(p, (parts - eval_parts, parts, parts)) for p in train_files)
+    else:
+      train_sources = tuple(Source(p) for p in train_files)
+      eval_sources = ()
+      if not config.no_eval or config.mode == 'eval':  # eval mode evaluates
+        eval_sources = tuple(Source(p) for p in _find(
+            directory, config.eval_files, spec.name, eval_name, planted))
+    train_rows = 0
+    if train:
+      train_rows = sum(source_lines(config, spec, train_sources, process_index, process_count))
+    eval_path = eval_sources[0].path if eval_sources else os.path.join(directory, eval_name)
+    train_path = train_files[0] if train_files else ''
+    return DataFiles(train_path, eval_path, train_rows, oracle, train_sources, eval_sources,
+                     directory, readers=held)
+  except BaseException:
+    if held is not None:
+      held.close()
+    raise
 
 
 def source_lines(config, spec: fs.FeatureSpec, sources: Sequence[Source],

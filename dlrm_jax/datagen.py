@@ -125,6 +125,7 @@ ORACLE_FILE = 'oracle.json'
 # written in its directory, which generate() may rewrite (an interrupted regeneration has no
 # oracle.json yet). Releases before it listed names left it empty.
 PLANTED_MARKER = '.planted'
+READERS_LOCK = '.readers.lock'  # held shared by the runs reading the data (ReadersLock)
 FILE_NAMES = {'elm': ('train.csv', 'eval.csv'), 'criteo': ('train.txt', 'eval.txt')}
 
 # Random streams (SeedSequence spawn keys).
@@ -1176,15 +1177,104 @@ def ensure_planted_data(out_dir: str, kind: str, train_rows: int, eval_rows: int
   Returns:
     The oracle dict (oracle.json) plus 'train_path', 'eval_path' and 'reused'.
   """
+  oracle, held = ensure_and_hold(out_dir, kind, train_rows, eval_rows, seed, gzip_files, planted,
+                                 **planted_fields)
+  if held is not None:
+    held.close()
+  return oracle
+
+
+def ensure_and_hold(out_dir: str, kind: str, train_rows: int, eval_rows: int, seed: int,
+                    gzip_files: bool = False,
+                    planted: Union[Planted, Dict[str, Any], None] = None,
+                    **planted_fields) -> Tuple[Dict[str, Any], Optional['ReadersLock']]:
+  """ensure_planted_data, and a shared lock on the data set for a run that reads it: until it is
+  closed, a run asking for other data in out_dir is refused (see ReadersLock). None where the
+  directory cannot hold one."""
   model = planted_model(kind, planted, **planted_fields)
   wanted = recorded_parameters(kind, train_rows, eval_rows, seed, gzip_files, model)
   with writer_lock(out_dir):
     oracle = read_oracle(out_dir)
-    if (oracle is not None and all(oracle.get(k) == v for k, v in wanted.items())
-        and _is_complete(oracle, out_dir)):
-      logging.info('reusing planted %s data in %s', kind, out_dir)
-      return _with_paths(oracle, out_dir, reused=True)
-    return generate(kind, out_dir, train_rows, eval_rows, seed, model, gzip_files)
+    # No one else has a lock file made here (it is made under writer_lock), so a failure
+    # removes it: a directory of someone's own files (refused below) keeps none.
+    made = not os.path.exists(os.path.join(out_dir, READERS_LOCK))
+    held = ReadersLock.open(out_dir)
+    try:
+      if (oracle is not None and all(oracle.get(k) == v for k, v in wanted.items())
+          and _is_complete(oracle, out_dir)):
+        logging.info('reusing planted %s data in %s', kind, out_dir)
+        written = _with_paths(oracle, out_dir, reused=True)
+      else:
+        if held is not None:
+          held.for_writing(oracle, wanted)
+        written = generate(kind, out_dir, train_rows, eval_rows, seed, model, gzip_files)
+      if held is not None:
+        held.for_reading()
+    except BaseException:
+      if held is not None:
+        held.close()
+        if made:
+          with contextlib.suppress(OSError):
+            os.remove(os.path.join(out_dir, READERS_LOCK))
+      raise
+  return written, held
+
+
+class PlantedDataInUse(RuntimeError):
+  """Another run reads the planted data a run would have to rewrite."""
+
+
+class ReadersLock:
+  """A flock on out_dir's READERS_LOCK file: shared while a run reads the data set, exclusive
+  while they are rewritten, both taken only under writer_lock.
+
+  Runs asking for other data in one output_dir (another planted seed, say) rewrote the files
+  while the first was still training: its final evaluation, which reopens the eval file, scored
+  the other run's rows, beside its own oracle figures. The kernel drops the lock with the
+  process, so a killed run leaves none.
+  """
+
+  def __init__(self, fd: int, out_dir: str):
+    self._fd, self._out_dir = fd, out_dir
+
+  @classmethod
+  def open(cls, out_dir: str) -> Optional['ReadersLock']:
+    try:
+      return cls(os.open(os.path.join(out_dir, READERS_LOCK), os.O_RDWR | os.O_CREAT, 0o644),
+                 out_dir)
+    except OSError as e:  # a read-only copy of the data, say: nothing to guard there
+      logging.warning('cannot open the readers lock of %s (%s): a run asking for other data '
+                      'there is not stopped', out_dir, e)
+      return None
+
+  def for_writing(self, oracle: Optional[Dict[str, Any]], wanted: Dict[str, Any]) -> None:
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      differs = sorted(k for k, v in wanted.items() if (oracle or {}).get(k) != v)
+      raise PlantedDataInUse(
+          f'{self._out_dir} holds planted data another run is reading, and this one asks for '
+          f"other data ({', '.join(differs) or 'the files are incomplete'}): rewriting them "
+          'would change that run\'s data under it. Give this run another output_dir '
+          '(--config.output_dir), or run it once the other has ended.') from None
+    except OSError as e:  # no flock here (NFS): unguarded, as the writer lock is
+      logging.warning('cannot lock %s (%s): runs reading its data are not guarded',
+                      self._out_dir, e)
+
+  def for_reading(self) -> None:
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_SH)  # no writer can hold it: this process has writer_lock
+    except OSError as e:
+      logging.warning('cannot lock %s (%s): runs reading its data are not guarded',
+                      self._out_dir, e)
+
+  def close(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def __del__(self):
+    self.close()
 
 
 @contextlib.contextmanager
@@ -1203,8 +1293,10 @@ def writer_lock(out_dir: str) -> Iterator[None]:
   try:
     yield
   except BaseException:
-    if created and os.path.isdir(out_dir) and not os.listdir(out_dir):
+    if created and os.path.isdir(out_dir) and set(os.listdir(out_dir)) <= {READERS_LOCK}:
       with contextlib.suppress(OSError):  # another writer's now: this error is still the one
+        if os.path.exists(os.path.join(out_dir, READERS_LOCK)):
+          os.remove(os.path.join(out_dir, READERS_LOCK))
         os.rmdir(out_dir)
     raise
   finally:
@@ -1315,6 +1407,9 @@ def main(argv: Optional[Sequence[str]] = None):
   model = planted_model(args.kind, None, **overrides)
   if args.force:
     with writer_lock(args.out_dir):
+      held = ReadersLock.open(args.out_dir)
+      if held is not None:
+        held.for_writing(read_oracle(args.out_dir), {'force': True})
       oracle = generate(args.kind, args.out_dir, args.train_rows, args.eval_rows, args.seed,
                         model, args.gzip)
   else:

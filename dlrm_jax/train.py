@@ -1089,10 +1089,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     changes = eval_data_changes(config, workdir)
     if changes:
       raise ValueError(f'mode=eval of {workdir}: ' + '; '.join(changes) + '. Nothing was written.')
-    data = data_sources.resolve(config, setup.spec, train=False, need_train_files=False)
-    results = {'steps': int(state.step), **data.oracle}
-    stats = input_pipeline.ParseStats()
-    results.update({f'eval_{k}': v for k, v in evaluate(setup, state, config, data, stats).items()})
+    with contextlib.closing(data_sources.resolve(config, setup.spec, train=False,
+                                                 need_train_files=False)) as data:
+      results = {'steps': int(state.step), **data.oracle}
+      stats = input_pipeline.ParseStats()
+      results.update({f'eval_{k}': v
+                      for k, v in evaluate(setup, state, config, data, stats).items()})
     results.update(parse_results(global_parse_stats(stats)))
     print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
     if jax.process_index() == 0:
@@ -1145,7 +1147,7 @@ def _run_training(setup: Setup, config, workdir: str,
     changed = decay_step_change(config, workdir) if start_step else []
     if changed:
       checkpoints.refuse(manager, changed, config, workdir)
-  data = data_sources.resolve(config, setup.spec)
+  data = closing.enter_context(contextlib.closing(data_sources.resolve(config, setup.spec)))
   num_steps = steps_for(config, data.train_rows)
   check_writable(workdir, abstract, config, num_steps)
   if manager is None:

@@ -252,6 +252,25 @@ def test_ensure_reuses_identical_data_and_regenerates_otherwise(tmp_path, monkey
   assert datagen.ensure_planted_data(*args, planted=SMALL)['reused']
 
 
+def test_data_a_run_reads_are_not_rewritten_for_a_run_asking_for_others(tmp_path):
+  # Another planted seed on the same output_dir rewrote the files under a training run: its
+  # final evaluation scored the other run's rows. (flock locks of two opens conflict within one
+  # process as between two.)
+  directory = str(tmp_path / 'planted')
+  args = (directory, 'elm', 300, 200)
+  first, held = datagen.ensure_and_hold(*args, 5, planted=SMALL)
+  with pytest.raises(datagen.PlantedDataInUse, match=r'another run is reading.*\(seed\)'):
+    datagen.ensure_planted_data(*args, 6, planted=SMALL)
+  with pytest.raises(datagen.PlantedDataInUse):
+    datagen.main(['elm', '--out_dir', directory, '--train_rows', '300', '--eval_rows', '200',
+                  '--force'])
+  assert datagen.read_oracle(directory)['seed'] == 5
+  assert datagen.ensure_planted_data(*args, 5, planted=SMALL)['reused']  # the same data: shared
+  held.close()  # the run ended
+  assert datagen.ensure_planted_data(*args, 6, planted=SMALL)['seed'] == 6
+  assert first['seed'] == 5
+
+
 def test_interrupted_generation_is_never_reused(tmp_path, monkeypatch):
   directory = str(tmp_path / 'planted')
   args = (directory, 'elm', 300, 200, 5)
@@ -267,7 +286,7 @@ def test_interrupted_generation_is_never_reused(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     datagen.ensure_planted_data(*args, planted=SMALL, linear_weight=0.5)
   assert not os.path.exists(os.path.join(directory, 'oracle.json'))
-  assert sorted(os.listdir(directory)) == ['.planted', 'eval.csv', 'train.csv']
+  assert sorted(os.listdir(directory)) == ['.planted', '.readers.lock', 'eval.csv', 'train.csv']
   monkeypatch.setattr(datagen, '_write_split', real_write)
   assert not datagen.ensure_planted_data(*args, planted=SMALL)['reused']
 
@@ -297,7 +316,8 @@ def test_a_second_writer_waits_and_then_reuses_the_data(tmp_path):
   assert json.loads(out.splitlines()[-1]) == {'reused': True}
   assert os.stat(first['train_path']).st_ino == inode  # not written again
   # Without the lock file of a lock: the directory holds the data and datagen's files only.
-  assert sorted(os.listdir(directory)) == ['.planted', 'eval.csv', 'oracle.json', 'train.csv']
+  assert sorted(os.listdir(directory)) == ['.planted', '.readers.lock', 'eval.csv',
+                                           'oracle.json', 'train.csv']
 
 
 def test_a_failed_writer_removing_its_directory_lets_one_writer_in_at_a_time(tmp_path, caplog):
@@ -424,8 +444,8 @@ def test_switching_compression_removes_the_other_files(tmp_path):
   directory = str(tmp_path / 'planted')
   datagen.ensure_planted_data(directory, 'elm', 300, 200, 1, planted=SMALL)
   gz = datagen.ensure_planted_data(directory, 'elm', 300, 200, 2, gzip_files=True, planted=SMALL)
-  assert sorted(os.listdir(directory)) == ['.planted', 'eval.csv.gz', 'oracle.json',
-                                           'train.csv.gz']
+  assert sorted(os.listdir(directory)) == ['.planted', '.readers.lock', 'eval.csv.gz',
+                                           'oracle.json', 'train.csv.gz']
   assert not gz['reused'] and gz['seed'] == 2
 
 
@@ -476,7 +496,7 @@ def test_command_line_writes_and_records_the_planted_weights(tmp_path, capsys):
   assert oracle['seed'] == 4 and oracle['train_rows'] == 200
   datagen.main(['criteo', '--out_dir', str(tmp_path / 'c'), '--train_rows', '50',
                 '--eval_rows', '50', '--gzip'])
-  assert sorted(os.listdir(tmp_path / 'c')) == ['.planted', 'eval.txt.gz', 'oracle.json',
-                                                'train.txt.gz']
+  assert sorted(os.listdir(tmp_path / 'c')) == ['.planted', '.readers.lock', 'eval.txt.gz',
+                                                'oracle.json', 'train.txt.gz']
   labels, _ = datagen.true_probabilities(str(tmp_path / 'c'), 'train')
   assert labels.size == 50
