@@ -100,6 +100,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import gzip
@@ -1163,8 +1164,9 @@ def _is_complete(oracle: Dict[str, Any], out_dir: str) -> bool:
 def ensure_planted_data(out_dir: str, kind: str, train_rows: int, eval_rows: int, seed: int,
                         gzip_files: bool = False,
                         planted: Union[Planted, Dict[str, Any], None] = None,
-                        **planted_fields) -> Dict[str, Any]:
-  """The planted data set under out_dir: reused when complete and identical, else generated.
+                        force: bool = False, **planted_fields) -> Dict[str, Any]:
+  """The planted data set under out_dir: reused when complete and identical (unless `force`),
+  else generated.
 
   Args:
     out_dir: directory of the files and oracle.json.
@@ -1178,7 +1180,7 @@ def ensure_planted_data(out_dir: str, kind: str, train_rows: int, eval_rows: int
     The oracle dict (oracle.json) plus 'train_path', 'eval_path' and 'reused'.
   """
   oracle, held = ensure_and_hold(out_dir, kind, train_rows, eval_rows, seed, gzip_files, planted,
-                                 **planted_fields)
+                                 force, **planted_fields)
   if held is not None:
     held.close()
   return oracle
@@ -1187,6 +1189,7 @@ def ensure_planted_data(out_dir: str, kind: str, train_rows: int, eval_rows: int
 def ensure_and_hold(out_dir: str, kind: str, train_rows: int, eval_rows: int, seed: int,
                     gzip_files: bool = False,
                     planted: Union[Planted, Dict[str, Any], None] = None,
+                    force: bool = False,
                     **planted_fields) -> Tuple[Dict[str, Any], Optional['ReadersLock']]:
   """ensure_planted_data, and a shared lock on the data set for a run that reads it: until it is
   closed, a run asking for other data in out_dir is refused (see ReadersLock). None where the
@@ -1200,13 +1203,16 @@ def ensure_and_hold(out_dir: str, kind: str, train_rows: int, eval_rows: int, se
     made = not os.path.exists(os.path.join(out_dir, READERS_LOCK))
     held = ReadersLock.open(out_dir)
     try:
-      if (oracle is not None and all(oracle.get(k) == v for k, v in wanted.items())
+      if (not force and oracle is not None and all(oracle.get(k) == v for k, v in wanted.items())
           and _is_complete(oracle, out_dir)):
         logging.info('reusing planted %s data in %s', kind, out_dir)
         written = _with_paths(oracle, out_dir, reused=True)
       else:
         if held is not None:
-          held.for_writing(oracle, wanted)
+          differs = sorted(k for k, v in wanted.items() if (oracle or {}).get(k) != v)
+          held.for_writing('--force rewrites them' if force else
+                           f"it asks for other data ({', '.join(differs)})" if oracle else
+                           'they are incomplete')
         written = generate(kind, out_dir, train_rows, eval_rows, seed, model, gzip_files)
       if held is not None:
         held.for_reading()
@@ -1239,31 +1245,40 @@ class ReadersLock:
 
   @classmethod
   def open(cls, out_dir: str) -> Optional['ReadersLock']:
+    path = os.path.join(out_dir, READERS_LOCK)
     try:
-      return cls(os.open(os.path.join(out_dir, READERS_LOCK), os.O_RDWR | os.O_CREAT, 0o644),
-                 out_dir)
+      try:
+        return cls(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), out_dir)
+      except OSError as e:  # another user's file, or a read-only mount: a flock needs no write
+        if not (isinstance(e, PermissionError) or e.errno == errno.EROFS):
+          raise
+        return cls(os.open(path, os.O_RDONLY), out_dir)
     except OSError as e:  # a read-only copy of the data, say: nothing to guard there
       logging.warning('cannot open the readers lock of %s (%s): a run asking for other data '
                       'there is not stopped', out_dir, e)
       return None
 
-  def for_writing(self, oracle: Optional[Dict[str, Any]], wanted: Dict[str, Any]) -> None:
+  def for_writing(self, why: str) -> None:
     try:
       fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      differs = sorted(k for k, v in wanted.items() if (oracle or {}).get(k) != v)
       raise PlantedDataInUse(
-          f'{self._out_dir} holds planted data another run is reading, and this one asks for '
-          f"other data ({', '.join(differs) or 'the files are incomplete'}): rewriting them "
-          'would change that run\'s data under it. Give this run another output_dir '
-          '(--config.output_dir), or run it once the other has ended.') from None
+          f'{self._out_dir} holds planted data another run is reading (or writing, where the '
+          f'directory has no lock of its own), and {why}: rewriting them would change that '
+          "run's data under it. Give this run another output_dir (--config.output_dir), or run "
+          'it once the other has ended.') from None
     except OSError as e:  # no flock here (NFS): unguarded, as the writer lock is
       logging.warning('cannot lock %s (%s): runs reading its data are not guarded',
                       self._out_dir, e)
 
   def for_reading(self) -> None:
     try:
-      fcntl.flock(self._fd, fcntl.LOCK_SH)  # no writer can hold it: this process has writer_lock
+      # Not waiting: under writer_lock no writer holds it, unless one left it held (a failed
+      # writer's lock kept alive by its traceback), and waiting would hold writer_lock with it.
+      fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise PlantedDataInUse(f'{self._out_dir}: another process is rewriting its planted data '
+                             'outside of the directory lock; run this once it has ended') from None
     except OSError as e:
       logging.warning('cannot lock %s (%s): runs reading its data are not guarded',
                       self._out_dir, e)
@@ -1275,6 +1290,16 @@ class ReadersLock:
 
   def __del__(self):
     self.close()
+
+  # One descriptor, one owner: a copy closed (and so released) the original's lock.
+  def __copy__(self):
+    return self
+
+  def __deepcopy__(self, memo):
+    return self
+
+  def __reduce__(self):
+    raise TypeError('a ReadersLock holds a flock of this process: it cannot be pickled')
 
 
 @contextlib.contextmanager
@@ -1405,16 +1430,8 @@ def main(argv: Optional[Sequence[str]] = None):
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                if getattr(args, f.name, None) is not None}
   model = planted_model(args.kind, None, **overrides)
-  if args.force:
-    with writer_lock(args.out_dir):
-      held = ReadersLock.open(args.out_dir)
-      if held is not None:
-        held.for_writing(read_oracle(args.out_dir), {'force': True})
-      oracle = generate(args.kind, args.out_dir, args.train_rows, args.eval_rows, args.seed,
-                        model, args.gzip)
-  else:
-    oracle = ensure_planted_data(args.out_dir, args.kind, args.train_rows, args.eval_rows,
-                                 args.seed, gzip_files=args.gzip, planted=model)
+  oracle = ensure_planted_data(args.out_dir, args.kind, args.train_rows, args.eval_rows,
+                               args.seed, gzip_files=args.gzip, planted=model, force=args.force)
   summary = {k: oracle[k] for k in sorted(oracle) if k.endswith(('auc', 'logloss', 'ctr', 'rows',
                                                                   'path', 'reused'))}
   print(json.dumps(summary, indent=2))

@@ -1,6 +1,7 @@
 """Planted data: the exact ELM / Criteo file formats, determinism, the oracle, and reuse."""
 
 import collections
+import copy
 import dataclasses
 import json
 import math
@@ -269,6 +270,15 @@ def test_data_a_run_reads_are_not_rewritten_for_a_run_asking_for_others(tmp_path
   held.close()  # the run ended
   assert datagen.ensure_planted_data(*args, 6, planted=SMALL)['seed'] == 6
   assert first['seed'] == 5
+  # A writer's lock left held (kept alive by a failed --force's traceback) is an error, not a
+  # wait that holds the directory's writer lock for every other run.
+  leftover = datagen.ReadersLock.open(directory)
+  leftover.for_writing('a test')
+  with pytest.raises(datagen.PlantedDataInUse, match='another process is rewriting'):
+    datagen.ensure_planted_data(*args, 6, planted=SMALL)
+  assert copy.deepcopy(leftover) is leftover  # a copy would close the original's descriptor
+  leftover.close()
+  assert datagen.ensure_planted_data(*args, 6, planted=SMALL)['reused']
 
 
 def test_interrupted_generation_is_never_reused(tmp_path, monkeypatch):
@@ -315,7 +325,7 @@ def test_a_second_writer_waits_and_then_reuses_the_data(tmp_path):
   assert second.returncode == 0, log.read_text()
   assert json.loads(out.splitlines()[-1]) == {'reused': True}
   assert os.stat(first['train_path']).st_ino == inode  # not written again
-  # Without the lock file of a lock: the directory holds the data and datagen's files only.
+  # The writer lock is the directory's own flock (no file); the readers lock has its file.
   assert sorted(os.listdir(directory)) == ['.planted', '.readers.lock', 'eval.csv',
                                            'oracle.json', 'train.csv']
 
