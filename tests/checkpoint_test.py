@@ -1289,22 +1289,28 @@ def test_an_evaluator_takes_the_newer_step_when_its_step_is_deleted(tmp_path):
   np.testing.assert_array_equal(np.asarray(restored['w']), np.ones(4))
 
 
-def test_summaries_up_to_a_checkpoint_are_on_disk_with_it(tmp_path, monkeypatch):
-  # TensorBoard's writer flushed every 10 s: a kill lost the losses logged before the newest
-  # checkpoint for good (the resumed run logs only the steps after it).
+def _summaries_on_disk_at_saves(tmp_path, monkeypatch, tag, **overrides):
+  """{step: the steps of `tag` on disk as that step's checkpoint is saved}: what a kill at that
+  save would leave."""
   from dlrm_jax import metric_writer  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   on_disk = {}
   save = checkpoints.save
 
   def save_and_look(manager, step, state):
-    # What a kill at this save would leave: the summaries written so far.
-    on_disk[step] = list(metric_writer.read_scalars(workdir, 'train_loss')[0])
+    on_disk[step] = list(metric_writer.read_scalars(workdir, tag)[0])
     return save(manager, step, state)
 
   monkeypatch.setattr(checkpoints, 'save', save_and_look)
-  train.train_and_evaluate(_config(tmp_path, steps=15, save_steps=5, log_every_steps=1,
-                                   no_eval=True), workdir)
+  train.train_and_evaluate(_config(tmp_path, save_steps=5, **overrides), workdir)
+  return on_disk
+
+
+def test_summaries_up_to_a_checkpoint_are_on_disk_with_it(tmp_path, monkeypatch):
+  # TensorBoard's writer flushed every 10 s: a kill lost the losses logged before the newest
+  # checkpoint for good (the resumed run logs only the steps after it).
+  on_disk = _summaries_on_disk_at_saves(tmp_path, monkeypatch, 'train_loss', steps=15,
+                                        log_every_steps=1, no_eval=True)
   assert sorted(on_disk) == [5, 10, 15]
   # At least those: the writer also flushes every 10 s, which a slow machine reaches mid-run.
   assert set(range(1, 6)) <= set(on_disk[10]) and set(range(1, 11)) <= set(on_disk[15]), on_disk
@@ -1314,16 +1320,6 @@ def test_an_evaluation_during_training_is_on_disk_before_the_next_checkpoint(tmp
                                                                             monkeypatch):
   # Step 5's evaluation comes after step 5's save: the resume from that save does not evaluate
   # step 5 again, so a kill before the next flush lost its figures for good.
-  from dlrm_jax import metric_writer  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path / 'run')
-  on_disk = {}
-  save = checkpoints.save
-
-  def save_and_look(manager, step, state):
-    on_disk[step] = list(metric_writer.read_scalars(workdir, 'eval_auc')[0])
-    return save(manager, step, state)
-
-  monkeypatch.setattr(checkpoints, 'save', save_and_look)
-  train.train_and_evaluate(_config(tmp_path, steps=10, save_steps=5, eval_every_steps=5,
-                                   no_eval=False), workdir)
+  on_disk = _summaries_on_disk_at_saves(tmp_path, monkeypatch, 'eval_auc', steps=10,
+                                        eval_every_steps=5, no_eval=False)
   assert on_disk[10] == [5], on_disk
