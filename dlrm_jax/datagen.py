@@ -1318,10 +1318,9 @@ def writer_lock(out_dir: str) -> Iterator[None]:
   try:
     yield
   except BaseException:
-    if created and os.path.isdir(out_dir) and set(os.listdir(out_dir)) <= {READERS_LOCK}:
+    # (ensure_and_hold removes a readers lock file it made before it gets here)
+    if created and os.path.isdir(out_dir) and not os.listdir(out_dir):
       with contextlib.suppress(OSError):  # another writer's now: this error is still the one
-        if os.path.exists(os.path.join(out_dir, READERS_LOCK)):
-          os.remove(os.path.join(out_dir, READERS_LOCK))
         os.rmdir(out_dir)
     raise
   finally:
