@@ -8,6 +8,7 @@ complete one; `restore_latest` only ever sees complete steps.
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import signal
@@ -230,8 +231,30 @@ class RunDirectoryInUse(RuntimeError):
   """Another training run holds the run directory's lock."""
 
 
+def make_new_directory(path: str) -> str:
+  """Creates `path`, or else the first of `path`-1, `path`-2... that does not exist; its name.
+
+  The default run directory is named by the second: a second run started in the same second
+  (a sweep's jobs launched together) found the first one's directory and stopped at its lock.
+  mkdir creates a name for one caller only, so each run gets a directory of its own.
+  """
+  parent = os.path.dirname(path)
+  try:
+    if parent:
+      os.makedirs(parent, exist_ok=True)
+    for n in itertools.count():
+      name = f'{path}-{n}' if n else path
+      try:
+        os.mkdir(name)
+        return name
+      except FileExistsError:
+        continue
+  except OSError as e:
+    raise OSError(f'run directory {path} is not writable: {e}') from e
+
+
 @contextlib.contextmanager
-def training_lock(workdir: str) -> Iterator[None]:
+def training_lock(workdir: str, made: bool = False) -> Iterator[None]:
   """Holds `workdir/.train.lock` while a training run writes into `workdir`.
 
   Two runs started on one directory (the same --config.checkpoint twice) would save the same
@@ -239,12 +262,14 @@ def training_lock(workdir: str) -> Iterator[None]:
   stops at once instead. flock is released by the kernel when the process ends, so a crashed or
   killed run leaves no stale lock. Evaluation and prediction only read, and take no lock: an
   evaluator may follow a run that is still training. In a multi-process run process 0 holds it.
+  A run that fails before writing anything removes the directory if it made it (`made`: the
+  caller did, for this run).
   """
   if jax.process_index() != 0:
     yield
     return
   path = os.path.join(workdir, '.train.lock')
-  created = not os.path.isdir(workdir)
+  created = made or not os.path.isdir(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     lock = open(path, 'a+')  # pylint: disable=consider-using-with

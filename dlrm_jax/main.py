@@ -3,7 +3,8 @@
   python -m dlrm_jax.main --config=configs/default.py [--config.interaction_op=dot ...]
 
 The run directory is --workdir if given, else the config's `checkpoint`, else
-`output_dir/model_DLRM_<timestamp>`, as in the reference.
+`output_dir/model_DLRM_<timestamp>` as in the reference (with -1, -2... for a second training
+run started in the same second).
 """
 
 import logging as std_logging
@@ -37,7 +38,8 @@ def main(argv):
   # Nothing here may touch JAX: train_and_evaluate first sets what only takes effect before the
   # backend starts (CPU dispatch, joining a multi-process run).
   data_sources.expand_home(FLAGS.config)
-  workdir = os.path.expanduser(FLAGS.workdir or '') or train.resolve_workdir(FLAGS.config)
+  # Without --workdir, train_and_evaluate names the run directory (train.resolve_workdir).
+  workdir = os.path.expanduser(FLAGS.workdir) if FLAGS.workdir else None
   train.train_and_evaluate(FLAGS.config, workdir)
 
 

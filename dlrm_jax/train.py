@@ -679,7 +679,11 @@ _MAX_WORKDIR_BYTES = 4096
 
 
 def resolve_workdir(config) -> str:
-  """The run directory as the reference names it: `checkpoint`, else output_dir/model_DLRM_<ts>."""
+  """The run directory as the reference names it: `checkpoint`, else output_dir/model_DLRM_<ts>.
+
+  A new training run takes the first of model_DLRM_<ts>, <ts>-1, <ts>-2... that it can create
+  (checkpoints.make_new_directory), so runs started in the same second each get their own.
+  """
   if config.checkpoint:
     return config.checkpoint
   return os.path.join(config.output_dir, 'model_DLRM_' + time.strftime('%Y%m%d-%H%M%S'))
@@ -1056,12 +1060,16 @@ def check_predict_output(input_path: str, output_path: str) -> None:
                           'directory')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: Optional[str] = None) -> Dict[str, Any]:
   """Runs `config.mode`: train (then evaluate), eval of the newest checkpoint, or predict.
 
-  Training resumes from the newest checkpoint in `workdir`, continuing the same data order.
+  Training resumes from the newest checkpoint in `workdir`. Without one, the run directory is
+  the config's `checkpoint`, else a new output_dir/model_DLRM_<timestamp> (resolve_workdir).
   """
   check_config(config)
+  new_run = not workdir and not config.checkpoint
+  workdir = workdir or resolve_workdir(config)
   check_run_directory(workdir)
   set_cpu_dispatch(config)
   initialize_distributed(config)
@@ -1081,6 +1089,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     count = predict(setup, state, config, config.predict_input, output)
     logging.info('wrote %d probabilities to %s', count, output)
     return {'predictions': count, 'predict_output': output}
+  made = new_run and config.mode == 'train' and jax.process_index() == 0
+  if made:
+    workdir = checkpoints.make_new_directory(workdir)
   workdir = agree_on_workdir(workdir)
   if config.mode == 'eval':
     # The checkpoint first: a mistyped run directory fails before the data are generated or
@@ -1103,7 +1114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       except OSError as e:  # a run evaluated where it cannot be written (a read-only mount)
         logging.warning('eval_results.json not written (%s): the figures are the ones above', e)
     return results
-  with checkpoints.training_lock(workdir):
+  with checkpoints.training_lock(workdir, made=made):
     try:
       return run_training(setup, config, workdir)
     except checkpoints.Preempted as stop:

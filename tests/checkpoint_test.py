@@ -1275,6 +1275,23 @@ def test_a_run_that_fails_before_writing_leaves_no_new_directory(tmp_path):
   assert os.listdir(workdir) == ['.train.lock']
 
 
+def test_runs_started_in_the_same_second_get_a_run_directory_each(tmp_path, monkeypatch):
+  # The default run directory is named by the second. A second run in the same second (a
+  # sweep's jobs launched together) stopped at the first one's lock, or, once the first had
+  # ended, took its checkpoint as its own and trained nothing.
+  monkeypatch.setattr(train.time, 'strftime', lambda fmt, *t: '20260101-000000')
+  config = _config(tmp_path, steps=3, save_steps=0, no_eval=True)
+  first, second = (train.train_and_evaluate(config) for _ in range(2))
+  assert first['checkpoint_saves'] == second['checkpoint_saves'] == 1
+  runs = lambda: sorted(glob.glob(str(tmp_path / 'out' / 'model_DLRM_*')))
+  assert [os.path.basename(r) for r in runs()] == ['model_DLRM_20260101-000000',
+                                                   'model_DLRM_20260101-000000-1']
+  # One that fails before writing anything removes the directory it made.
+  with pytest.raises(FileNotFoundError, match='no_data'):
+    train.train_and_evaluate(_config(tmp_path, data_location=str(tmp_path / 'no_data')))
+  assert len(runs()) == 2
+
+
 def test_an_evaluator_takes_the_newer_step_when_its_step_is_deleted(tmp_path):
   workdir = str(tmp_path / 'run')
   config = th.tiny_config(tmp_path / 'out', async_checkpointing=False, keep_checkpoint_max=1)
