@@ -10,6 +10,7 @@ import errno
 import fcntl
 import itertools
 import json
+import logging as std_logging
 import os
 import signal
 import threading
@@ -229,6 +230,20 @@ def finished_on_failure(manager: ocp.CheckpointManager) -> Iterator[None]:
 
 class RunDirectoryInUse(RuntimeError):
   """Another training run holds the run directory's lock."""
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Passes orbax's warnings and errors, not its INFO lines (several a save)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+
+
+def quiet_orbax_info() -> None:
+  """Keeps orbax's per-save INFO chatter out of absl's log (once per process)."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
+    handler.addFilter(_QuietOrbax())
 
 
 def make_new_directory(path: str) -> str:

@@ -7,14 +7,13 @@ The run directory is --workdir if given, else the config's `checkpoint`, else
 run started in the same second).
 """
 
-import logging as std_logging
 import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from dlrm_jax import checkpoints
 from dlrm_jax import data_sources
 from dlrm_jax import train
 
@@ -24,17 +23,10 @@ config_flags.DEFINE_config_file('config', None, 'Training configuration file.', 
 flags.mark_flags_as_required(['config'])
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the run's log; its warnings still pass."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  checkpoints.quiet_orbax_info()
   # Nothing here may touch JAX: train_and_evaluate first sets what only takes effect before the
   # backend starts (CPU dispatch, joining a multi-process run).
   data_sources.expand_home(FLAGS.config)

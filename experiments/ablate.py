@@ -504,6 +504,8 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from dlrm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  checkpoints.quiet_orbax_info()
   grid = parse_grid(FLAGS.grid, FLAGS.config)
   seeds = [int(s) for s in FLAGS.seeds]
   title = os.path.basename(os.path.normpath(FLAGS.out_dir))

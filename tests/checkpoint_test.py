@@ -1292,6 +1292,23 @@ def test_runs_started_in_the_same_second_get_a_run_directory_each(tmp_path, monk
   assert len(runs()) == 2
 
 
+def test_quiet_orbax_info_drops_only_orbax_info_lines_and_is_added_once():
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  handler = absl_logging.get_absl_handler()
+  before = list(handler.filters)
+  try:
+    checkpoints.quiet_orbax_info()
+    checkpoints.quiet_orbax_info()  # main() and ablate may both call it in one process
+    (added,) = [f for f in handler.filters if f not in before]
+    record = lambda level, path: logging.LogRecord('absl', level, path, 1, 'm', (), None)
+    orbax_file = '/site-packages/orbax/checkpoint/checkpoint_manager.py'
+    assert not added.filter(record(logging.INFO, orbax_file))
+    assert added.filter(record(logging.WARNING, orbax_file))
+    assert added.filter(record(logging.INFO, '/work/dlrm_jax/train.py'))
+  finally:
+    handler.filters[:] = before
+
+
 def test_an_evaluator_takes_the_newer_step_when_its_step_is_deleted(tmp_path):
   workdir = str(tmp_path / 'run')
   config = th.tiny_config(tmp_path / 'out', async_checkpointing=False, keep_checkpoint_max=1)
