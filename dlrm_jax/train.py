@@ -142,8 +142,7 @@ def check_config(config) -> None:
        'positive row counts (or empty: hash_buckets each)')
   need('num_workers', number('num_workers', lambda v: v >= -1),
        '-1 (one per core) or 0 or more')
-  # Seeds initialisation (jax.random.PRNGKey) and the shuffle (numpy's generators), as TF's
-  # int64 seed.
+  # Seeds initialisation (init_key) and the shuffle (numpy's generators), as TF's int64 seed.
   need('seed', number('seed', lambda v: 0 <= v < 2**63), 'an integer in [0, 2**63)')
   mesh = tuple(config.mesh_shape)
   need('mesh_shape', len(mesh) == 2 and (mesh[0] == -1 or mesh[0] > 0) and mesh[1] > 0,
@@ -297,6 +296,17 @@ def abstract_train_state(setup: Setup) -> TrainState:
   abstract = jax.eval_shape(functools.partial(_init_state, setup), jax.random.PRNGKey(0))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract, state_shardings(abstract, setup.mesh))
+
+
+def init_key(seed: int) -> jax.Array:
+  """The initialisation's key from every bit of `seed` (check_config takes up to 2**63).
+
+  jax.random.PRNGKey keeps the low 32 bits (in JAX's default 32-bit mode), so seeds 2**32 apart
+  started from the same weights while their shuffles (numpy, all 64 bits) differed. Seeds below
+  2**32 keep the key they always had.
+  """
+  key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+  return jax.random.fold_in(key, seed >> 32) if seed >> 32 else key
 
 
 def create_train_state(rng: jax.Array, setup: Setup) -> TrainState:
@@ -1200,7 +1210,7 @@ def _run_training(setup: Setup, config, workdir: str,
       raise ValueError(f'the checkpoint at step {start_step} in {manager.directory} holds a state '
                        f'of step {int(state.step)}: it was not written by this trainer')
   else:
-    state = create_train_state(jax.random.PRNGKey(config.seed), setup)
+    state = create_train_state(init_key(config.seed), setup)
 
   if start_step >= num_steps:
     # As TF's Estimator: a run asked for fewer steps than its checkpoint holds trains none.

@@ -472,7 +472,7 @@ class JaxRunner:
     # Compiled before the state, as the step is: the heap its compiles free is handed back
     # (create_train_state trims) before the tables are allocated, not left beside them.
     self.ceiling = MatmulCeiling(config.batch_size)
-    self.state = train.create_train_state(jax.random.PRNGKey(config.seed), setup)
+    self.state = train.create_train_state(train.init_key(config.seed), setup)
     self.sources = {}
     if 'step' in self.kinds:
       self.sources['step'] = _cycle([jax.device_put(b) for b in
