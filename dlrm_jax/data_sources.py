@@ -186,11 +186,18 @@ def _planted_data(config, spec: fs.FeatureSpec, directory: str) -> Tuple[Dict[st
   import jax  # pylint: disable=g-import-not-at-top
   if not (jax.distributed.is_initialized() and jax.process_count() > 1):
     return ensure()
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  first = jax.process_index() == 0
-  written = ensure() if first else None
-  multihost_utils.sync_global_devices(f'planted data in {directory}')
-  return written if first else ensure()
+  first, nothing = jax.process_index() == 0, lambda: None
+  # Agreements in the place of a barrier: process 0's error (PlantedDataInUse, a full disk)
+  # stops the others where they waited for it, and theirs stop process 0 before its first
+  # collective on the data.
+  written = agreeing(f'writing the planted data in {directory}', ensure if first else nothing)
+  try:
+    mine = agreeing(f'reading the planted data in {directory}', nothing if first else ensure)
+  except BaseException:
+    if written is not None and written[1] is not None:
+      written[1].close()
+    raise
+  return written if first else mine
 
 
 def _evaluates_planted_eval_file(config, spec: fs.FeatureSpec, directory: str,
@@ -246,10 +253,13 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True, need_train_file
                        directory=directory, readers=held)
     planted = not config.data_location
     parts = int(config.split_parts)
-    train_files = ()
+    train_files = eval_files = ()
     if need_train_files or train or parts:
-      train_files = _find(directory, config.train_files, spec.name, train_name,
-                          planted)
+      train_files = agreeing('finding the train files', _find, directory, config.train_files,
+                             spec.name, train_name, planted)
+    if not parts and (not config.no_eval or config.mode == 'eval'):  # eval mode evaluates
+      eval_files = agreeing('finding the eval files', _find, directory, config.eval_files,
+                            spec.name, eval_name, planted)
     if parts:
       eval_parts = int(config.eval_parts)
       if not 0 < eval_parts < parts:
@@ -259,9 +269,7 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True, need_train_file
     else:
       train_sources = tuple(Source(p) for p in train_files)
       eval_sources = ()
-      if not config.no_eval or config.mode == 'eval':  # eval mode evaluates
-        eval_sources = tuple(Source(p) for p in _find(
-            directory, config.eval_files, spec.name, eval_name, planted))
+      eval_sources = tuple(Source(p) for p in eval_files)
     train_rows = 0
     if train:
       train_rows = sum(source_lines(config, spec, train_sources, process_index, process_count))
@@ -347,25 +355,55 @@ def _open_caches(config, spec, sources, stats, process_index, process_count):
   return opened
 
 
-def fail_together(error: Optional[BaseException], what: str) -> None:
-  """Raises `error` here and a DataError on every other process of a multi-process run.
+def fail_together(error: Optional[BaseException], what: str,
+                  error_type: type = None) -> None:
+  """Raises `error` here and an `error_type` (a DataError by default) on every other process of
+  a multi-process run, naming the processes that failed and the first one's error.
 
   A bad row is often in one process's share only: that process would raise and wait in JAX's
   shutdown barrier while the others waited in their next collective, both for minutes, and the
   others' logs would only say that the barrier failed. Every process calls this at the same
-  point, error or not. Without jax.distributed (processes simulated in one interpreter) it
-  raises `error` alone.
+  point, error or not: it is one collective (each process's error text, at most
+  _ERROR_BYTES bytes, gathered). Without jax.distributed (processes simulated in one
+  interpreter) it raises `error` alone.
   """
   import jax  # pylint: disable=g-import-not-at-top
   if jax.distributed.is_initialized() and jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).ravel()
-    if failed.any() and error is None:
-      raise input_pipeline.DataError(
-          f'{what} failed on process {", ".join(map(str, np.flatnonzero(failed)))}: its log '
-          'says why')
+    local = np.zeros(1 + _ERROR_BYTES, np.uint8)  # [0]: failed; then the error's text
+    if error is not None:
+      text = f'{type(error).__name__}: {error}'.encode('utf-8', 'replace')[:_ERROR_BYTES]
+      local[0], local[1:1 + len(text)] = 1, np.frombuffer(text, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+    failed = np.flatnonzero(every[:, 0])
+    if failed.size and error is None:
+      first = bytes(every[failed[0], 1:]).rstrip(b'\0').decode('utf-8', 'ignore')
+      raise (error_type or input_pipeline.DataError)(
+          f'{what} failed on process {", ".join(map(str, failed))}: its log says why '
+          f'(process {failed[0]}: {first})')
   if error is not None:
     raise error
+
+
+_ERROR_BYTES = 1024
+
+
+class OtherProcessFailed(RuntimeError):
+  """Another process of a multi-process run failed at a step every process takes together."""
+
+
+def agreeing(what: str, fun, *args, **kwargs):
+  """fun(*args, **kwargs), failing on every process of a multi-process run when it fails on
+  any: for a step that one process can fail alone (its files, disk, locks) before a collective
+  the others would wait in for JAX's shutdown timeout (5 minutes). Every process calls it at
+  the same point."""
+  error = result = None
+  try:
+    result = fun(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    error = e
+  fail_together(error, what, OtherProcessFailed)
+  return result
 
 
 def _on_every_process(flags: List[bool]) -> List[bool]:

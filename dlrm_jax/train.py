@@ -1080,9 +1080,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   check_config(config)
   new_run = not workdir and not config.checkpoint
   workdir = workdir or resolve_workdir(config)
-  check_run_directory(workdir)
   set_cpu_dispatch(config)
   initialize_distributed(config)
+  # After joining: a process refusing alone (its file system's links) stops the others too.
+  data_sources.agreeing('checking the run directory', check_run_directory, workdir)
   warn_if_bf16_is_emulated(config)
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
@@ -1124,7 +1125,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       except OSError as e:  # a run evaluated where it cannot be written (a read-only mount)
         logging.warning('eval_results.json not written (%s): the figures are the ones above', e)
     return results
-  with checkpoints.training_lock(workdir, made=made):
+  with contextlib.ExitStack() as locked:
+    # Process 0 alone takes the lock: refused (RunDirectoryInUse), it stops the others here, not
+    # in their first collective after JAX's 5-minute shutdown timeout.
+    data_sources.agreeing("taking the run directory's lock", locked.enter_context,
+                          checkpoints.training_lock(workdir, made=made))
     try:
       return run_training(setup, config, workdir)
     except checkpoints.Preempted as stop:
@@ -1170,16 +1175,23 @@ def _run_training(setup: Setup, config, workdir: str,
       checkpoints.refuse(manager, changed, config, workdir)
   data = closing.enter_context(contextlib.closing(data_sources.resolve(config, setup.spec)))
   num_steps = steps_for(config, data.train_rows)
-  check_writable(workdir, abstract, config, num_steps)
+  # Each process checks its own disk; before the checkpoint manager's barrier.
+  data_sources.agreeing('checking the run directory', check_writable, workdir, abstract, config,
+                        num_steps)
   if manager is None:
     manager = closing.enter_context(contextlib.closing(
         checkpoints.make_manager(workdir, config, training=True)))
   if start_step:
     warn_if_data_order_changes(config, workdir, start_step)
-  writer = closing.enter_context(contextlib.closing(
-      metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0,
-                                 start_step=start_step)))
-  writer.write_config(config)
+
+  def open_writer():  # process 0 writes: its disk, before the first collective on the state
+    opened = closing.enter_context(contextlib.closing(
+        metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0,
+                                   start_step=start_step)))
+    opened.write_config(config)
+    return opened
+
+  writer = data_sources.agreeing("writing the run's config", open_writer)
   stats = input_pipeline.ParseStats()
 
   step_fn = compile_train_step(setup, abstract, options['op_fusion'])

@@ -267,6 +267,26 @@ def test_bad_rows_in_one_processs_share_stop_both_or_are_counted_over_both(tmp_p
   assert results['parse_stats']['bad_row_examples'][-1].startswith('and bad rows on process 1')
 
 
+@pytest.mark.slow
+def test_a_refusal_on_one_process_before_training_stops_every_process_at_once(tmp_path):
+  # Process 0 alone takes the run directory's lock and checks export_dir. Refused, it waited in
+  # JAX's 5-minute shutdown barrier while process 1 waited in its next collective, and then
+  # both aborted with "Shutdown barrier has failed"; now both stop, process 1 naming the error.
+  with checkpoints.training_lock(str(tmp_path / 'run')):
+    codes, logs = _two_processes(tmp_path, 'locked', 3, timeout=150)
+  assert codes[0] != 0 and codes[1] != 0, codes
+  assert 'RunDirectoryInUse' in logs[0], logs[0][-3000:]
+  assert ("taking the run directory's lock failed on process 0: its log says why (process 0: "
+          'RunDirectoryInUse: run directory') in logs[1], logs[1][-3000:]
+  not_a_directory = tmp_path / 'export_is_a_file'
+  not_a_directory.write_text('')
+  codes, logs = _two_processes(tmp_path, 'export', 3, f'--config.export_dir={not_a_directory}',
+                               timeout=150)
+  assert codes[0] != 0 and codes[1] != 0, codes
+  assert ('checking the run directory failed on process 0: its log says why (process 0: '
+          f'ValueError: export_dir {not_a_directory} is a file') in logs[1], logs[1][-3000:]
+
+
 EXPORT_FAILS_ON_PROCESS_0 = r"""
 import runpy, sys
 import jax
