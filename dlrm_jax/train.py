@@ -748,6 +748,11 @@ def check_run_directory(workdir: str) -> None:
     raise ValueError(f"run directory {workdir}: its '..' follows a symbolic link, so it is "
                      f'{as_opened} to the file system but {as_text} to the checkpoints; name '
                      "either without the '..'")
+  if os.path.islink(as_text) and not os.path.exists(as_text):
+    # Training failed in makedirs with a bare "[Errno 17] File exists".
+    raise FileNotFoundError(f'run directory {workdir} is a symbolic link to '
+                            f'{os.readlink(as_text)}, which does not exist: create that '
+                            'directory, or name another run directory')
 
 
 def _probe_writable(directory: str, what: str) -> None:

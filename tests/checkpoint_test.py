@@ -1065,6 +1065,14 @@ def test_run_directories_orbax_cannot_use_are_refused_before_anything(tmp_path, 
     train.train_and_evaluate(_config(tmp_path), split)
   assert not os.path.exists(tmp_path / 'real' / 'run')
   assert not os.path.exists(tmp_path / 'cwd' / 'run')
+  # A link whose target is missing (an unmounted disk, a deleted run) is named as such.
+  (tmp_path / 'dangling').symlink_to(tmp_path / 'gone')
+  for mode in ('train', 'eval'):
+    with pytest.raises(FileNotFoundError, match=re.escape(
+        f"run directory {tmp_path / 'dangling'} is a symbolic link to {tmp_path / 'gone'}, "
+        'which does not exist')):
+      train.train_and_evaluate(_config(tmp_path, mode=mode), str(tmp_path / 'dangling'))
+  assert not os.path.lexists(tmp_path / 'gone')
 
 
 def _bad_row_after(tmp_path, name, good_rows=9000):
