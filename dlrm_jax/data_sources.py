@@ -187,17 +187,22 @@ def _planted_data(config, spec: fs.FeatureSpec, directory: str) -> Tuple[Dict[st
   if not (jax.distributed.is_initialized() and jax.process_count() > 1):
     return ensure()
   first, nothing = jax.process_index() == 0, lambda: None
+  held = []  # (oracle, readers lock) once ensure() has run here
+
+  def ensure_here():
+    held.append(ensure())
   # Agreements in the place of a barrier: process 0's error (PlantedDataInUse, a full disk)
   # stops the others where they waited for it, and theirs stop process 0 before its first
   # collective on the data.
-  written = agreeing(f'writing the planted data in {directory}', ensure if first else nothing)
   try:
-    mine = agreeing(f'reading the planted data in {directory}', nothing if first else ensure)
+    agreeing(f'writing the planted data in {directory}', ensure_here if first else nothing)
+    agreeing(f'reading the planted data in {directory}', nothing if first else ensure_here)
   except BaseException:
-    if written is not None and written[1] is not None:
-      written[1].close()
+    for _, readers in held:  # another process failed: the readers lock is not kept open
+      if readers is not None:
+        readers.close()
     raise
-  return written if first else mine
+  return held[0]
 
 
 def _evaluates_planted_eval_file(config, spec: fs.FeatureSpec, directory: str,
@@ -268,7 +273,6 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True, need_train_file
       eval_sources = tuple(Source(p, (parts - eval_parts, parts, parts)) for p in train_files)
     else:
       train_sources = tuple(Source(p) for p in train_files)
-      eval_sources = ()
       eval_sources = tuple(Source(p) for p in eval_files)
     train_rows = 0
     if train:
@@ -356,7 +360,7 @@ def _open_caches(config, spec, sources, stats, process_index, process_count):
 
 
 def fail_together(error: Optional[BaseException], what: str,
-                  error_type: type = None) -> None:
+                  error_type: Optional[type] = None) -> None:
   """Raises `error` here and an `error_type` (a DataError by default) on every other process of
   a multi-process run, naming the processes that failed and the first one's error.
 
@@ -400,8 +404,8 @@ def agreeing(what: str, fun, *args, **kwargs):
   error = result = None
   try:
     result = fun(*args, **kwargs)
-  except Exception as e:  # pylint: disable=broad-except
-    error = e
+  except BaseException as e:  # pylint: disable=broad-except
+    error = e  # a Ctrl-C too: the others would wait for this process in the gather
   fail_together(error, what, OtherProcessFailed)
   return result
 

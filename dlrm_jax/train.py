@@ -689,11 +689,9 @@ _MAX_WORKDIR_BYTES = 4096
 
 
 def resolve_workdir(config) -> str:
-  """The run directory as the reference names it: `checkpoint`, else output_dir/model_DLRM_<ts>.
-
-  A new training run takes the first of model_DLRM_<ts>, <ts>-1, <ts>-2... that it can create
-  (checkpoints.make_new_directory), so runs started in the same second each get their own.
-  """
+  """The run directory as the reference names it: `checkpoint`, else output_dir/model_DLRM_<ts>
+  (train_and_evaluate then makes a new training run's, as <ts>-1, <ts>-2... where that is
+  taken: checkpoints.make_new_directory)."""
   if config.checkpoint:
     return config.checkpoint
   return os.path.join(config.output_dir, 'model_DLRM_' + time.strftime('%Y%m%d-%H%M%S'))
@@ -1105,9 +1103,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     count = predict(setup, state, config, config.predict_input, output)
     logging.info('wrote %d probabilities to %s', count, output)
     return {'predictions': count, 'predict_output': output}
-  made = new_run and config.mode == 'train' and jax.process_index() == 0
-  if made:
-    workdir = checkpoints.make_new_directory(workdir)
+  made = new_run and config.mode == 'train'
+  if made:  # process 0 names the directory (agree_on_workdir); a refusal stops every process
+    workdir = data_sources.agreeing(
+        'making the run directory',
+        checkpoints.make_new_directory if jax.process_index() == 0 else os.fspath, workdir)
   workdir = agree_on_workdir(workdir)
   if config.mode == 'eval':
     # The checkpoint first: a mistyped run directory fails before the data are generated or
@@ -1181,8 +1181,8 @@ def _run_training(setup: Setup, config, workdir: str,
   data = closing.enter_context(contextlib.closing(data_sources.resolve(config, setup.spec)))
   num_steps = steps_for(config, data.train_rows)
   # Each process checks its own disk; before the checkpoint manager's barrier.
-  data_sources.agreeing('checking the run directory', check_writable, workdir, abstract, config,
-                        num_steps)
+  data_sources.agreeing('checking the run directory and export_dir', check_writable, workdir,
+                        abstract, config, num_steps)
   if manager is None:
     manager = closing.enter_context(contextlib.closing(
         checkpoints.make_manager(workdir, config, training=True)))

@@ -440,3 +440,63 @@ def test_a_table_of_no_rows_is_refused_by_the_spec():
     feature_spec.elm_spec(hash_buckets=0)
   with pytest.raises(ValueError, match="table 'C26' has -1 rows"):
     feature_spec.criteo_spec((8,) * 25 + (-1,))
+
+
+def _as_process(monkeypatch, index, count, failed_at_call):
+  """This interpreter as process `index` of `count` of a multi-process run, whose gathers see
+  the others' rows from `failed_at_call`: {gather number: {process: its error text}}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def gather(local):
+    failures = failed_at_call.get(len(calls), {})
+    calls.append(local)
+    rows = []
+    for p in range(count):
+      row = local if p == index else np.zeros_like(local)
+      if p in failures:
+        text = failures[p][:len(local) - 1]
+        row[0], row[1:1 + len(text)] = 1, np.frombuffer(text, np.uint8)
+      rows.append(row)
+    return np.stack(rows)
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
+  monkeypatch.setattr(jax, 'process_count', lambda: count)
+  monkeypatch.setattr(jax, 'process_index', lambda: index)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', gather)
+  return calls
+
+
+def test_a_failure_on_another_process_is_raised_here_with_its_error_text(monkeypatch):
+  # The text is cut at a byte limit and may be any bytes: cut inside a character, or not UTF-8.
+  text = b'\xff\xfe FileNotFoundError: ' + 'é'.encode() * 600
+  _as_process(monkeypatch, 1, 3, {0: {2: text}, 1: {2: text}})
+  with pytest.raises(data_sources.OtherProcessFailed,
+                     match=r'^finding the files failed on process 2: its log says why '
+                           r'\(process 2: .* FileNotFoundError: (é)+\)$'):
+    data_sources.agreeing('finding the files', lambda: 'found')
+  with pytest.raises(input_pipeline.DataError, match='reading rows failed on process 2'):
+    data_sources.fail_together(None, 'reading rows')
+
+
+def test_a_failure_elsewhere_releases_this_processs_planted_data_readers_lock(tmp_path,
+                                                                              monkeypatch):
+  # Process 1 opens the planted data (taking the readers lock), then process 2 fails to: the
+  # run stops, and the lock must not stay held by the exception's frames.
+  from dlrm_jax import datagen  # pylint: disable=g-import-not-at-top
+  import train_helpers  # pylint: disable=g-import-not-at-top
+  config = train_helpers.tiny_config(tmp_path)
+  config.planted.update(train_rows=200, eval_rows=50)
+  directory = str(tmp_path / 'planted_elm')
+  calls = _as_process(monkeypatch, 1, 3, {1: {2: b'PlantedDataInUse: elsewhere'}})
+  # Kept, as a notebook keeps its last exception (and main prints it) with its frames.
+  with pytest.raises(data_sources.OtherProcessFailed,
+                     match='reading the planted data in') as raised:
+    data_sources._planted_data(config, feature_spec.from_config(config), directory)
+  assert len(calls) == 2  # process 0's write, then every other process's read
+  fd = os.open(os.path.join(directory, datagen.READERS_LOCK), os.O_RDWR)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a reader holds it
+  finally:
+    os.close(fd)
+  assert raised.value.__traceback__ is not None

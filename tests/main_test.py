@@ -283,7 +283,8 @@ def test_a_refusal_on_one_process_before_training_stops_every_process_at_once(tm
   codes, logs = _two_processes(tmp_path, 'export', 3, f'--config.export_dir={not_a_directory}',
                                timeout=150)
   assert codes[0] != 0 and codes[1] != 0, codes
-  assert ('checking the run directory failed on process 0: its log says why (process 0: '
+  assert ('checking the run directory and export_dir failed on process 0: its log says why '
+          '(process 0: '
           f'ValueError: export_dir {not_a_directory} is a file') in logs[1], logs[1][-3000:]
 
 

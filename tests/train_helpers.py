@@ -4,7 +4,6 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +53,7 @@ def planted_dir(tmp_root, train_rows=2000, eval_rows=500, seed=1):
 def step_losses(config, train_path, num_steps):
   """Per-step losses and the final state of `num_steps` steps in file order (no shuffle)."""
   setup = train.make_setup(config)
-  state = train.create_train_state(jax.random.PRNGKey(config.seed), setup)
+  state = train.create_train_state(train.init_key(config.seed), setup)
   step_fn = train.compile_train_step(setup, state, train.effective_options(config)['op_fusion'])
   host = input_pipeline.batches([train_path], setup.spec, config.batch_size, num_epochs=None)
   batches = train.step_batches(host, setup, smartstaged=False)

@@ -64,7 +64,7 @@ def _assert_states_close(a, b, rtol, atol):
 def _assert_batch_stats_moved(state, config):
   # Evaluation normalizes with these: a step that kept the initial ones (means 0, variances 1)
   # trained as before and evaluated far worse.
-  initial = train.create_train_state(jax.random.PRNGKey(config.seed), train.make_setup(config))
+  initial = train.create_train_state(train.init_key(config.seed), train.make_setup(config))
   for x, y in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(initial.batch_stats)):
     assert not np.allclose(np.asarray(x), np.asarray(y))
 
