@@ -253,7 +253,8 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True, need_train_file
     if config.tfds_data_dir:
       # The TFDS data set (prepared from `directory` if it is not yet) is the data.
       from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top
-      train_rows = tfds_builders.split_rows(config, spec, directory, 'train') if train else 0
+      train_rows = agreeing('preparing the TFDS data set', tfds_builders.split_rows, config,
+                            spec, directory, 'train') if train else 0
       return DataFiles(config.tfds_data_dir, config.tfds_data_dir, train_rows, oracle,
                        directory=directory, readers=held)
     planted = not config.data_location
@@ -294,11 +295,14 @@ def source_lines(config, spec: fs.FeatureSpec, sources: Sequence[Source],
   if config.use_cache:
     return [cache.manifest['lines'] for cache, _, _ in
             _open_caches(config, spec, sources, None, process_index, process_count)]
-  counts = []
-  for source in sources:
-    start, stop = source.line_range()
-    counts.append((stop if stop is not None else input_pipeline.count_rows(source.path)) - start)
-  return counts
+  def count():  # no collective inside: a file unreadable on one host stops every process
+    counts = []
+    for source in sources:
+      start, stop = source.line_range()
+      counts.append((stop if stop is not None else input_pipeline.count_rows(source.path))
+                    - start)
+    return counts
+  return agreeing('counting the rows', count)
 
 
 def parse_workers(config, paths: Sequence[str]) -> int:

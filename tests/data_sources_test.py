@@ -500,3 +500,17 @@ def test_a_failure_elsewhere_releases_this_processs_planted_data_readers_lock(tm
   finally:
     os.close(fd)
   assert raised.value.__traceback__ is not None
+
+
+def test_counting_rows_without_the_cache_is_agreed_over_the_processes(elm_dir, monkeypatch):
+  # Counted without a collective (use_cache=False), a file unreadable on one host alone left
+  # the others waiting in their next collective for JAX's 5-minute shutdown timeout.
+  config = config_for(elm_dir)
+  config.use_cache = False
+  sources = (data_sources.Source(str(elm_dir / 'train.csv')),)
+  _as_process(monkeypatch, 0, 2, {0: {1: b'PermissionError: [Errno 13] Permission denied'}})
+  with pytest.raises(data_sources.OtherProcessFailed,
+                     match=r'counting the rows failed on process 1: .*Permission denied'):
+    data_sources.source_lines(config, SPEC, sources, 0, 2)
+  _as_process(monkeypatch, 0, 2, {})
+  assert data_sources.source_lines(config, SPEC, sources, 0, 2) == [70]
