@@ -390,7 +390,11 @@ def main(argv):
   try:
     p = plan(FLAGS.config, FLAGS.devices, mesh)
   except ValueError as e:
-    sys.exit(f'error: {e}')
+    # The message names config fields; say which flags and settings they came from.
+    source = (f'--mesh={FLAGS.mesh}' if FLAGS.mesh else
+              f"the config's mesh_shape {tuple(FLAGS.config.mesh_shape)}: --mesh=DATA,MODEL "
+              'plans another')
+    sys.exit(f'error: {e} (--devices={FLAGS.devices}, {source})')
   print(describe(p, memory))
   best = largest_data_axis_that_fits(FLAGS.config, FLAGS.devices, memory)
   if best is None:

@@ -256,6 +256,14 @@ def test_command_prints_the_table_and_the_verdict():
       [sys.executable, '-m', 'dlrm_jax.planner', '--config=configs/criteo_1tb_mlperf.py',
        '--devices=8', '--mesh=3,3'], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and 'does not cover the 8 devices' in bad.stderr
+  assert '(--devices=8, --mesh=3,3)' in bad.stderr
+  # The config's own mesh does not fit one device: the error says where the mesh came from.
+  bad = subprocess.run(
+      [sys.executable, '-m', 'dlrm_jax.planner', '--config=configs/criteo_1tb_mlperf.py',
+       '--devices=1'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0
+  assert ("(--devices=1, the config's mesh_shape (-1, 8): --mesh=DATA,MODEL plans another)"
+          in bad.stderr), bad.stderr[-2000:]
   for memory in ('-1', 'nan', '0'):
     bad = subprocess.run(
         [sys.executable, '-m', 'dlrm_jax.planner', '--config=configs/criteo_1tb_mlperf.py',
