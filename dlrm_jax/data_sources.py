@@ -81,10 +81,6 @@ class DataFiles:
       self.readers.close()
 
 
-def _glob_in(directory: str, pattern: str) -> List[str]:
-  return glob.glob(os.path.join(glob.escape(directory), pattern))
-
-
 def match_files(directory: str, names: Sequence[str]) -> Tuple[List[str], List[str]]:
   """(files, missing paths) of file names or glob patterns inside `directory`: a name is the
   file, or the file with `.gz` added; a pattern is the files it matches, sorted."""
@@ -95,11 +91,14 @@ def match_files(directory: str, names: Sequence[str]) -> Tuple[List[str], List[s
       files.append(path)
     elif os.path.isfile(path + '.gz'):
       files.append(path + '.gz')
-    # Only the name is a pattern: a directory named like one ('data[1]') matched its siblings.
-    elif glob.has_magic(name) and any(os.path.isfile(p) for p in _glob_in(directory, name)):
-      files.extend(sorted(p for p in _glob_in(directory, name) if os.path.isfile(p)))
     else:
-      missing.append(path)
+      # Only the name is a pattern: a directory named like one ('data[1]') matched its siblings.
+      matched = sorted(p for p in glob.glob(os.path.join(glob.escape(directory), name))
+                       if os.path.isfile(p)) if glob.has_magic(name) else []
+      if matched:
+        files.extend(matched)
+      else:
+        missing.append(path)
   return files, missing
 
 

@@ -724,16 +724,6 @@ def state_bytes(state) -> int:
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
 
 
-def check_utf8_path(path: str, what: str) -> None:
-  """orbax's tensorstore takes only UTF-8 paths: another name failed at the first save, after
-  the training up to it."""
-  try:
-    path.encode('utf-8')
-  except UnicodeEncodeError as e:
-    raise ValueError(f'{what} {path!r} is not valid UTF-8 ({e.reason} at byte {e.start}): '
-                     'checkpoints cannot be written there; rename it') from None
-
-
 def check_run_directory(workdir: str) -> None:
   """Refuses a run directory that orbax cannot write to, or that is two directories: the
   checkpoint manager gets it absolute, normalized as text (checkpoints.make_manager), where the
@@ -741,7 +731,11 @@ def check_run_directory(workdir: str) -> None:
   results went one to each (a rerun started from step 0). Not resolved to one of them: in a
   multi-host run each host resolves links its own way. Each process checks its own name."""
   as_text, as_opened = os.path.abspath(workdir), os.path.realpath(workdir)
-  check_utf8_path(as_text, 'run directory')  # with the working directory a relative one is in
+  try:  # orbax's tensorstore takes only UTF-8 paths: another failed at the first save
+    as_text.encode('utf-8')  # with the working directory a relative one is in
+  except UnicodeEncodeError as e:
+    raise ValueError(f'run directory {as_text!r} is not valid UTF-8 ({e.reason} at byte '
+                     f'{e.start}): checkpoints cannot be written there; rename it') from None
   if os.path.realpath(as_text) != as_opened:
     raise ValueError(f"run directory {workdir}: its '..' follows a symbolic link, so it is "
                      f'{as_opened} to the file system but {as_text} to the checkpoints; name '
