@@ -4,7 +4,8 @@ r"""Memory planner: the bytes one device holds for a config on a ('data', 'model
       [--mesh=1,8] --device_memory_gb=80
 
 prints, per component, the bytes per device and over all devices, the total, and whether it fits
-(FITS / DOES NOT FIT, with the headroom), then the largest data axis that would fit. `plan()`
+(FITS / DOES NOT FIT, with the headroom), then the largest data axis that would fit; it exits
+with status 1 when the planned mesh does not fit, so that a launch script can check it. `plan()`
 returns the same numbers as a `Plan`. Nothing is allocated: shapes come from the spec and from
 `jax.eval_shape` of the real model and optimizer `init`s, so the numbers follow the code.
 
@@ -395,6 +396,7 @@ def main(argv):
               f"the config's mesh_shape {tuple(FLAGS.config.mesh_shape)}: --mesh=DATA,MODEL "
               'plans another')
     sys.exit(f'error: {e} (--devices={FLAGS.devices}, {source})')
+  train.log_overridden_settings(FLAGS.config)
   print(describe(p, memory))
   best = largest_data_axis_that_fits(FLAGS.config, FLAGS.devices, memory)
   if best is None:
@@ -402,6 +404,8 @@ def main(argv):
   else:
     print(f'Largest data axis that fits: --mesh={best.data},{best.model} '
           f'({format_bytes(best.per_device)} per device)')
+  if not p.fits(memory):
+    sys.exit(1)
 
 if __name__ == '__main__':
   # Flags are defined here, not on import, so that tests may import this module beside

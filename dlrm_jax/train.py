@@ -168,6 +168,14 @@ def check_config(config) -> None:
     need('predict_input', bool(config.predict_input), 'a file to score in mode=predict')
   if problems:
     raise ValueError('bad config: ' + '; '.join(problems))
+
+
+def log_overridden_settings(config) -> None:
+  """Names the settings that another one overrides; both used to be ignored without a word.
+
+  Apart from check_config so that the planner, which checks a config once per mesh it tries,
+  says this once.
+  """
   if config.split_parts and config.eval_files:
     logging.warning('config.eval_files=%r is not read: with split_parts=%d the eval rows are the '
                     'last eval_parts=%d parts of the train files', config.eval_files,
@@ -1075,6 +1083,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   the config's `checkpoint`, else a new output_dir/model_DLRM_<timestamp> (resolve_workdir).
   """
   check_config(config)
+  log_overridden_settings(config)
   new_run = not workdir and not config.checkpoint
   workdir = workdir or resolve_workdir(config)
   set_cpu_dispatch(config)

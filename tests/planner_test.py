@@ -252,6 +252,13 @@ def test_command_prints_the_table_and_the_verdict():
   out = result.stdout
   assert 'mesh (data=1, model=8)' in out and 'embedding tables' in out
   assert 'FITS: ' in out and 'DOES NOT FIT' not in out
+  # A mesh that does not fit prints its table and exits 1, for a launch script to check.
+  small = subprocess.run(
+      [sys.executable, '-m', 'dlrm_jax.planner', '--config=configs/criteo_1tb_mlperf.py',
+       '--devices=8', '--mesh=1,8', '--device_memory_gb=20'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert small.returncode == 1, small.stderr[-2000:]
+  assert 'DOES NOT FIT: ' in small.stdout and 'Largest data axis' not in small.stdout
   bad = subprocess.run(
       [sys.executable, '-m', 'dlrm_jax.planner', '--config=configs/criteo_1tb_mlperf.py',
        '--devices=8', '--mesh=3,3'], cwd=ROOT, capture_output=True, text=True, timeout=120)
