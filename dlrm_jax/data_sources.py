@@ -563,18 +563,30 @@ _PATH_FIELDS = ('data_location', 'cache_dir', 'tfds_data_dir', 'predict_input', 
                 'output_dir', 'checkpoint', 'export_dir')
 
 
-def expand_home(config) -> None:
-  """A command line's path settings with '~' as the home directory, as the shell would have."""
+def command_line_config(config):
+  """The --config flag's config, its path settings' '~' as the home directory, as the shell
+  would have expanded it.
+
+  ml_collections defers a config file's load error (a missing file, a typo in its path) to the
+  config's first use, where it came out as a traceback of whatever touched it first: here the
+  command exits with status 1 and the error alone.
+  """
+  try:
+    config.get('mode')
+  except OSError as e:
+    # Its first line names the module ml_collections loads it as ('config_config'), not the file.
+    attempts = str(e.__cause__ or e).split('\n', 1)[-1]
+    raise SystemExit(f'--config: cannot load the config file:\n{attempts}') from None
   for name in _PATH_FIELDS:
     if isinstance(config.get(name), str):
       config[name] = os.path.expanduser(config[name])
+  return config
 
 
 def _main(argv):
   del argv
   import json  # pylint: disable=g-import-not-at-top
-  config = _FLAGS.config
-  expand_home(config)
+  config = command_line_config(_FLAGS.config)
   logging.set_verbosity(logging.INFO)
   print(json.dumps(prepare(config, fs.from_config(config)), indent=1))
 

@@ -29,10 +29,10 @@ def main(argv):
   checkpoints.quiet_orbax_info()
   # Nothing here may touch JAX: train_and_evaluate first sets what only takes effect before the
   # backend starts (CPU dispatch, joining a multi-process run).
-  data_sources.expand_home(FLAGS.config)
+  config = data_sources.command_line_config(FLAGS.config)
   # Without --workdir, train_and_evaluate names the run directory (train.resolve_workdir).
   workdir = os.path.expanduser(FLAGS.workdir) if FLAGS.workdir else None
-  train.train_and_evaluate(FLAGS.config, workdir)
+  train.train_and_evaluate(config, workdir)
 
 
 if __name__ == '__main__':

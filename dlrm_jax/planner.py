@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from dlrm_jax import data_sources
 from dlrm_jax import models
 from dlrm_jax import train
 
@@ -388,17 +389,18 @@ def main(argv):
   if not 0 < FLAGS.device_memory_gb < math.inf:
     sys.exit(f'--device_memory_gb={FLAGS.device_memory_gb}: expected a positive number of GB')
   memory = FLAGS.device_memory_gb * GB
+  config = data_sources.command_line_config(FLAGS.config)
   try:
-    p = plan(FLAGS.config, FLAGS.devices, mesh)
+    p = plan(config, FLAGS.devices, mesh)
   except ValueError as e:
     # The message names config fields; say which flags and settings they came from.
     source = (f'--mesh={FLAGS.mesh}' if FLAGS.mesh else
-              f"the config's mesh_shape {tuple(FLAGS.config.mesh_shape)}: --mesh=DATA,MODEL "
+              f"the config's mesh_shape {tuple(config.mesh_shape)}: --mesh=DATA,MODEL "
               'plans another')
     sys.exit(f'error: {e} (--devices={FLAGS.devices}, {source})')
-  train.log_overridden_settings(FLAGS.config)
+  train.log_overridden_settings(config)
   print(describe(p, memory))
-  best = largest_data_axis_that_fits(FLAGS.config, FLAGS.devices, memory)
+  best = largest_data_axis_that_fits(config, FLAGS.devices, memory)
   if best is None:
     print(f'No mesh of {FLAGS.devices} device(s) fits in {format_bytes(memory)} per device.')
   else:

@@ -505,14 +505,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from dlrm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
   checkpoints.quiet_orbax_info()
-  grid = parse_grid(FLAGS.grid, FLAGS.config)
+  config = data_sources.command_line_config(FLAGS.config)
+  out_dir = os.path.expanduser(FLAGS.out_dir)  # '--out_dir=~/x': the shell leaves this '~'
+  grid = parse_grid(FLAGS.grid, config)
   seeds = [int(s) for s in FLAGS.seeds]
-  title = os.path.basename(os.path.normpath(FLAGS.out_dir))
-  ablation = run_ablation(FLAGS.config, grid, seeds, FLAGS.out_dir, FLAGS.plots, title)
+  title = os.path.basename(os.path.normpath(out_dir))
+  ablation = run_ablation(config, grid, seeds, out_dir, FLAGS.plots, title)
   trained = int(ablation.cells['trained_now'].sum())
   print(f'{len(ablation.cells)} cells ({trained} trained now, '
-        f'{len(ablation.cells) - trained} finished before) in {FLAGS.out_dir}\n')
+        f'{len(ablation.cells) - trained} finished before) in {out_dir}\n')
   print(ablation.markdown)
   print('\n' + '\n'.join(f'{k}: {v}' for k, v in ablation.files.items()))
 

@@ -249,6 +249,21 @@ def test_a_bad_value_anywhere_in_the_grid_stops_it_before_the_first_cell(tmp_pat
   assert calls == []
 
 
+def test_a_home_relative_out_dir_is_under_the_home_directory(tmp_path):
+  # The shell leaves '~' alone in '--out_dir=~/grid': a directory named '~' was made in the
+  # working directory. A bad grid value stops the run just after the directory is made.
+  home, cwd = tmp_path / 'home', tmp_path / 'cwd'
+  home.mkdir()
+  cwd.mkdir()
+  env = dict(os.environ, HOME=str(home), PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  command = [sys.executable, '-m', 'experiments.ablate',
+             f'--config={os.path.join(ROOT, "configs", "ablation_interactions.py")}:tiny',
+             '--grid', 'learning_rate=-0.1', '--seeds', '1', '--out_dir=~/grid']
+  run = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode != 0 and 'config.learning_rate=-0.1 must be' in run.stderr
+  assert not os.listdir(cwd) and (home / 'grid').is_dir()
+
+
 def test_resume_refuses_an_out_dir_of_another_config(tmp_path):
   grid = {'interaction_op': ('dot',)}
   train_fn, _ = fake_train()

@@ -106,6 +106,21 @@ def test_main_sets_dispatch_and_joins_a_multi_process_run_before_jax_starts(tmp_
   assert results['cpu_async_dispatch'] is False  # configs/default.py's setting
 
 
+@pytest.mark.parametrize('command', [['dlrm_jax.main'], ['dlrm_jax.planner', '--devices=1'],
+                                     ['experiments.ablate', '--out_dir=ablation'],
+                                     ['dlrm_jax.data_sources']])
+def test_a_config_file_that_does_not_load_is_a_short_error_naming_it(tmp_path, command):
+  # ml_collections defers the load error to the config's first use: it came out as a traceback
+  # of whatever touched the config first.
+  missing = tmp_path / 'configs' / 'defualt.py'
+  proc = subprocess.run([sys.executable, '-m', *command, f'--config={missing}:tiny'], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, env=ENV)
+  assert proc.returncode == 1
+  assert proc.stderr.startswith('--config: cannot load the config file:\n'), proc.stderr[-4000:]
+  assert str(missing) in proc.stderr and 'No such file or directory' in proc.stderr
+  assert 'Traceback' not in proc.stderr and not os.listdir(tmp_path)
+
+
 def test_a_home_relative_path_after_an_equals_sign_is_the_home_directory(tmp_path):
   # The shell leaves '~' alone in '--workdir=~/run': a directory named '~' was made in the
   # working directory, the run and its export in it.
