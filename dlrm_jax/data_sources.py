@@ -37,6 +37,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from absl import logging
 import numpy as np
 
+from dlrm_jax import cli
 from dlrm_jax import datagen
 from dlrm_jax import feature_spec as fs
 from dlrm_jax import input_pipeline
@@ -557,36 +558,10 @@ def prepare(config, spec: fs.FeatureSpec, *, process_index: int = 0,
   return out
 
 
-# Path settings, whose '~' the shell leaves alone in '--config.output_dir=~/runs' (it expands a
-# word's leading '~' only): a directory named '~' was made in the working directory.
-_PATH_FIELDS = ('data_location', 'cache_dir', 'tfds_data_dir', 'predict_input', 'predict_output',
-                'output_dir', 'checkpoint', 'export_dir')
-
-
-def command_line_config(config):
-  """The --config flag's config, its path settings' '~' as the home directory, as the shell
-  would have expanded it.
-
-  ml_collections defers a config file's load error (a missing file, a typo in its path) to the
-  config's first use, where it came out as a traceback of whatever touched it first: here the
-  command exits with status 1 and the error alone.
-  """
-  try:
-    config.get('mode')
-  except OSError as e:
-    # Its first line names the module ml_collections loads it as ('config_config'), not the file.
-    attempts = str(e.__cause__ or e).split('\n', 1)[-1]
-    raise SystemExit(f'--config: cannot load the config file:\n{attempts}') from None
-  for name in _PATH_FIELDS:
-    if isinstance(config.get(name), str):
-      config[name] = os.path.expanduser(config[name])
-  return config
-
-
 def _main(argv):
   del argv
   import json  # pylint: disable=g-import-not-at-top
-  config = command_line_config(_FLAGS.config)
+  config = cli.command_line_config(_FLAGS.config)
   logging.set_verbosity(logging.INFO)
   print(json.dumps(prepare(config, fs.from_config(config)), indent=1))
 
@@ -597,4 +572,4 @@ if __name__ == '__main__':
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   _FLAGS = flags.FLAGS
   config_flags.DEFINE_config_file('config', None, 'the run config whose data to cache')
-  app.run(_main)
+  app.run(_main, flags_parser=cli.parse_flags)

@@ -14,7 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dlrm_jax import checkpoints
-from dlrm_jax import data_sources
+from dlrm_jax import cli
 from dlrm_jax import train
 
 FLAGS = flags.FLAGS
@@ -29,11 +29,11 @@ def main(argv):
   checkpoints.quiet_orbax_info()
   # Nothing here may touch JAX: train_and_evaluate first sets what only takes effect before the
   # backend starts (CPU dispatch, joining a multi-process run).
-  config = data_sources.command_line_config(FLAGS.config)
+  config = cli.command_line_config(FLAGS.config)
   # Without --workdir, train_and_evaluate names the run directory (train.resolve_workdir).
   workdir = os.path.expanduser(FLAGS.workdir) if FLAGS.workdir else None
   train.train_and_evaluate(config, workdir)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from dlrm_jax import data_sources
+from dlrm_jax import cli
 from dlrm_jax import models
 from dlrm_jax import train
 
@@ -389,7 +389,7 @@ def main(argv):
   if not 0 < FLAGS.device_memory_gb < math.inf:
     sys.exit(f'--device_memory_gb={FLAGS.device_memory_gb}: expected a positive number of GB')
   memory = FLAGS.device_memory_gb * GB
-  config = data_sources.command_line_config(FLAGS.config)
+  config = cli.command_line_config(FLAGS.config)
   try:
     p = plan(config, FLAGS.devices, mesh)
   except ValueError as e:
@@ -421,4 +421,4 @@ if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'devices'])
   # Planning needs no accelerator: keep JAX off it, so the planner never takes device memory.
   jax.config.update('jax_platforms', 'cpu')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -505,9 +505,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from dlrm_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import cli  # pylint: disable=g-import-not-at-top
   checkpoints.quiet_orbax_info()
-  config = data_sources.command_line_config(FLAGS.config)
+  config = cli.command_line_config(FLAGS.config)
   out_dir = os.path.expanduser(FLAGS.out_dir)  # '--out_dir=~/x': the shell leaves this '~'
   grid = parse_grid(FLAGS.grid, config)
   seeds = [int(s) for s in FLAGS.seeds]
@@ -521,5 +521,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from dlrm_jax import cli  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

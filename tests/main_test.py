@@ -109,16 +109,28 @@ def test_main_sets_dispatch_and_joins_a_multi_process_run_before_jax_starts(tmp_
 @pytest.mark.parametrize('command', [['dlrm_jax.main'], ['dlrm_jax.planner', '--devices=1'],
                                      ['experiments.ablate', '--out_dir=ablation'],
                                      ['dlrm_jax.data_sources']])
-def test_a_config_file_that_does_not_load_is_a_short_error_naming_it(tmp_path, command):
-  # ml_collections defers the load error to the config's first use: it came out as a traceback
-  # of whatever touched the config first.
+def test_config_flag_mistakes_are_short_errors_naming_the_flag(tmp_path, command):
+  # ml_collections raised both as tracebacks of its and absl's internals: a config file that
+  # does not load (at the config's first use), and an override of a field it does not have.
   missing = tmp_path / 'configs' / 'defualt.py'
-  proc = subprocess.run([sys.executable, '-m', *command, f'--config={missing}:tiny'], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600, env=ENV)
-  assert proc.returncode == 1
-  assert proc.stderr.startswith('--config: cannot load the config file:\n'), proc.stderr[-4000:]
-  assert str(missing) in proc.stderr and 'No such file or directory' in proc.stderr
-  assert 'Traceback' not in proc.stderr and not os.listdir(tmp_path)
+  default = os.path.join(ROOT, 'configs', 'default.py')
+  cases = [([f'--config={missing}:tiny'], 'FATAL Flags parsing error: --config: cannot load the '
+            f'config file:\n  Attempted [Relative path]:\n    {missing}\n'),
+           ([f'--config={missing}', '--config.steps=3'], str(missing)),
+           ([f'--config={default}:tiny', '--config.eval_every=3'],
+            "FATAL Flags parsing error: flag --config.eval_every=3: the config has no field "
+            '\'eval_every\'. Did you mean "eval_every_steps" instead of "eval_every"?\n'),
+           ([f'--config={default}:tiny', '--config.optimizer_hparams.nosuch', '3'],
+            "flag --config.optimizer_hparams.nosuch: the config has no field 'nosuch'\n")]
+  if command != ['dlrm_jax.main']:
+    cases = cases[::2]  # the parsing is shared: this checks the wiring
+  for args, said in cases:
+    proc = subprocess.run([sys.executable, '-m', *command, *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(ENV, PYTHONPATH=ROOT))
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert said in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr[-4000:]
+    assert not os.listdir(tmp_path)
 
 
 def test_a_home_relative_path_after_an_equals_sign_is_the_home_directory(tmp_path):
