@@ -964,6 +964,35 @@ def warn_if_data_order_changes(config, workdir: str, start_step: int) -> None:
         start_step, '; '.join(changes), start_step)
 
 
+def earlier_eval_history(workdir: str, start_step: int, eval_every: int,
+                         num_steps: int) -> List[Dict[str, Any]]:
+  """The evaluations during training of the invocations before this one, up to the checkpoint
+  it resumes from, as the last one's results.json has them ([] if it has none).
+
+  results.json is written anew by each invocation: without these, a resumed or re-run run's
+  eval_history lost the evaluations of the steps it did not train itself. The last
+  invocation's final evaluation counts too where an uninterrupted run would have evaluated at
+  that step during training, so that the history is the same either way.
+  """
+  try:
+    with open(os.path.join(workdir, 'results.json'), encoding='utf-8') as f:
+      earlier = json.load(f)
+    history = list(earlier.get('eval_history') or [])
+  except (OSError, ValueError, AttributeError, TypeError):  # none yet, or not one of ours
+    return []
+  step = earlier.get('steps')
+  if (eval_every and step == start_step < num_steps and step % eval_every == 0
+      and 'eval_auc' in earlier
+      and not any(isinstance(h, dict) and h.get('step') == step for h in history)):
+    history.append({'step': step, **{k[len('eval_'):]: v for k, v in earlier.items()
+                                     if k.startswith('eval_') and k not in _NOT_EVAL_METRICS}})
+  return [h for h in history
+          if isinstance(h, dict) and isinstance(h.get('step'), int) and h['step'] <= start_step]
+
+
+_NOT_EVAL_METRICS = ('eval_history', 'eval_during_training_s')
+
+
 def eval_data_changes(config, workdir: str) -> List[str]:
   """Why eval mode would write and score other planted rows than the run trained on ([] if
   not; also when the run's config.json cannot say).
@@ -1305,7 +1334,9 @@ def _run_training(setup: Setup, config, workdir: str,
     eval_time += spent
 
   eval_every = 0 if config.no_eval else config.eval_every_steps
-  eval_history, eval_time = [], 0.0
+  eval_history = (earlier_eval_history(workdir, start_step, eval_every, num_steps)
+                  if start_step else [])
+  eval_time = 0.0
   stopped_at, stopped_by = None, ''  # the step of a preemption notice (SIGTERM) or Ctrl-C
   # A failure anywhere up to the final save lets a save still being written finish first (and
   # stops a trace in progress).

@@ -100,6 +100,18 @@ def test_evaluation_during_training_equals_a_run_that_stops_there(tmp_path):
                                    str(tmp_path / 'plain'))
   assert plain['eval_auc'] == long['eval_auc']
   assert 'eval_history' not in plain
+  # Resumed, a run keeps the earlier invocation's evaluations (results.json is written anew),
+  # its final one included where an uninterrupted run evaluates: the same history either way.
+  resumed = train.train_and_evaluate(
+      th.tiny_config(tmp_path / 'out', steps=30, eval_every_steps=5), str(tmp_path / 'long'))
+  whole = train.train_and_evaluate(
+      th.tiny_config(tmp_path / 'out', steps=30, eval_every_steps=5), str(tmp_path / 'whole'))
+  assert [h['step'] for h in whole['eval_history']] == [5, 10, 15, 20, 25]
+  assert resumed['eval_history'] == whole['eval_history']
+  # A rerun of a finished run (nothing to train) keeps them too.
+  again = train.train_and_evaluate(
+      th.tiny_config(tmp_path / 'out', steps=30, eval_every_steps=5), str(tmp_path / 'long'))
+  assert again['eval_history'] == whole['eval_history']
 
 
 @pytest.mark.parametrize('switch,optimizer,interaction,learning_rate', [
