@@ -17,7 +17,7 @@ the parsed-row cache (`row_cache`), which parses each file once with this module
 Files may be gzip'd (recognised by their first bytes, whatever their name); a damaged or cut-off
 gzip stream is a DataError naming the file and the line it breaks in.
 
-Parsing follows the reference reader (see /work/shared/elm-schema.md):
+Parsing follows the reference reader (`decode_csv` in DeepRec's modelzoo `train.py`):
 - Fields are split on `spec.delimiter`; every line must have exactly one field per column. An
   empty field takes the column's default string *before* anything else looks at it.
 - 'int' columns accept `[ws][+-]digits[ws]` (ASCII digits, as absl::SimpleAtoi): '1.0' is an

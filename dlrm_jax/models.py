@@ -47,7 +47,7 @@ def table_groups(spec: fs.FeatureSpec, emb_fusion: bool) -> Dict[str, Tuple[np.n
 
 
 # Table arrays are padded to a multiple of this many rows so that they split evenly over any
-# model axis of up to 64 devices, and a checkpoint restores onto any such mesh. Padding rows are
+# model axis that divides 64, and a checkpoint restores onto any such mesh. Padding rows are
 # never looked up.
 ROW_MULTIPLE = 64
 

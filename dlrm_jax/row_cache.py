@@ -33,8 +33,9 @@ cache's size and stops at once if the disk cannot hold it.
 Bad rows. A build leaves bad rows out and records them (count and first messages) whatever
 `skip_bad_rows` says; opening the cache with skip_bad_rows=False then raises a DataError naming
 the first bad row's file, line and column. So a bad row deep in a big file costs one parse, not
-two: the rerun with skip_bad_rows=True uses the cache as it is. (A file that is mostly bad, e.g.
-another format, stops the build within its first lines.)
+two: the rerun with skip_bad_rows=True uses the cache as it is. (Over 100 bad rows that are also
+over 1% of the lines read, as another format gives, stop a strict build at once, without a
+cache.)
 
 Reading. `RowReader` serves a process's rows in batches: the rows are cut into blocks of
 `block_rows`; each epoch visits the blocks in a seeded random order, a window of
@@ -470,7 +471,7 @@ def _build(source: Source, spec: feature_spec_lib.FeatureSpec, directory: str,
   """Parses the source into a new cache at `directory` (replacing whatever is there).
 
   Bad rows are left out and recorded whatever `skip_bad_rows` says (opening the cache enforces
-  it); strictness only stops the build early when most rows are bad.
+  it); strictness only stops the build early past _STRICT_BAD_ROWS bad rows.
   """
   expected = _expected_manifest(source, spec, share)
   tmp = f'{directory}.tmp-{socket.gethostname()}-{os.getpid()}'
@@ -496,8 +497,8 @@ def _build(source: Source, spec: feature_spec_lib.FeatureSpec, directory: str,
       if stats.bad_rows and not skip_bad_rows:
         if stats.bad_rows > max(_STRICT_BAD_ROWS, stats.lines // 100):
           raise bad_rows_error(stats.as_dict(), source.describe(), source.path,
-                               f' within its first {stats.source_lines:,} lines: is it the '
-                                f'right file for the {spec.name!r} format?')
+                               f' in the first {stats.lines:,} lines read: is it the '
+                               f'right file for the {spec.name!r} format?')
         if not warned:
           warned = True
           logging.warning('%s; caching the rest of %s first, then the run stops (rerun with '

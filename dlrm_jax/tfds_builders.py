@@ -1,6 +1,7 @@
 """TFDS builders for the ELM and Criteo files: parsed rows, 512 to an array_record record.
 
-  builder = tfds_builders.ElmBlocks(config=tfds_builders.config_for(run_config), data_dir=D)
+  spec = feature_spec.from_config(run_config)
+  builder = tfds_builders.ElmBlocks(config=tfds_builders.config_for(run_config, spec), data_dir=D)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=M))
   source = tfds.data_source('elm_blocks', data_dir=D, builder_kwargs={'config': ...})
 
@@ -17,7 +18,8 @@ batches them exactly as it does the cache (seeded block order, shuffled windows)
 
 The rows are parsed by `input_pipeline` as the trainer parses them, so a builder config is tied
 to a feature spec (hash buckets, max_list_len, Criteo table sizes): `config_for` names the
-config after the spec's parse fingerprint, and the reader refuses data built for another spec.
+config after the spec's parse fingerprint, so data for another spec is another data set, built
+beside the first.
 Manual download: the files are not downloadable from here; `MANUAL_DOWNLOAD_INSTRUCTIONS` say
 where to put them. A data set records the size and modification time of each file it was built
 from; when a file of that name in the manual directory differs from it (replaced, or another

@@ -10,8 +10,8 @@ It prints a table and writes JSON (`--json_out`) with, per configuration:
     device; 'step+input': fed by train.step_batches, host-side dedup and transfer included),
     and of end-to-end training on planted ELM data ('end-to-end': the trainer's input and step
     over the row cache; 'end-to-end csv': parsing the CSV for every batch instead);
-  * the same model in TorchRec (`experiments/torchrec_dlrm.py`, PyTorch on the CPU with 2
-    threads) and the ratio ours / TorchRec;
+  * the same model in TorchRec (`experiments/torchrec_dlrm.py`, PyTorch on the CPU with as many
+    threads as CPUs available, `--torch_threads`) and the ratio ours / TorchRec;
   * the model's training FLOPs per sample (3x the forward's matmul FLOPs, from the layer sizes)
     and the fraction of the machine's matrix-multiply ceiling that our step reaches, the ceiling
     (fp32 and bf16 jnp.dot of [B, 512] x [512, 512]) measured in the same process right after;
@@ -1069,8 +1069,7 @@ def main(argv):
   if _FLAGS.async_dispatch:
     groups = [with_async_dispatch(g) for g in groups]
   if not _FLAGS.torch_omp_wait_policies:
-    raise app.UsageError('--torch_omp_wait_policies: give at least one of PASSIVE, ACTIVE, '
-                         'default')
+    raise app.UsageError('--torch_omp_wait_policies: give at least one of PASSIVE, default')
   groups = [per_wait_policy(g, _FLAGS.torch_omp_wait_policies) for g in groups]
   if _FLAGS.list:
     for g in groups:

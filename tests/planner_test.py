@@ -278,3 +278,22 @@ def test_command_prints_the_table_and_the_verdict():
         text=True, timeout=120)
     assert bad.returncode != 0
     assert f'--device_memory_gb={float(memory)}: expected a positive number' in bad.stderr
+
+
+def test_the_readme_shows_the_planners_own_output():
+  # The README quotes the planner for the MLPerf config on 8 and 64 devices of 80 GB (its table
+  # and verdict lines); a change to the config or to the planner's accounting left them stale.
+  with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+    readme = f.read()
+  config = criteo_1tb_mlperf.get_config()
+  memory = 80 * planner.GB
+  for devices, mesh, title in ((8, (1, 8), '8 devices of 80 GB'),
+                               (64, None, '64 devices of 80 GB')):
+    p = planner.plan(config, devices, mesh)
+    best = planner.largest_data_axis_that_fits(config, devices, memory)
+    printed = planner.describe(p, memory).split('\n') + [
+        f'Largest data axis that fits: --mesh={best.data},{best.model} '
+        f'({planner.format_bytes(best.per_device)} per device)']
+    table = printed[printed.index('') + 1:]  # from the column header on, as quoted
+    block = readme[readme.index(title):].split('```\n')[1]
+    assert block.splitlines() == [l for l in table if l and not l.startswith('---')], printed

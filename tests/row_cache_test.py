@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -283,8 +284,12 @@ def test_a_strict_build_keeps_the_good_rows_so_a_rerun_need_not_parse(tmp_path, 
   monkeypatch.undo()
   # A file that is mostly bad (another format, say) stops at once, without a cache.
   criteo = write(tmp_path, 'criteo.txt', ['\t'.join(['0'] * 40)] * 300)
-  with pytest.raises(input_pipeline.DataError, match="right file for the 'elm' format"):
+  with pytest.raises(input_pipeline.DataError,
+                     match=r"\d+ bad rows .* in the first (\d+) lines read: is it the right file "
+                           "for the 'elm' format") as error:
     row_cache.open_or_build(row_cache.Source(criteo), SPEC, chunk_rows=64)
+  read = int(re.search(r'in the first (\d+) lines', str(error.value)).group(1))
+  assert 100 < read <= 300  # the lines read when it stopped (it said 0: a whole file's count)
   assert not [n for n in os.listdir(tmp_path / 'dlrm_cache') if n.startswith('criteo.txt')
               and not n.endswith('.lock')]
 
