@@ -237,6 +237,7 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True, need_train_file
   train files at all unless `split_parts` cuts the eval rows out of them, so an evaluator needs
   only its eval file. Process index and count default to JAX's.
   """
+  input_pipeline.refuse_while_a_process_starts('data_sources.resolve')
   train_name, eval_name = FILE_NAMES[spec.name]
   if config.data_location:
     directory = config.data_location

@@ -978,6 +978,23 @@ _worker_spec: Optional[feature_spec_lib.FeatureSpec] = None
 _PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
+def refuse_while_a_process_starts(what: str) -> None:
+  """Raises instead of running `what` in a spawned process that is still starting.
+
+  A spawned process (the CSV parse workers are) first runs the script that started its parent,
+  as `__mp_main__`. Without the `if __name__ == '__main__':` guard the script trained again in
+  each worker: it made a run directory of its own, then waited forever for the row-cache lock
+  that its parent held while waiting for the worker.
+  """
+  # Set by multiprocessing while a new process imports its parent's main script; Python's own
+  # refusal to start processes then (spawn._check_not_importing_main) reads the same flag.
+  if getattr(multiprocessing.current_process(), '_inheriting', False):
+    raise RuntimeError(
+        f'{what} was called while a new process (a CSV parse worker) was starting: it runs the '
+        "script that started its parent again. Put the script's top-level code under "
+        "`if __name__ == '__main__':`.")
+
+
 def _start_worker(spec: feature_spec_lib.FeatureSpec, parent: int) -> None:
   global _worker_spec
   _worker_spec = spec
@@ -1028,7 +1045,12 @@ class _WorkerPool:
           pending.append(self._executor.submit(_parse_in_worker, path, first_line, lines,
                                                line_step, skip_bad_rows, postprocess))
         while pending and (job is None or len(pending) >= self._in_flight):
-          chunk, chunk_stats = pending.popleft().result()
+          try:
+            chunk, chunk_stats = pending.popleft().result()
+          except concurrent.futures.process.BrokenProcessPool as e:
+            raise RuntimeError(
+                'a CSV parse worker process stopped (its error is printed above); a script '
+                "without the `if __name__ == '__main__':` guard stops them as they start") from e
           if stats is not None:
             stats.add(chunk_stats)
           yield chunk

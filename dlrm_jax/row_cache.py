@@ -668,6 +668,7 @@ def open_or_build(source: Source, spec: feature_spec_lib.FeatureSpec, *, cache_r
   one run must all make the same choice. While another process builds the cache, this one waits
   for it, or with `wait=False` returns None.
   """
+  input_pipeline.refuse_while_a_process_starts('row_cache.open_or_build')
   root = cache_root or default_cache_root(source)
   shares = [(process_index, process_count)]
   if use_full_cache and process_count > 1:

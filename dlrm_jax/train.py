@@ -1111,6 +1111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Training resumes from the newest checkpoint in `workdir`. Without one, the run directory is
   the config's `checkpoint`, else a new output_dir/model_DLRM_<timestamp> (resolve_workdir).
   """
+  input_pipeline.refuse_while_a_process_starts('train_and_evaluate')
   check_config(config)
   log_overridden_settings(config)
   new_run = not workdir and not config.checkpoint

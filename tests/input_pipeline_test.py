@@ -652,6 +652,40 @@ def test_parse_workers_end_with_a_killed_parent(tmp_path):
   assert not [w for w in workers if alive(w)]
 
 
+def test_a_script_without_the_main_guard_stops_with_a_message_instead_of_waiting(tmp_path):
+  # The spawned parse workers run their parent's script again as they start. Unguarded, the
+  # script trained again in each: a run directory of its own, then a wait forever for the
+  # row-cache lock its parent held while waiting for the workers.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = tmp_path / 'sweep.py'
+  script.write_text(
+      'from configs import default\n'
+      'from dlrm_jax import train\n'
+      "config = default.get_config('tiny')\n"
+      f'config.output_dir = {str(tmp_path / "out")!r}\n'
+      'config.num_workers = 2\n'
+      'config.steps = 2\n'
+      'config.no_eval = True\n'
+      'train.train_and_evaluate(config)\n')
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert ('train_and_evaluate was called while a new process (a CSV parse worker) was starting'
+          in proc.stderr), proc.stderr[-3000:]
+  assert 'RuntimeError: a CSV parse worker process stopped' in proc.stderr, proc.stderr[-3000:]
+  assert os.listdir(tmp_path / 'out') == ['planted_elm']  # no run directory left behind
+
+
+def test_a_spawned_process_that_has_started_may_train():
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  child = multiprocessing.get_context('spawn').Process(
+      target=input_pipeline.refuse_while_a_process_starts, args=('training',))
+  child.start()
+  child.join(120)
+  assert child.exitcode == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Prefetch.
 
