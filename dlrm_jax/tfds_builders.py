@@ -14,7 +14,9 @@ with `tfds.data_source` (random access, no tf.data). A record is not one row (on
 reads at ~2k rows/s through TFDS's per-record decoding) but one block of `BLOCK_ROWS` rows in
 the row cache's compact layout (`row_cache.encode_block`): reading a block costs one record
 lookup, so blocks read at millions of rows per second, and `row_cache.RowReader` shuffles and
-batches them exactly as it does the cache (seeded block order, shuffled windows).
+batches them exactly as it does the cache (seeded block order, shuffled windows). The builders
+are ShardBasedBuilders: each split is parsed once, in file order, and written SHARD_BLOCKS
+records to a shard, so a build's memory is a shard's, whatever the split's size.
 
 The rows are parsed by `input_pipeline` as the trainer parses them, so a builder config is tied
 to a feature spec (hash buckets, max_list_len, Criteo table sizes): `config_for` names the
@@ -31,6 +33,7 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -71,8 +74,14 @@ def _files(directory: str, names: Sequence[str]) -> List[str]:
   return files
 
 
-class _Blocks(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Rows of a DLRM data set, parsed, BLOCK_ROWS to a record."""
+# Blocks per array_record shard: TFDS's shard writer holds a shard's examples until it is written
+# (~100 MB of Criteo's blocks, ~250 MB of ELM's). GeneratorBasedBuilder's writer held a whole
+# split, and past 1 GB spilled it through tf.io.gfile, which needs TensorFlow.
+SHARD_BLOCKS = 1024
+
+
+class _Blocks(tfds.core.ShardBasedBuilder, skip_registration=True):
+  """Rows of a DLRM data set, parsed, BLOCK_ROWS to a record, in file order."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Blocks of 512 parsed rows in the row cache layout (format 1).'}
@@ -103,15 +112,40 @@ class _Blocks(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {'train': [row_cache.Source(p) for p in train],
             'eval': [row_cache.Source(p) for p in _files(manual_dir, config.eval_files)]}
 
-  def _split_generators(self, dl_manager):
-    sources = self._sources(os.fspath(dl_manager.manual_dir))
-    return {split: self._generate_examples(split, s) for split, s in sources.items()}
+  def _shard_iterators_per_split(self, dl_manager):
+    """Each split's blocks from one parse of its files, cut into shards of SHARD_BLOCKS.
 
-  def _generate_examples(self, split: str,
-                         sources: Sequence[row_cache.Source]) -> Iterator[Tuple[int, Dict]]:
+    The shards are written one after another (no Beam), each taking the next blocks of the
+    split's one generator, so every block but the split's last holds BLOCK_ROWS rows. Their
+    number is fixed before parsing, from the lines: the last shard takes what is left.
+    """
+    self._built = {}
+    shards = {}
+    for split, sources in self._sources(os.fspath(dl_manager.manual_dir)).items():
+      stats = input_pipeline.ParseStats()
+      self._built[split] = (sources, stats)
+      lines = sum(_line_count(s) for s in sources)
+      count = max(1, lines // (SHARD_BLOCKS * BLOCK_ROWS))
+      blocks = self._blocks(sources, stats)
+      shards[split] = [functools.partial(itertools.islice, blocks,
+                                         SHARD_BLOCKS if i < count - 1 else None)
+                       for i in range(count)]
+    return shards
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    super()._download_and_prepare(dl_manager, download_config)
+    for split, (sources, stats) in self._built.items():
+      self.info.metadata[f'{split}_rows'] = stats.rows
+      self.info.metadata[f'{split}_lines'] = stats.source_lines
+      self.info.metadata[f'{split}_stats'] = stats.as_dict()
+      self.info.metadata[f'{split}_sources'] = [row_cache.file_identity(s.path) for s in sources]
+    self.info.metadata['spec_fingerprint'] = row_cache.parse_fingerprint(self.builder_config.spec)
+
+  def _blocks(self, sources: Sequence[row_cache.Source],
+              stats: input_pipeline.ParseStats) -> Iterator[Tuple[int, Dict]]:
+    """(key, record) of the sources' rows, BLOCK_ROWS to a record but the last."""
     config = self.builder_config
     spec = config.spec
-    stats = input_pipeline.ParseStats()
     pending: List[row_cache.Rows] = []
     have = 0
     key = 0
@@ -138,12 +172,11 @@ class _Blocks(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if have:
       rows = row_cache.concat(pending)
       yield key, _record(rows, row_cache.row_starts(rows), 0, len(rows))
-      key += 1
-    self.info.metadata[f'{split}_rows'] = stats.rows
-    self.info.metadata[f'{split}_lines'] = stats.source_lines
-    self.info.metadata[f'{split}_stats'] = stats.as_dict()
-    self.info.metadata['spec_fingerprint'] = row_cache.parse_fingerprint(spec)
-    self.info.metadata[f'{split}_sources'] = [row_cache.file_identity(s.path) for s in sources]
+
+
+def _line_count(source: row_cache.Source) -> int:
+  start, stop = source.line_range()
+  return (input_pipeline.count_rows(source.path) if stop is None else stop) - start
 
 
 def _slice(rows: row_cache.Rows, starts: np.ndarray, first: int, stop: int) -> row_cache.Rows:

@@ -101,6 +101,31 @@ def test_elm_blocks_hold_exactly_the_parsed_rows(tmp_path):
     data_sources.resolve(config, SPEC, process_index=0, process_count=1)
 
 
+def test_a_split_is_written_shard_by_shard_in_bounded_memory(tmp_path, monkeypatch):
+  # GeneratorBasedBuilder's writer held a whole split in memory and, past 1 GB (~5.7M Criteo
+  # rows), spilled it through tf.io.gfile: without TensorFlow no real-sized split could be
+  # built. Here the buffer is one byte and a shard is one block of 512 rows.
+  from tensorflow_datasets.core import shuffle  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(shuffle, 'MAX_MEM_BUFFER_SIZE', 1)
+  monkeypatch.setattr(tfds_builders, 'SHARD_BLOCKS', 1)
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  write(manual / 'train.csv', numbered_lines(0, 1600))
+  write(manual / 'eval.csv', numbered_lines(5000, 30))
+  config = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), shuffle_buffer=0)
+  config.batch_size = 100
+  data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+  assert data.train_rows == 1600
+  # 1600 lines: 3 shards, the last taking what is left (blocks of 512, 512, 512 + 64).
+  assert len(list((tmp_path / 'tfds').rglob('*-train.array_record-*'))) == 3
+  source = tfds_builders.data_source(config, SPEC, str(manual))['train']
+  assert [int(source[i]['rows']) for i in range(len(source))] == [512, 512, 512, 64]
+  assert rows_of(data_sources.train_batches(config, SPEC, data, num_steps=16, process_index=0,
+                                            process_count=1)) == list(range(1600))
+  assert rows_of(data_sources.eval_batches(config, SPEC, data, process_index=0,
+                                           process_count=1)) == list(range(5000, 5030))
+
+
 def test_criteo_kaggle_split_from_planted_data(tmp_path):
   manual = tmp_path / 'criteo'
   datagen.generate_criteo(str(manual), train_rows=700, eval_rows=1, seed=2,
