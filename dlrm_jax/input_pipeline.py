@@ -758,6 +758,8 @@ def expand_paths(paths: Paths) -> List[str]:
 
 
 _READ_BYTES = 1 << 22
+# Longer than any row of the formats read here (DeepRec's ELM lists are cut at max_list_len).
+_MAX_LINE_BYTES = 64 << 20
 _GZIP_MAGIC = b'\x1f\x8b'
 _BOM = b'\xef\xbb\xbf'
 
@@ -878,6 +880,13 @@ def _line_chunks(path: str, chunk_lines: int, skip: int = 0, limit: Optional[int
     data = tail + block if tail else block
     cut = data.rfind(b'\n')
     if cut < 0:
+      if len(data) > _MAX_LINE_BYTES:
+        # Not a CSV line: without this the whole file was read into one line (and copied once
+        # per block) before its fields could be counted.
+        hint = ' (lines ended by CR alone? convert them to LF)' if b'\r' in data else ''
+        line = next_line + len(pending)
+        raise DataError(f'{path}:{line}: no line feed in {len(data):,} bytes: not a line of a '
+                        f'CSV file{hint}', path, line)
       tail = data
       continue
     tail = data[cut + 1:]

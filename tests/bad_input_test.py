@@ -88,6 +88,26 @@ def test_lines_ended_by_cr_alone_are_named_as_such(tmp_path):
   assert 'CR alone' not in str(raised.value)
 
 
+def test_a_file_without_line_feeds_stops_within_the_line_limit(tmp_path, monkeypatch):
+  # Its bytes were gathered into one line, copied again for every 4 MiB block, until the end of
+  # the file (11 GB for Criteo Kaggle's): only then were its fields counted.
+  monkeypatch.setattr(input_pipeline, '_MAX_LINE_BYTES', 20000)
+  monkeypatch.setattr(input_pipeline, '_READ_BYTES', 4096)
+  path = os.path.join(tmp_path, 'rows.csv')
+  with open(path, 'wb') as f:
+    f.write(lines_bytes(GOOD[:3]) + lines_bytes(GOOD * 200, '\r'))
+  blocks = []
+  read = input_pipeline._read_blocks  # pylint: disable=protected-access
+  monkeypatch.setattr(input_pipeline, '_read_blocks',
+                      lambda *a: (blocks.append(b) or b for b in read(*a)))
+  with pytest.raises(input_pipeline.DataError,
+                     match=r'rows.csv:4: no line feed in 2\d,\d+ bytes: not a line of a CSV file '
+                           r'\(lines ended by CR alone\? convert them to LF\)') as raised:
+    list(input_pipeline.iter_row_chunks(path, SPEC))
+  assert (raised.value.path, raised.value.line) == (path, 4)
+  assert sum(map(len, blocks)) < 30000 < os.path.getsize(path)
+
+
 @pytest.mark.parametrize('bad_line, line, column', [
     (GOOD[0][:len(GOOD[0]) // 2], 4, None),                       # truncated mid-row
     (GOOD[0] + ',surplus', 4, 'geohash12'),                       # a field too many
