@@ -194,7 +194,8 @@ def set_cpu_dispatch(config) -> None:
   caller's thread, and the next step reuses them. On the Criteo config that is 23-61 MiB less
   peak at the same step speed (docs/performance.md, "Memory"). The batches are still read and
   deduplicated ahead in their own thread (smartstaged). It only takes effect before JAX creates
-  its CPU backend: a process that has already run JAX keeps the setting it started with.
+  its CPU backend: a process that has already run JAX keeps the setting it started with. The
+  setting is JAX's, process-wide: a notebook's own JAX code runs with it afterwards too.
   """
   wanted = bool(config.cpu_async_dispatch)
   current = jax.config.read('jax_cpu_enable_async_dispatch')

@@ -31,13 +31,14 @@ Several --grid flags make the cross product, e.g. `--grid interaction_op=dot,cat
 (MLP widths) write their elements with '-': `--grid top_mlp=512-256,256`.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
 import os
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -457,15 +458,34 @@ def use_compilation_cache(directory: str) -> str:
   return directory
 
 
+@contextlib.contextmanager
+def _compilation_cache_in(directory: str) -> Iterator[None]:
+  """use_compilation_cache for the grid's runs only: a caller's later compiles (another grid's,
+  in a notebook) went on being written into this grid's directory."""
+  import jax  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache
+  if jax.config.jax_compilation_cache_dir:  # the caller's own: left as it is
+    yield
+    return
+  use_compilation_cache(directory)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_compilation_cache_dir', None)
+    compilation_cache.reset_cache()
+
+
 def run_ablation(base: ml_collections.ConfigDict, grid: Mapping[str, Sequence[Any]],
                  seeds: Sequence[int], out_dir: str, plots: bool = True, title: str = '',
                  train_fn: Optional[TrainFn] = None,
                  compilation_cache: bool = True) -> Ablation:
   """Runs (or resumes) the grid and writes the tables and plots into `out_dir`."""
   os.makedirs(out_dir, exist_ok=True)
-  if compilation_cache:
-    use_compilation_cache(os.path.join(out_dir, 'jax_cache'))
-  cells = run_grid(base, grid, seeds, out_dir, train_fn)
+  with contextlib.ExitStack() as cache:
+    if compilation_cache:
+      cache.enter_context(_compilation_cache_in(os.path.join(out_dir, 'jax_cache')))
+    cells = run_grid(base, grid, seeds, out_dir, train_fn)
   fields = list(grid)
   summary = summarize(cells, fields)
   table = markdown_table(summary, fields)

@@ -232,6 +232,29 @@ def test_a_cell_stopped_by_preemption_or_a_failed_evaluation_runs_again_on_resum
       1000.0, 1234.0 if how == 'eval_fails_at' else 1000.0]
 
 
+def test_the_grid_compilation_cache_is_the_grids_alone(tmp_path):
+  # It stayed on after run_ablation returned (or failed): the caller's later compiles, another
+  # grid's included, went into this grid's directory.
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.config.jax_compilation_cache_dir:
+    pytest.skip('JAX_COMPILATION_CACHE_DIR is set for the whole test process')
+  fake, calls = fake_train()
+  seen = []
+
+  def train_fn(config, workdir):
+    seen.append(jax.config.jax_compilation_cache_dir)
+    return fake(config, workdir)
+  ablate.run_ablation(tiny_base(), {'interaction_op': ('dot',)}, [1], str(tmp_path / 'a'),
+                      plots=False, train_fn=train_fn)
+  assert seen == [str(tmp_path / 'a' / 'jax_cache')] and calls
+  assert not jax.config.jax_compilation_cache_dir
+  failing, _ = fake_train(fail_at='interaction_op-dot_seed-1')
+  with pytest.raises(KeyboardInterrupt):
+    ablate.run_ablation(tiny_base(), {'interaction_op': ('dot',)}, [1], str(tmp_path / 'b'),
+                        plots=False, train_fn=failing)
+  assert not jax.config.jax_compilation_cache_dir
+
+
 def test_a_bad_value_anywhere_in_the_grid_stops_it_before_the_first_cell(tmp_path):
   train_fn, calls = fake_train()
   with pytest.raises(ValueError, match=r'grid cell learning_rate--0.1_seed-1: bad config: '
