@@ -75,7 +75,8 @@ def _files(directory: str, names: Sequence[str]) -> List[str]:
 
 
 # Blocks per array_record shard: TFDS's shard writer holds a shard's examples until it is written
-# (~100 MB of Criteo's blocks, ~250 MB of ELM's). GeneratorBasedBuilder's writer held a whole
+# (~100 MB of Criteo's blocks, ~250 MB of ELM's; more for the last shard of a split whose lines
+# were underestimated). GeneratorBasedBuilder's writer held a whole
 # split, and past 1 GB spilled it through tf.io.gfile, which needs TensorFlow.
 SHARD_BLOCKS = 1024
 
@@ -117,15 +118,16 @@ class _Blocks(tfds.core.ShardBasedBuilder, skip_registration=True):
 
     The shards are written one after another (no Beam), each taking the next blocks of the
     split's one generator, so every block but the split's last holds BLOCK_ROWS rows. Their
-    number is fixed before parsing, from the lines: the last shard takes what is left.
+    number is fixed before parsing, from the lines the files' sizes suggest: the last shard takes
+    what is left, and a shard left empty (fewer rows than estimated) is skipped when read.
     """
     self._built = {}
     shards = {}
     for split, sources in self._sources(os.fspath(dl_manager.manual_dir)).items():
       stats = input_pipeline.ParseStats()
       self._built[split] = (sources, stats)
-      lines = sum(_line_count(s) for s in sources)
-      count = max(1, lines // (SHARD_BLOCKS * BLOCK_ROWS))
+      lines = sum(_estimated_lines(s) for s in sources)
+      count = max(1, -(-lines // (SHARD_BLOCKS * BLOCK_ROWS)))
       blocks = self._blocks(sources, stats)
       shards[split] = [functools.partial(itertools.islice, blocks,
                                          SHARD_BLOCKS if i < count - 1 else None)
@@ -135,6 +137,14 @@ class _Blocks(tfds.core.ShardBasedBuilder, skip_registration=True):
   def _download_and_prepare(self, dl_manager, download_config=None):
     super()._download_and_prepare(dl_manager, download_config)
     for split, (sources, stats) in self._built.items():
+      if not stats.rows:
+        # Raised before TFDS moves the data set into place: a split without a record would be
+        # kept, and every later open of it fail (TFDS never rebuilds a prepared data set).
+        where = ', '.join(s.describe() for s in sources)
+        if stats.bad_rows:
+          raise row_cache.bad_rows_error(stats.as_dict(), where, sources[0].path,
+                                         f'; the {split} split has no good row left')
+        raise input_pipeline.DataError(f'{where}: no rows for the {split} split', sources[0].path)
       self.info.metadata[f'{split}_rows'] = stats.rows
       self.info.metadata[f'{split}_lines'] = stats.source_lines
       self.info.metadata[f'{split}_stats'] = stats.as_dict()
@@ -174,9 +184,14 @@ class _Blocks(tfds.core.ShardBasedBuilder, skip_registration=True):
       yield key, _record(rows, row_cache.row_starts(rows), 0, len(rows))
 
 
-def _line_count(source: row_cache.Source) -> int:
-  start, stop = source.line_range()
-  return (input_pipeline.count_rows(source.path) if stop is None else stop) - start
+def _estimated_lines(source: row_cache.Source) -> int:
+  # From the file's first MB: counting every line would read (and for gzip, decompress) each
+  # file once more before the build starts.
+  lines = input_pipeline.estimate_lines(source.path)
+  if source.part is None:
+    return lines
+  first, stop, num = source.part
+  return lines * (stop - first) // num
 
 
 def _slice(rows: row_cache.Rows, starts: np.ndarray, first: int, stop: int) -> row_cache.Rows:
