@@ -7,13 +7,15 @@ reading --config and its --config.FIELD overrides, with a user's mistakes as sho
 
 ml_collections reports two common mistakes as tracebacks of its own and absl's internals: a
 config file that does not load (a typo in its path) and an override of a field the config does
-not have (`--config.eval_every=...`). Here each is one line in absl's own format for bad flags,
-and exit status 1.
+not have (`--config.eval_every=...`). Here each is a short error in absl's own format for bad
+flags (the paths tried, or the override and ml_collections' 'Did you mean'), and exit status 1.
 """
 
+import importlib.util
 import os
+import re
 import sys
-from typing import List
+from typing import List, NoReturn, Optional
 
 from absl import app
 from absl import flags
@@ -26,7 +28,7 @@ _PATH_FIELDS = ('data_location', 'cache_dir', 'tfds_data_dir', 'predict_input', 
                 'output_dir', 'checkpoint', 'export_dir')
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
   sys.stderr.write(f'FATAL Flags parsing error: {message}\n'
                    'Pass --helpshort or --helpfull to see help on flags.\n')
   sys.exit(1)
@@ -38,19 +40,55 @@ def _config_file_error(error: OSError) -> str:
   return f'--config: cannot load the config file:\n{attempts}'
 
 
+# The override forms ml_collections accepts: --config.a.b=v, -config.a.b v, --noconfig.a.b.
+_OVERRIDE = re.compile(r'^-{1,2}(?:no)?config\.([^=]+)')
+
+
+def _unresolved(config, path: str) -> Optional[str]:
+  """The first field of the dotted `path` that `config` lacks (None if it has them all)."""
+  node = config
+  for name in path.split('.'):
+    try:
+      node = node[int(name)] if isinstance(node, (list, tuple)) else node[name]
+    except (KeyError, IndexError, TypeError, ValueError):
+      return name
+  return None
+
+
+def _config_of(argv: List[str]):
+  """The config the command line names, loaded again: absl has unset the flags by the time
+  a parse error reaches us."""
+  for i, arg in enumerate(argv[1:], 1):
+    match = re.match(r'^-{1,2}config(?:=(.*))?$', arg)
+    spec = match and (match.group(1) if match.group(1) is not None else
+                      (argv[i + 1] if i + 1 < len(argv) else None))
+    if spec:
+      path, _, argument = spec.partition(':')
+      try:
+        module_spec = importlib.util.spec_from_file_location('_dlrm_cli_config', path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(*([argument] if argument else []))
+      except Exception:  # pylint: disable=broad-except
+        return None  # then its own error is the one to show
+  return None
+
+
 def _unknown_field(error: Exception, argv: List[str]) -> str:
-  """The override naming the missing field, with ml_collections' 'Did you mean' if it has one;
-  '' when no --config.FIELD argument names it (then the error is not a user's typo)."""
+  """The override naming a field the config lacks, with ml_collections' 'Did you mean' if it
+  has one; '' when no override does (then the error is not a user's typo)."""
   text = error
   while isinstance(text, BaseException):  # an AttributeError wraps ml_collections' KeyError
     text = text.args[0] if text.args else ''
-  text = str(text)
-  name, _, hint = text.partition('\n')
-  name = name.strip('\'"')
+  hint = str(text).partition('\n')[2]
+  config = _config_of(argv)
+  if config is None:
+    return ''
   for arg in argv[1:]:
-    path = arg.split('=', 1)[0]
-    if path.startswith('--config.') and name in path[len('--config.'):].split('.'):
-      return f'flag {arg}: the config has no field {name!r}' + (f'. {hint}' if hint else '')
+    match = _OVERRIDE.match(arg)
+    missing = match and _unresolved(config, match.group(1))
+    if missing:
+      return f'flag {arg}: the config has no field {missing!r}' + (f'. {hint}' if hint else '')
   return ''
 
 
@@ -62,7 +100,7 @@ def parse_flags(argv: List[str]) -> List[str]:
       FLAGS.config.get('mode')  # a file that did not load raises on its first use
   except OSError as e:
     _fail(_config_file_error(e))
-  except (AttributeError, KeyError) as e:
+  except (AttributeError, KeyError, ValueError) as e:
     message = _unknown_field(e, argv)
     if not message:
       raise

@@ -758,7 +758,8 @@ def expand_paths(paths: Paths) -> List[str]:
 
 
 _READ_BYTES = 1 << 22
-# Longer than any row of the formats read here (DeepRec's ELM lists are cut at max_list_len).
+# Far longer than any row of the formats read here (ELM's longest lists, before max_list_len cuts
+# them, run to kilobytes).
 _MAX_LINE_BYTES = 64 << 20
 _GZIP_MAGIC = b'\x1f\x8b'
 _BOM = b'\xef\xbb\xbf'
@@ -1054,15 +1055,16 @@ class _WorkerPool:
           pending.append(self._executor.submit(_parse_in_worker, path, first_line, lines,
                                                line_step, skip_bad_rows, postprocess))
         while pending and (job is None or len(pending) >= self._in_flight):
-          try:
-            chunk, chunk_stats = pending.popleft().result()
-          except concurrent.futures.process.BrokenProcessPool as e:
-            raise RuntimeError(
-                'a CSV parse worker process stopped (its error is printed above); a script '
-                "without the `if __name__ == '__main__':` guard stops them as they start") from e
+          chunk, chunk_stats = pending.popleft().result()
           if stats is not None:
             stats.add(chunk_stats)
           yield chunk
+    except concurrent.futures.process.BrokenProcessPool as e:
+      # Raised by submit() too, once the pool is broken.
+      raise RuntimeError(
+          'a CSV parse worker process stopped: killed (for memory, say) or failed as it started '
+          "(its error is printed above; a script without the `if __name__ == '__main__':` guard "
+          'stops them so)') from e
     finally:
       for future in pending:
         future.cancel()

@@ -471,7 +471,8 @@ def _build(source: Source, spec: feature_spec_lib.FeatureSpec, directory: str,
   """Parses the source into a new cache at `directory` (replacing whatever is there).
 
   Bad rows are left out and recorded whatever `skip_bad_rows` says (opening the cache enforces
-  it); strictness only stops the build early past _STRICT_BAD_ROWS bad rows.
+  it); strictness only stops the build early past _STRICT_BAD_ROWS bad rows that are also over
+  1% of the lines read.
   """
   expected = _expected_manifest(source, spec, share)
   tmp = f'{directory}.tmp-{socket.gethostname()}-{os.getpid()}'

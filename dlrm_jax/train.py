@@ -965,6 +965,10 @@ def warn_if_data_order_changes(config, workdir: str, start_step: int) -> None:
         start_step, '; '.join(changes), start_step)
 
 
+# What `evaluate` returns, by name; results.json has them as eval_<name>.
+EVAL_METRICS = ('auc', 'accuracy', 'logloss', 'num_examples', 'positive_rate')
+
+
 def earlier_eval_history(workdir: str, start_step: int, eval_every: int,
                          num_steps: int) -> List[Dict[str, Any]]:
   """The evaluations during training of the invocations before this one, up to the checkpoint
@@ -973,7 +977,8 @@ def earlier_eval_history(workdir: str, start_step: int, eval_every: int,
   results.json is written anew by each invocation: without these, a resumed or re-run run's
   eval_history lost the evaluations of the steps it did not train itself. The last
   invocation's final evaluation counts too where an uninterrupted run would have evaluated at
-  that step during training, so that the history is the same either way.
+  that step during training, so that the history is the same either way. (An invocation that
+  crashed wrote no results.json: its evaluations are in its TensorBoard summaries only.)
   """
   try:
     with open(os.path.join(workdir, 'results.json'), encoding='utf-8') as f:
@@ -985,13 +990,10 @@ def earlier_eval_history(workdir: str, start_step: int, eval_every: int,
   if (eval_every and step == start_step < num_steps and step % eval_every == 0
       and 'eval_auc' in earlier
       and not any(isinstance(h, dict) and h.get('step') == step for h in history)):
-    history.append({'step': step, **{k[len('eval_'):]: v for k, v in earlier.items()
-                                     if k.startswith('eval_') and k not in _NOT_EVAL_METRICS}})
+    history.append({'step': step, **{k: earlier[f'eval_{k}'] for k in EVAL_METRICS
+                                     if f'eval_{k}' in earlier}})
   return [h for h in history
           if isinstance(h, dict) and isinstance(h.get('step'), int) and h['step'] <= start_step]
-
-
-_NOT_EVAL_METRICS = ('eval_history', 'eval_during_training_s')
 
 
 def eval_data_changes(config, workdir: str) -> List[str]:

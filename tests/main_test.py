@@ -121,7 +121,12 @@ def test_config_flag_mistakes_are_short_errors_naming_the_flag(tmp_path, command
             "FATAL Flags parsing error: flag --config.eval_every=3: the config has no field "
             '\'eval_every\'. Did you mean "eval_every_steps" instead of "eval_every"?\n'),
            ([f'--config={default}:tiny', '--config.optimizer_hparams.nosuch', '3'],
-            "flag --config.optimizer_hparams.nosuch: the config has no field 'nosuch'\n")]
+            "flag --config.optimizer_hparams.nosuch: the config has no field 'nosuch'\n"),
+           # The override that fails, not the first naming the field; absl's other forms.
+           ([f'--config={default}:tiny', '--config.seed=1', '--config.optimizer_hparams.seed=2'],
+            "flag --config.optimizer_hparams.seed=2: the config has no field 'seed'\n"),
+           ([f'--config={default}:tiny', '--noconfig.no_evalx'],
+            "flag --noconfig.no_evalx: the config has no field 'no_evalx'. Did you mean")]
   if command != ['dlrm_jax.main']:
     cases = cases[::2]  # the parsing is shared: this checks the wiring
   for args, said in cases:
