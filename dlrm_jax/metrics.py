@@ -13,28 +13,59 @@ import numpy as np
 
 
 def exact_auc(labels, scores) -> float:
-  """Area under the ROC curve; ties in `scores` count one half. NaN if one class is absent."""
+  """Area under the ROC curve; ties in `scores` count one half. NaN if one class is absent.
+
+  Counted from the scores in order, run by run of tied scores: each positive beats the
+  negatives of the runs below its own and ties with those of its run. About 25 bytes a row at
+  the peak, beside the inputs (np.unique's tie-averaged ranks took ~60: 15 GB for the 178M rows
+  of Criteo 1TB's eval day).
+  """
   labels = np.asarray(labels).reshape(-1) > 0.5
-  scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+  scores = np.asarray(scores).reshape(-1)
+  if scores.dtype.kind != 'f':
+    scores = scores.astype(np.float64)
   if labels.shape != scores.shape:
     raise ValueError(f'labels {labels.shape} and scores {scores.shape} differ in shape')
   num_pos = int(labels.sum())
   num_neg = labels.size - num_pos
   if num_pos == 0 or num_neg == 0:
     return float('nan')
-  # 1-based ranks, tied scores sharing the mean of the ranks they span.
-  _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-  upper = np.cumsum(counts)
-  mean_rank = upper - (counts - 1) / 2.0
-  rank_sum_pos = mean_rank[inverse][labels].sum()
-  return float((rank_sum_pos - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
+  order = np.argsort(scores, kind='stable')
+  ranked = scores[order]
+  hits = labels[order]
+  del order
+  new_run = np.empty(ranked.size, bool)
+  new_run[0] = True
+  np.not_equal(ranked[1:], ranked[:-1], out=new_run[1:])
+  if np.isnan(ranked[-1]):  # NaNs sort last: one run, as np.unique counts them
+    new_run[np.searchsorted(np.isnan(ranked), True) + 1:] = False
+  del ranked
+  starts = np.flatnonzero(new_run)
+  del new_run
+  pos = np.add.reduceat(hits, starts, dtype=np.int64)
+  neg = np.diff(starts, append=hits.size)
+  neg -= pos
+  below = np.cumsum(neg, out=starts)  # negatives up to and including each run
+  below -= neg
+  # Exact in int64: every sum is at most num_pos * num_neg.
+  wins = int(np.dot(pos, below)) + 0.5 * int(np.dot(pos, neg))
+  return float(wins / (num_pos * num_neg))
+
+
+# Rows per piece of the logloss: float64 temporaries of a piece, not of the whole eval set.
+_LOGLOSS_ROWS = 1 << 20
 
 
 def logloss(labels, probs, eps: float = 1e-7) -> float:
   """Mean binary cross-entropy of probabilities, clipped to [eps, 1 - eps] as Keras does."""
-  labels = np.asarray(labels, np.float64).reshape(-1)
-  probs = np.clip(np.asarray(probs, np.float64).reshape(-1), eps, 1.0 - eps)
-  return float(-np.mean(labels * np.log(probs) + (1.0 - labels) * np.log1p(-probs)))
+  labels = np.asarray(labels).reshape(-1)
+  probs = np.asarray(probs).reshape(-1)
+  total = 0.0
+  for start in range(0, labels.size, _LOGLOSS_ROWS):
+    y = labels[start:start + _LOGLOSS_ROWS].astype(np.float64)
+    p = np.clip(probs[start:start + _LOGLOSS_ROWS].astype(np.float64), eps, 1.0 - eps)
+    total -= float(np.sum(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+  return total / labels.size if labels.size else float('nan')
 
 
 def accuracy(labels, probs, threshold: float = 0.5) -> float:

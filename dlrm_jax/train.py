@@ -635,7 +635,7 @@ def evaluate(setup: Setup, state: TrainState, config, data: data_sources.DataFil
     p, y, mask = jax.device_get(step(state, batch))
     keep = mask > 0
     probs.append(p[keep])
-    labels.append(y[keep])
+    labels.append(y[keep] > 0.5)  # a byte a row, not float32's four
   if not labels or not sum(len(y) for y in labels):
     raise no_eval_rows_error(data, stats)
   values = metrics.classification_metrics(np.concatenate(labels), np.concatenate(probs))
