@@ -76,8 +76,8 @@ def _files(directory: str, names: Sequence[str]) -> List[str]:
 
 # Blocks per array_record shard: TFDS's shard writer holds a shard's examples until it is written
 # (~100 MB of Criteo's blocks, ~250 MB of ELM's; more for the last shard of a split whose lines
-# were underestimated). GeneratorBasedBuilder's writer held a whole
-# split, and past 1 GB spilled it through tf.io.gfile, which needs TensorFlow.
+# were underestimated). GeneratorBasedBuilder's writer held a whole split, and past 1 GB spilled
+# it through tf.io.gfile, which needs TensorFlow.
 SHARD_BLOCKS = 1024
 
 
