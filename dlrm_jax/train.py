@@ -202,10 +202,15 @@ def set_cpu_dispatch(config) -> None:
   if current == wanted:
     return
   if _backends_started():
-    logging.warning('cpu_async_dispatch=%s has no effect: JAX already runs with %s (set it before '
-                    'the first JAX computation of the process)', wanted, current)
+    if wanted not in _DISPATCH_WARNED:  # once a process: a notebook calls again and again
+      _DISPATCH_WARNED.add(wanted)
+      logging.warning('cpu_async_dispatch=%s has no effect: JAX already runs with %s (set it '
+                      'before the first JAX computation of the process)', wanted, current)
     return
   jax.config.update('jax_cpu_enable_async_dispatch', wanted)
+
+
+_DISPATCH_WARNED = set()
 
 
 def _backends_started() -> bool:
