@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -1183,6 +1184,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       # input thread, the open row cache) alive for as long as a notebook keeps the last
       # exception: beside the resumed run's state.
       raise stop.with_traceback(None) from None
+    except (input_pipeline.DataError, OSError) as e:
+      # A bad file or a full disk: the traceback still shows where, but its frames let go of
+      # the state, which a notebook's last exception kept beside the next run's.
+      _clear_frames(e)
+      raise
+
+
+def _clear_frames(error: BaseException) -> None:
+  """The locals of the frames of `error`'s traceback, and of the errors it chains, released."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    traceback.clear_frames(error.__traceback__)
+    error = error.__cause__ or error.__context__
 
 
 def run_training(setup: Setup, config, workdir: str) -> Dict[str, Any]:
