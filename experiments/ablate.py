@@ -48,6 +48,7 @@ from ml_collections import config_flags
 import numpy as np
 import pandas as pd
 
+from dlrm_jax import cli
 from dlrm_jax import metric_writer
 from dlrm_jax import metrics
 
@@ -525,7 +526,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from dlrm_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from dlrm_jax import cli  # pylint: disable=g-import-not-at-top
   checkpoints.quiet_orbax_info()
   config = cli.command_line_config(FLAGS.config)
   out_dir = os.path.expanduser(FLAGS.out_dir)  # '--out_dir=~/x': the shell leaves this '~'
@@ -541,6 +541,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from dlrm_jax import cli  # pylint: disable=g-import-not-at-top
   define_flags()
   app.run(main, flags_parser=cli.parse_flags)
