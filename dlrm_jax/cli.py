@@ -15,10 +15,11 @@ import importlib.util
 import os
 import re
 import sys
-from typing import List, NoReturn, Optional
+from typing import List, NoReturn
 
 from absl import app
 from absl import flags
+from ml_collections.config_flags import config_path
 
 FLAGS = flags.FLAGS
 
@@ -40,19 +41,8 @@ def _config_file_error(error: OSError) -> str:
   return f'--config: cannot load the config file:\n{attempts}'
 
 
-# The override forms ml_collections accepts: --config.a.b=v, -config.a.b v, --noconfig.a.b.
-_OVERRIDE = re.compile(r'^-{1,2}(?:no)?config\.([^=]+)')
-
-
-def _unresolved(config, path: str) -> Optional[str]:
-  """The first field of the dotted `path` that `config` lacks (None if it has them all)."""
-  node = config
-  for name in path.split('.'):
-    try:
-      node = node[int(name)] if isinstance(node, (list, tuple)) else node[name]
-    except (KeyError, IndexError, TypeError, ValueError):
-      return name
-  return None
+# The override forms ml_collections accepts: --config.a.b=v, -config.a[0] v, --noconfig.a.b.
+_OVERRIDE = re.compile(r'^-{1,2}(?:no)?config\.([^=]*)')
 
 
 def _config_of(argv: List[str]):
@@ -74,21 +64,30 @@ def _config_of(argv: List[str]):
   return None
 
 
-def _unknown_field(error: Exception, argv: List[str]) -> str:
-  """The override naming a field the config lacks, with ml_collections' 'Did you mean' if it
-  has one; '' when no override does (then the error is not a user's typo)."""
-  text = error
-  while isinstance(text, BaseException):  # an AttributeError wraps ml_collections' KeyError
-    text = text.args[0] if text.args else ''
-  hint = str(text).partition('\n')[2]
+def _message(error: BaseException) -> str:
+  while isinstance(error, BaseException):  # an AttributeError wraps ml_collections' KeyError
+    error = error.args[0] if error.args else ''
+  return str(error)
+
+
+def _bad_override(argv: List[str]) -> str:
+  """The first override whose path the config cannot take, and why ('' if none: then the
+  error is not a user's typo). An unknown field comes with ml_collections' 'Did you mean'."""
   config = _config_of(argv)
   if config is None:
     return ''
   for arg in argv[1:]:
     match = _OVERRIDE.match(arg)
-    missing = match and _unresolved(config, match.group(1))
-    if missing:
-      return f'flag {arg}: the config has no field {missing!r}' + (f'. {hint}' if hint else '')
+    if not match:
+      continue
+    try:
+      config_path.get_value(match.group(1), config)
+    except (KeyError, AttributeError) as e:
+      name, _, hint = _message(e).partition('\n')
+      return (f'flag {arg}: the config has no field {name.strip(chr(34) + chr(39))!r}'
+              + (f'. {hint}' if hint else ''))
+    except (IndexError, ValueError) as e:
+      return f'flag {arg}: {e}'
   return ''
 
 
@@ -100,8 +99,8 @@ def parse_flags(argv: List[str]) -> List[str]:
       FLAGS.config.get('mode')  # a file that did not load raises on its first use
   except OSError as e:
     _fail(_config_file_error(e))
-  except (AttributeError, KeyError, ValueError) as e:
-    message = _unknown_field(e, argv)
+  except (AttributeError, KeyError, IndexError, ValueError):
+    message = _bad_override(argv)
     if not message:
       raise
     _fail(message)

@@ -1139,12 +1139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if jax.process_count() > 1:
       raise ValueError(f'mode=predict runs in a single process, not {jax.process_count()}: run '
                        'it without config.distributed (the checkpoint restores onto one host)')
-    output = config.predict_output or os.path.join(workdir, 'predictions.txt')
-    check_predict_output(config.predict_input, output)
-    state = restore_for_inference(setup, config, workdir)
-    count = predict(setup, state, config, config.predict_input, output)
-    logging.info('wrote %d probabilities to %s', count, output)
-    return {'predictions': count, 'predict_output': output}
+    return _releasing_state_on_failure(run_prediction, setup, config, workdir)
   made = new_run and config.mode == 'train'
   if made:  # process 0 names the directory (agree_on_workdir); a refusal stops every process
     workdir = data_sources.agreeing(
@@ -1152,43 +1147,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         checkpoints.make_new_directory if jax.process_index() == 0 else os.fspath, workdir)
   workdir = agree_on_workdir(workdir)
   if config.mode == 'eval':
-    # The checkpoint first: a mistyped run directory fails before the data are generated or
-    # cached (minutes for the default planted data).
-    state = restore_for_inference(setup, config, workdir)
-    changes = eval_data_changes(config, workdir)
-    if changes:
-      raise ValueError(f'mode=eval of {workdir}: ' + '; '.join(changes) + '. Nothing was written.')
-    with contextlib.closing(data_sources.resolve(config, setup.spec, train=False,
-                                                 need_train_files=False)) as data:
-      results = {'steps': int(state.step), **data.oracle}
-      stats = input_pipeline.ParseStats()
-      results.update({f'eval_{k}': v
-                      for k, v in evaluate(setup, state, config, data, stats).items()})
-    results.update(parse_results(global_parse_stats(stats)))
-    print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
-    if jax.process_index() == 0:
-      try:
-        write_results(os.path.join(workdir, 'eval_results.json'), results)
-      except OSError as e:  # a run evaluated where it cannot be written (a read-only mount)
-        logging.warning('eval_results.json not written (%s): the figures are the ones above', e)
-    return results
+    return _releasing_state_on_failure(run_evaluation, setup, config, workdir)
   with contextlib.ExitStack() as locked:
     # Process 0 alone takes the lock: refused (RunDirectoryInUse), it stops the others here, not
     # in their first collective after JAX's 5-minute shutdown timeout.
     data_sources.agreeing("taking the run directory's lock", locked.enter_context,
                           checkpoints.training_lock(workdir, made=made))
     try:
-      return run_training(setup, config, workdir)
+      return _releasing_state_on_failure(run_training, setup, config, workdir)
     except checkpoints.Preempted as stop:
       # A stop is not a failure. Its traceback would keep run_training's frame (the state, the
       # input thread, the open row cache) alive for as long as a notebook keeps the last
       # exception: beside the resumed run's state.
       raise stop.with_traceback(None) from None
-    except (input_pipeline.DataError, OSError) as e:
-      # A bad file or a full disk: the traceback still shows where, but its frames let go of
-      # the state, which a notebook's last exception kept beside the next run's.
-      _clear_frames(e)
-      raise
+
+
+def _releasing_state_on_failure(run: Callable[..., Dict[str, Any]], *args) -> Dict[str, Any]:
+  """run(*args). A bad file or a full disk keeps its whole traceback, but its frames let go of
+  the state, which a notebook's last exception kept alive beside the next run's."""
+  try:
+    return run(*args)
+  except (input_pipeline.DataError, OSError) as e:
+    _clear_frames(e)
+    raise
+
+
+def run_prediction(setup: Setup, config, workdir: str) -> Dict[str, Any]:
+  """mode=predict: the click probability of every row of predict_input, one per line."""
+  output = config.predict_output or os.path.join(workdir, 'predictions.txt')
+  check_predict_output(config.predict_input, output)
+  state = restore_for_inference(setup, config, workdir)
+  count = predict(setup, state, config, config.predict_input, output)
+  logging.info('wrote %d probabilities to %s', count, output)
+  return {'predictions': count, 'predict_output': output}
+
+
+def run_evaluation(setup: Setup, config, workdir: str) -> Dict[str, Any]:
+  """mode=eval: the newest checkpoint's metrics on the eval rows, into eval_results.json."""
+  # The checkpoint first: a mistyped run directory fails before the data are generated or
+  # cached (minutes for the default planted data).
+  state = restore_for_inference(setup, config, workdir)
+  changes = eval_data_changes(config, workdir)
+  if changes:
+    raise ValueError(f'mode=eval of {workdir}: ' + '; '.join(changes) + '. Nothing was written.')
+  with contextlib.closing(data_sources.resolve(config, setup.spec, train=False,
+                                               need_train_files=False)) as data:
+    results = {'steps': int(state.step), **data.oracle}
+    stats = input_pipeline.ParseStats()
+    results.update({f'eval_{k}': v
+                    for k, v in evaluate(setup, state, config, data, stats).items()})
+  results.update(parse_results(global_parse_stats(stats)))
+  print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
+  if jax.process_index() == 0:
+    try:
+      write_results(os.path.join(workdir, 'eval_results.json'), results)
+    except OSError as e:  # a run evaluated where it cannot be written (a read-only mount)
+      logging.warning('eval_results.json not written (%s): the figures are the ones above', e)
+  return results
 
 
 def _clear_frames(error: BaseException) -> None:

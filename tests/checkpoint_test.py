@@ -1273,6 +1273,15 @@ def test_a_failure_after_training_keeps_the_figures_and_a_rerun_only_evaluates(t
     kept = json.load(f)
   assert kept['steps'] == kept['last_checkpoint_step'] == 20 and kept['train_samples_per_s'] > 0
   assert kept['failed_after_training'].startswith('DataError: ') and 'eval_auc' not in kept
+  # mode=eval on the same bad row: the held error keeps no array of the restored state alive.
+  config.mode = 'eval'
+  before = {id(a) for a in jax.live_arrays()}
+  with pytest.raises(input_pipeline.DataError, match=f'eval.csv:{len(rows) + 1}:') as raised:
+    train.train_and_evaluate(config, workdir)
+  gc.collect()
+  left = [a.shape for a in jax.live_arrays() if id(a) not in before]
+  assert raised.value.line == len(rows) + 1 and not left, left
+  config.mode = 'train'
   (local / 'eval.csv').write_text('\n'.join(rows) + '\n')
   results = train.train_and_evaluate(config, workdir)
   assert results['steps'] == 20 and results['checkpoint_saves'] == 0  # nothing trained again

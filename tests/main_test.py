@@ -126,7 +126,11 @@ def test_config_flag_mistakes_are_short_errors_naming_the_flag(tmp_path, command
            ([f'--config={default}:tiny', '--config.seed=1', '--config.optimizer_hparams.seed=2'],
             "flag --config.optimizer_hparams.seed=2: the config has no field 'seed'\n"),
            ([f'--config={default}:tiny', '--noconfig.no_evalx'],
-            "flag --noconfig.no_evalx: the config has no field 'no_evalx'. Did you mean")]
+            "flag --noconfig.no_evalx: the config has no field 'no_evalx'. Did you mean"),
+           ([f'--config={default}:tiny', '--config.bottom_mlp[0]=32', '--config.eval_every=3'],
+            "flag --config.eval_every=3: the config has no field 'eval_every'. Did you mean"),
+           ([f'--config={default}:tiny', '--config.mesh_shape[5]=1'],
+            'flag --config.mesh_shape[5]=1: tuple index out of range\n')]
   if command != ['dlrm_jax.main']:
     cases = cases[::2]  # the parsing is shared: this checks the wiring
   for args, said in cases:

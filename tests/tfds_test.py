@@ -116,8 +116,9 @@ def test_a_split_is_written_shard_by_shard_in_bounded_memory(tmp_path, monkeypat
   config.batch_size = 100
   data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
   assert data.train_rows == 1600
-  # 1600 lines: 4 shards of a block each, the last block short.
-  assert len(list((tmp_path / 'tfds').rglob('*-train.array_record-*'))) == 4
+  # 1600 lines: 4 blocks (the last short), a shard each (2000 lines' worth with a quarter to
+  # spare), and a spare shard, left empty.
+  assert len(list((tmp_path / 'tfds').rglob('*-train.array_record-*'))) == 5
   source = tfds_builders.data_source(config, SPEC, str(manual))['train']
   assert [int(source[i]['rows']) for i in range(len(source))] == [512, 512, 512, 64]
   assert rows_of(data_sources.train_batches(config, SPEC, data, num_steps=16, process_index=0,
@@ -125,14 +126,17 @@ def test_a_split_is_written_shard_by_shard_in_bounded_memory(tmp_path, monkeypat
   assert rows_of(data_sources.eval_batches(config, SPEC, data, process_index=0,
                                            process_count=1)) == list(range(5000, 5030))
   # The shard count comes from an estimate of the lines: too high leaves empty shards (skipped
-  # when read), too low a longer last shard; the rows are the same either way.
-  for factor in (3, 0.3):
+  # when read), too low a longer last shard; the rows are the same either way. A gzip file's
+  # estimate 19% low still leaves no shard longer than SHARD_BLOCKS.
+  for factor, longest in ((3, 1), (0.81, 1), (0.3, 2)):
     monkeypatch.setattr(input_pipeline, 'estimate_lines', lambda p, f=factor: int(1600 * f))
     config.tfds_data_dir = str(tmp_path / f'tfds-{factor}')
     data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
     assert data.train_rows == 1600
     assert rows_of(data_sources.train_batches(config, SPEC, data, num_steps=16, process_index=0,
                                               process_count=1)) == list(range(1600))
+    info = tfds_builders.data_source(config, SPEC, str(manual))['train'].dataset_info
+    assert max(info.splits['train'].shard_lengths) == longest, factor
 
 
 def test_criteo_kaggle_split_from_planted_data(tmp_path):
