@@ -455,9 +455,46 @@ def row_major_transpose(a: Array) -> Array:
   return take_rows(a.reshape(-1, 1), source.reshape(-1)).reshape(cols, rows)
 
 
+def cpu_flags(path: str = '/proc/cpuinfo') -> Optional[frozenset]:
+  """The first CPU's feature flags (Linux), or None where they cannot be read."""
+  try:
+    with open(path) as f:
+      for line in f:
+        if line.startswith('flags'):
+          return frozenset(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  return None
+
+
+def emulates_bfloat16(flags: Optional[frozenset] = None) -> bool:
+  """Whether the backend is a CPU without bfloat16 arithmetic (no AVX-512 BF16 or AMX)."""
+  if jax.default_backend() != 'cpu':
+    return False
+  flags = cpu_flags() if flags is None else flags
+  return flags is not None and not flags & {'avx512_bf16', 'amx_bf16'}
+
+
+@functools.lru_cache(maxsize=None)
+def _upcast_bf16_dots() -> bool:
+  return emulates_bfloat16()
+
+
+def _bf16_dot(a: Array, b: Array) -> Array:
+  """a @ b of bfloat16 operands, accumulated in float32.
+
+  Where the CPU has no bfloat16 arithmetic, XLA:CPU's bfloat16 product ran 1.3-1.6x slower than
+  the float32 product of the operands converted first (ELM's layer shapes, timed alone on an
+  AVX2 EPYC), which is the same product: a product of two bfloat16 values is exact in float32.
+  """
+  if _upcast_bf16_dots():
+    return jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
 @jax.custom_vjp
 def _bf16_matmul(x: Array, w: Array) -> Array:
-  return jnp.dot(x, w, preferred_element_type=jnp.float32)
+  return _bf16_dot(x, w)
 
 
 def _bf16_matmul_fwd(x, w):
@@ -467,8 +504,8 @@ def _bf16_matmul_fwd(x, w):
 def _bf16_matmul_bwd(residuals, g):
   x, w = residuals
   g = g.astype(x.dtype)
-  dx = jnp.dot(g, row_major_transpose(w), preferred_element_type=jnp.float32).astype(x.dtype)
-  dw = jnp.dot(row_major_transpose(x), g, preferred_element_type=jnp.float32).astype(w.dtype)
+  dx = _bf16_dot(g, row_major_transpose(w)).astype(x.dtype)
+  dw = _bf16_dot(row_major_transpose(x), g).astype(w.dtype)
   return dx, dw
 
 

@@ -415,14 +415,17 @@ def test_bf16_keeps_the_interaction_inputs_and_the_logit_float32_as_deeprec(op):
                              atol=1e-7)
 
 
+@pytest.mark.parametrize('upcast', [True, False])
 @pytest.mark.parametrize('gather', [True, False])
-def test_bf16_matmul_is_the_rounded_operands_product_in_float32(gather, monkeypatch):
+def test_bf16_matmul_is_the_rounded_operands_product_in_float32(gather, upcast, monkeypatch):
   # Both transposes of the backward pass (a gather on CPU, a plain .T on accelerators) must give
   # the product of the bf16-rounded operands with float32 accumulation, forward and backward,
   # with the cotangent rounded to bf16 and dx, dw rounded to bf16. Reference: float64 on the
   # same rounded values. Tolerance: float32 accumulation of 64 terms (~1e-6 relative) forward;
   # one bf16 rounding (2^-8 relative) of each gradient.
+  # The same with the operands converted to float32 first (CPUs without bfloat16 arithmetic).
   monkeypatch.setattr(models, 'gather_transposes', lambda: gather)
+  monkeypatch.setattr(models, '_upcast_bf16_dots', lambda: upcast)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((32, 64)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((64, 16)), jnp.bfloat16)
@@ -455,10 +458,14 @@ def _operand_dtypes_of_dots(hlo: str):
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU layout of bf16 dots')
-def test_bf16_dense_layer_runs_bf16_dots_forward_and_backward_on_cpu():
+@pytest.mark.parametrize('upcast', [False, True])
+def test_bf16_dense_layer_runs_bf16_dots_forward_and_backward_on_cpu(upcast, monkeypatch):
   # The point of the gathered transposes: XLA:CPU must not turn the backward dots (g w^T and
   # x^T g) into float32 ones. Checked on the compiled program: its three dots all multiply
-  # bfloat16 operands. (With a plain .T, two of the three become float32 dots.)
+  # bfloat16 operands. (With a plain .T, two of the three become float32 dots.) On a CPU without
+  # bfloat16 arithmetic all three are float32 products of converted operands instead: faster
+  # there than XLA's bfloat16 ones.
+  monkeypatch.setattr(models, '_upcast_bf16_dots', lambda: upcast)
   x = jnp.ones((256, 128), jnp.bfloat16)
   w = jnp.ones((128, 64), jnp.bfloat16)
   dims = (((1,), (0,)), ((), ()))
@@ -468,7 +475,8 @@ def test_bf16_dense_layer_runs_bf16_dots_forward_and_backward_on_cpu():
 
   hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
   dots = _operand_dtypes_of_dots(hlo)
-  assert len(dots) == 3 and all(d == ('bf16', 'bf16') for d in dots), dots
+  want = ('f32', 'f32') if upcast else ('bf16', 'bf16')
+  assert len(dots) == 3 and all(d == want for d in dots), dots
 
 
 _SHARDED_BF16_LAYER = r'''
@@ -496,3 +504,11 @@ def test_sharded_bf16_layer_keeps_activations_local():
   out = subprocess.run([sys.executable, '-c', _SHARDED_BF16_LAYER], env=env, capture_output=True,
                        text=True, timeout=300, check=True).stdout.split()
   assert out == ['False', str(128 * 64)], out
+
+
+def test_bf16_dots_are_converted_only_where_the_cpu_lacks_bfloat16():
+  # /proc/cpuinfo's flags decide (the trainer warns from the same test).
+  assert models.emulates_bfloat16(frozenset({'avx2', 'fma'})) == (jax.default_backend() == 'cpu')
+  assert not models.emulates_bfloat16(frozenset({'avx2', 'avx512_bf16'}))
+  assert not models.emulates_bfloat16(frozenset({'amx_bf16'}))
+  assert models._upcast_bf16_dots() == models.emulates_bfloat16()  # pylint: disable=protected-access

@@ -16,6 +16,7 @@ import train_helpers as th
 from configs import default
 from dlrm_jax import input_pipeline
 from dlrm_jax import metrics
+from dlrm_jax import models
 from dlrm_jax import train
 
 
@@ -373,8 +374,8 @@ def test_bf16_on_a_cpu_without_native_bfloat16_is_said_to_be_slower(tmp_path, ca
   # ran at 0.65x of float32 in the benchmark, without a word.
   cpuinfo = tmp_path / 'cpuinfo'
   cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu avx2 fma f16c\n\nflags\t\t: avx512_bf16\n')
-  assert train.cpu_flags(str(cpuinfo)) == {'fpu', 'avx2', 'fma', 'f16c'}  # the first CPU's
-  assert train.cpu_flags(str(tmp_path / 'missing')) is None
+  assert models.cpu_flags(str(cpuinfo)) == {'fpu', 'avx2', 'fma', 'f16c'}  # the first CPU's
+  assert models.cpu_flags(str(tmp_path / 'missing')) is None
   config = th.tiny_config(tmp_path, bf16=True)
   caplog.set_level('WARNING')
   train.warn_if_bf16_is_emulated(config, frozenset({'avx2', 'fma'}))
