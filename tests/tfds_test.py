@@ -22,6 +22,15 @@ tfds = pytest.importorskip('tensorflow_datasets')
 SPEC = feature_spec.elm_spec(hash_buckets=1000, embedding_dim=4, max_list_len=4)
 
 
+def manual_files(tmp_path, train_lines, eval_lines, **config):
+  """A manual directory of train.csv and eval.csv, and a run config reading it through TFDS."""
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  write(manual / 'train.csv', train_lines)
+  write(manual / 'eval.csv', eval_lines)
+  return manual, config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), **config)
+
+
 def test_tensorflow_is_neither_installed_nor_needed():
   # If TensorFlow were importable this test would prove nothing: it would be used silently.
   code = ('import sys, importlib.util; assert importlib.util.find_spec("tensorflow") is None; '
@@ -39,12 +48,9 @@ def test_builders_say_where_the_files_go():
 
 
 def test_elm_blocks_hold_exactly_the_parsed_rows(tmp_path):
-  manual = tmp_path / 'manual'
-  manual.mkdir()
   # 1100 rows: two full 512-row records and a short one.
-  write(manual / 'train.csv', numbered_lines(0, 1100))
-  write(manual / 'eval.csv', numbered_lines(5000, 30))
-  config = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), shuffle_buffer=0)
+  manual, config = manual_files(tmp_path, numbered_lines(0, 1100), numbered_lines(5000, 30),
+                                shuffle_buffer=0)
   config.batch_size = 100
   data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
   assert data.train_rows == 1100
@@ -108,11 +114,8 @@ def test_a_split_is_written_shard_by_shard_in_bounded_memory(tmp_path, monkeypat
   from tensorflow_datasets.core import shuffle  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(shuffle, 'MAX_MEM_BUFFER_SIZE', 1)
   monkeypatch.setattr(tfds_builders, 'SHARD_BLOCKS', 1)
-  manual = tmp_path / 'manual'
-  manual.mkdir()
-  write(manual / 'train.csv', numbered_lines(0, 1600))
-  write(manual / 'eval.csv', numbered_lines(5000, 30))
-  config = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), shuffle_buffer=0)
+  manual, config = manual_files(tmp_path, numbered_lines(0, 1600), numbered_lines(5000, 30),
+                                shuffle_buffer=0)
   config.batch_size = 100
   data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
   assert data.train_rows == 1600
@@ -200,13 +203,9 @@ def test_other_files_or_parts_make_another_data_set(tmp_path):
 
 
 def test_rows_a_build_dropped_are_counted_and_a_strict_run_refuses_them(tmp_path):
-  manual = tmp_path / 'manual'
-  manual.mkdir()
   lines = numbered_lines(0, 40)
   lines[9] = elm_line(ctr_30='x')
-  write(manual / 'train.csv', lines)
-  write(manual / 'eval.csv', numbered_lines(1000, 20))
-  lenient = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), skip_bad_rows=True)
+  manual, lenient = manual_files(tmp_path, lines, numbered_lines(1000, 20), skip_bad_rows=True)
   data = data_sources.resolve(lenient, SPEC, process_index=0, process_count=1)
   stats = input_pipeline.ParseStats()
   assert len(rows_of(data_sources.train_batches(lenient, SPEC, data, num_steps=3, stats=stats,
@@ -224,11 +223,8 @@ def test_rows_a_build_dropped_are_counted_and_a_strict_run_refuses_them(tmp_path
 def test_a_split_without_a_good_row_is_not_kept(tmp_path):
   # Its empty shard was kept as a prepared data set that no open could read ("Paths sequence can
   # not be of 0 length"), and TFDS never rebuilds one: fixing the file did not help.
-  manual = tmp_path / 'manual'
-  manual.mkdir()
-  write(manual / 'train.csv', numbered_lines(0, 600))
-  write(manual / 'eval.csv', ['not,a,row'] * 5)
-  config = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), skip_bad_rows=True)
+  manual, config = manual_files(tmp_path, numbered_lines(0, 600), ['not,a,row'] * 5,
+                                skip_bad_rows=True)
   with pytest.raises(input_pipeline.DataError,
                      match=r'eval.csv:1: .*5 bad rows in .*eval.csv; the eval split has no good '
                            r'row left'):
@@ -280,11 +276,7 @@ def test_a_deleted_data_set_is_built_again_in_the_same_process(tmp_path):
   # The data set is opened once a process; deleting it, as a SourceChanged error says to, must
   # still rebuild it (the opened one used to be served again, and refused again).
   import shutil  # pylint: disable=g-import-not-at-top
-  manual = tmp_path / 'manual'
-  manual.mkdir()
-  write(manual / 'train.csv', numbered_lines(0, 40))
-  write(manual / 'eval.csv', numbered_lines(1000, 20))
-  config = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'))
+  manual, config = manual_files(tmp_path, numbered_lines(0, 40), numbered_lines(1000, 20))
   resolve = lambda: data_sources.resolve(config, SPEC, process_index=0, process_count=1)
   assert resolve().train_rows == 40
   write(manual / 'train.csv', numbered_lines(0, 70))
