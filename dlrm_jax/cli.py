@@ -73,6 +73,8 @@ def _message(error: BaseException) -> str:
 def _bad_override(argv: List[str]) -> str:
   """The first override whose path the config cannot take, and why ('' if none: then the
   error is not a user's typo). An unknown field comes with ml_collections' 'Did you mean'."""
+  # Overrides and --config itself may come from a --flagfile, which absl expands as it parses.
+  argv = FLAGS.read_flags_from_files(argv, force_gnu=False)
   config = _config_of(argv)
   if config is None:
     return ''

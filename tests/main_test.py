@@ -114,6 +114,8 @@ def test_config_flag_mistakes_are_short_errors_naming_the_flag(tmp_path, command
   # does not load (at the config's first use), and an override of a field it does not have.
   missing = tmp_path / 'configs' / 'defualt.py'
   default = os.path.join(ROOT, 'configs', 'default.py')
+  flagfile = tmp_path.parent / f'{tmp_path.name}.flags'
+  flagfile.write_text(f'--config={default}:tiny\n--config.eval_every=3\n')
   cases = [([f'--config={missing}:tiny'], 'FATAL Flags parsing error: --config: cannot load the '
             f'config file:\n  Attempted [Relative path]:\n    {missing}\n'),
            ([f'--config={missing}', '--config.steps=3'], str(missing)),
@@ -130,7 +132,10 @@ def test_config_flag_mistakes_are_short_errors_naming_the_flag(tmp_path, command
            ([f'--config={default}:tiny', '--config.bottom_mlp[0]=32', '--config.eval_every=3'],
             "flag --config.eval_every=3: the config has no field 'eval_every'. Did you mean"),
            ([f'--config={default}:tiny', '--config.mesh_shape[5]=1'],
-            'flag --config.mesh_shape[5]=1: tuple index out of range\n')]
+            'flag --config.mesh_shape[5]=1: tuple index out of range\n'),
+           # absl reads a --flagfile's flags inside its parser, so they are not in argv.
+           ([f'--flagfile={flagfile}'],
+            "flag --config.eval_every=3: the config has no field 'eval_every'. Did you mean")]
   if command != ['dlrm_jax.main']:
     cases = cases[::2]  # the parsing is shared: this checks the wiring
   for args, said in cases:
