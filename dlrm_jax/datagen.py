@@ -104,6 +104,7 @@ import errno
 import fcntl
 import functools
 import gzip
+import hashlib
 import json
 import os
 import sys
@@ -1099,6 +1100,8 @@ def generate(kind: str, out_dir: str, train_rows: int, eval_rows: int, seed: int
     path = os.path.join(out_dir, oracle['files'][name])
     labels, probs = _write_split(world, path, split, rows, gzip_files)
     oracle['file_bytes'][name] = os.path.getsize(path)
+    if name == 'eval':  # the rows the oracle figures score: an edit that keeps the size shows
+      oracle['eval_file_sha256'] = _sha256(path)
     for key, value in _split_stats(labels, probs).items():
       oracle[f'{name}_{key}'] = value
   oracle['oracle_auc'] = oracle['eval_oracle_auc']
@@ -1153,10 +1156,24 @@ def read_complete(out_dir: str, kind: str) -> Optional[Dict[str, Any]]:
   return _with_paths(oracle, out_dir, reused=True)
 
 
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(functools.partial(f.read, 1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
 def _is_complete(oracle: Dict[str, Any], out_dir: str) -> bool:
+  """Whether out_dir's files are the ones oracle.json describes: their sizes, and the eval
+  file's bytes (a flipped label keeps the size). Data sets written before the eval file's
+  digest was recorded are checked by size alone."""
   try:
-    return all(os.path.getsize(os.path.join(out_dir, oracle['files'][split])) ==
-               oracle['file_bytes'][split] for split in ('train', 'eval'))
+    if not all(os.path.getsize(os.path.join(out_dir, oracle['files'][split])) ==
+               oracle['file_bytes'][split] for split in ('train', 'eval')):
+      return False
+    digest = oracle.get('eval_file_sha256')
+    return digest is None or _sha256(os.path.join(out_dir, oracle['files']['eval'])) == digest
   except (OSError, KeyError, TypeError):
     return False
 

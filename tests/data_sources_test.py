@@ -207,6 +207,13 @@ def test_planted_oracle_only_for_the_planted_eval_rows(tmp_path, fields, has_ora
   resolve = lambda: data_sources.resolve(config, feature_spec.from_config(config),
                                          process_index=0, process_count=1).oracle
   assert resolve() == data.oracle
+  # A label flipped keeps the file's size: the figures were of the rows before it.
+  path = tmp_path / 'planted_criteo' / 'eval.txt'
+  text = path.read_text()
+  path.write_text(('1' if text[0] == '0' else '0') + text[1:])
+  assert resolve() == {}
+  path.write_text(text)
+  assert resolve() == data.oracle
   with open(tmp_path / 'planted_criteo' / 'eval.txt', 'a') as f:
     f.write('1' + '\t' * 39 + '\n')
   assert resolve() == {}
