@@ -109,6 +109,25 @@ def parse_flags(argv: List[str]) -> List[str]:
   return argv
 
 
+def run_directory(workdir, config):
+  """--workdir (its '~' expanded), or None to let the trainer name the run directory.
+
+  Both --workdir and --config.checkpoint name the run directory, and --workdir wins: a job
+  script's fresh --workdir beside the --config.checkpoint that a stopped run's message asks
+  for trained from step 0 elsewhere, the checkpoint unused. Two different directories are
+  refused.
+  """
+  if not workdir:
+    return None
+  workdir = os.path.expanduser(workdir)
+  if config.checkpoint and os.path.realpath(workdir) != os.path.realpath(config.checkpoint):
+    raise app.UsageError(
+        f'--workdir={workdir} and --config.checkpoint={config.checkpoint} name two run '
+        'directories: pass one of them (--config.checkpoint is the one a stopped run resumes '
+        'from)')
+  return workdir
+
+
 def command_line_config(config):
   """The parsed --config, its path settings' '~' as the home directory, as the shell would have
   expanded it."""

@@ -2,12 +2,10 @@
 
   python -m dlrm_jax.main --config=configs/default.py [--config.interaction_op=dot ...]
 
-The run directory is --workdir if given, else the config's `checkpoint`, else
+The run directory is --workdir or the config's `checkpoint` (both: the same directory), else
 `output_dir/model_DLRM_<timestamp>` as in the reference (with -1, -2... for a second training
 run started in the same second).
 """
-
-import os
 
 from absl import app
 from absl import flags
@@ -31,8 +29,7 @@ def main(argv):
   # backend starts (CPU dispatch, joining a multi-process run).
   config = cli.command_line_config(FLAGS.config)
   # Without --workdir, train_and_evaluate names the run directory (train.resolve_workdir).
-  workdir = os.path.expanduser(FLAGS.workdir) if FLAGS.workdir else None
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, cli.run_directory(FLAGS.workdir, config))
 
 
 if __name__ == '__main__':

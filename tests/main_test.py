@@ -135,9 +135,13 @@ def test_config_flag_mistakes_are_short_errors_naming_the_flag(tmp_path, command
             'flag --config.mesh_shape[5]=1: tuple index out of range\n'),
            # absl reads a --flagfile's flags inside its parser, so they are not in argv.
            ([f'--flagfile={flagfile}'],
-            "flag --config.eval_every=3: the config has no field 'eval_every'. Did you mean")]
+            "flag --config.eval_every=3: the config has no field 'eval_every'. Did you mean"),
+           # Two run directories: --workdir won, and the checkpoint to resume went unused.
+           ([f'--config={default}:tiny', f'--config.checkpoint={tmp_path}/a',
+             f'--workdir={tmp_path}/b'], f'--workdir={tmp_path}/b and --config.checkpoint='
+            f'{tmp_path}/a name two run directories')]
   if command != ['dlrm_jax.main']:
-    cases = cases[::2]  # the parsing is shared: this checks the wiring
+    cases = cases[:-1:2]  # the parsing is shared: this checks the wiring
   for args, said in cases:
     proc = subprocess.run([sys.executable, '-m', *command, *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600,
