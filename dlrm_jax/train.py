@@ -927,6 +927,25 @@ def decay_step_change(config, workdir: str) -> List[str]:
           f'--config.optimizer_hparams.accumulator_decay_step={was} resumes it']
 
 
+def log_changed_settings(config, workdir: str, start_step: int) -> None:
+  """Names every setting that differs from the run's last invocation (its config.json).
+
+  A resume takes the new values, including a config file's default for an override left off
+  the command line: a learning rate set by the first invocation's flag went back to the
+  default without a word. `checkpoint` only names the run directory, which is the same.
+  """
+  saved = checkpoints.saved_config(workdir)
+  if saved is None:
+    return
+  current = json.loads(config.to_json_best_effort())
+  changes = [line for line in checkpoints.config_differences(saved, current)
+             if not line.startswith('checkpoint:')]
+  if changes:
+    logging.warning('resuming at step %d with settings changed since the last invocation '
+                    '(%s): %s', start_step, os.path.join(workdir, 'config.json'),
+                    '; '.join(changes))
+
+
 def warn_if_data_order_changes(config, workdir: str, start_step: int) -> None:
   """Warns when a resume changes what decides the data order (config.json has the run's).
 
@@ -1244,6 +1263,7 @@ def _run_training(setup: Setup, config, workdir: str,
     manager = closing.enter_context(contextlib.closing(
         checkpoints.make_manager(workdir, config, training=True)))
   if start_step:
+    log_changed_settings(config, workdir, start_step)
     warn_if_data_order_changes(config, workdir, start_step)
 
   def open_writer():  # process 0 writes: its disk, before the first collective on the state

@@ -946,6 +946,10 @@ def test_a_resume_that_changes_the_data_order_says_so(tmp_path, caplog):
   train.train_and_evaluate(_config(tmp_path, steps=8, save_steps=0, no_eval=True,
                                    learning_rate=0.02, eval_parts=3), workdir)
   assert 'another data order' not in caplog.text
+  # Every changed setting is named, as a resume applies it (or a forgotten flag's default).
+  assert ('resuming at step 5 with settings changed since the last invocation '
+          f'({workdir}/config.json): eval_parts: 1 -> 3; learning_rate: 0.01 -> 0.02; '
+          'steps: 5 -> 8') in caplog.text, caplog.text
   # Nor does a config.json of a release that listed only the planted fields it set (the others
   # are the generator's defaults, as now).
   with open(os.path.join(workdir, 'config.json')) as f:
