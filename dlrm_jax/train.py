@@ -980,6 +980,41 @@ def warn_if_data_order_changes(config, workdir: str, start_step: int) -> None:
 EVAL_METRICS = ('auc', 'accuracy', 'logloss', 'num_examples', 'positive_rate')
 
 
+def earlier_results(workdir: str) -> Optional[Dict[str, Any]]:
+  """The run's results.json as the last invocation wrote it; None if there is none (or it is
+  not JSON)."""
+  try:
+    with open(os.path.join(workdir, 'results.json'), encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+# What an invocation's training produced. One that trains no step (a rerun to export, or to
+# evaluate again) keeps the last invocation's: its own would read as a run that took no time.
+TRAINING_FIGURES = ('train_time_s', 'train_samples_per_s', 'checkpoint_saves',
+                    'checkpoint_stall_s', 'eval_history', 'eval_during_training_s')
+PARSE_FIGURES = ('rows_parsed', 'bad_rows', 'truncated_list_values', 'parse_stats')
+
+
+def figures_kept_without_training(earlier: Optional[Dict[str, Any]], step: int,
+                                  evaluated: bool) -> Dict[str, Any]:
+  """What an invocation that trained no step at `step` takes from the last one's results
+  (`earlier`): the training figures, and the evaluation's too when it did not evaluate again."""
+  if not isinstance(earlier, dict) or earlier.get('steps') != step:
+    return {}
+  kept = {k: earlier[k] for k in TRAINING_FIGURES if k in earlier}
+  if not evaluated:
+    kept.update({k: v for k, v in earlier.items()
+                 if k.startswith(('eval_', 'oracle_')) or k in PARSE_FIGURES})
+  return kept
+
+
+def evaluated_data(data: data_sources.DataFiles) -> List[str]:
+  """The eval rows' files (and parts of files), as results.json names them."""
+  return [source.describe() for source in data.eval_sources] or [data.eval_path]
+
+
 def earlier_eval_history(workdir: str, start_step: int, eval_every: int,
                          num_steps: int) -> List[Dict[str, Any]]:
   """The evaluations during training of the invocations before this one, up to the checkpoint
@@ -991,11 +1026,10 @@ def earlier_eval_history(workdir: str, start_step: int, eval_every: int,
   that step during training, so that the history is the same either way. (An invocation that
   crashed wrote no results.json: its evaluations are in its TensorBoard summaries only.)
   """
+  earlier = earlier_results(workdir)
   try:
-    with open(os.path.join(workdir, 'results.json'), encoding='utf-8') as f:
-      earlier = json.load(f)
     history = list(earlier.get('eval_history') or [])
-  except (OSError, ValueError, AttributeError, TypeError):  # none yet, or not one of ours
+  except (AttributeError, TypeError):  # none yet, or not one of ours
     return []
   step = earlier.get('steps')
   if (eval_every and step == start_step < num_steps and step % eval_every == 0
@@ -1201,6 +1235,7 @@ def run_evaluation(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     stats = input_pipeline.ParseStats()
     results.update({f'eval_{k}': v
                     for k, v in evaluate(setup, state, config, data, stats).items()})
+    results['eval_data'] = evaluated_data(data)
   results.update(parse_results(global_parse_stats(stats)))
   print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
   if jax.process_index() == 0:
@@ -1483,10 +1518,14 @@ def _run_training(setup: Setup, config, workdir: str,
     results['eval_history'] = eval_history  # the evaluations during training, by step
     results['eval_during_training_s'] = eval_time
 
+  # Read before this invocation's results replace it.
+  earlier = earlier_results(workdir) if final_step == start_step else None
+
   def record_results(parse_stats: input_pipeline.ParseStats):
     if 'eval_auc' in results:  # the oracle is the eval file's best: only beside its eval figures
       results.update(data.oracle)
     results.update(parse_results(parse_stats))
+    results.update(figures_kept_without_training(earlier, final_step, 'eval_auc' in results))
     writer.close()
     if jax.process_index() == 0:
       write_results(os.path.join(workdir, 'results.json'), results)
@@ -1498,6 +1537,7 @@ def _run_training(setup: Setup, config, workdir: str,
       return_freed_heap()  # what the save freed
       eval_metrics = evaluate(setup, state, config, data, stats, step=eval_fn)
       results.update({f'eval_{k}': v for k, v in eval_metrics.items()})
+      results['eval_data'] = evaluated_data(data)
     # The run's counts, summed over the processes while they are all here, before what only
     # process 0 does and may fail at alone (its summaries, the export's write).
     run_stats = global_parse_stats(stats)

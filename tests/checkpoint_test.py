@@ -636,7 +636,7 @@ def test_eval_mode_needs_only_the_eval_file_and_reports_its_bad_rows(tmp_path, c
     assert results['eval_num_examples'] == len(rows) and results['bad_rows'] == 1
     with open(os.path.join(trained, 'eval_results.json')) as f:
       written = json.load(f)
-    assert written['bad_rows'] == 1
+    assert written['bad_rows'] == 1 and written['eval_data'] == [str(only_eval / 'eval.csv')]
     assert 'eval.csv:51:' in written['parse_stats']['bad_row_examples'][0]
     # A second evaluation reads the cache built by the first: its bad row is counted again.
     assert train.train_and_evaluate(evaluate, trained)['bad_rows'] == 1
@@ -1288,8 +1288,21 @@ def test_a_failure_after_training_keeps_the_figures_and_a_rerun_only_evaluates(t
   config.mode = 'train'
   (local / 'eval.csv').write_text('\n'.join(rows) + '\n')
   results = train.train_and_evaluate(config, workdir)
-  assert results['steps'] == 20 and results['checkpoint_saves'] == 0  # nothing trained again
-  assert 0 < results['eval_auc'] < 1 and 'failed_after_training' not in results
+  assert results['steps'] == 20 and 0 < results['eval_auc'] < 1
+  assert 'failed_after_training' not in results
+  assert results['eval_data'] == [str(local / 'eval.csv')]
+  # Nothing trained again: the training's figures are the ones it trained at, not a run of no
+  # steps (train_samples_per_s None, checkpoint_saves 0).
+  training = ('train_time_s', 'train_samples_per_s', 'checkpoint_saves', 'checkpoint_stall_s')
+  assert {k: results[k] for k in training} == {k: kept[k] for k in training}
+  # A rerun to export, without evaluating again, keeps the evaluation's figures too.
+  config.no_eval, config.export_dir = True, str(tmp_path / 'export')
+  exported = train.train_and_evaluate(config, workdir)
+  assert exported['export_dir'] == config.export_dir
+  figures = training + ('eval_auc', 'eval_logloss', 'eval_data', 'rows_parsed', 'parse_stats')
+  with open(os.path.join(workdir, 'results.json')) as f:
+    written = json.load(f)
+  assert {k: written[k] for k in figures} == {k: results[k] for k in figures}
 
 
 def test_a_run_that_fails_before_writing_leaves_no_new_directory(tmp_path):
