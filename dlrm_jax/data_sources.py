@@ -387,9 +387,12 @@ def fail_together(error: Optional[BaseException], what: str,
     failed = np.flatnonzero(every[:, 0])
     if failed.size and error is None:
       first = bytes(every[failed[0], 1:]).rstrip(b'\0').decode('utf-8', 'ignore')
-      raise (error_type or input_pipeline.DataError)(
+      error = (error_type or input_pipeline.DataError)(
           f'{what} failed on process {", ".join(map(str, failed))}: its log says why '
           f'(process {failed[0]}: {first})')
+    if error is not None:
+      # Every process raises here: train.stopping_together leaves it to the shutdown barrier.
+      error.failed_together = True
   if error is not None:
     raise error
 

@@ -22,6 +22,8 @@ import json
 import math
 import os
 import shutil
+import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -232,6 +234,116 @@ def initialize_distributed(config) -> None:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=dist.coordinator_address,
                              num_processes=dist.num_processes, process_id=dist.process_id)
+
+
+_STOP_KEY = 'dlrm_jax/stop/{run}/{process}'  # another process's failure, or '' at the end
+_STOPPED_KEY = 'dlrm_jax/stopped/{run}/{process}'  # its watcher has read the failure
+_RUNS = itertools.count()  # train_and_evaluate calls: every process makes the same ones
+
+
+def _coordination_client():
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return getattr(distributed.global_state, 'client', None)
+
+
+def _try_set(client, key: str, value: str) -> None:
+  try:
+    client.key_value_set(key, value)  # the first value a key is given stays: ALREADY_EXISTS
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
+def _try_get(client, key: str) -> Optional[str]:
+  try:
+    return client.key_value_try_get(key)
+  except Exception:  # pylint: disable=broad-except
+    return None  # NOT_FOUND
+
+
+def _log_now(message: str) -> None:
+  logging.error('%s', message)
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def stopping_together() -> Iterator[None]:
+  """In a multi-process run, a process failing alone in the block stops every process at once.
+
+  Without it, the others waited in their next collective while the failed one waited for them
+  in JAX's shutdown barrier: 5 minutes, then all aborted, the others' logs not saying why. The
+  failed process writes its error into each other process's key in jax.distributed's key-value
+  store and exits with status 1, its traceback logged; a thread in each process waits on its key
+  and exits its process naming the failed one. Process 0 exits last: it holds the coordination
+  service, without which the others' clients abort. The failed process's run has closed by then
+  (a save in flight finished, or left as <step>.orbax-checkpoint-tmp, which a resume removes).
+  Exiting skips the shutdown barrier, which would wait for the exited processes. An error every
+  process raises together (data_sources.fail_together), and one raised after every other
+  process has ended its block, are raised as they are: all processes meet in the barrier. A
+  notebook that joined a multi-process run ends with such a failure.
+  """
+  client = _coordination_client() if jax.process_count() > 1 else None
+  if client is None:
+    yield
+    return
+  me, run = jax.process_index(), next(_RUNS)
+  others = [p for p in range(jax.process_count()) if p != me]
+  stop_key = functools.partial(_STOP_KEY.format, run=run)
+  stopped_key = functools.partial(_STOPPED_KEY.format, run=run)
+  failing_here = threading.Event()  # the main thread is handling its own error
+
+  def leave(text: str) -> None:
+    for p in others:
+      _try_set(client, stop_key(process=p), text)
+    _try_set(client, stopped_key(process=me), '1')
+    if me == 0:
+      for p in others:
+        if _try_get(client, stop_key(process=p)):  # stopping, not ended ('')
+          try:
+            client.blocking_key_value_get(stopped_key(process=p), 10 * 1000)
+          except Exception:  # pylint: disable=broad-except
+            pass
+      time.sleep(0.5)  # from their key to their exit
+    os._exit(1)  # pylint: disable=protected-access
+
+  def watch():
+    while True:
+      try:
+        text = client.blocking_key_value_get(stop_key(process=me), 3600 * 1000)
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        if 'DEADLINE_EXCEEDED' not in str(e):
+          return  # the client has shut down
+    if text and not failing_here.is_set():  # '': the block has ended here
+      _log_now(f'stopping: {text} (its log says why)')
+      leave(text)
+
+  watcher = threading.Thread(target=watch, daemon=True, name='dlrm_jax stop watcher')
+  watcher.start()
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if getattr(e, 'failed_together', False):
+      raise
+    failing_here.set()
+    first = _try_get(client, stop_key(process=me))
+    if first:  # this error followed from that one (a collective broken off), or is the same
+      _log_now(f'here: {type(e).__name__}: {e}')
+      _log_now(f'stopping: {first} (its log says why)')
+      leave(first)
+    text = f'process {me} failed: {type(e).__name__}: {e}'[:2000]
+    for p in others:
+      _try_set(client, stop_key(process=p), text)
+    if all(_try_get(client, stop_key(process=p)) == '' for p in others):
+      raise  # every other process has ended its block: all meet in the shutdown barrier
+    logging.exception('process %d failed; stopping the other processes', me)
+    leave(text)
+  finally:
+    # Ends the watcher (a thread left in a blocking call aborts the interpreter's exit); set by
+    # another process's failure first, the key keeps that.
+    _try_set(client, stop_key(process=me), '')
+    watcher.join(timeout=10)
 
 
 def warn_if_bf16_is_emulated(config, flags: Optional[frozenset] = None) -> None:
@@ -1166,6 +1278,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir = workdir or resolve_workdir(config)
   set_cpu_dispatch(config)
   initialize_distributed(config)
+  with stopping_together():
+    return _train_and_evaluate(config, workdir, new_run)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        new_run: bool) -> Dict[str, Any]:
   # After joining: a process refusing alone (its file system's links) stops the others too.
   data_sources.agreeing('checking the run directory', check_run_directory, workdir)
   warn_if_bf16_is_emulated(config)

@@ -365,10 +365,59 @@ def test_a_failure_of_process_0_alone_after_training_hangs_no_process(tmp_path):
   finally:
     for p in procs:
       p.kill()
-  assert codes == [1, 0], codes
+  # Process 1 exits 0 when it had ended its run before process 0 failed; otherwise process 0's
+  # failure stops it (train.stopping_together), naming that failure.
+  assert codes[0] == 1 and codes[1] in (0, 1), codes
+  if codes[1]:
+    assert 'stopping: process 0 failed: OSError: [Errno 28]' in _read(tmp_path / 'export1.txt')
   results = _results(tmp_path)
   assert results['failed_after_training'].startswith('OSError: [Errno 28]')
   assert results['rows_parsed'] > 0 and 0 < results['eval_auc'] < 1
+
+
+SUMMARIES_FAIL_ON_PROCESS_0 = r"""
+import runpy, sys, time
+import jax
+from dlrm_jax import metric_writer
+write_scalars = metric_writer.MetricWriter.write_scalars
+def failing_on_process_0(self, step, scalars):
+  if jax.process_index() == 0 and step == 2:
+    print(f'FAILING AT {time.time()}', flush=True)
+    raise OSError(28, 'No space left on device (process 0 only)')
+  return write_scalars(self, step, scalars)
+metric_writer.MetricWriter.write_scalars = failing_on_process_0
+sys.argv = ['main'] + sys.argv[1:]
+runpy.run_module('dlrm_jax.main', run_name='__main__')
+"""
+
+
+@pytest.mark.slow
+def test_a_failure_of_one_process_during_training_stops_every_process_at_once(tmp_path):
+  # Process 0 alone writes the summaries. When a write failed mid-run, process 1 waited in its
+  # next step's collective while process 0 waited in JAX's shutdown barrier: both aborted
+  # ("Shutdown barrier has failed") after 5 minutes, process 1's log not saying why.
+  port = _free_port()
+  procs = []
+  for pid in (0, 1):
+    command = [sys.executable, '-c', SUMMARIES_FAIL_ON_PROCESS_0,
+               *_command(tmp_path, MANY_STEPS, '--config.no_eval=True',
+                         '--config.log_every_steps=1', *_distributed(port, 2, pid))[3:]]
+    procs.append(_start(command, tmp_path / f'summaries{pid}.txt'))
+  try:
+    codes = [p.wait(timeout=200) for p in procs]  # under the 300 s the hang took
+    ended = time.time()
+  finally:
+    for p in procs:
+      p.kill()
+  logs = [_read(tmp_path / f'summaries{pid}.txt') for pid in (0, 1)]
+  assert codes == [1, 1], [t[-3000:] for t in logs]
+  # Seconds when it works (the watcher's grace, the failed process's wait for it); the margin
+  # is for a loaded machine.
+  failed_at = float(logs[0].split('FAILING AT ')[1].split()[0])
+  assert ended - failed_at < 60, ended - failed_at
+  assert 'OSError: [Errno 28] No space left on device (process 0 only)' in logs[0]
+  assert ('stopping: process 0 failed: OSError: [Errno 28] No space left on device (process 0 '
+          'only) (its log says why)') in logs[1], logs[1][-3000:]
 
 
 @pytest.mark.slow
