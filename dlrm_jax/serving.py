@@ -28,6 +28,7 @@ import uuid
 from typing import Callable, Dict, Optional
 
 import jax
+import jax.export  # a submodule that `import jax` loads only from jax 0.8 on
 import jax.numpy as jnp
 import numpy as np
 
