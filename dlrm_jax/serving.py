@@ -4,7 +4,8 @@
   model.jax_export   jax.export serialization of score(params, dense, ids, weights) -> probs,
                      with a symbolic batch dimension;
   params.npz         every array the function takes, flattened by path;
-  spec.json          the feature spec's name and sizes, and the config fields it is built from.
+  spec.json          the feature spec's name and sizes, the config fields it is built from, and
+                     where the parameters come from (the training step and run directory).
 `load` (any process, no model or training code imported) returns a callable that scores batches
 in the layout of `feature_spec` (dense, ids, weights); `load_spec` gives the spec to parse rows
 into that layout with `input_pipeline`:
@@ -67,11 +68,11 @@ def check_export_dir(directory: str, workdir: Optional[str] = None) -> None:
                      'whole directory, so name a new one (or an earlier export)')
 
 
-def export_model(setup, state, directory: str, spec_args: Dict) -> str:
+def export_model(setup, state, directory: str, spec_args: Dict, run_directory: str = '') -> str:
   """Writes the artifact atomically (temporary directory, then rename); returns its path.
 
   `spec_args`: `feature_spec.spec_args` of the run's config, so that `load_spec` rebuilds the
-  spec.
+  spec. `run_directory`: the run the state was trained in, recorded with its step.
 
   With several processes only process 0 writes: each process holds every parameter whole
   (`train.make_mesh` keeps a table's shards within one process).
@@ -118,7 +119,9 @@ def export_model(setup, state, directory: str, spec_args: Dict) -> str:
     with open(os.path.join(tmp, SPEC), 'w') as f:
       json.dump({'name': spec.name, 'num_dense': spec.num_dense, 'num_slots': spec.num_slots,
                  'num_sparse': spec.num_sparse, 'embedding_dim': spec.embedding_dim,
-                 'tables': {t.name: t.rows for t in spec.tables}, 'spec_args': spec_args},
+                 'tables': {t.name: t.rows for t in spec.tables}, 'spec_args': spec_args,
+                 'step': int(state.step),
+                 'run_directory': run_directory and os.path.abspath(run_directory)},
                 f, indent=2)
     for name in os.listdir(tmp):
       row_cache.fsync_path(os.path.join(tmp, name))

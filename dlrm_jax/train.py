@@ -1664,7 +1664,7 @@ def _run_training(setup: Setup, config, workdir: str,
                                         for k in ('auc', 'accuracy', 'logloss')})
     if config.export_dir and stopped_at is None:
       results['export_dir'] = serving.export_model(setup, state, config.export_dir,
-                                                   fs.spec_args(config))
+                                                   fs.spec_args(config), workdir)
   except Exception as e:
     # A bad eval row found only now (parsing the CSV as it goes), or a failed export: the
     # training's figures (and the evaluation's) still go to results.json, beside its checkpoint.

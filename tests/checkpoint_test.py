@@ -254,6 +254,10 @@ def test_eval_and_predict_modes_and_exported_artifact_agree(tmp_path):
   results = train.train_and_evaluate(config, workdir)
   eval_path = os.path.join(str(tmp_path / 'out'), 'planted_elm', 'eval.csv')
 
+  with open(os.path.join(export_dir, 'spec.json')) as f:
+    recorded = json.load(f)
+  assert (recorded['step'], recorded['run_directory']) == (20, workdir)  # where it came from
+
   config.mode = 'eval'
   evaluated = train.train_and_evaluate(config, workdir)
   # The same checkpoint's values and eval program: the same predictions, and so the same AUC
