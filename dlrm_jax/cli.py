@@ -112,10 +112,10 @@ def parse_flags(argv: List[str]) -> List[str]:
 def run_directory(workdir, config):
   """--workdir (its '~' expanded), or None to let the trainer name the run directory.
 
-  Both --workdir and --config.checkpoint name the run directory, and --workdir wins: a job
-  script's fresh --workdir beside the --config.checkpoint that a stopped run's message asks
-  for trained from step 0 elsewhere, the checkpoint unused. Two different directories are
-  refused.
+  Both --workdir and --config.checkpoint name the run directory, and two different ones are
+  refused: --workdir used to win, and a job script's fresh --workdir beside the
+  --config.checkpoint that a stopped run's message asks for trained from step 0 elsewhere, the
+  checkpoint unused. (train_and_evaluate(config, workdir), called from Python, takes workdir.)
   """
   if not workdir:
     return None

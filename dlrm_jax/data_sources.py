@@ -391,10 +391,17 @@ def fail_together(error: Optional[BaseException], what: str,
           f'{what} failed on process {", ".join(map(str, failed))}: its log says why '
           f'(process {failed[0]}: {first})')
     if error is not None:
-      # Every process raises here: train.stopping_together leaves it to the shutdown barrier.
-      error.failed_together = True
+      raise raised_together(error)
   if error is not None:
     raise error
+
+
+def raised_together(error: BaseException) -> BaseException:
+  """`error`, marked as one that every process of a multi-process run raises at the same point
+  (from values they share): train.stopping_together lets all of them meet in JAX's shutdown
+  barrier, as for an error no process meets alone."""
+  error.failed_together = True
+  return error
 
 
 _ERROR_BYTES = 1024

@@ -1225,11 +1225,15 @@ def ensure_and_hold(out_dir: str, kind: str, train_rows: int, eval_rows: int, se
         logging.info('reusing planted %s data in %s', kind, out_dir)
         written = _with_paths(oracle, out_dir, reused=True)
       else:
+        differs = sorted(k for k, v in wanted.items() if (oracle or {}).get(k) != v)
+        why = ('--force rewrites them' if force else
+               f"it asks for other data ({', '.join(differs)})" if oracle and differs else
+               "their files are not the ones oracle.json records (edited, or cut short)"
+               if oracle else 'they are incomplete')
+        if oracle and not differs and not force:
+          logging.warning('planted %s data in %s: %s; writing them again', kind, out_dir, why)
         if held is not None:
-          differs = sorted(k for k, v in wanted.items() if (oracle or {}).get(k) != v)
-          held.for_writing('--force rewrites them' if force else
-                           f"it asks for other data ({', '.join(differs)})" if oracle else
-                           'they are incomplete')
+          held.for_writing(why)
         written = generate(kind, out_dir, train_rows, eval_rows, seed, model, gzip_files)
       if held is not None:
         held.for_reading()

@@ -29,7 +29,7 @@ import uuid
 from typing import Callable, Dict, Optional
 
 import jax
-import jax.export  # a submodule that `import jax` loads only from jax 0.8 on
+import jax.export  # a submodule: `import jax` alone did not load it before jax 0.8
 import jax.numpy as jnp
 import numpy as np
 

@@ -84,6 +84,13 @@ def effective_options(config: ml_collections.ConfigDict) -> Dict[str, bool]:
 
 def make_mesh(config) -> Mesh:
   """A ('data', 'model') device mesh; -1 on the data axis takes all remaining devices."""
+  try:
+    return _make_mesh(config)
+  except ValueError as e:  # every process sees the same devices: all refuse the mesh at once
+    raise data_sources.raised_together(e)
+
+
+def _make_mesh(config) -> Mesh:
   data, model = config.mesh_shape
   devices = jax.devices()
   if data == -1:
@@ -279,9 +286,11 @@ def stopping_together() -> Iterator[None]:
   service, without which the others' clients abort. The failed process's run has closed by then
   (a save in flight finished, or left as <step>.orbax-checkpoint-tmp, which a resume removes).
   Exiting skips the shutdown barrier, which would wait for the exited processes. An error every
-  process raises together (data_sources.fail_together), and one raised after every other
-  process has ended its block, are raised as they are: all processes meet in the barrier. A
-  notebook that joined a multi-process run ends with such a failure.
+  process raises together (data_sources.raised_together), a preemption notice's stop, and a
+  failure after every other process has ended its block are raised as they are: all processes
+  meet in the barrier. A notebook that joined a multi-process run ends with a lone failure.
+  With three or more processes, one that has already ended its block is not told (it waits in
+  the barrier as before).
   """
   client = _coordination_client() if jax.process_count() > 1 else None
   if client is None:
@@ -323,8 +332,11 @@ def stopping_together() -> Iterator[None]:
   watcher.start()
   try:
     yield
-  except Exception as e:  # pylint: disable=broad-except
-    if getattr(e, 'failed_together', False):
+  except BaseException as e:  # pylint: disable=broad-except
+    # A stop at a step every process agreed on, or an error they all raise, meets the others
+    # in the shutdown barrier; anything else (a Ctrl-C on one host outside the training loop,
+    # whose notices stop every process at one step) is one process's.
+    if isinstance(e, checkpoints.Preempted) or getattr(e, 'failed_together', False):
       raise
     failing_here.set()
     first = _try_get(client, stop_key(process=me))
@@ -714,7 +726,7 @@ def first_eval_batch(setup: Setup, config, data: data_sources.DataFiles) -> Batc
   batch = None if first is None else next(step_batches(iter([first]), setup, False))
   # The global mask's sum: with several processes one may hold no eval row of a tiny file.
   if batch is None or not int(jnp.sum(batch['mask'] > 0)):
-    raise no_eval_rows_error(data, stats)
+    raise data_sources.raised_together(no_eval_rows_error(data, stats))
   return batch
 
 
@@ -1294,8 +1306,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Every process would read the whole file as its share of the global batch and write each
     # row twice; a multi-process run's checkpoint restores into one process instead.
     if jax.process_count() > 1:
-      raise ValueError(f'mode=predict runs in a single process, not {jax.process_count()}: run '
-                       'it without config.distributed (the checkpoint restores onto one host)')
+      raise data_sources.raised_together(ValueError(
+          f'mode=predict runs in a single process, not {jax.process_count()}: run it without '
+          'config.distributed (the checkpoint restores onto one host)'))
     return _releasing_state_on_failure(run_prediction, setup, config, workdir)
   made = new_run and config.mode == 'train'
   if made:  # process 0 names the directory (agree_on_workdir); a refusal stops every process
@@ -1487,14 +1500,15 @@ def _run_training(setup: Setup, config, workdir: str,
     pending_losses.clear()
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
-      raise FloatingPointError(
-          f'non-finite training loss at step {step - values.size + bad[0] + 1}; {last_good()}')
+      raise data_sources.raised_together(FloatingPointError(  # the global loss
+          f'non-finite training loss at step {step - values.size + bad[0] + 1}; {last_good()}'))
     logged_losses.append(values)
 
   def check_params(step):
     """Stops the run before a save of non-finite parameters would replace a good checkpoint."""
     if not bool(all_finite(state.params)):
-      raise FloatingPointError(f'non-finite parameters after step {step}; {last_good()}')
+      raise data_sources.raised_together(FloatingPointError(
+          f'non-finite parameters after step {step}; {last_good()}'))
 
   def save_before_failing(done, what):
     """Saves step `done` when reading data fails mid-run (a bad row found only now, with
@@ -1643,7 +1657,9 @@ def _run_training(setup: Setup, config, workdir: str,
     if 'eval_auc' in results:  # the oracle is the eval file's best: only beside its eval figures
       results.update(data.oracle)
     results.update(parse_results(parse_stats))
-    results.update(figures_kept_without_training(earlier, final_step, 'eval_auc' in results))
+    # A failed evaluation does not keep an earlier one's figures beside its failure.
+    results.update(figures_kept_without_training(
+        earlier, final_step, 'eval_auc' in results or 'failed_after_training' in results))
     writer.close()
     if jax.process_index() == 0:
       write_results(os.path.join(workdir, 'results.json'), results)

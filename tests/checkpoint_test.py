@@ -1307,6 +1307,15 @@ def test_a_failure_after_training_keeps_the_figures_and_a_rerun_only_evaluates(t
   with open(os.path.join(workdir, 'results.json')) as f:
     written = json.load(f)
   assert {k: written[k] for k in figures} == {k: results[k] for k in figures}
+  # A rerun whose evaluation fails keeps the training's figures, not an earlier evaluation's.
+  (local / 'eval.csv').write_text('\n'.join(rows) + '\n1,2,3\n')
+  config.no_eval, config.export_dir = False, ''
+  with pytest.raises(input_pipeline.DataError, match=f'eval.csv:{len(rows) + 1}:'):
+    train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    failed = json.load(f)
+  assert failed['failed_after_training'].startswith('DataError: ') and 'eval_auc' not in failed
+  assert {k: failed[k] for k in training} == {k: kept[k] for k in training}
 
 
 def test_a_run_that_fails_before_writing_leaves_no_new_directory(tmp_path):

@@ -4,6 +4,7 @@ import collections
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -215,7 +216,7 @@ def test_zero_interaction_weight_removes_latent_products(kind, small):
       assert np.abs(change).max() > 0.5
 
 
-def test_ensure_reuses_identical_data_and_regenerates_otherwise(tmp_path, monkeypatch):
+def test_ensure_reuses_identical_data_and_regenerates_otherwise(tmp_path, monkeypatch, caplog):
   directory = str(tmp_path / 'planted')
   args = (directory, 'elm', 300, 200, 5)
   first = datagen.ensure_planted_data(*args, planted=SMALL)
@@ -251,6 +252,14 @@ def test_ensure_reuses_identical_data_and_regenerates_otherwise(tmp_path, monkey
     f.write(b'0\n')
   assert not datagen.ensure_planted_data(*args, planted=SMALL)['reused']
   assert datagen.ensure_planted_data(*args, planted=SMALL)['reused']
+  # An eval label flipped in place keeps the size: written again, and the log says why.
+  with open(first['eval_path'], 'r+b') as f:
+    label = f.read(1)
+    f.seek(0)
+    f.write(b'1' if label == b'0' else b'0')
+  with caplog.at_level(logging.WARNING):
+    assert not datagen.ensure_planted_data(*args, planted=SMALL)['reused']
+  assert 'not the ones oracle.json records' in caplog.text
 
 
 def test_data_a_run_reads_are_not_rewritten_for_a_run_asking_for_others(tmp_path):
