@@ -477,6 +477,8 @@ def test_bf16_dense_layer_runs_bf16_dots_forward_and_backward_on_cpu(upcast, mon
   dots = _operand_dtypes_of_dots(hlo)
   want = ('f32', 'f32') if upcast else ('bf16', 'bf16')
   assert len(dots) == 3 and all(d == want for d in dots), dots
+  # The float32 dots take plain transposes: a gathered one would only add work.
+  assert (' gather(' in hlo) == (not upcast and jax.device_count() == 1)
 
 
 _SHARDED_BF16_LAYER = r'''
