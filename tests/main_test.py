@@ -62,16 +62,25 @@ def _wait_for_training(log_path, seconds=300):
   raise AssertionError(f'training never started: {_read(log_path)[-3000:]}')
 
 
+def _main_patched(patch: str) -> str:
+  """A `python -c` script: `patch` (Python source), then dlrm_jax.main with the arguments."""
+  return patch + ('\nimport runpy, sys\nsys.argv = ["main"] + sys.argv[1:]\n'
+                  'runpy.run_module("dlrm_jax.main", run_name="__main__")\n')
+
+
 def _two_processes(tmp_path, name, steps, *extra, devices=1, sigterm_to=None,
-                   signum=signal.SIGTERM, timeout=300):
+                   signum=signal.SIGTERM, timeout=300, script=None):
   """main in two processes of `devices` CPU devices each: their exit codes and logs. With
-  `sigterm_to`, that process gets `signum` once training has started. Processes still running
-  after `timeout` seconds fail the test (subprocess.TimeoutExpired): a hang."""
+  `sigterm_to`, that process gets `signum` once training has started; with `script`, each runs
+  that `python -c` script (`_main_patched`) instead. Processes still running after `timeout`
+  seconds fail the test (subprocess.TimeoutExpired): a hang."""
   port = _free_port()
   env = dict(ENV, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   logs = [tmp_path / f'{name}{pid}.txt' for pid in (0, 1)]
-  procs = [_start(_command(tmp_path, steps, *extra, *_distributed(port, 2, pid)), log, env)
-           for pid, log in enumerate(logs)]
+  commands = [_command(tmp_path, steps, *extra, *_distributed(port, 2, pid)) for pid in (0, 1)]
+  if script is not None:
+    commands = [[sys.executable, '-c', script, *command[3:]] for command in commands]
+  procs = [_start(command, log, env) for command, log in zip(commands, logs)]
   try:
     if sigterm_to is not None:
       _wait_for_training(logs[sigterm_to])
@@ -333,8 +342,7 @@ def test_a_refusal_on_one_process_before_training_stops_every_process_at_once(tm
           f'ValueError: export_dir {not_a_directory} is a file') in logs[1], logs[1][-3000:]
 
 
-EXPORT_FAILS_ON_PROCESS_0 = r"""
-import runpy, sys
+EXPORT_FAILS_ON_PROCESS_0 = _main_patched(r"""
 import jax
 from dlrm_jax import serving
 export_model = serving.export_model
@@ -344,27 +352,15 @@ def failing_on_process_0(*args, **kwargs):
     raise OSError(28, 'No space left on device (process 0 only)')
   return out
 serving.export_model = failing_on_process_0
-sys.argv = ['main'] + sys.argv[1:]
-runpy.run_module('dlrm_jax.main', run_name='__main__')
-"""
+""")
 
 
 @pytest.mark.slow
 def test_a_failure_of_process_0_alone_after_training_hangs_no_process(tmp_path):
   # Only process 0 writes the export and the summaries. When its write failed, the others went
   # on to sum the parse counts over the processes and waited for process 0 there for good.
-  port = _free_port()
-  procs = []
-  for pid in (0, 1):
-    command = [sys.executable, '-c', EXPORT_FAILS_ON_PROCESS_0,
-               *_command(tmp_path, 3, f'--config.export_dir={tmp_path / "export"}',
-                         *_distributed(port, 2, pid))[3:]]
-    procs.append(_start(command, tmp_path / f'export{pid}.txt'))
-  try:
-    codes = [p.wait(timeout=240) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
+  codes, _ = _two_processes(tmp_path, 'export', 3, f'--config.export_dir={tmp_path / "export"}',
+                            script=EXPORT_FAILS_ON_PROCESS_0, timeout=240)
   # Process 1 exits 0 when it had ended its run before process 0 failed; otherwise process 0's
   # failure stops it (train.stopping_together), naming that failure.
   assert codes[0] == 1 and codes[1] in (0, 1), codes
@@ -375,8 +371,8 @@ def test_a_failure_of_process_0_alone_after_training_hangs_no_process(tmp_path):
   assert results['rows_parsed'] > 0 and 0 < results['eval_auc'] < 1
 
 
-SUMMARIES_FAIL_ON_PROCESS_0 = r"""
-import runpy, sys, time
+SUMMARIES_FAIL_ON_PROCESS_0 = _main_patched(r"""
+import time
 import jax
 from dlrm_jax import metric_writer
 write_scalars = metric_writer.MetricWriter.write_scalars
@@ -386,9 +382,7 @@ def failing_on_process_0(self, step, scalars):
     raise OSError(28, 'No space left on device (process 0 only)')
   return write_scalars(self, step, scalars)
 metric_writer.MetricWriter.write_scalars = failing_on_process_0
-sys.argv = ['main'] + sys.argv[1:]
-runpy.run_module('dlrm_jax.main', run_name='__main__')
-"""
+""")
 
 
 @pytest.mark.slow
@@ -396,23 +390,13 @@ def test_a_failure_of_one_process_during_training_stops_every_process_at_once(tm
   # Process 0 alone writes the summaries. When a write failed mid-run, process 1 waited in its
   # next step's collective while process 0 waited in JAX's shutdown barrier: both aborted
   # ("Shutdown barrier has failed") after 5 minutes, process 1's log not saying why.
-  port = _free_port()
-  procs = []
-  for pid in (0, 1):
-    command = [sys.executable, '-c', SUMMARIES_FAIL_ON_PROCESS_0,
-               *_command(tmp_path, MANY_STEPS, '--config.no_eval=True',
-                         '--config.log_every_steps=1', *_distributed(port, 2, pid))[3:]]
-    procs.append(_start(command, tmp_path / f'summaries{pid}.txt'))
-  try:
-    codes = [p.wait(timeout=200) for p in procs]  # under the 300 s the hang took
-    ended = time.time()
-  finally:
-    for p in procs:
-      p.kill()
-  logs = [_read(tmp_path / f'summaries{pid}.txt') for pid in (0, 1)]
+  codes, logs = _two_processes(tmp_path, 'summaries', MANY_STEPS, '--config.no_eval=True',
+                               '--config.log_every_steps=1', script=SUMMARIES_FAIL_ON_PROCESS_0,
+                               timeout=200)  # under the 300 s the hang took
+  ended = time.time()
   assert codes == [1, 1], [t[-3000:] for t in logs]
-  # Seconds when it works (the watcher's grace, the failed process's wait for it); the margin
-  # is for a loaded machine.
+  # Well under a second when it works (process 0 waits for process 1 to read its error); the
+  # margin is for a loaded machine.
   failed_at = float(logs[0].split('FAILING AT ')[1].split()[0])
   assert ended - failed_at < 60, ended - failed_at
   assert 'OSError: [Errno 28] No space left on device (process 0 only)' in logs[0]
