@@ -244,7 +244,7 @@ def initialize_distributed(config) -> None:
 
 
 _STOP_KEY = 'dlrm_jax/stop/{run}/{process}'  # another process's failure, or '' at the end
-_STOPPED_KEY = 'dlrm_jax/stopped/{run}/{process}'  # its watcher has read the failure
+_STOPPED_KEY = 'dlrm_jax/stopped/{run}/{process}'  # set as that process exits with a failure
 _RUNS = itertools.count()  # train_and_evaluate calls: every process makes the same ones
 
 
