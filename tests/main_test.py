@@ -150,7 +150,8 @@ def test_config_flag_mistakes_are_short_errors_naming_the_flag(tmp_path, command
              f'--workdir={tmp_path}/b'], f'--workdir={tmp_path}/b and --config.checkpoint='
             f'{tmp_path}/a name two run directories')]
   if command != ['dlrm_jax.main']:
-    cases = cases[:-1:2]  # the parsing is shared: this checks the wiring
+    # The parsing is shared: this checks the wiring (a config that does not load, a bad field).
+    cases = [cases[0], cases[2]]
   for args, said in cases:
     proc = subprocess.run([sys.executable, '-m', *command, *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600,
