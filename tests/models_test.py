@@ -342,7 +342,7 @@ def test_embedding_init_is_truncated_normal_with_reference_stddev():
   spec = fs.elm_spec(hash_buckets=2000, embedding_dim=16)
   table = np.asarray(models.init_tables(jax.random.PRNGKey(0), spec, True)[models.FUSED])
   stddev = 1 / 4
-  assert np.abs(table).max() <= 2 * stddev + 1e-6
+  assert np.abs(table).max() <= 2 * stddev + 1e-6  # + float32 rounding of the bound
   # Truncation at 2 sigma shrinks the stddev to 0.880 sigma; 500k draws pin it to ~0.1%.
   assert table.std() == pytest.approx(0.880 * stddev, rel=0.01)
 

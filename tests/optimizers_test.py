@@ -273,9 +273,9 @@ def test_unknown_name_lists_valid_names(create):
 
 
 def test_invalid_hparams_are_rejected():
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=r'accumulator_decay_rate must be in \(0, 1\): 1.5'):
     optimizers.create('adagraddecay', 0.1, accumulator_decay_rate=1.5)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match='initial_accumulator_value must be positive: 0.0'):
     optimizers.create_sparse('adagrad', 0.1, initial_accumulator_value=0.0)
   # NaN passed the range checks (every comparison with NaN is false) and trained NaN.
   for create, name, hparams in ((optimizers.create, 'adam', dict(epsilon=float('nan'))),

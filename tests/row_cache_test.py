@@ -7,7 +7,7 @@ import shutil
 import socket
 import time
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 import numpy as np
 import pytest
 
@@ -87,8 +87,12 @@ def test_weights_match_the_parsers_for_every_count():
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(LINE, min_size=1, max_size=6))
+@example([elm_line()])
 def test_fuzz_round_trip(lines):
-  parsed = input_pipeline.parse_chunk(lines, SPEC, path='p', first_line=1, skip_bad_rows=True)
+  stats = input_pipeline.ParseStats()
+  parsed = input_pipeline.parse_chunk(lines, SPEC, path='p', first_line=1, skip_bad_rows=True,
+                                      stats=stats)
+  assert stats.rows >= lines.count(elm_line())  # the valid rows are kept, not skipped
   rows = row_cache.compact(parsed, SPEC)
   expanded = row_cache.expand(rows, SPEC)
   expanded.pop('mask')
