@@ -29,7 +29,8 @@ _PATH_FIELDS = ('data_location', 'cache_dir', 'tfds_data_dir', 'predict_input', 
                 'output_dir', 'checkpoint', 'export_dir')
 
 
-def _fail(message: str) -> NoReturn:
+def fail(message: str) -> NoReturn:
+  """A command-line mistake: one short message and exit status 1, as absl's flag errors."""
   sys.stderr.write(f'FATAL Flags parsing error: {message}\n'
                    'Pass --helpshort or --helpfull to see help on flags.\n')
   sys.exit(1)
@@ -100,12 +101,12 @@ def parse_flags(argv: List[str]) -> List[str]:
     if 'config' in FLAGS and FLAGS.config is not None:
       FLAGS.config.get('mode')  # a file that did not load raises on its first use
   except OSError as e:
-    _fail(_config_file_error(e))
+    fail(_config_file_error(e))
   except (AttributeError, KeyError, IndexError, ValueError):
     message = _bad_override(argv)
     if not message:
       raise
-    _fail(message)
+    fail(message)
   return argv
 
 

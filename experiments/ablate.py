@@ -125,7 +125,10 @@ def parse_grid(specs: Sequence[str],
       *parents, last = field.split('.')
       node = get_field(config, '.'.join(parents)) if parents else config
       current = node.get_ref(last).get_type()()
-    grid[field] = tuple(parse_value(v.strip(), current) for v in values.split(','))
+    try:
+      grid[field] = tuple(parse_value(v.strip(), current) for v in values.split(','))
+    except ValueError as e:
+      raise ValueError(f'--grid {spec!r}: {e}') from None
   return grid
 
 
@@ -529,8 +532,14 @@ def main(argv):
   checkpoints.quiet_orbax_info()
   config = cli.command_line_config(FLAGS.config)
   out_dir = os.path.expanduser(FLAGS.out_dir)  # '--out_dir=~/x': the shell leaves this '~'
-  grid = parse_grid(FLAGS.grid, config)
-  seeds = [int(s) for s in FLAGS.seeds]
+  try:
+    grid = parse_grid(FLAGS.grid, config)
+  except (KeyError, ValueError) as e:  # a typo on the command line: no traceback
+    cli.fail(str(e).strip('"'))
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError:
+    cli.fail(f'--seeds={",".join(FLAGS.seeds)}: expected integers, e.g. --seeds=1,2,3')
   title = os.path.basename(os.path.normpath(out_dir))
   ablation = run_ablation(config, grid, seeds, out_dir, FLAGS.plots, title)
   trained = int(ablation.cells['trained_now'].sum())

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,14 +21,10 @@ CELLS = ('interaction_op-dot_seed-1', 'interaction_op-dot_seed-2',
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
-def compilation_cache_env(tmp_path_factory):
-  """One JAX compilation cache for the whole test session (notebooks_test uses the same path):
-  runs of the same tiny model then compile once, which is most of a tiny run's time."""
+def command_env():
+  """The environment of a command run from the checkout (the session's compilation cache, set by
+  conftest, is in it)."""
   env = dict(os.environ)
-  env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.getbasetemp() / 'jax_cache')
-  # Small programs too (JAX caches only those compiling for over a second by default): the eager
-  # ops of initialisation are dozens of them.
-  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   env['PYTHONPATH'] = os.pathsep.join([ROOT, env.get('PYTHONPATH', '')])
   return env
 
@@ -39,7 +36,7 @@ def finished(tmp_path_factory):
   command = [sys.executable, '-m', 'experiments.ablate',
              '--config=configs/ablation_interactions.py:tiny',
              '--grid', 'interaction_op=dot,cat', '--seeds', '1,2', f'--out_dir={out_dir}']
-  run = subprocess.run(command, cwd=ROOT, env=compilation_cache_env(tmp_path_factory),
+  run = subprocess.run(command, cwd=ROOT, env=command_env(),
                        capture_output=True, text=True, timeout=600, check=False)
   assert run.returncode == 0, run.stderr[-3000:]
   return out_dir, run.stdout, run.stderr
@@ -93,24 +90,6 @@ def test_loss_curves_come_from_the_event_files(finished):
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
-@pytest.fixture
-def shared_compilation_cache(tmp_path_factory):
-  """This process compiles through the session's cache too, for this test only."""
-  import jax  # pylint: disable=g-import-not-at-top
-  # pylint: disable-next=g-import-not-at-top
-  from jax.experimental.compilation_cache import compilation_cache
-  env = compilation_cache_env(tmp_path_factory)
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
-  before = {name: getattr(jax.config, name) for name in names}
-  jax.config.update(names[0], env['JAX_COMPILATION_CACHE_DIR'])
-  jax.config.update(names[1], 0.0)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-
 def copy_grid(finished, tmp_path):
   """A private copy of the finished grid, so that tests changing it do not affect the others."""
   out_dir = tmp_path / 'grid'
@@ -123,8 +102,7 @@ def tiny_base():
 
 
 @pytest.mark.slow
-def test_resume_trains_only_the_unfinished_cell(finished, tmp_path, shared_compilation_cache):
-  del shared_compilation_cache  # used for its effect
+def test_resume_trains_only_the_unfinished_cell(finished, tmp_path):
   out_dir = copy_grid(finished, tmp_path)
   # As if the run had died after the cell's last checkpoint but before its results.json.
   os.remove(out_dir / CELLS[3] / 'results.json')
@@ -232,12 +210,11 @@ def test_a_cell_stopped_by_preemption_or_a_failed_evaluation_runs_again_on_resum
       1000.0, 1234.0 if how == 'eval_fails_at' else 1000.0]
 
 
-def test_the_grid_compilation_cache_is_the_grids_alone(tmp_path):
+def test_the_grid_compilation_cache_is_the_grids_alone(tmp_path, no_compilation_cache):
   # It stayed on after run_ablation returned (or failed): the caller's later compiles, another
   # grid's included, went into this grid's directory.
+  del no_compilation_cache  # used for its effect: a caller with no cache of its own
   import jax  # pylint: disable=g-import-not-at-top
-  if jax.config.jax_compilation_cache_dir:
-    pytest.skip('JAX_COMPILATION_CACHE_DIR is set for the whole test process')
   fake, calls = fake_train()
   seen = []
 
@@ -287,6 +264,20 @@ def test_a_home_relative_out_dir_is_under_the_home_directory(tmp_path):
   assert not os.listdir(cwd) and (home / 'grid').is_dir()
 
 
+@pytest.mark.parametrize('args, message', [
+    (['--grid', 'interaction_op=dot,cat', '--grid', 'learning_rate=0.1,O.2', '--seeds', '1'],
+     "--grid 'learning_rate=0.1,O.2': could not convert string to float: 'O.2'"),
+    (['--grid', 'interaction_op=dot,cat', '--seeds', '1,two'], '--seeds=1,two: expected integers')])
+def test_a_mistyped_grid_or_seed_is_a_short_error_naming_it(tmp_path, args, message):
+  command = [sys.executable, '-m', 'experiments.ablate',
+             '--config=configs/ablation_interactions.py:tiny', *args,
+             f'--out_dir={tmp_path / "grid"}']
+  run = subprocess.run(command, cwd=ROOT, env=command_env(), capture_output=True, text=True,
+                       timeout=600, check=False)
+  assert run.returncode == 1 and message in run.stderr, run.stderr[-3000:]
+  assert 'Traceback' not in run.stderr and not os.path.exists(tmp_path / 'grid')
+
+
 def test_resume_refuses_an_out_dir_of_another_config(tmp_path):
   grid = {'interaction_op': ('dot',)}
   train_fn, _ = fake_train()
@@ -313,8 +304,12 @@ def test_grid_values_take_the_type_of_their_field():
                            'planted.interaction_weight-0.0_seed-5')
   config = ablate.cell_config(config, cells[-1], '/out')
   assert config.top_mlp == (8,) and config.planted.interaction_weight == 3.0 and config.seed == 5
-  for bad in ('no_such_field=1', 'seed=1,2', 'interaction_op', 'batch_norm=maybe'):
-    with pytest.raises((KeyError, ValueError)):
+  for bad, error, message in (
+      ('no_such_field=1', KeyError, "no field 'no_such_field'"),
+      ('seed=1,2', ValueError, 'pass --seeds'),
+      ('interaction_op', ValueError, 'expected FIELD=VALUE'),
+      ('batch_norm=maybe', ValueError, "--grid 'batch_norm=maybe': 'maybe' is not a boolean")):
+    with pytest.raises(error, match=re.escape(message)):
       ablate.parse_grid([bad], tiny_base())
   # An unset optimizer argument (a placeholder, None) takes its declared type.
   grid = ablate.parse_grid(['optimizer_hparams.accumulator_decay_step=10,1000',

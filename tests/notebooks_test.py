@@ -10,17 +10,13 @@ NOTEBOOK_DIR = os.path.join(ROOT, 'notebooks')
 NOTEBOOKS = ('quickstart.ipynb', 'ablation_dot_vs_cat.ipynb')
 
 
-def execute(name, out_dir, tmp_path_factory, monkeypatch):
+def execute(name, out_dir, monkeypatch):
   """Runs every cell in a fresh python3 kernel started in notebooks/, as a user opening it."""
   from nbclient import NotebookClient  # pylint: disable=g-import-not-at-top
   # The kernel inherits this environment: the notebooks read the first two.
   monkeypatch.setenv('DLRM_NOTEBOOK_TINY', '1')
   monkeypatch.setenv('DLRM_NOTEBOOK_OUT', str(out_dir))
-  # The session's compilation cache (ablate_test uses the same path): the tiny model compiled
-  # there already, and compiling is most of a tiny run's time.
-  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR',
-                     str(tmp_path_factory.getbasetemp() / 'jax_cache'))
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  # So does the session's compilation cache (conftest): the tiny model compiled there already.
   notebook = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
   client = NotebookClient(notebook, timeout=600, kernel_name='python3',
                           resources={'metadata': {'path': NOTEBOOK_DIR}})
@@ -46,8 +42,8 @@ def images_in(notebook):
 
 
 @pytest.mark.slow
-def test_quickstart_runs(tmp_path, tmp_path_factory, monkeypatch):
-  notebook = execute('quickstart.ipynb', tmp_path, tmp_path_factory, monkeypatch)
+def test_quickstart_runs(tmp_path, monkeypatch):
+  notebook = execute('quickstart.ipynb', tmp_path, monkeypatch)
   text = text_of(notebook)
   assert 'oracle_auc' in text and 'restored step 40' in text
   assert 'model p(click)' in text and 'mean cosine, same category' in text
@@ -59,8 +55,8 @@ def test_quickstart_runs(tmp_path, tmp_path_factory, monkeypatch):
 
 
 @pytest.mark.slow
-def test_ablation_notebook_runs(tmp_path, tmp_path_factory, monkeypatch):
-  notebook = execute('ablation_dot_vs_cat.ipynb', tmp_path, tmp_path_factory, monkeypatch)
+def test_ablation_notebook_runs(tmp_path, monkeypatch):
+  notebook = execute('ablation_dot_vs_cat.ipynb', tmp_path, monkeypatch)
   text = text_of(notebook)
   assert '| interaction_op | seeds | eval AUC |' in text
   # Both planted settings ran, each with a table, an AUC plot and a loss plot.
