@@ -2,7 +2,9 @@
 the session one JAX compilation cache."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -12,27 +14,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CACHE_SETTINGS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
 
 
-@pytest.fixture(scope='session', autouse=True)
-def session_compilation_cache(tmp_path_factory):
+def pytest_configure(config):
   """One persistent compilation cache for this process and every command it starts.
 
   The tests' tiny runs compile the same programs again and again, and compiling is most of a
-  tiny run's time: tests/train_test.py ran 1.4x as fast with it. A cache the caller set is kept.
+  tiny run's time: tests/train_test.py ran 1.4x as fast with it. Set in the environment before
+  the test modules import JAX (and before they copy the environment for their commands). A
+  cache the caller set is kept.
   """
   if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-    yield
     return
-  import jax  # pylint: disable=g-import-not-at-top
-  before = [getattr(jax.config, name) for name in CACHE_SETTINGS]
-  directory = str(tmp_path_factory.getbasetemp() / 'jax_cache')
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv('JAX_COMPILATION_CACHE_DIR', directory)
-    # Small programs too (JAX caches only those compiling for over a second by default): the
-    # eager ops of initialisation are dozens of them.
-    patch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  directory = tempfile.mkdtemp(prefix='dlrm_jax_tests_jax_cache_')
+  config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = directory
+  # Small programs too (JAX caches only those compiling for over a second by default): the
+  # eager ops of initialisation are dozens of them.
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  if 'jax' in sys.modules:  # imported already (by a plugin): it read the environment then
     set_compilation_cache(directory, 0.0)
-    yield
-  set_compilation_cache(*before)
 
 
 @pytest.fixture
