@@ -64,43 +64,6 @@ from dlrm_jax import feature_spec as fs  # pylint: disable=g-import-not-at-top,w
 # module for the batches and the protocol, and must not carry a JAX runtime in its memory.
 
 _FLAGS = flags.FLAGS
-flags.DEFINE_bool('quick', False, 'ELM dot batch 512 (ours fp32/bf16/end-to-end vs TorchRec) and '
-                  '100k vs 1M rows: 1-2 minutes.')
-flags.DEFINE_list('configs', [], 'Groups to run (see --list): a full name selects that group '
-                  'alone, anything else the groups it begins (criteo: both Criteo groups); '
-                  'empty = all groups of the mode.')
-flags.DEFINE_integer('pairs', None, 'Alternation rounds per group (default 7; 3 with --quick).')
-flags.DEFINE_float('min_time', None, 'Seconds of work per measurement (default 0.5; 0.4 with '
-                   '--quick).')
-flags.DEFINE_string('json_out', 'benchmark.json', 'Where to write the results.')
-flags.DEFINE_bool('torchrec', True, 'Measure TorchRec too (skipped when it is not installed).')
-flags.DEFINE_bool('tiny', False, 'Tiny tables and MLPs: checks the machinery in seconds (tests).')
-flags.DEFINE_integer('torch_threads', None, 'PyTorch intra-op threads of the TorchRec workers '
-                     "(default: the CPUs this process may run on, as many as XLA:CPU's pool "
-                     'takes for ours).')
-flags.DEFINE_list('torch_omp_wait_policies', ['PASSIVE', 'default'],
-                  "OMP_WAIT_POLICY of the TorchRec workers, one worker per value ('default' = "
-                  "unset: OpenMP's spin-then-sleep; PASSIVE as OpenMP defines it; not ACTIVE, "
-                  'whose threads spin on while the other workers are timed). '
-                  'With several, each TorchRec configuration runs once per policy in the same '
-                  'alternation and ours is compared with the fastest of them in each round: on a '
-                  'shared CPU a spinning thread waits for a peer that is not running and PASSIVE '
-                  'wins; when both cores are there, spinning has run TorchRec 1.85x faster '
-                  '(experiments/README.md).')
-flags.DEFINE_string('data_dir', '', 'Planted ELM data for the end-to-end runs; default: a '
-                    'directory under the system temp dir, generated on first use.')
-flags.DEFINE_string('jax_cache_dir', None, "JAX's persistent compilation cache for the workers "
-                    "(default: under the system temp dir; '' = off). Only build time changes.")
-flags.DEFINE_string('jemalloc', '', 'Path of libjemalloc.so.2: adds "ours fp32 jemalloc" '
-                    '(LD_PRELOAD, freed memory kept instead of returned to the OS) to the ELM '
-                    'and Criteo groups.')
-flags.DEFINE_integer('malloc_arena_max', 0, 'N > 0 adds "ours fp32 arenas N" (MALLOC_ARENA_MAX=N: '
-                     "glibc's per-thread heaps capped at N, less freed memory kept per thread) to "
-                     'the ELM and Criteo groups.')
-flags.DEFINE_bool('async_dispatch', False, 'Adds "ours fp32 async dispatch" (cpu_async_dispatch=True, '
-                  "JAX's default: each step runs on a pool thread) to the ELM and Criteo groups.")
-flags.DEFINE_bool('list', False, 'Print the groups of the mode and exit.')
-flags.DEFINE_bool('worker', False, 'Internal: serve one JAX configuration on stdin/stdout.')
 
 # DeepRec's DLRM on Criteo (modelzoo/dlrm): hash buckets of C1..C26, dimension 16.
 DEEPREC_CRITEO_ROWS = criteo_kaggle.DEEPREC_TABLE_ROWS
@@ -1123,5 +1086,50 @@ def main(argv):
   print(f'\nwrote {_FLAGS.json_out} ({time.perf_counter() - started:.0f}s)')
 
 
+def define_flags():
+  """The command's flags, defined only when it runs: modules that import this one (the
+  TorchRec worker, the memory and step benchmarks, the parity script) must not get them."""
+  flags.DEFINE_bool('quick', False, 'ELM dot batch 512 (ours fp32/bf16/end-to-end vs TorchRec) and '
+                    '100k vs 1M rows: 1-2 minutes.')
+  flags.DEFINE_list('configs', [], 'Groups to run (see --list): a full name selects that group '
+                    'alone, anything else the groups it begins (criteo: both Criteo groups); '
+                    'empty = all groups of the mode.')
+  flags.DEFINE_integer('pairs', None, 'Alternation rounds per group (default 7; 3 with --quick).')
+  flags.DEFINE_float('min_time', None, 'Seconds of work per measurement (default 0.5; 0.4 with '
+                     '--quick).')
+  flags.DEFINE_string('json_out', 'benchmark.json', 'Where to write the results.')
+  flags.DEFINE_bool('torchrec', True, 'Measure TorchRec too (skipped when it is not installed).')
+  flags.DEFINE_bool('tiny', False, 'Tiny tables and MLPs: checks the machinery in seconds (tests).')
+  flags.DEFINE_integer('torch_threads', None, 'PyTorch intra-op threads of the TorchRec workers '
+                       "(default: the CPUs this process may run on, as many as XLA:CPU's pool "
+                       'takes for ours).')
+  flags.DEFINE_list('torch_omp_wait_policies', ['PASSIVE', 'default'],
+                    "OMP_WAIT_POLICY of the TorchRec workers, one worker per value ('default' = "
+                    "unset: OpenMP's spin-then-sleep; PASSIVE as OpenMP defines it; not ACTIVE, "
+                    'whose threads spin on while the other workers are timed). '
+                    'With several, each TorchRec configuration runs once per policy in the same '
+                    'alternation and ours is compared with the fastest of them in each round: on a '
+                    'shared CPU a spinning thread waits for a peer that is not running and PASSIVE '
+                    'wins; when both cores are there, spinning has run TorchRec 1.85x faster '
+                    '(experiments/README.md).')
+  flags.DEFINE_string('data_dir', '', 'Planted ELM data for the end-to-end runs; default: a '
+                      'directory under the system temp dir, generated on first use.')
+  flags.DEFINE_string('jax_cache_dir', None, "JAX's persistent compilation cache for the workers "
+                      "(default: under the system temp dir; '' = off). Only build time changes.")
+  flags.DEFINE_string('jemalloc', '', 'Path of libjemalloc.so.2: adds "ours fp32 jemalloc" '
+                      '(LD_PRELOAD, freed memory kept instead of returned to the OS) to the ELM '
+                      'and Criteo groups.')
+  flags.DEFINE_integer('malloc_arena_max', 0,
+                       'N > 0 adds "ours fp32 arenas N" (MALLOC_ARENA_MAX=N: glibc\'s per-thread '
+                       'heaps capped at N, less freed memory kept per thread) to the ELM and '
+                       'Criteo groups.')
+  flags.DEFINE_bool('async_dispatch', False,
+                    'Adds "ours fp32 async dispatch" (cpu_async_dispatch=True, JAX\'s default: '
+                    'each step runs on a pool thread) to the ELM and Criteo groups.')
+  flags.DEFINE_bool('list', False, 'Print the groups of the mode and exit.')
+  flags.DEFINE_bool('worker', False, 'Internal: serve one JAX configuration on stdin/stdout.')
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
