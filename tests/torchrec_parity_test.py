@@ -1,0 +1,109 @@
+"""experiments/torchrec_parity.py on a tiny config: both sides train and score the same rows.
+
+Skipped where torch or torchrec does not import, which is CI (they are not among the project's
+test dependencies; experiments/README.md says how to install them). The end-to-end test trains
+one seed of a tiny model on 1000 planted rows: well under 30 s on two cores.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+pytest.importorskip('torchrec')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import train_helpers as th
+from dlrm_jax import data_sources
+from dlrm_jax import feature_spec as fs
+from experiments import torchrec_parity
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+
+def tiny(tmp_path, **overrides):
+  return th.tiny_config(tmp_path, **{
+      'optimizer': 'adagrad', 'learning_rate': 0.05, 'steps': 8,
+      'planted': {'train_rows': 1000, 'eval_rows': 500}, **overrides})
+
+
+def test_one_seed_end_to_end(tmp_path):
+  out_dir = str(tmp_path / 'parity')
+  result = torchrec_parity.run_parity(tiny(tmp_path), [1], out_dir, compilation_cache=False)
+  (record,) = result['records']
+  ours, twin = record['ours'], record['torchrec']
+  assert ours['steps'] == twin['steps'] == 8
+  # The same eval rows on both sides, all of the planted eval file (the one oracle.json scores).
+  assert ours['eval_num_examples'] == twin['eval_num_examples'] == 500
+  for auc in (ours['eval_auc'], twin['eval_auc'], record['oracle_auc']):
+    assert 0.0 < auc < 1.0
+  # The twin logs its loss at the steps ours does (log_every_steps 10: only the last).
+  assert twin['train_loss']['steps'] == ours['train_loss']['steps'] == [8]
+  assert all(math.isfinite(v) for v in twin['train_loss']['values'])
+  assert result['verdict'].startswith('No verdict')  # one seed has no spread
+  with open(os.path.join(out_dir, 'parity.json')) as f:
+    assert json.load(f)['records'][0]['seed'] == 1
+  with open(os.path.join(out_dir, 'parity.md')) as f:
+    assert '| 1 |' in f.read()
+  # A rerun reads the finished seed back instead of training it again.
+  again = torchrec_parity.run_parity(tiny(tmp_path), [1], out_dir, compilation_cache=False)
+  assert again['records'] == json.loads(json.dumps(result['records']))
+  with pytest.raises(ValueError, match='another config'):
+    torchrec_parity.run_parity(tiny(tmp_path, learning_rate=0.1), [1], out_dir,
+                               compilation_cache=False)
+
+
+def test_twin_reads_the_rows_ours_trains_on(tmp_path):
+  # Ours reads compact batches, the twin padded ones: the same rows in the same order.
+  config = tiny(tmp_path)
+  spec = fs.from_config(config)
+  data = data_sources.resolve(config, spec)
+  try:
+    padded = data_sources.train_batches(config, spec, data, num_steps=3)
+    compact = data_sources.train_batches(config, spec, data, num_steps=3, compact=True)
+    for a, b in zip(padded, compact, strict=True):
+      np.testing.assert_array_equal(a['label'], b['label'])
+      np.testing.assert_array_equal(a['dense'], b['dense'])
+  finally:
+    data.close()
+
+
+def test_twin_starts_from_our_distributions(tmp_path):
+  config = tiny(tmp_path, hash_buckets=5000)
+  spec = fs.from_config(config)
+  model, optimizer = torchrec_parity.build_twin(config, spec, seed=1, twin_init='ours')
+  tables = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters()
+                      if n.startswith('sparse_arch.')])
+  std = 1 / math.sqrt(spec.embedding_dim)
+  assert tables.abs().max() <= 2 * std
+  # A normal cut at 2 stddev keeps 0.88 of its stddev; 52k draws pin it to well within 2%.
+  assert abs(tables.std().item() / std - 0.88) < 0.02
+  ebc = torchrec_parity.embedding_collection(model)
+  for state in ebc.fused_optimizer().state.values():
+    for tensor in state.values():
+      assert torch.all(tensor == 0.1)
+  for state in optimizer.state.values():
+    assert torch.all(state['sum'] == 0.1)
+  biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear)]
+  assert biases and all(torch.all(b == 0) for b in biases)
+
+
+def test_refuses_optimizers_the_twin_lacks(tmp_path):
+  with pytest.raises(ValueError, match='no equivalent in the TorchRec twin'):
+    torchrec_parity.run_parity(tiny(tmp_path, optimizer='adamasync'), [1], str(tmp_path / 'x'))
+
+
+def test_verdict_compares_the_mean_difference_with_two_standard_errors():
+  def records(differences):
+    return [{'seed': i, 'oracle_auc': 0.8, 'ours': {'eval_auc': 0.7 + d},
+             'torchrec': {'eval_auc': 0.7}} for i, d in enumerate(differences)]
+  # Mean 0.001, std 0.002, SE 0.00115: within 2 SE.
+  close = torchrec_parity.summarize(records([0.003, 0.001, -0.001]))
+  assert close['difference_mean'] == pytest.approx(0.001)
+  assert close['difference_se'] == pytest.approx(0.002 / math.sqrt(3))
+  assert torchrec_parity.verdict(close).startswith('Parity not rejected')
+  # Mean 0.01, SE 0.00058: far outside.
+  far = torchrec_parity.summarize(records([0.011, 0.01, 0.009]))
+  assert torchrec_parity.verdict(far).startswith('Difference')
