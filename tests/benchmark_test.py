@@ -25,6 +25,21 @@ from dlrm_jax import feature_spec as fs  # pylint: disable=wrong-import-position
 from experiments import benchmark  # pylint: disable=wrong-import-position
 
 
+def test_importing_the_benchmark_defines_none_of_its_flags():
+  # The TorchRec worker and other scripts import it: its flags came with it, and a script
+  # defining a flag of the same name (--torch_threads) crashed at import.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  names = {'quick', 'pairs', 'torch_threads', 'worker'}
+  before = set(flags.FLAGS)
+  assert not names & before
+  benchmark.define_flags()  # what running it defines
+  try:
+    assert names <= set(flags.FLAGS)
+  finally:
+    for name in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, name)
+
+
 def test_train_flops_per_sample_from_layer_sizes():
   spec = fs.elm_spec()
   # Forward: bottom 12-512-256-64-16, Gram of 25 vectors of 16, top 316-512-256-1 (dot) or
