@@ -463,7 +463,7 @@ def use_compilation_cache(directory: str) -> str:
 
 
 @contextlib.contextmanager
-def _compilation_cache_in(directory: str) -> Iterator[None]:
+def compilation_cache_in(directory: str) -> Iterator[None]:
   """use_compilation_cache for the grid's runs only: a caller's later compiles (another grid's,
   in a notebook) went on being written into this grid's directory."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -488,7 +488,7 @@ def run_ablation(base: ml_collections.ConfigDict, grid: Mapping[str, Sequence[An
   os.makedirs(out_dir, exist_ok=True)
   with contextlib.ExitStack() as cache:
     if compilation_cache:
-      cache.enter_context(_compilation_cache_in(os.path.join(out_dir, 'jax_cache')))
+      cache.enter_context(compilation_cache_in(os.path.join(out_dir, 'jax_cache')))
     cells = run_grid(base, grid, seeds, out_dir, train_fn)
   fields = list(grid)
   summary = summarize(cells, fields)

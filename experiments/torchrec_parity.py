@@ -390,11 +390,13 @@ def run_parity(base: ml_collections.ConfigDict, seeds: Sequence[int], out_dir: s
   if not seeds or len(set(seeds)) != len(seeds):
     raise ValueError(f'seeds {list(seeds)}: expected distinct seeds')
   check_out_dir(base, out_dir, twin_init)
-  if compilation_cache:
-    # Seeds after the first only change data: they reuse the first one's compiled programs.
-    from experiments import ablate  # pylint: disable=g-import-not-at-top
-    ablate.use_compilation_cache(os.path.join(out_dir, 'jax_cache'))
-  records = [run_seed(base, seed, out_dir, twin_init) for seed in seeds]
+  with contextlib.ExitStack() as cache:
+    if compilation_cache:
+      # Seeds after the first only change data: they reuse the first one's compiled programs.
+      # For these runs only, as the ablation's: a caller's later compiles stay out of it.
+      from experiments import ablate  # pylint: disable=g-import-not-at-top
+      cache.enter_context(ablate.compilation_cache_in(os.path.join(out_dir, 'jax_cache')))
+    records = [run_seed(base, seed, out_dir, twin_init) for seed in seeds]
   summary = summarize(records)
   line = verdict(summary)
   text = markdown(records, summary, line, describe(base, twin_init))

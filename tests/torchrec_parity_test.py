@@ -29,9 +29,14 @@ def tiny(tmp_path, **overrides):
       'planted': {'train_rows': 1000, 'eval_rows': 500}, **overrides})
 
 
-def test_one_seed_end_to_end(tmp_path):
+def test_one_seed_end_to_end(tmp_path, no_compilation_cache):
+  del no_compilation_cache  # used for its effect: a caller with no cache of its own
+  import jax  # pylint: disable=g-import-not-at-top
   out_dir = str(tmp_path / 'parity')
-  result = torchrec_parity.run_parity(tiny(tmp_path), [1], out_dir, compilation_cache=False)
+  result = torchrec_parity.run_parity(tiny(tmp_path), [1], out_dir)
+  # Its runs compiled into out_dir's cache, which is off again for the caller's later compiles.
+  assert os.listdir(os.path.join(out_dir, 'jax_cache'))
+  assert not jax.config.jax_compilation_cache_dir
   (record,) = result['records']
   ours, twin = record['ours'], record['torchrec']
   assert ours['steps'] == twin['steps'] == 8
