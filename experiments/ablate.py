@@ -190,7 +190,7 @@ def cell_config(base: ml_collections.ConfigDict, cell: Cell,
 # ------------------------------------------------------------------------------------------------
 # Running cells.
 
-def _config_dict(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+def config_dict(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   # Through JSON so tuples and lists compare equal to what was read back from the file.
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
@@ -214,7 +214,7 @@ def _read_json(path: str) -> Dict[str, Any]:
 def _check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Records the cell's config, or fails if the directory holds a run of another config."""
   path = os.path.join(workdir, CELL_CONFIG)
-  wanted = _config_dict(config)
+  wanted = config_dict(config)
   if not os.path.exists(path):
     os.makedirs(workdir, exist_ok=True)
     metrics.write_json_atomic(path, wanted)

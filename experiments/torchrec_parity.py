@@ -66,6 +66,7 @@ from dlrm_jax import data_sources
 from dlrm_jax import feature_spec as fs
 from dlrm_jax import metric_writer
 from dlrm_jax import metrics
+from experiments import ablate
 from experiments import torchrec_dlrm
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,11 +252,6 @@ def seed_config(base: ml_collections.ConfigDict, seed: int,
   return config
 
 
-def _config_json(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  # Through JSON so tuples compare equal to lists read back from a file.
-  return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
   if not os.path.exists(path):
     return None
@@ -266,7 +262,7 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
 def check_out_dir(config: ml_collections.ConfigDict, out_dir: str, twin_init: str) -> None:
   """Records the experiment in out_dir, or refuses an out_dir made by another one: its
   finished seeds would be mixed into this table."""
-  wanted = {'config': _config_json(config), 'twin_init': twin_init}
+  wanted = {'config': ablate.config_dict(config), 'twin_init': twin_init}
   path = os.path.join(out_dir, 'config.json')
   found = _read_json(path)
   if found is None:
@@ -394,7 +390,6 @@ def run_parity(base: ml_collections.ConfigDict, seeds: Sequence[int], out_dir: s
     if compilation_cache:
       # Seeds after the first only change data: they reuse the first one's compiled programs.
       # For these runs only, as the ablation's: a caller's later compiles stay out of it.
-      from experiments import ablate  # pylint: disable=g-import-not-at-top
       cache.enter_context(ablate.compilation_cache_in(os.path.join(out_dir, 'jax_cache')))
     records = [run_seed(base, seed, out_dir, twin_init) for seed in seeds]
   summary = summarize(records)
