@@ -130,6 +130,12 @@ class ParseStats:
   def as_dict(self) -> Dict[str, Any]:
     return dataclasses.asdict(self)
 
+  def record_bad_rows(self, count: int, messages: Sequence[str]) -> None:
+    """Counts `count` dropped rows and keeps the first few of their `messages`."""
+    self.bad_rows += count
+    room = max(0, _MAX_EXAMPLES - len(self.bad_row_examples))
+    self.bad_row_examples.extend(messages[:room])
+
   def add(self, other: 'ParseStats') -> None:
     """Adds the counts of `other` (e.g. from a worker process) to these."""
     for field in dataclasses.fields(self):
@@ -712,9 +718,7 @@ def parse_chunk(lines: List[str], spec: feature_spec_lib.FeatureSpec, *, path: s
       line = first_line + index * line_step
       raise DataError(messages[0], path, line, plan.names[column])
     if stats is not None:
-      stats.bad_rows += len(messages)
-      room = max(0, _MAX_EXAMPLES - len(stats.bad_row_examples))
-      stats.bad_row_examples.extend(messages[:room])
+      stats.record_bad_rows(len(messages), messages)
     keep = np.flatnonzero(~np.isin(line_of, [p[0] for p in problems])).tolist()
     label, dense = label[keep], dense[keep]
     columns = {c: [columns[c][i] for i in keep] for c in plan.strings}
@@ -973,6 +977,16 @@ def _row_chunks(paths: Paths, spec: feature_spec_lib.FeatureSpec, chunk_rows: in
   files = expand_paths(paths)
   if line_ranges is not None and len(line_ranges) != len(files):
     raise ValueError(f'{len(line_ranges)} line ranges for {len(files)} files')
+  npy = _torchrec_npy()
+  if any(map(npy.is_npy_source, files)):
+    if not all(map(npy.is_npy_source, files)):
+      raise ValueError(f'{", ".join(files)}: TorchRec .npy files and text files in one read: '
+                       'convert one kind, or read them as separate sources')
+    # Arrays need no parsing: numpy reads them faster here than workers could be sent them.
+    chunks = npy.row_chunks(files, spec, chunk_rows, skip_bad_rows, stats, process_index,
+                            process_count, line_ranges)
+    yield from chunks if postprocess is None else map(postprocess, chunks)
+    return
   jobs = _line_jobs(files, chunk_rows, process_index, process_count, line_ranges, stats)
   if pool is not None:
     yield from pool.parse(jobs, skip_bad_rows, stats, process_count, postprocess)
@@ -981,6 +995,12 @@ def _row_chunks(paths: Paths, spec: feature_spec_lib.FeatureSpec, chunk_rows: in
     chunk = parse_chunk(lines, spec, path=path, first_line=first_line,
                         skip_bad_rows=skip_bad_rows, stats=stats, line_step=process_count)
     yield chunk if postprocess is None else postprocess(chunk)
+
+
+def _torchrec_npy():
+  # Imported when used: torchrec_npy builds on this module.
+  from dlrm_jax import torchrec_npy  # pylint: disable=g-import-not-at-top
+  return torchrec_npy
 
 
 # The spec of a worker process, sent once when it starts rather than with every chunk.
@@ -1073,6 +1093,8 @@ class _WorkerPool:
 def estimate_lines(path: str) -> int:
   """About how many lines a file has, from its first few MB (a gzip file's by its compressed
   size): for progress and disk-space estimates, never for step counts."""
+  if _torchrec_npy().is_npy_source(path):
+    return _torchrec_npy().count_rows(path)
   with _open_binary(path) as f:
     head = f.read(_READ_BYTES)
     raw = getattr(f, 'fileobj', None)  # a GzipFile's compressed stream
@@ -1090,6 +1112,9 @@ def count_rows(path: Paths) -> int:
   a newline. A file holding only a byte order mark has none."""
   total = 0
   for name in expand_paths(path):
+    if _torchrec_npy().is_npy_source(name):
+      total += _torchrec_npy().count_rows(name)
+      continue
     last = b'\n'
     first = True
     for block in _read_blocks(name):
@@ -1111,6 +1136,8 @@ def scoring_spec(paths: Paths, spec: feature_spec_lib.FeatureSpec) -> feature_sp
   first line has one field fewer than `spec` has columns (rows without the label, as Criteo's
   test.txt). Every row must then have the same form: a row of the other one is a bad row."""
   files = expand_paths(paths)
+  if files and _torchrec_npy().is_npy_source(files[0]):
+    return spec  # the triple has its labels file
   first = next(_line_chunks(files[0], 1, limit=1), None) if files else None
   if not spec.label or first is None:
     return spec

@@ -64,6 +64,7 @@ import numpy as np
 from dlrm_jax import feature_spec as feature_spec_lib
 from dlrm_jax import input_pipeline
 from dlrm_jax import metrics
+from dlrm_jax import torchrec_npy
 
 Batch = Dict[str, np.ndarray]
 
@@ -297,9 +298,13 @@ class Source:
 
 
 def file_identity(path: str) -> Dict[str, Any]:
-  """What tells a source file apart from its replacement: path, size and modification time."""
+  """What tells a source file apart from its replacement: path, size and modification time
+  (a TorchRec triple's: its dense file's, and its other two files')."""
   st = os.stat(path)
-  return {'path': os.path.abspath(path), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
+  identity = {'path': os.path.abspath(path), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
+  if torchrec_npy.is_npy_source(path):
+    identity['companions'] = torchrec_npy.identity(path)
+  return identity
 
 
 def cache_name(source: Source, spec: feature_spec_lib.FeatureSpec,

@@ -1,0 +1,219 @@
+"""Reading TorchRec's preprocessed Criteo (.npy triples): values, shares, bad rows, caches, runs."""
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from dlrm_jax import datagen  # pylint: disable=g-import-not-at-top,wrong-import-order
+from dlrm_jax import feature_spec
+from dlrm_jax import input_pipeline
+from dlrm_jax import row_cache
+from dlrm_jax import train
+
+SPEC = feature_spec.criteo_spec(1000, embedding_dim=4)
+# TorchRec's Criteo readers also need iopath (torchrec[datasets]).
+HAS_TORCHREC = all(importlib.util.find_spec(m) is not None for m in ('torchrec', 'iopath'))
+
+
+def write_triple(prefix, dense, sparse, labels):
+  """Writes <prefix>_{dense,sparse,labels}.npy in TorchRec's types; returns the dense path."""
+  np.save(f'{prefix}_dense.npy', np.asarray(dense, np.float32))
+  np.save(f'{prefix}_sparse.npy', np.asarray(sparse, np.int64))
+  np.save(f'{prefix}_labels.npy', np.asarray(labels, np.int32).reshape(-1, 1))
+  return f'{prefix}_dense.npy'
+
+
+def tsv_to_triple(tsv_path, prefix):
+  """A Criteo TSV as npy_preproc_criteo.py stores it, written here from its documented format
+  (empty fields read as 0, hex categoricals as integers, dense log(x - min + 2))."""
+  with open(tsv_path) as f:
+    rows = [line.rstrip('\n').split('\t') for line in f]
+  labels = [int(r[0] or '0') for r in rows]
+  ints = np.array([[int(v or '0') for v in r[1:14]] for r in rows], np.int32)
+  sparse = [[int(v or '0', 16) for v in r[14:40]] for r in rows]
+  dense = np.log(ints - (ints.min() - 2), dtype=np.float32)
+  return write_triple(prefix, dense, sparse, labels), (ints, np.array(sparse, np.int64), labels)
+
+
+def random_triple(tmp_path, n=300, seed=0, name='day_0'):
+  rng = np.random.default_rng(seed)
+  dense = rng.normal(size=(n, 13)).astype(np.float32)
+  dense[:, 0] = np.arange(n)  # the row's number: tells which rows a reader returned
+  sparse = rng.integers(0, 2**32, (n, 26))
+  labels = rng.integers(0, 2, n)
+  return write_triple(str(tmp_path / name), dense, sparse, labels), (dense, sparse, labels)
+
+
+def read_all(paths, spec=SPEC, **kwargs):
+  chunks = list(input_pipeline.iter_row_chunks(paths, spec, chunk_rows=64, **kwargs))
+  return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def test_rows_are_torchrecs_values_ids_modulo_the_tables_rows(tmp_path):
+  path, (dense, sparse, labels) = random_triple(tmp_path)
+  spec = feature_spec.criteo_spec([1000 + i for i in range(26)], embedding_dim=4)
+  rows = read_all(path, spec)
+  np.testing.assert_array_equal(rows['dense'], dense)
+  np.testing.assert_array_equal(rows['label'], labels)
+  np.testing.assert_array_equal(rows['ids'], sparse % (1000 + np.arange(26)))
+  assert rows['weights'].min() == 1.0  # 0 is a value (an empty field's), as in TorchRec
+  assert input_pipeline.count_rows(path) == 300 == input_pipeline.estimate_lines(path)
+  assert input_pipeline.scoring_spec([path], SPEC) == SPEC
+
+
+def test_a_planted_tsv_reads_as_its_fields_integers_and_the_run_trains(tmp_path):
+  oracle = datagen.generate_criteo(str(tmp_path / 'tsv'), 2000, 600, seed=3)
+  triples = tmp_path / 'npy'
+  triples.mkdir()
+  path, (ints, sparse, labels) = tsv_to_triple(oracle['train_path'], str(triples / 'day_0'))
+  tsv_to_triple(oracle['eval_path'], str(triples / 'day_1'))
+  rows = read_all(path)
+  np.testing.assert_array_equal(rows['ids'], sparse % 1000)
+  np.testing.assert_array_equal(rows['label'], labels)
+  np.testing.assert_allclose(rows['dense'], np.log(ints - ints.min() + 2.0), rtol=1e-6)
+  # A run reads the triples through the row cache: every row of both days, with their labels.
+  eval_labels = np.load(triples / 'day_1_labels.npy')
+  config = train_helpers.tiny_config(
+      tmp_path / 'out', feature_spec='criteo', data_location=str(triples), embedding_dim=4,
+      train_files='day_0_dense.npy', eval_files='day_1_dense.npy', steps=40, batch_size=64,
+      hash_buckets=1000)
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['rows_parsed'] == 2600 and results['eval_num_examples'] == 600
+  assert results['eval_positive_rate'] == pytest.approx(eval_labels.mean())
+  assert 0 < results['eval_auc'] < 1
+  assert os.listdir(triples / 'dlrm_cache')
+
+
+def test_process_shares_and_line_ranges_number_rows_across_files_as_text_does(tmp_path):
+  first, _ = random_triple(tmp_path, n=130, name='day_0')
+  second, _ = random_triple(tmp_path, n=70, seed=1, name='day_1')
+  ranges = [(10, 120), None]
+  wanted = np.concatenate([np.arange(10, 120), np.arange(70)])
+  seen = []
+  for k in range(3):
+    stats = input_pipeline.ParseStats()
+    rows = read_all([first, second], process_index=k, process_count=3, line_ranges=ranges,
+                    stats=stats)
+    np.testing.assert_array_equal(rows['dense'][:, 0], wanted[k::3])
+    assert stats.source_lines == 180 and stats.rows == len(wanted[k::3])
+    seen.append(len(rows['label']))
+  assert sum(seen) == 180
+
+
+@pytest.mark.parametrize('field, value, where, column, note', [
+    ('labels', -1, 'day_0_labels.npy', "'label'", "Kaggle's unlabelled test.txt"),
+    ('dense', np.nan, 'day_0_dense.npy', "'I4'", 'not a finite number'),
+    ('sparse', -5, 'day_0_sparse.npy', "'C2'", 'negative id -5'),
+])
+def test_a_bad_value_names_its_file_row_and_column_or_is_skipped(tmp_path, field, value, where,
+                                                                 column, note):
+  path, (dense, sparse, labels) = random_triple(tmp_path, n=200)
+  arrays = {'dense': dense, 'sparse': sparse, 'labels': labels}
+  index = {'labels': (150,), 'dense': (150, 3), 'sparse': (150, 1)}[field]
+  arrays[field] = arrays[field].astype(np.float64 if field == 'dense' else np.int64)
+  arrays[field][index] = value
+  write_triple(str(tmp_path / 'day_0'), arrays['dense'], arrays['sparse'], arrays['labels'])
+  with pytest.raises(input_pipeline.DataError, match=f'{where}: row 150: column {column}: .*'
+                                                     f'{note}') as e:
+    read_all(path)
+  assert e.value.path == path and e.value.line == 151
+  stats = input_pipeline.ParseStats()
+  rows = read_all(path, skip_bad_rows=True, stats=stats)
+  assert 150 not in rows['dense'][:, 0] and len(rows['label']) == 199
+  assert stats.bad_rows == 1 and 'row 150' in stats.bad_row_examples[0]
+
+
+def test_a_triple_that_cannot_be_read_says_which_file_and_why(tmp_path):
+  path, (dense, sparse, labels) = random_triple(tmp_path, n=50)
+  stem = str(tmp_path / 'day_0')
+  os.rename(f'{stem}_labels.npy', f'{stem}_labels.bak')
+  with pytest.raises(FileNotFoundError, match='day_0_labels.npy is missing'):
+    read_all(path)
+  os.rename(f'{stem}_labels.bak', f'{stem}_labels.npy')
+  write_triple(stem, dense[:, :12], sparse, labels)
+  with pytest.raises(input_pipeline.DataError, match=r'day_0_dense.npy: float32\[50, 12\], '
+                                                     r'expected floating \[rows, 13\]'):
+    read_all(path)
+  write_triple(stem, dense, sparse[:40], labels)
+  with pytest.raises(input_pipeline.DataError, match='dense 50, sparse 40, labels 50'):
+    read_all(path)
+  np.save(f'{stem}_sparse.npy', sparse.astype(np.float64))
+  with pytest.raises(input_pipeline.DataError, match='sparse.npy: float64.*expected integer'):
+    read_all(path)
+  with open(path, 'w') as f:
+    f.write('1\t2\n')
+  with pytest.raises(input_pipeline.DataError, match='day_0_dense.npy: not a readable .npy'):
+    read_all(path)
+
+
+def test_only_a_criteo_like_spec_reads_a_triple_and_kinds_do_not_mix(tmp_path):
+  path, _ = random_triple(tmp_path, n=20)
+  elm = feature_spec.elm_spec(1000, embedding_dim=4)
+  with pytest.raises(input_pipeline.DataError, match="the 'elm' spec .*feature_spec='criteo'"):
+    read_all(path, elm)
+  text = tmp_path / 'day_1'
+  text.write_text('0' + '\t' * 39 + '\n')
+  with pytest.raises(ValueError, match='TorchRec .npy files and text files in one read'):
+    read_all([path, str(text)])
+
+
+def test_the_cache_of_a_triple_is_rebuilt_when_its_sparse_file_changes(tmp_path):
+  path, (dense, sparse, labels) = random_triple(tmp_path, n=100)
+  source = row_cache.Source(path)
+  cache_root = str(tmp_path / 'cache')
+
+  def cached_ids():
+    cache, start, stop = row_cache.open_or_build(source, SPEC, cache_root=cache_root)
+    return row_cache.expand(cache.read(start, stop), SPEC)['ids']
+
+  np.testing.assert_array_equal(cached_ids(), sparse % 1000)
+  np.save(tmp_path / 'day_0_sparse.npy', sparse + 1)  # the dense file stays as it was
+  np.testing.assert_array_equal(cached_ids(), (sparse + 1) % 1000)
+
+
+@pytest.mark.skipif(not HAS_TORCHREC, reason='TorchRec and iopath: optional (experiments/)')
+def test_torchrecs_own_files_and_reader_agree_with_ours(tmp_path):
+  # pylint: disable=g-import-not-at-top
+  from torchrec.datasets import criteo as torchrec_criteo
+  oracle = datagen.generate_criteo(str(tmp_path / 'tsv'), 300, 10, seed=5)
+  prefix = str(tmp_path / 'day_0')
+  names = [f'{prefix}_{kind}.npy' for kind in ('dense', 'sparse', 'labels')]
+  torchrec_criteo.BinaryCriteoUtils.tsv_to_npys(oracle['train_path'], *names)
+  ours = str(tmp_path / 'ours' / 'day_0')
+  os.makedirs(os.path.dirname(ours))
+  tsv_to_triple(oracle['train_path'], ours)
+  for kind, name in zip(('dense', 'sparse', 'labels'), names):  # the test's writer is right
+    np.testing.assert_array_equal(np.load(name), np.load(f'{ours}_{kind}.npy'))
+  rows = read_all(names[0])
+  pipe = torchrec_criteo.InMemoryBinaryCriteoIterDataPipe(
+      'train', [names[0]], [names[1]], [names[2]], batch_size=100, rank=0, world_size=1,
+      hashes=[1000] * 26)
+  batches = list(pipe)
+  np.testing.assert_array_equal(
+      rows['dense'], np.concatenate([b.dense_features.numpy() for b in batches]))
+  np.testing.assert_array_equal(
+      rows['label'], np.concatenate([b.labels.numpy() for b in batches]))
+  ids = np.concatenate([b.sparse_features.values().numpy().reshape(26, -1).T for b in batches])
+  np.testing.assert_array_equal(rows['ids'], ids)
+
+
+def test_kaggles_train_triple_is_cut_into_days_as_train_txt_is(tmp_path):
+  # configs/criteo_kaggle.py cuts its one file into 7 days by line: a triple by row.
+  from configs import criteo_kaggle  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
+  random_triple(tmp_path, n=701, name='train')
+  config = criteo_kaggle.get_config()
+  config.data_location, config.train_files = str(tmp_path), 'train_dense.npy'
+  config.cache_dir = str(tmp_path / 'cache')
+  spec = feature_spec.from_config(config)
+  data = data_sources.resolve(config, spec, process_index=0, process_count=1)
+  assert data.train_rows == 6 * 701 // 7
+  eval_rows = [b['dense'][b['mask'] > 0, 0] for b in
+               data_sources.eval_batches(config, spec, data, process_index=0, process_count=1)]
+  np.testing.assert_array_equal(np.sort(np.concatenate(eval_rows)), np.arange(6 * 701 // 7, 701))
