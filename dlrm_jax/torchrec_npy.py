@@ -192,3 +192,21 @@ def row_chunks(files: Sequence[str], spec: feature_spec_lib.FeatureSpec, chunk_r
                      skip_bad_rows, stats)
     if stats is not None:
       stats.source_lines += max(0, stop - start)
+
+
+def write_from_tsv(tsv_path: str, prefix: str) -> str:
+  """Writes a Criteo TSV file as TorchRec's `tsv_to_npys` stores it, without TorchRec: the
+  triple `<prefix>_{dense,sparse,labels}.npy`; returns the dense file's path. For tests and
+  benchmarks: it holds the whole file in memory, as TorchRec's converter does."""
+  with open(tsv_path, encoding='utf-8') as f:
+    fields = [line.rstrip('\r\n').split('\t') for line in f]
+  num_dense = feature_spec_lib.CRITEO_NUM_DENSE
+  ints = np.array([[int(v or '0') for v in r[1:1 + num_dense]] for r in fields], np.int64)
+  sparse = np.array([[int(v or '0', 16) for v in r[1 + num_dense:]] for r in fields], np.int64)
+  labels = np.array([int(r[0] or '0') for r in fields], np.int32).reshape(-1, 1)
+  # TorchRec shifts by the file's least integer so that the smallest value is log(2).
+  dense = np.log(ints - ((ints.min() if ints.size else 0) - 2), dtype=np.float32)
+  for suffix, array in zip((DENSE_SUFFIX,) + _COMPANIONS, (dense, sparse, labels)):
+    np.save(prefix + suffix, array)
+  return prefix + DENSE_SUFFIX
+

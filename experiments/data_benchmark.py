@@ -10,6 +10,7 @@ Every measurement runs in its own child process on planted data (`datagen`, gene
 reference's max_list_len 50 and ~10-value lists, Criteo with 26 tables of 10000 rows):
   * first pass: the CSV parsed into the row cache (what the first epoch of a run costs), with
     0 and 2 worker processes; rows/s of wall time, and CPU seconds of all processes per 1M rows;
+    and for Criteo the same rows as TorchRec's .npy triple (`torchrec_npy`) into the cache;
   * cache read: one epoch of 512-row batches in the trainer's compact layout, shuffled as
     training is (buffer 20000), in one thread, alone and followed by the trainer's host-side id
     dedup (models.UniqueRows, the rest of what the input thread does per batch);
@@ -48,7 +49,7 @@ flags.DEFINE_integer('rows', 300_000, 'rows of the throughput files')
 flags.DEFINE_list('formats', ['criteo', 'elm'], 'formats to measure')
 flags.DEFINE_list('rss_rows', ['1000000', '10000000'], 'file sizes (rows) of the RSS test; '
                   'Criteo format')
-flags.DEFINE_list('only', [], 'subset of: parse, read, csv, transfer, tfds, rss')
+flags.DEFINE_list('only', [], 'subset of: parse, npy, read, csv, transfer, tfds, rss')
 flags.DEFINE_string('child', '', 'internal: run one measurement (JSON) and print its result')
 
 
@@ -105,6 +106,26 @@ def _measure_parse(kind: str, path: str, workers: int) -> Dict[str, Any]:
          'ids_per_row': cache.manifest['ids'] / rows, 'wall_s': wall}
   shutil.rmtree(root, ignore_errors=True)
   return out
+
+
+def _measure_npy(path: str) -> Dict[str, Any]:
+  """The first pass of TorchRec's .npy triple of `path` (written once beside it) into the row
+  cache, in one process (the triple is not parsed: no worker would help)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import row_cache  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import torchrec_npy  # pylint: disable=g-import-not-at-top
+  dense = os.path.join(os.path.dirname(path), 'torchrec', 'train' + torchrec_npy.DENSE_SUFFIX)
+  if not os.path.exists(dense):
+    os.makedirs(os.path.dirname(dense), exist_ok=True)
+    torchrec_npy.write_from_tsv(path, dense[:-len(torchrec_npy.DENSE_SUFFIX)])
+  root = os.path.join(FLAGS.out_dir, 'cache_npy')
+  shutil.rmtree(root, ignore_errors=True)
+  wall, cpu = time.perf_counter(), _cpu_seconds()
+  _, _, rows = row_cache.open_or_build(row_cache.Source(dense), _spec('criteo'), cache_root=root)
+  wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+  shutil.rmtree(root, ignore_errors=True)
+  return {'rows': rows, 'rows_per_s': rows / wall, 'cpu_s_per_1m_rows': cpu / rows * 1e6,
+          'wall_s': wall}
 
 
 def _cache_reader(kind: str, path: str):
@@ -289,9 +310,9 @@ def _measure_rss(path_dir: str, use_cache: bool) -> Dict[str, Any]:
 
 def _child(request: Dict[str, Any]) -> Dict[str, Any]:
   what = request.pop('what')
-  return {'parse': _measure_parse, 'read': _measure_read, 'csv': _measure_csv,
-          'transfer': _measure_transfer, 'tfds': _measure_tfds, 'rss': _measure_rss}[what](
-              **request)
+  return {'parse': _measure_parse, 'npy': _measure_npy, 'read': _measure_read,
+          'csv': _measure_csv, 'transfer': _measure_transfer, 'tfds': _measure_tfds,
+          'rss': _measure_rss}[what](**request)
 
 
 def _run_child(**request) -> Dict[str, Any]:
@@ -310,7 +331,7 @@ def main(argv):
     print('RESULT ' + json.dumps(_child(json.loads(FLAGS.child))), flush=True)
     return
   os.makedirs(FLAGS.out_dir, exist_ok=True)
-  only = set(FLAGS.only) or {'parse', 'read', 'csv', 'transfer', 'tfds', 'rss'}
+  only = set(FLAGS.only) or {'parse', 'npy', 'read', 'csv', 'transfer', 'tfds', 'rss'}
   results: Dict[str, Any] = {'cpus': os.cpu_count(), 'load_avg': os.getloadavg()}
 
   def report(name, value):
@@ -324,6 +345,8 @@ def main(argv):
       for workers in (0, 2):
         report(f'{kind}/first_pass_workers{workers}',
                _run_child(what='parse', kind=kind, path=path, workers=workers))
+    if 'npy' in only and kind == 'criteo':
+      report(f'{kind}/torchrec_npy_first_pass', _run_child(what='npy', path=path))
     if 'read' in only:
       report(f'{kind}/cache_read', _run_child(what='read', kind=kind, path=path, dedup=False))
       report(f'{kind}/cache_read+dedup', _run_child(what='read', kind=kind, path=path,

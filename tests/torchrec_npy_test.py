@@ -14,6 +14,7 @@ from dlrm_jax import datagen  # pylint: disable=g-import-not-at-top,wrong-import
 from dlrm_jax import feature_spec
 from dlrm_jax import input_pipeline
 from dlrm_jax import row_cache
+from dlrm_jax import torchrec_npy
 from dlrm_jax import train
 
 SPEC = feature_spec.criteo_spec(1000, embedding_dim=4)
@@ -30,15 +31,13 @@ def write_triple(prefix, dense, sparse, labels):
 
 
 def tsv_to_triple(tsv_path, prefix):
-  """A Criteo TSV as npy_preproc_criteo.py stores it, written here from its documented format
-  (empty fields read as 0, hex categoricals as integers, dense log(x - min + 2))."""
+  """torchrec_npy.write_from_tsv, and the TSV's integers, hex values as integers, and labels."""
+  path = torchrec_npy.write_from_tsv(tsv_path, prefix)
   with open(tsv_path) as f:
     rows = [line.rstrip('\n').split('\t') for line in f]
-  labels = [int(r[0] or '0') for r in rows]
-  ints = np.array([[int(v or '0') for v in r[1:14]] for r in rows], np.int32)
-  sparse = [[int(v or '0', 16) for v in r[14:40]] for r in rows]
-  dense = np.log(ints - (ints.min() - 2), dtype=np.float32)
-  return write_triple(prefix, dense, sparse, labels), (ints, np.array(sparse, np.int64), labels)
+  ints = np.array([[int(v or '0') for v in r[1:14]] for r in rows], np.int64)
+  sparse = np.array([[int(v or '0', 16) for v in r[14:40]] for r in rows], np.int64)
+  return path, (ints, sparse, [int(r[0]) for r in rows])
 
 
 def random_triple(tmp_path, n=300, seed=0, name='day_0'):
@@ -188,7 +187,7 @@ def test_torchrecs_own_files_and_reader_agree_with_ours(tmp_path):
   ours = str(tmp_path / 'ours' / 'day_0')
   os.makedirs(os.path.dirname(ours))
   tsv_to_triple(oracle['train_path'], ours)
-  for kind, name in zip(('dense', 'sparse', 'labels'), names):  # the test's writer is right
+  for kind, name in zip(('dense', 'sparse', 'labels'), names):  # write_from_tsv is right
     np.testing.assert_array_equal(np.load(name), np.load(f'{ours}_{kind}.npy'))
   rows = read_all(names[0])
   pipe = torchrec_criteo.InMemoryBinaryCriteoIterDataPipe(
