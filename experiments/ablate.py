@@ -211,6 +211,17 @@ def _read_json(path: str) -> Dict[str, Any]:
     return json.load(f)
 
 
+def config_differences(found: Dict[str, Any], wanted: Dict[str, Any]
+                       ) -> Tuple[List[str], List[str]]:
+  """(fields whose values differ, fields on one side only) of two config_dicts, where a run
+  writes (output_dir, checkpoint) aside. A field that only one side has comes from a newer or
+  older version of the code, where it did not exist yet: its default keeps the old behaviour,
+  so it does not make another experiment."""
+  found, wanted = _comparable(found), _comparable(wanted)
+  changed = sorted(k for k in set(found) & set(wanted) if found[k] != wanted[k])
+  return changed, sorted(set(found) ^ set(wanted))
+
+
 def _check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Records the cell's config, or fails if the directory holds a run of another config."""
   path = os.path.join(workdir, CELL_CONFIG)
@@ -219,14 +230,10 @@ def _check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     os.makedirs(workdir, exist_ok=True)
     metrics.write_json_atomic(path, wanted)
     return
-  found, wanted = _comparable(_read_json(path)), _comparable(wanted)
-  changed = sorted(k for k in set(found) & set(wanted) if found[k] != wanted[k])
+  changed, unmatched = config_differences(_read_json(path), wanted)
   if changed:
     raise ValueError(f'{workdir} was trained with another config (fields differ: '
                      f'{", ".join(changed)}); use a new --out_dir or delete that cell')
-  # A field that only one side has comes from a newer or older version of the code, where it
-  # did not exist yet: its default keeps the old behaviour, so the cell still counts.
-  unmatched = sorted(set(found) ^ set(wanted))
   if unmatched:
     logging.warning('%s: config fields %s are on one side only; resuming anyway', workdir,
                     ', '.join(unmatched))

@@ -55,9 +55,30 @@ def test_one_seed_end_to_end(tmp_path, no_compilation_cache):
   # A rerun reads the finished seed back instead of training it again.
   again = torchrec_parity.run_parity(tiny(tmp_path), [1], out_dir, compilation_cache=False)
   assert again['records'] == json.loads(json.dumps(result['records']))
-  with pytest.raises(ValueError, match='another config'):
+  with pytest.raises(ValueError, match=r'another config \(differing: learning_rate;'):
     torchrec_parity.run_parity(tiny(tmp_path, learning_rate=0.1), [1], out_dir,
                                compilation_cache=False)
+
+
+def test_an_out_dir_of_another_experiment_is_refused_naming_what_differs(tmp_path):
+  out_dir = str(tmp_path / 'parity')
+  torchrec_parity.check_out_dir(tiny(tmp_path), out_dir, 'ours')
+  torchrec_parity.check_out_dir(tiny(tmp_path), out_dir, 'ours')  # the same experiment
+  with pytest.raises(ValueError, match=r'differing: learning_rate, steps;'):
+    torchrec_parity.check_out_dir(tiny(tmp_path, learning_rate=0.1, steps=9), out_dir, 'ours')
+  with pytest.raises(ValueError, match=r'differing: --twin_init \(ours there\);'):
+    torchrec_parity.check_out_dir(tiny(tmp_path), out_dir, 'torchrec')
+  # Moved: only where its runs write (output_dir) changed, so its seeds still count.
+  moved = str(tmp_path / 'moved')
+  os.rename(out_dir, moved)
+  torchrec_parity.check_out_dir(tiny(tmp_path / 'elsewhere'), moved, 'ours')
+  # Recorded by an older version without a field: its default kept the old behaviour.
+  with open(os.path.join(moved, 'config.json')) as f:
+    recorded = json.load(f)
+  del recorded['config']['cpu_async_dispatch']
+  with open(os.path.join(moved, 'config.json'), 'w') as f:
+    json.dump(recorded, f)
+  torchrec_parity.check_out_dir(tiny(tmp_path), moved, 'ours')
 
 
 def test_twin_reads_the_rows_ours_trains_on(tmp_path):
