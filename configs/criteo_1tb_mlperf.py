@@ -17,7 +17,9 @@ Where this config differs from DLRMv2:
   * Inputs are one-hot: one id per categorical feature, as in the raw day files. DLRMv2 trains on
     a synthetic multi-hot expansion of them (214 ids per example).
   * Ids are FarmHash Fingerprint64 of the hex strings modulo each table's rows (input_pipeline),
-    not MLPerf's preprocessed contiguous ids, so small tables see hash collisions MLPerf does not.
+    not MLPerf's preprocessed contiguous ids, so small tables see hash collisions MLPerf does not,
+    unless the data are TorchRec's preprocessed .npy files (below): then each id is MLPerf's
+    value modulo the table's rows, as its reader computes it.
   * Optimizer: MLPerf's reference runs torch.optim.Adagrad on everything; on the tables TorchRec
     turns it into FBGEMM's fused EXACT_ADAGRAD, applied in the backward pass to the looked-up rows
     only, with a per-element accumulator: the row-wise `adagrad` here keeps the same state (one
@@ -28,13 +30,17 @@ Where this config differs from DLRMv2:
   * No learning-rate warm-up or decay schedule (this codebase has none).
   * Dense features are log(x + 1) with negatives clamped to 0, as the original DLRM reference;
     DLRMv2's preprocessing (TorchRec's criteo utilities) takes log(x - min + 2) over each file,
-    which keeps negative values apart.
+    which keeps negative values apart (and is what a run on its .npy files reads).
   * The whole of day_23 is evaluated; MLPerf evaluates on its halves (validation and test).
 
 Data: `data_location` holds the day files as downloaded, `day_0` .. `day_22` to train
 (4,195,197,692 rows) and `day_23` to evaluate, each plain or gzip'd, cached one file at a time
 as `configs/criteo_1tb.py` reads them, but in caches of their own (a cache holds ids reduced to
-one set of table sizes).
+one set of table sizes). MLPerf's preprocessed files (TorchRec's
+`day_<n>_{dense,sparse,labels}.npy`, the contiguous ids named `_sparse.npy`) are read instead with
+  --config.train_files='day_?_dense.npy,day_1?_dense.npy,day_2[0-2]_dense.npy' \
+  --config.eval_files=day_23_dense.npy
+(`dlrm_jax/torchrec_npy.py`), one-hot: the multi-hot `.npz` expansion is not read.
 
 Mesh: tables are split by rows over the 'model' axis, replicated over 'data'; MLPs are replicated
 and the batch splits over 'data'. Eight table shards (26 GB of tables and accumulator per device,
