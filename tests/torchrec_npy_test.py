@@ -216,3 +216,14 @@ def test_kaggles_train_triple_is_cut_into_days_as_train_txt_is(tmp_path):
   eval_rows = [b['dense'][b['mask'] > 0, 0] for b in
                data_sources.eval_batches(config, spec, data, process_index=0, process_count=1)]
   np.testing.assert_array_equal(np.sort(np.concatenate(eval_rows)), np.arange(6 * 701 // 7, 701))
+
+
+def test_the_documented_patterns_name_days_0_to_22_in_order(tmp_path):
+  # README and configs/criteo_1tb_mlperf.py give these patterns for TorchRec's 1TB triples.
+  from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
+  for day in range(24):
+    (tmp_path / f'day_{day}_dense.npy').touch()
+  names = 'day_?_dense.npy,day_1?_dense.npy,day_2[0-2]_dense.npy'.split(',')
+  files, missing = data_sources.match_files(str(tmp_path), names)
+  assert [os.path.basename(f) for f in files] == [f'day_{d}_dense.npy' for d in range(23)]
+  assert not missing
