@@ -30,7 +30,8 @@ def get_config(mode: str = ''):
                                        # the cache: rows per shuffled window of random blocks)
   config.skip_bad_rows = False         # True: drop and count malformed rows instead of stopping
   config.train_files = ''              # names / globs in data_location, comma-separated; '' =
-                                       # train.csv (ELM) / train.txt (Criteo); 'x' finds x.gz too
+                                       # train.csv (ELM) / train.txt (Criteo); 'x' finds x.gz too;
+                                       # TorchRec's .npy triples: their <name>_dense.npy files
   config.eval_files = ''               # the same for evaluation; '' = eval.csv / eval.txt
   config.split_parts = 0               # > 0: cut each train file by line into this many parts
   config.eval_parts = 1                # ... and evaluate on the last eval_parts (Kaggle: 7, 1)

@@ -42,6 +42,7 @@ from dlrm_jax import datagen
 from dlrm_jax import feature_spec as fs
 from dlrm_jax import input_pipeline
 from dlrm_jax import row_cache
+from dlrm_jax import torchrec_npy
 
 Batch = Dict[str, np.ndarray]
 Source = row_cache.Source
@@ -267,6 +268,7 @@ def resolve(config, spec: fs.FeatureSpec, *, train: bool = True, need_train_file
     if not parts and (not config.no_eval or config.mode == 'eval'):  # eval mode evaluates
       eval_files = agreeing('finding the eval files', _find, directory, config.eval_files,
                             spec.name, eval_name, planted)
+    torchrec_npy.check_one_encoding(list(train_files) + list(eval_files))
     if parts:
       eval_parts = int(config.eval_parts)
       if not 0 < eval_parts < parts:

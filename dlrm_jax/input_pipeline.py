@@ -90,7 +90,7 @@ Batch = Dict[str, np.ndarray]
 Paths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 # Bad rows whose messages are kept in ParseStats, for results.json and logs.
-_MAX_EXAMPLES = 10
+MAX_BAD_ROW_EXAMPLES = 10
 
 # Bump whenever a change here changes what some line parses into (or whether it parses): caches
 # of parsed rows (row_cache) record it and are rebuilt when it changes.
@@ -133,7 +133,7 @@ class ParseStats:
   def record_bad_rows(self, count: int, messages: Sequence[str]) -> None:
     """Counts `count` dropped rows and keeps the first few of their `messages`."""
     self.bad_rows += count
-    room = max(0, _MAX_EXAMPLES - len(self.bad_row_examples))
+    room = max(0, MAX_BAD_ROW_EXAMPLES - len(self.bad_row_examples))
     self.bad_row_examples.extend(messages[:room])
 
   def add(self, other: 'ParseStats') -> None:
@@ -141,7 +141,7 @@ class ParseStats:
     for field in dataclasses.fields(self):
       if field.name != 'bad_row_examples':
         setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
-    room = max(0, _MAX_EXAMPLES - len(self.bad_row_examples))
+    room = max(0, MAX_BAD_ROW_EXAMPLES - len(self.bad_row_examples))
     self.bad_row_examples.extend(other.bad_row_examples[:room])
 
 
@@ -978,10 +978,8 @@ def _row_chunks(paths: Paths, spec: feature_spec_lib.FeatureSpec, chunk_rows: in
   if line_ranges is not None and len(line_ranges) != len(files):
     raise ValueError(f'{len(line_ranges)} line ranges for {len(files)} files')
   npy = _torchrec_npy()
-  if any(map(npy.is_npy_source, files)):
-    if not all(map(npy.is_npy_source, files)):
-      raise ValueError(f'{", ".join(files)}: TorchRec .npy files and text files in one read: '
-                       'convert one kind, or read them as separate sources')
+  npy.check_one_encoding(files)
+  if files and npy.reads_as_triple(files[0]):
     # Arrays need no parsing: numpy reads them faster here than workers could be sent them.
     chunks = npy.row_chunks(files, spec, chunk_rows, skip_bad_rows, stats, process_index,
                             process_count, line_ranges)
@@ -1093,8 +1091,8 @@ class _WorkerPool:
 def estimate_lines(path: str) -> int:
   """About how many lines a file has, from its first few MB (a gzip file's by its compressed
   size): for progress and disk-space estimates, never for step counts."""
-  if _torchrec_npy().is_npy_source(path):
-    return _torchrec_npy().count_rows(path)
+  if _torchrec_npy().reads_as_triple(path):
+    return _torchrec_npy().count_rows(path)  # exactly, from the header
   with _open_binary(path) as f:
     head = f.read(_READ_BYTES)
     raw = getattr(f, 'fileobj', None)  # a GzipFile's compressed stream
@@ -1112,7 +1110,7 @@ def count_rows(path: Paths) -> int:
   a newline. A file holding only a byte order mark has none."""
   total = 0
   for name in expand_paths(path):
-    if _torchrec_npy().is_npy_source(name):
+    if _torchrec_npy().reads_as_triple(name):
       total += _torchrec_npy().count_rows(name)
       continue
     last = b'\n'
@@ -1134,10 +1132,11 @@ def count_rows(path: Paths) -> int:
 def scoring_spec(paths: Paths, spec: feature_spec_lib.FeatureSpec) -> feature_spec_lib.FeatureSpec:
   """The spec to read rows to score with: `spec`, or `spec.unlabeled()` when the first file's
   first line has one field fewer than `spec` has columns (rows without the label, as Criteo's
-  test.txt). Every row must then have the same form: a row of the other one is a bad row."""
+  test.txt). Every row must then have the same form: a row of the other one is a bad row. A
+  TorchRec triple is unlabelled when its first label is -1 (its labels are then not read)."""
   files = expand_paths(paths)
-  if files and _torchrec_npy().is_npy_source(files[0]):
-    return spec  # the triple has its labels file
+  if files and _torchrec_npy().reads_as_triple(files[0]):
+    return spec.unlabeled() if _torchrec_npy().unlabelled(files[0]) else spec
   first = next(_line_chunks(files[0], 1, limit=1), None) if files else None
   if not spec.label or first is None:
     return spec

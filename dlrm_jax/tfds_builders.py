@@ -279,6 +279,13 @@ class SourceChanged(ValueError):
   """A prepared data set was built from other versions of the files the run names."""
 
 
+def _stamps(identity: Dict[str, Any]) -> List[Tuple[int, int]]:
+  """Size and modification time of a source's file, and of a TorchRec triple's other two files
+  (paths aside: the data set may have been built from the files at another path)."""
+  files = [identity] + list(identity.get('companions', ()))
+  return [(f['size'], f['mtime_ns']) for f in files]
+
+
 def check_sources(sources, manual_dir: str) -> None:
   """Refuses a prepared data set when a file it was built from differs from the file of that
   name in `manual_dir` (TFDS would read the old rows without a word)."""
@@ -288,7 +295,7 @@ def check_sources(sources, manual_dir: str) -> None:
       if not os.path.exists(path):
         continue  # deleted after the build: the data set is what is left of it
       now = row_cache.file_identity(path)
-      if (now['size'], now['mtime_ns']) != (built['size'], built['mtime_ns']):
+      if _stamps(now) != _stamps(built):
         raise SourceChanged(
             f'{path} ({now["size"]} bytes) is not the file the TFDS data set in '
             f'{source.dataset_info.data_dir} was built from ({built["path"]}, '

@@ -7,6 +7,7 @@ Kaggle's `train.txt`) into three arrays beside each other:
                                       integer (empty fields read as 0)
   <name>_sparse.npy  int64   [n, 26]  each categorical's hex value as an integer (0 if empty), or,
                                       after `contiguous_preproc_criteo.py`, its contiguous id
+                                      (int32 from older converters and `shuffle_preproc_criteo.py`)
   <name>_labels.npy  int32   [n, 1]   0 or 1 (-1 for Kaggle's unlabelled test.txt)
 
 A run reads them as rows of the `criteo` spec when the files it names are the dense ones
@@ -15,15 +16,21 @@ sparse and labels files are found beside each. The values are taken as TorchRec'
 (`InMemoryBinaryCriteoIterDataPipe` with `hashes`) takes them, so a model sees what TorchRec's
 sees: the dense values as they are (transformed already: the TSV reader's log(max(x, 0) + 1) is
 not applied again), and each categorical's row is its value modulo its table's rows (the TSV
-reader hashes the hex string instead), 0 included: an empty field has a row of its own, as in
-TorchRec. TorchRec's contiguous ids are read when their file bears the `_sparse.npy` name (a link
-will do), since `contiguous_preproc_criteo.py` writes `_sparse_contig_freq.npy`.
+reader hashes the hex string instead; a negative value, a hex value past 2^31 that an int32 file
+wrapped, takes the non-negative remainder, as in TorchRec), 0 included: an empty field has a row
+of its own, as in TorchRec, unless `criteo_missing=''` drops empty fields (0 then has weight 0).
+TorchRec's contiguous ids are read when their file bears the `_sparse.npy` name (a link will do),
+since `contiguous_preproc_criteo.py` writes `_sparse_contig_freq.npy`. The files are read as they
+are: a gzip'd .npy is refused (decompress it), as is any .npy named other than a dense file. A
+triple whose first label is -1 (Kaggle's test set) is scored by mode=predict as unlabelled rows.
+A run's config does not record which encoding it trained on: evaluate, resume and serve a model
+trained on triples with triples (the export's serving recipe parses text).
 
 Rows are numbered across the files as lines are in `input_pipeline` (process k of n reads the
 rows i with i % n == k) and read from memory maps a chunk at a time, so memory follows the chunk
-and not the file. A bad row (a label other than 0 or 1, a non-finite dense value, a negative id)
-is a `DataError` naming the file, the row (counted from 0, as numpy indexes it) and the column,
-or with `skip_bad_rows` is counted and left out, as a bad line of text is.
+and not the file. A bad row (a label other than 0 or 1, a non-finite dense value) is a
+`DataError` naming the file, the row (counted from 0, as numpy indexes it) and the column, or
+with `skip_bad_rows` is counted and left out, as a bad line of text is.
 """
 
 import os
@@ -45,17 +52,47 @@ def is_npy_source(path: str) -> bool:
   return os.fspath(path).endswith(DENSE_SUFFIX)
 
 
+def reads_as_triple(path: str) -> bool:
+  """Whether the reader takes `path` as a triple (True) or as text (False); raises for another
+  .npy file, which text parsing would turn into bad rows."""
+  name = os.fspath(path)
+  if is_npy_source(name):
+    return True
+  if name.endswith(('.npy', '.npy.gz')):
+    raise input_pipeline.DataError(
+        f"{name}: TorchRec's .npy triples are read through their dense file, plain (not "
+        "gzip'd): name the <name>_dense.npy files (the _sparse and _labels files beside them "
+        'are found)', name)
+  return False
+
+
+def check_one_encoding(paths: Sequence[str]) -> None:
+  """Refuses triples and text files in one run: a model reads one encoding of the values (ids
+  modulo the tables and TorchRec's dense transform, or hashed strings and log(x + 1))."""
+  triples = [p for p in paths if reads_as_triple(p)]
+  if triples and len(triples) < len(paths):
+    text = [p for p in paths if not is_npy_source(p)]
+    raise ValueError(
+        f"TorchRec .npy triples ({', '.join(triples)}) and text files ({', '.join(text)}) in one "
+        'run: the two encode the same values differently (ids modulo the tables against hashed '
+        'strings, another dense transform): train and evaluate on one kind')
+
+
 def companion_paths(path: str) -> Tuple[str, str]:
   """The sparse and labels files of the triple whose dense file is `path`."""
   stem = os.fspath(path)[:-len(DENSE_SUFFIX)]
   return tuple(stem + suffix for suffix in _COMPANIONS)
 
 
-def _load(path: str) -> np.ndarray:
+def _require(path: str) -> None:
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f'{path} is missing: TorchRec\'s npy_preproc_criteo.py writes <name>_dense.npy, '
         '<name>_sparse.npy and <name>_labels.npy together, and all three are read')
+
+
+def _load(path: str) -> np.ndarray:
+  _require(path)
   try:
     return np.load(path, mmap_mode='r', allow_pickle=False)
   except (ValueError, OSError, EOFError) as e:
@@ -65,10 +102,10 @@ def _load(path: str) -> np.ndarray:
 def _check_spec(spec: feature_spec_lib.FeatureSpec, path: str) -> None:
   """The spec must be one the arrays can fill: one id per categorical, no list, no vocabulary."""
   scalars = all(not f.is_list and f.vocabulary is None for f in spec.sparse)
-  if not scalars or any(f.is_list for f in spec.dense) or not spec.label:
+  if not scalars or any(f.is_list for f in spec.dense):
     raise input_pipeline.DataError(
-        f"{path}: TorchRec's .npy files hold labelled Criteo rows, one value per column; the "
-        f"{spec.name!r} spec (lists, vocabularies or no label) cannot read them: set "
+        f"{path}: TorchRec's .npy files hold Criteo rows, one value per column; the "
+        f"{spec.name!r} spec (lists or vocabularies) cannot read them: set "
         "config.feature_spec='criteo'", path)
 
 
@@ -115,59 +152,77 @@ def identity(path: str) -> List[Dict[str, Any]]:
   file makes a cache of the triple stale, as a rewritten dense file does."""
   out = []
   for name in companion_paths(path):
+    _require(name)
     st = os.stat(name)
     out.append({'path': os.path.abspath(name), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns})
   return out
 
 
-def _bad_rows(path: str, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray,
-              rows: np.ndarray, spec: feature_spec_lib.FeatureSpec
-              ) -> List[Tuple[int, str]]:
-  """(row, message) of every bad row of a chunk, in row order; `rows` are the rows' numbers."""
-  sparse_path, labels_path = companion_paths(path)
-  problems = []
-  bad_label = (labels != 0) & (labels != 1)
-  for i in np.flatnonzero(bad_label).tolist():
-    note = (' (TorchRec writes -1 for the rows of Kaggle\'s unlabelled test.txt)'
-            if labels[i] == -1 else '')
-    problems.append((i, f'{labels_path}: row {rows[i]}: column {spec.label!r}: label '
-                        f'{labels[i]}, expected 0 or 1{note}'))
-  for i, j in zip(*np.nonzero(~np.isfinite(dense))):
-    problems.append((int(i), f'{path}: row {rows[i]}: column {spec.dense[j].column!r}: '
-                             f'{dense[i, j]} is not a finite number'))
-  for i, j in zip(*np.nonzero(sparse < 0)):
-    problems.append((int(i), f'{sparse_path}: row {rows[i]}: column '
-                             f'{spec.sparse[j].column!r}: negative id {sparse[i, j]}'))
-  problems.sort(key=lambda p: p[0])
-  return problems
+def unlabelled(path: str) -> bool:
+  """Whether the triple's rows are unlabelled: TorchRec gives Kaggle's test rows label -1."""
+  labels = _load(companion_paths(path)[1])
+  return labels.size > 0 and labels.reshape(-1)[0] == -1
+
+
+def _bad_rows(path: str, dense: np.ndarray, labels: Optional[np.ndarray], rows: np.ndarray,
+              spec: feature_spec_lib.FeatureSpec) -> Tuple[np.ndarray, List[str]]:
+  """(indices of a chunk's bad rows, messages for the first few of them)."""
+  bad_label = (np.zeros(len(dense), bool) if labels is None
+               else (labels != 0) & (labels != 1))
+  bad_dense = ~np.isfinite(dense)
+  bad = np.flatnonzero(bad_label | bad_dense.any(axis=1))
+  messages = []
+  for i in bad[:input_pipeline.MAX_BAD_ROW_EXAMPLES].tolist():
+    if bad_label[i]:
+      note = (" (TorchRec writes -1 for the rows of Kaggle's unlabelled test.txt)"
+              if labels[i] == -1 else '')
+      messages.append(f'{companion_paths(path)[1]}: row {rows[i]}: column {spec.label!r}: '
+                      f'label {labels[i]}, expected 0 or 1{note}')
+    else:
+      j = int(np.flatnonzero(bad_dense[i])[0])
+      messages.append(f'{path}: row {rows[i]}: column {spec.dense[j].column!r}: '
+                      f'{dense[i, j]} in float32, not a finite number')
+  return bad, messages
+
+
+def _table_rows(sparse: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """Each value's row: its remainder modulo its table's rows, non-negative as TorchRec's (numpy
+  takes the divisor's sign), in a type that holds every value of the file's."""
+  if np.issubdtype(sparse.dtype, np.unsignedinteger):
+    return np.remainder(sparse.astype(np.uint64), rows.astype(np.uint64)).astype(np.int32)
+  return np.remainder(sparse.astype(np.int64), rows).astype(np.int32)
 
 
 def _chunk(path: str, arrays, index: slice, spec: feature_spec_lib.FeatureSpec,
            skip_bad_rows: bool, stats: Optional[input_pipeline.ParseStats]) -> Batch:
-  """The rows `index` of one triple in the parsed batch layout (input_pipeline.parse_chunk's)."""
+  """The rows `index` of one triple in the parsed batch layout (input_pipeline.parse_chunk's);
+  an unlabelled spec (spec.label '') gives every row label 0, as the text reader does."""
   dense, sparse, labels = (np.asarray(a[index]) for a in arrays)
   dense = dense.astype(np.float32)  # the batch's type: a larger value becomes inf, refused below
   rows = np.arange(index.start, index.stop, index.step)[:len(labels)]
   if stats is not None:
     stats.lines += len(labels)
-  problems = _bad_rows(path, dense, sparse, labels, rows, spec)
-  if problems:
+  bad, messages = _bad_rows(path, dense, labels if spec.label else None, rows, spec)
+  if len(bad):
     if not skip_bad_rows:
-      first, message = problems[0]
-      raise input_pipeline.DataError(message, path, int(rows[first]) + 1)
-    bad = sorted({i for i, _ in problems})
+      raise input_pipeline.DataError(messages[0], path, int(rows[bad[0]]) + 1)
     if stats is not None:
-      stats.record_bad_rows(len(bad), [m for _, m in problems])
+      stats.record_bad_rows(len(bad), messages)
     keep = np.setdiff1d(np.arange(len(labels)), bad)
     dense, sparse, labels = dense[keep], sparse[keep], labels[keep]
   table_rows = np.array([spec.table(f.table).rows for f in spec.sparse], np.int64)
-  # Every feature is a scalar (_check_spec): feature f fills slot f, always (0 is a value).
-  ids = np.remainder(sparse.astype(np.int64), table_rows).astype(np.int32)
+  # Every feature is a scalar (_check_spec): feature f fills slot f.
+  ids = _table_rows(sparse, table_rows)
   weights = np.ones(ids.shape, np.float32)
+  dropped = [f for f, feature in enumerate(spec.sparse)
+             if spec.columns[spec.column_index(feature.column)].default == '']
+  if dropped:  # criteo_missing='': an empty field (0) is dropped, as the text reader drops it
+    weights[:, dropped] = sparse[:, dropped] != 0
+    ids[:, dropped] *= sparse[:, dropped] != 0
   if stats is not None:
     stats.rows += len(labels)
-  return {'label': labels.astype(np.float32), 'dense': dense, 'ids': ids,
-          'weights': weights}
+  label = labels.astype(np.float32) if spec.label else np.zeros(len(labels), np.float32)
+  return {'label': label, 'dense': dense, 'ids': ids, 'weights': weights}
 
 
 def row_chunks(files: Sequence[str], spec: feature_spec_lib.FeatureSpec, chunk_rows: int,
@@ -196,17 +251,20 @@ def row_chunks(files: Sequence[str], spec: feature_spec_lib.FeatureSpec, chunk_r
 
 def write_from_tsv(tsv_path: str, prefix: str) -> str:
   """Writes a Criteo TSV file as TorchRec's `tsv_to_npys` stores it, without TorchRec: the
-  triple `<prefix>_{dense,sparse,labels}.npy`; returns the dense file's path. For tests and
+  triple `<prefix>_{dense,sparse,labels}.npy`; returns the dense file's path. A line of 39
+  fields (Kaggle's test.txt) has no label: it gets -1, as TorchRec gives it. For tests and
   benchmarks: it holds the whole file in memory, as TorchRec's converter does."""
+  num_dense, num_sparse = feature_spec_lib.CRITEO_NUM_DENSE, feature_spec_lib.CRITEO_NUM_SPARSE
   with open(tsv_path, encoding='utf-8') as f:
     fields = [line.rstrip('\r\n').split('\t') for line in f]
-  num_dense = feature_spec_lib.CRITEO_NUM_DENSE
-  ints = np.array([[int(v or '0') for v in r[1:1 + num_dense]] for r in fields], np.int64)
-  sparse = np.array([[int(v or '0', 16) for v in r[1 + num_dense:]] for r in fields], np.int64)
+  fields = [r if len(r) == 1 + num_dense + num_sparse else ['-1'] + r for r in fields]
+  ints = np.array([[int(v or '0') for v in r[1:1 + num_dense]] for r in fields],
+                  np.int64).reshape(-1, num_dense)
+  sparse = np.array([[int(v or '0', 16) for v in r[1 + num_dense:]] for r in fields],
+                    np.int64).reshape(-1, num_sparse)
   labels = np.array([int(r[0] or '0') for r in fields], np.int32).reshape(-1, 1)
   # TorchRec shifts by the file's least integer so that the smallest value is log(2).
   dense = np.log(ints - ((ints.min() if ints.size else 0) - 2), dtype=np.float32)
   for suffix, array in zip((DENSE_SUFFIX,) + _COMPANIONS, (dense, sparse, labels)):
     np.save(prefix + suffix, array)
   return prefix + DENSE_SUFFIX
-

@@ -48,6 +48,7 @@ from dlrm_jax import models
 from dlrm_jax import optimizers
 from dlrm_jax import row_cache
 from dlrm_jax import serving
+from dlrm_jax import torchrec_npy
 
 Batch = Dict[str, jax.Array]
 
@@ -1261,6 +1262,9 @@ def check_predict_output(input_path: str, output_path: str) -> None:
   take the scores, or on one that is an input file: its rows would be replaced by their
   probabilities."""
   inputs = input_pipeline.expand_paths([input_path])
+  # A TorchRec triple's other two files are inputs too.
+  inputs += [c for i in inputs if torchrec_npy.is_npy_source(i)
+             for c in torchrec_npy.companion_paths(i) if os.path.exists(c)]
   if os.path.isdir(output_path):
     raise ValueError(f'config.predict_output={output_path!r} is a directory: name a file')
   if os.path.exists(output_path) and any(os.path.samefile(i, output_path) for i in inputs):

@@ -87,6 +87,15 @@ def test_a_planted_tsv_reads_as_its_fields_integers_and_the_run_trains(tmp_path)
   assert results['eval_positive_rate'] == pytest.approx(eval_labels.mean())
   assert 0 < results['eval_auc'] < 1
   assert os.listdir(triples / 'dlrm_cache')
+  # Kaggle's test set as TorchRec writes it (label -1) is scored, one probability a row.
+  with open(oracle['eval_path']) as f:
+    (tmp_path / 'test.txt').write_text(''.join(line.split('\t', 1)[1] for line in f))
+  test = torchrec_npy.write_from_tsv(str(tmp_path / 'test.txt'), str(tmp_path / 'test'))
+  config.mode, config.predict_input = 'predict', test
+  predicted = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  with open(predicted['predict_output']) as f:
+    probabilities = [float(line) for line in f]
+  assert len(probabilities) == 600 and all(0 < p < 1 for p in probabilities)
 
 
 def test_process_shares_and_line_ranges_number_rows_across_files_as_text_does(tmp_path):
@@ -108,7 +117,6 @@ def test_process_shares_and_line_ranges_number_rows_across_files_as_text_does(tm
 @pytest.mark.parametrize('field, value, where, column, note', [
     ('labels', -1, 'day_0_labels.npy', "'label'", "Kaggle's unlabelled test.txt"),
     ('dense', np.nan, 'day_0_dense.npy', "'I4'", 'not a finite number'),
-    ('sparse', -5, 'day_0_sparse.npy', "'C2'", 'negative id -5'),
 ])
 def test_a_bad_value_names_its_file_row_and_column_or_is_skipped(tmp_path, field, value, where,
                                                                  column, note):
@@ -158,8 +166,103 @@ def test_only_a_criteo_like_spec_reads_a_triple_and_kinds_do_not_mix(tmp_path):
     read_all(path, elm)
   text = tmp_path / 'day_1'
   text.write_text('0' + '\t' * 39 + '\n')
-  with pytest.raises(ValueError, match='TorchRec .npy files and text files in one read'):
+  with pytest.raises(ValueError, match=r'triples \(.*day_0_dense.npy\) and text files \(.*day_1\)'):
     read_all([path, str(text)])
+  # A run refuses them before reading: training on one and evaluating on the other too.
+  from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
+  config = train_helpers.tiny_config(tmp_path / 'out', feature_spec='criteo',
+                                     data_location=str(tmp_path), train_files='day_0_dense.npy',
+                                     eval_files='day_1', hash_buckets=1000)
+  with pytest.raises(ValueError, match='train and evaluate on one kind'):
+    data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+
+
+@pytest.mark.parametrize('name', ['day_0_sparse.npy', 'day_0_labels.npy', 'day_0_dense.npy.gz'])
+def test_another_npy_file_is_refused_not_parsed_as_text(tmp_path, name):
+  import gzip  # pylint: disable=g-import-not-at-top
+  path, _ = random_triple(tmp_path, n=20)
+  with open(path, 'rb') as f, gzip.open(f'{path}.gz', 'wb') as z:
+    z.write(f.read())
+  with pytest.raises(input_pipeline.DataError, match=f'{name}: .*name the <name>_dense.npy'):
+    read_all(str(tmp_path / name))
+  with pytest.raises(input_pipeline.DataError, match=f'{name}: .*name the <name>_dense.npy'):
+    input_pipeline.count_rows(str(tmp_path / name))
+
+
+def test_ids_are_the_nonnegative_remainder_of_any_integer_type(tmp_path):
+  # TorchRec's older converter wrote int32 ids: hex values past 2^31 wrapped to negative ones,
+  # whose remainder numpy (and TorchRec's reader) takes non-negative. uint64 values past 2^63
+  # must not wrap on the way.
+  stem = str(tmp_path / 'day_0')
+  path, (dense, sparse, labels) = random_triple(tmp_path, n=4)
+  wrapped = sparse.astype(np.uint32).astype(np.int32)
+  np.save(f'{stem}_sparse.npy', wrapped)
+  assert wrapped.min() < 0
+  np.testing.assert_array_equal(read_all(path)['ids'], np.remainder(wrapped.astype(np.int64),
+                                                                      1000))
+  huge = np.full((4, 26), 2**64 - 1, np.uint64)
+  np.save(f'{stem}_sparse.npy', huge)
+  assert (read_all(path)['ids'] == (2**64 - 1) % 1000).all()
+
+
+def test_criteo_missing_empty_drops_the_empty_fields_value(tmp_path):
+  path, (_, sparse, _) = random_triple(tmp_path, n=50)
+  sparse[::3, 5] = 0  # empty fields, as TorchRec writes them
+  np.save(tmp_path / 'day_0_sparse.npy', sparse)
+  kept = read_all(path, feature_spec.criteo_spec(1000, embedding_dim=4, missing=' '))
+  assert kept['weights'].min() == 1.0  # ' ': an empty field has a row of its own
+  dropped = read_all(path, feature_spec.criteo_spec(1000, embedding_dim=4, missing=''))
+  np.testing.assert_array_equal(dropped['weights'][:, 5], sparse[:, 5] != 0)
+  assert (dropped['ids'][::3, 5] == 0).all() and dropped['weights'][:, 6].min() == 1.0
+
+
+def test_kaggles_unlabelled_test_triple_is_scored_and_the_writer_makes_it(tmp_path):
+  oracle = datagen.generate_criteo(str(tmp_path / 'tsv'), 30, 10, seed=2)
+  with open(oracle['train_path']) as f:
+    lines = [line.split('\t', 1)[1] for line in f]  # test.txt: no label column
+  (tmp_path / 'test.txt').write_text(''.join(lines))
+  path = torchrec_npy.write_from_tsv(str(tmp_path / 'test.txt'), str(tmp_path / 'test'))
+  assert (np.load(tmp_path / 'test_labels.npy') == -1).all()
+  spec = input_pipeline.scoring_spec([path], SPEC)
+  assert spec == SPEC.unlabeled()
+  rows = read_all(path, spec)
+  assert len(rows['label']) == 30 and not rows['label'].any()
+  with pytest.raises(input_pipeline.DataError, match="label -1, .*Kaggle's unlabelled"):
+    read_all(path)  # trained or evaluated on, they are bad rows
+  (tmp_path / 'empty.txt').write_text('')
+  empty = torchrec_npy.write_from_tsv(str(tmp_path / 'empty.txt'), str(tmp_path / 'empty'))
+  assert input_pipeline.count_rows(empty) == 0
+  assert not list(input_pipeline.iter_row_chunks(empty, SPEC))
+
+
+def test_predict_output_may_not_be_a_file_of_the_input_triple(tmp_path):
+  path, _ = random_triple(tmp_path, n=5)
+  for name in ('day_0_sparse.npy', 'day_0_labels.npy'):
+    with pytest.raises(ValueError, match='is the input file'):
+      train.check_predict_output(path, str(tmp_path / name))
+
+
+def test_a_missing_companion_is_named_when_the_cache_is_checked(tmp_path):
+  path, _ = random_triple(tmp_path, n=5)
+  os.remove(tmp_path / 'day_0_labels.npy')
+  with pytest.raises(FileNotFoundError, match="day_0_labels.npy is missing: TorchRec's"):
+    row_cache.open_or_build(row_cache.Source(path), SPEC, cache_root=str(tmp_path / 'cache'))
+
+
+def test_a_tfds_data_set_of_a_triple_is_refused_when_its_sparse_file_changes(tmp_path):
+  pytest.importorskip('tensorflow_datasets')
+  from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import tfds_builders  # pylint: disable=g-import-not-at-top
+  path, (_, sparse, _) = random_triple(tmp_path, n=40)
+  random_triple(tmp_path, n=10, name='day_1')
+  config = train_helpers.tiny_config(
+      tmp_path / 'out', feature_spec='criteo', data_location=str(tmp_path), hash_buckets=1000,
+      train_files='day_0_dense.npy', eval_files='day_1_dense.npy',
+      tfds_data_dir=str(tmp_path / 'tfds'))
+  assert data_sources.resolve(config, SPEC, process_index=0, process_count=1).train_rows == 40
+  np.save(tmp_path / 'day_0_sparse.npy', sparse + 1)  # the dense file stays as it was
+  with pytest.raises(tfds_builders.SourceChanged, match='day_0_dense.npy'):
+    data_sources.resolve(config, SPEC, process_index=0, process_count=1)
 
 
 def test_the_cache_of_a_triple_is_rebuilt_when_its_sparse_file_changes(tmp_path):
