@@ -92,8 +92,9 @@ Paths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 # Bad rows whose messages are kept in ParseStats, for results.json and logs.
 MAX_BAD_ROW_EXAMPLES = 10
 
-# Bump whenever a change here changes what some line parses into (or whether it parses): caches
-# of parsed rows (row_cache) record it and are rebuilt when it changes.
+# Bump whenever a change here (or in torchrec_npy, for a triple's rows) changes what some line
+# parses into (or whether it parses): caches of parsed rows (row_cache) record it and are rebuilt
+# when it changes.
 PARSER_VERSION = 3  # 3: ELM integers beyond int32 are refused
 
 

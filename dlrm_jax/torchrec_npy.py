@@ -11,7 +11,7 @@ Kaggle's `train.txt`) into three arrays beside each other:
   <name>_labels.npy  int32   [n, 1]   0 or 1 (-1 for Kaggle's unlabelled test.txt)
 
 A run reads them as rows of the `criteo` spec when the files it names are the dense ones
-(`--config.train_files='day_[0-9]_dense.npy,day_1[0-9]_dense.npy,day_2[0-2]_dense.npy'`); the
+(`--config.train_files='day_?_dense.npy,day_1?_dense.npy,day_2[0-2]_dense.npy'`); the
 sparse and labels files are found beside each. The values are taken as TorchRec's own reader
 (`InMemoryBinaryCriteoIterDataPipe` with `hashes`) takes them, so a model sees what TorchRec's
 sees: the dense values as they are (transformed already: the TSV reader's log(max(x, 0) + 1) is
@@ -26,11 +26,12 @@ triple whose first label is -1 (Kaggle's test set) is scored by mode=predict as 
 A run's config does not record which encoding it trained on: evaluate, resume and serve a model
 trained on triples with triples (the export's serving recipe parses text).
 
-Rows are numbered across the files as lines are in `input_pipeline` (process k of n reads the
-rows i with i % n == k) and read from memory maps a chunk at a time, so memory follows the chunk
-and not the file. A bad row (a label other than 0 or 1, a non-finite dense value) is a
-`DataError` naming the file, the row (counted from 0, as numpy indexes it) and the column, or
-with `skip_bad_rows` is counted and left out, as a bad line of text is.
+What a triple's rows read as is versioned with the text parser (input_pipeline.PARSER_VERSION,
+which row caches record). Rows are numbered across the files as lines are in `input_pipeline`
+(process k of n reads the rows i with i % n == k) and read from memory maps a chunk at a time, so
+memory follows the chunk and not the file. A bad row (a label other than 0 or 1, a non-finite
+dense value) is a `DataError` naming the file, the row (counted from 0, as numpy indexes it) and
+the column, or with `skip_bad_rows` is counted and left out, as a bad line of text is.
 """
 
 import os
