@@ -318,7 +318,9 @@ def workers_for(num_workers: int, paths: Sequence[str]) -> int:
   is large enough to repay starting them."""
   if num_workers >= 0:
     return num_workers
-  big = any(os.path.getsize(p) >= _AUTO_WORKERS_BYTES for p in paths)
+  # A TorchRec triple is not parsed: workers would only wait.
+  big = any(os.path.getsize(p) >= _AUTO_WORKERS_BYTES for p in paths
+            if not torchrec_npy.is_npy_source(p))
   return min(os.cpu_count() or 1, 8) if big and (os.cpu_count() or 1) > 1 else 0
 
 

@@ -303,7 +303,8 @@ def file_identity(path: str) -> Dict[str, Any]:
   st = os.stat(path)
   identity = {'path': os.path.abspath(path), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
   if torchrec_npy.is_npy_source(path):
-    identity['companions'] = torchrec_npy.identity(path)
+    identity['companions'] = [file_identity(c) for c in
+                              torchrec_npy.companion_paths(path, must_exist=True)]
   return identity
 
 

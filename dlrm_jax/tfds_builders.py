@@ -279,11 +279,9 @@ class SourceChanged(ValueError):
   """A prepared data set was built from other versions of the files the run names."""
 
 
-def _stamps(identity: Dict[str, Any]) -> List[Tuple[int, int]]:
-  """Size and modification time of a source's file, and of a TorchRec triple's other two files
-  (paths aside: the data set may have been built from the files at another path)."""
-  files = [identity] + list(identity.get('companions', ()))
-  return [(f['size'], f['mtime_ns']) for f in files]
+def _identities(identity: Dict[str, Any]) -> List[Dict[str, Any]]:
+  """A source's file, and a TorchRec triple's other two files."""
+  return [identity] + list(identity.get('companions', ()))
 
 
 def check_sources(sources, manual_dir: str) -> None:
@@ -292,14 +290,21 @@ def check_sources(sources, manual_dir: str) -> None:
   for split, source in sources.items():
     for built in source.dataset_info.metadata.get(f'{split}_sources', ()):
       path = os.path.join(manual_dir, os.path.basename(built['path']))
-      if not os.path.exists(path):
+      try:
+        now = row_cache.file_identity(path)
+      except FileNotFoundError:
         continue  # deleted after the build: the data set is what is left of it
-      now = row_cache.file_identity(path)
-      if _stamps(now) != _stamps(built):
+      # Compared by size and modification time: the data set may have been built from the files
+      # at another path.
+      changed = [(n, b) for n, b in zip(_identities(now), _identities(built))
+                 if (n['size'], n['mtime_ns']) != (b['size'], b['mtime_ns'])]
+      if changed:
+        (now_file, built_file), = changed[:1]
+        shown = path if now_file is now else now_file['path']
         raise SourceChanged(
-            f'{path} ({now["size"]} bytes) is not the file the TFDS data set in '
-            f'{source.dataset_info.data_dir} was built from ({built["path"]}, '
-            f'{built["size"]} bytes, another modification time): TFDS does not rebuild a '
+            f'{shown} ({now_file["size"]} bytes) is not the file the TFDS data set in '
+            f'{source.dataset_info.data_dir} was built from ({built_file["path"]}, '
+            f'{built_file["size"]} bytes, another modification time): TFDS does not rebuild a '
             'prepared data set, so delete that directory to rebuild it from the current files '
             '(or read them through the row cache: tfds_data_dir=\'\')')
 

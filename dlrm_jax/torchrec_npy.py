@@ -20,8 +20,10 @@ reader hashes the hex string instead; a negative value, a hex value past 2^31 th
 wrapped, takes the non-negative remainder, as in TorchRec), 0 included: an empty field has a row
 of its own, as in TorchRec, unless `criteo_missing=''` drops empty fields (0 then has weight 0).
 TorchRec's contiguous ids are read when their file bears the `_sparse.npy` name (a link will do),
-since `contiguous_preproc_criteo.py` writes `_sparse_contig_freq.npy`. The files are read as they
-are: a gzip'd .npy is refused (decompress it), as is any .npy named other than a dense file. A
+since `contiguous_preproc_criteo.py` writes `_sparse_contig_freq.npy`; they number values from 2
+(1: the rare ones), so an empty field is no longer told apart and `criteo_missing=''` drops
+nothing there. The files are read as they are: a gzip'd .npy is refused (decompress it), as is
+any .npy named other than a dense file and MLPerf's multi-hot .npz (not read). A
 triple whose first label is -1 (Kaggle's test set) is scored by mode=predict as unlabelled rows.
 A run's config does not record which encoding it trained on: evaluate, resume and serve a model
 trained on triples with triples (the export's serving recipe parses text).
@@ -30,12 +32,13 @@ What a triple's rows read as is versioned with the text parser (input_pipeline.P
 which row caches record). Rows are numbered across the files as lines are in `input_pipeline`
 (process k of n reads the rows i with i % n == k) and read from memory maps a chunk at a time, so
 memory follows the chunk and not the file. A bad row (a label other than 0 or 1, a non-finite
-dense value) is a `DataError` naming the file, the row (counted from 0, as numpy indexes it) and
-the column, or with `skip_bad_rows` is counted and left out, as a bad line of text is.
+dense value) is a `DataError` naming the file at fault, the row and the column, in the text
+reader's form `path:N: column 'name': ...` with N counted from 1 as lines are (the message also
+gives numpy's 0-based index), or with `skip_bad_rows` is counted and left out, as a bad line is.
 """
 
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -59,11 +62,11 @@ def reads_as_triple(path: str) -> bool:
   name = os.fspath(path)
   if is_npy_source(name):
     return True
-  if name.endswith(('.npy', '.npy.gz')):
+  if name.endswith(('.npy', '.npy.gz', '.npz')):
     raise input_pipeline.DataError(
         f"{name}: TorchRec's .npy triples are read through their dense file, plain (not "
         "gzip'd): name the <name>_dense.npy files (the _sparse and _labels files beside them "
-        'are found)', name)
+        "are found; MLPerf's multi-hot .npz files are not read)", name)
   return False
 
 
@@ -79,10 +82,14 @@ def check_one_encoding(paths: Sequence[str]) -> None:
         'strings, another dense transform): train and evaluate on one kind')
 
 
-def companion_paths(path: str) -> Tuple[str, str]:
-  """The sparse and labels files of the triple whose dense file is `path`."""
+def companion_paths(path: str, must_exist: bool = False) -> Tuple[str, str]:
+  """The sparse and labels files of the triple whose dense file is `path` (FileNotFoundError,
+  saying why both are needed, for a missing one with `must_exist`)."""
   stem = os.fspath(path)[:-len(DENSE_SUFFIX)]
-  return tuple(stem + suffix for suffix in _COMPANIONS)
+  paths = tuple(stem + suffix for suffix in _COMPANIONS)
+  for name in paths if must_exist else ():
+    _require(name)
+  return paths
 
 
 def _require(path: str) -> None:
@@ -148,21 +155,15 @@ def count_rows(path: str) -> int:
   return len(dense)
 
 
-def identity(path: str) -> List[Dict[str, Any]]:
-  """Size and modification time of the triple's other two files: a rewritten sparse or labels
-  file makes a cache of the triple stale, as a rewritten dense file does."""
-  out = []
-  for name in companion_paths(path):
-    _require(name)
-    st = os.stat(name)
-    out.append({'path': os.path.abspath(name), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns})
-  return out
-
-
 def unlabelled(path: str) -> bool:
   """Whether the triple's rows are unlabelled: TorchRec gives Kaggle's test rows label -1."""
   labels = _load(companion_paths(path)[1])
   return labels.size > 0 and labels.reshape(-1)[0] == -1
+
+
+def _problem(path: str, row: int, column: str, message: str) -> str:
+  # The text reader's form, which row_cache.bad_rows_error reads the file, line and column from.
+  return f'{path}:{row + 1}: column {column!r}: {message} (row {row} counted from 0)'
 
 
 def _bad_rows(path: str, dense: np.ndarray, labels: Optional[np.ndarray], rows: np.ndarray,
@@ -177,12 +178,12 @@ def _bad_rows(path: str, dense: np.ndarray, labels: Optional[np.ndarray], rows: 
     if bad_label[i]:
       note = (" (TorchRec writes -1 for the rows of Kaggle's unlabelled test.txt)"
               if labels[i] == -1 else '')
-      messages.append(f'{companion_paths(path)[1]}: row {rows[i]}: column {spec.label!r}: '
-                      f'label {labels[i]}, expected 0 or 1{note}')
+      messages.append(_problem(companion_paths(path)[1], rows[i], spec.label,
+                               f'label {labels[i]}, expected 0 or 1{note}'))
     else:
       j = int(np.flatnonzero(bad_dense[i])[0])
-      messages.append(f'{path}: row {rows[i]}: column {spec.dense[j].column!r}: '
-                      f'{dense[i, j]} in float32, not a finite number')
+      messages.append(_problem(path, rows[i], spec.dense[j].column,
+                               f'{dense[i, j]} in float32, not a finite number'))
   return bad, messages
 
 
@@ -194,29 +195,39 @@ def _table_rows(sparse: np.ndarray, rows: np.ndarray) -> np.ndarray:
   return np.remainder(sparse.astype(np.int64), rows).astype(np.int32)
 
 
-def _chunk(path: str, arrays, index: slice, spec: feature_spec_lib.FeatureSpec,
+def _layout(spec: feature_spec_lib.FeatureSpec) -> Tuple[np.ndarray, List[int]]:
+  """(each sparse feature's table rows, the features whose empty field is dropped)."""
+  table_rows = np.array([spec.table(f.table).rows for f in spec.sparse], np.int64)
+  dropped = [f for f, feature in enumerate(spec.sparse)
+             if spec.columns[spec.column_index(feature.column)].default == '']
+  return table_rows, dropped
+
+
+def _chunk(path: str, arrays, index: slice, spec: feature_spec_lib.FeatureSpec, layout,
            skip_bad_rows: bool, stats: Optional[input_pipeline.ParseStats]) -> Batch:
   """The rows `index` of one triple in the parsed batch layout (input_pipeline.parse_chunk's);
   an unlabelled spec (spec.label '') gives every row label 0, as the text reader does."""
   dense, sparse, labels = (np.asarray(a[index]) for a in arrays)
-  dense = dense.astype(np.float32)  # the batch's type: a larger value becomes inf, refused below
-  rows = np.arange(index.start, index.stop, index.step)[:len(labels)]
+  with np.errstate(over='ignore'):  # the batch's type: a larger value becomes inf, refused below
+    dense = dense.astype(np.float32)
+  rows = np.arange(index.start, index.stop, index.step)
   if stats is not None:
     stats.lines += len(labels)
   bad, messages = _bad_rows(path, dense, labels if spec.label else None, rows, spec)
   if len(bad):
     if not skip_bad_rows:
-      raise input_pipeline.DataError(messages[0], path, int(rows[bad[0]]) + 1)
+      at_fault, _, column = messages[0].partition(': column ')
+      at_fault, _, line = at_fault.rpartition(':')
+      raise input_pipeline.DataError(messages[0], at_fault, int(line), column.split("'")[1])
     if stats is not None:
       stats.record_bad_rows(len(bad), messages)
-    keep = np.setdiff1d(np.arange(len(labels)), bad)
+    keep = np.ones(len(labels), bool)
+    keep[bad] = False
     dense, sparse, labels = dense[keep], sparse[keep], labels[keep]
-  table_rows = np.array([spec.table(f.table).rows for f in spec.sparse], np.int64)
+  table_rows, dropped = layout
   # Every feature is a scalar (_check_spec): feature f fills slot f.
   ids = _table_rows(sparse, table_rows)
   weights = np.ones(ids.shape, np.float32)
-  dropped = [f for f, feature in enumerate(spec.sparse)
-             if spec.columns[spec.column_index(feature.column)].default == '']
   if dropped:  # criteo_missing='': an empty field (0) is dropped, as the text reader drops it
     weights[:, dropped] = sparse[:, dropped] != 0
     ids[:, dropped] *= sparse[:, dropped] != 0
@@ -233,6 +244,7 @@ def row_chunks(files: Sequence[str], spec: feature_spec_lib.FeatureSpec, chunk_r
                ) -> Iterator[Batch]:
   """input_pipeline.iter_row_chunks over triples: the same shares, ranges and statistics."""
   seen = 0  # rows of all processes before the current chunk, over all files
+  layout = _layout(spec)
   for i, path in enumerate(files):
     arrays = open_arrays(path, spec)
     total = len(arrays[2])
@@ -244,7 +256,7 @@ def row_chunks(files: Sequence[str], spec: feature_spec_lib.FeatureSpec, chunk_r
       offset = (process_index - seen) % process_count
       seen += last - first
       if first + offset < last:
-        yield _chunk(path, arrays, slice(first + offset, last, process_count), spec,
+        yield _chunk(path, arrays, slice(first + offset, last, process_count), spec, layout,
                      skip_bad_rows, stats)
     if stats is not None:
       stats.source_lines += max(0, stop - start)
@@ -258,6 +270,10 @@ def write_from_tsv(tsv_path: str, prefix: str) -> str:
   num_dense, num_sparse = feature_spec_lib.CRITEO_NUM_DENSE, feature_spec_lib.CRITEO_NUM_SPARSE
   with open(tsv_path, encoding='utf-8') as f:
     fields = [line.rstrip('\r\n').split('\t') for line in f]
+  for number, row in enumerate(fields, 1):
+    if len(row) not in (num_dense + num_sparse, 1 + num_dense + num_sparse):
+      raise input_pipeline.DataError(f'{tsv_path}:{number}: {len(row)} fields, expected 40 (39 '
+                                     'without the label)', tsv_path, number)
   fields = [r if len(r) == 1 + num_dense + num_sparse else ['-1'] + r for r in fields]
   ints = np.array([[int(v or '0') for v in r[1:1 + num_dense]] for r in fields],
                   np.int64).reshape(-1, num_dense)

@@ -115,7 +115,7 @@ def _measure_npy(path: str) -> Dict[str, Any]:
   from dlrm_jax import row_cache  # pylint: disable=g-import-not-at-top
   from dlrm_jax import torchrec_npy  # pylint: disable=g-import-not-at-top
   dense = os.path.join(os.path.dirname(path), 'torchrec', 'train' + torchrec_npy.DENSE_SUFFIX)
-  if not os.path.exists(dense):
+  if not os.path.exists(torchrec_npy.companion_paths(dense)[1]):  # the labels: written last
     os.makedirs(os.path.dirname(dense), exist_ok=True)
     torchrec_npy.write_from_tsv(path, dense[:-len(torchrec_npy.DENSE_SUFFIX)])
   root = os.path.join(FLAGS.out_dir, 'cache_npy')

@@ -56,6 +56,8 @@ def read_all(paths, spec=SPEC, **kwargs):
 
 def test_rows_are_torchrecs_values_ids_modulo_the_tables_rows(tmp_path):
   path, (dense, sparse, labels) = random_triple(tmp_path)
+  sparse[::7, 3] = 0  # TorchRec's empty field
+  np.save(tmp_path / 'day_0_sparse.npy', sparse)
   spec = feature_spec.criteo_spec([1000 + i for i in range(26)], embedding_dim=4)
   rows = read_all(path, spec)
   np.testing.assert_array_equal(rows['dense'], dense)
@@ -75,7 +77,7 @@ def test_a_planted_tsv_reads_as_its_fields_integers_and_the_run_trains(tmp_path)
   rows = read_all(path)
   np.testing.assert_array_equal(rows['ids'], sparse % 1000)
   np.testing.assert_array_equal(rows['label'], labels)
-  np.testing.assert_allclose(rows['dense'], np.log(ints - ints.min() + 2.0), rtol=1e-6)
+  np.testing.assert_array_equal(rows['dense'], np.log(ints - (ints.min() - 2), dtype=np.float32))
   # A run reads the triples through the row cache: every row of both days, with their labels.
   eval_labels = np.load(triples / 'day_1_labels.npy')
   config = train_helpers.tiny_config(
@@ -99,37 +101,46 @@ def test_a_planted_tsv_reads_as_its_fields_integers_and_the_run_trains(tmp_path)
 
 
 def test_process_shares_and_line_ranges_number_rows_across_files_as_text_does(tmp_path):
-  first, _ = random_triple(tmp_path, n=130, name='day_0')
-  second, _ = random_triple(tmp_path, n=70, seed=1, name='day_1')
-  ranges = [(10, 120), None]
-  wanted = np.concatenate([np.arange(10, 120), np.arange(70)])
+  # Chunks of 16 rows a process (48 rows in all): several a file; ranges past a file's end.
+  files = [random_triple(tmp_path, n=n, seed=n, name=f'day_{n}')[0] for n in (130, 70, 20)]
+  ranges = [(10, 120), (60, 500), (30, 40)]
+  wanted = np.concatenate([np.arange(10, 120), np.arange(60, 70)])
   seen = []
   for k in range(3):
     stats = input_pipeline.ParseStats()
-    rows = read_all([first, second], process_index=k, process_count=3, line_ranges=ranges,
-                    stats=stats)
-    np.testing.assert_array_equal(rows['dense'][:, 0], wanted[k::3])
-    assert stats.source_lines == 180 and stats.rows == len(wanted[k::3])
-    seen.append(len(rows['label']))
-  assert sum(seen) == 180
+    chunks = list(input_pipeline.iter_row_chunks(files, SPEC, chunk_rows=16, process_index=k,
+                                                 process_count=3, line_ranges=ranges,
+                                                 stats=stats))
+    assert len(chunks) > 3
+    rows = np.concatenate([c['dense'][:, 0] for c in chunks])
+    np.testing.assert_array_equal(rows, wanted[k::3])
+    assert stats.source_lines == 120 and stats.rows == len(wanted[k::3])
+    seen.append(len(rows))
+  assert sum(seen) == 120
 
 
 @pytest.mark.parametrize('field, value, where, column, note', [
-    ('labels', -1, 'day_0_labels.npy', "'label'", "Kaggle's unlabelled test.txt"),
-    ('dense', np.nan, 'day_0_dense.npy', "'I4'", 'not a finite number'),
+    ('labels', -1, 'day_0_labels.npy', 'label', "Kaggle's unlabelled test.txt"),
+    ('dense', np.nan, 'day_0_dense.npy', 'I4', 'not a finite number'),
+    ('dense', 1e300, 'day_0_dense.npy', 'I4', 'inf in float32, not a finite number'),
 ])
 def test_a_bad_value_names_its_file_row_and_column_or_is_skipped(tmp_path, field, value, where,
                                                                  column, note):
   path, (dense, sparse, labels) = random_triple(tmp_path, n=200)
   arrays = {'dense': dense, 'sparse': sparse, 'labels': labels}
-  index = {'labels': (150,), 'dense': (150, 3), 'sparse': (150, 1)}[field]
+  index = {'labels': (150,), 'dense': (150, 3)}[field]
   arrays[field] = arrays[field].astype(np.float64 if field == 'dense' else np.int64)
   arrays[field][index] = value
-  write_triple(str(tmp_path / 'day_0'), arrays['dense'], arrays['sparse'], arrays['labels'])
-  with pytest.raises(input_pipeline.DataError, match=f'{where}: row 150: column {column}: .*'
-                                                     f'{note}') as e:
+  np.save(tmp_path / f'day_0_{field}.npy', arrays[field])  # float64 dense: cast as it is read
+  # The text reader's form (line 151: the 151st row), which the row cache's error reads too.
+  message = f"{where}:151: column '{column}': .*{note}.* \\(row 150 counted from 0\\)"
+  with pytest.raises(input_pipeline.DataError, match=message) as e:
     read_all(path)
-  assert e.value.path == path and e.value.line == 151
+  wanted = (str(tmp_path / where), 151, column)
+  assert (e.value.path, e.value.line, e.value.column) == wanted
+  with pytest.raises(input_pipeline.DataError, match=message) as e:
+    row_cache.open_or_build(row_cache.Source(path), SPEC, cache_root=str(tmp_path / 'cache'))
+  assert (e.value.path, e.value.line, e.value.column) == wanted
   stats = input_pipeline.ParseStats()
   rows = read_all(path, skip_bad_rows=True, stats=stats)
   assert 150 not in rows['dense'][:, 0] and len(rows['label']) == 199
@@ -177,12 +188,14 @@ def test_only_a_criteo_like_spec_reads_a_triple_and_kinds_do_not_mix(tmp_path):
     data_sources.resolve(config, SPEC, process_index=0, process_count=1)
 
 
-@pytest.mark.parametrize('name', ['day_0_sparse.npy', 'day_0_labels.npy', 'day_0_dense.npy.gz'])
+@pytest.mark.parametrize('name', ['day_0_sparse.npy', 'day_0_labels.npy', 'day_0_dense.npy.gz',
+                                  'day_0_sparse_multi_hot.npz'])
 def test_another_npy_file_is_refused_not_parsed_as_text(tmp_path, name):
   import gzip  # pylint: disable=g-import-not-at-top
   path, _ = random_triple(tmp_path, n=20)
   with open(path, 'rb') as f, gzip.open(f'{path}.gz', 'wb') as z:
     z.write(f.read())
+  np.savez(tmp_path / 'day_0_sparse_multi_hot.npz', np.zeros((20, 26, 3)))
   with pytest.raises(input_pipeline.DataError, match=f'{name}: .*name the <name>_dense.npy'):
     read_all(str(tmp_path / name))
   with pytest.raises(input_pipeline.DataError, match=f'{name}: .*name the <name>_dense.npy'):
@@ -229,6 +242,9 @@ def test_kaggles_unlabelled_test_triple_is_scored_and_the_writer_makes_it(tmp_pa
   assert len(rows['label']) == 30 and not rows['label'].any()
   with pytest.raises(input_pipeline.DataError, match="label -1, .*Kaggle's unlabelled"):
     read_all(path)  # trained or evaluated on, they are bad rows
+  (tmp_path / 'short.txt').write_text(lines[0] + '1\t2\n')
+  with pytest.raises(input_pipeline.DataError, match=r'short.txt:2: 2 fields, expected 40'):
+    torchrec_npy.write_from_tsv(str(tmp_path / 'short.txt'), str(tmp_path / 'short'))
   (tmp_path / 'empty.txt').write_text('')
   empty = torchrec_npy.write_from_tsv(str(tmp_path / 'empty.txt'), str(tmp_path / 'empty'))
   assert input_pipeline.count_rows(empty) == 0
@@ -261,7 +277,7 @@ def test_a_tfds_data_set_of_a_triple_is_refused_when_its_sparse_file_changes(tmp
       tfds_data_dir=str(tmp_path / 'tfds'))
   assert data_sources.resolve(config, SPEC, process_index=0, process_count=1).train_rows == 40
   np.save(tmp_path / 'day_0_sparse.npy', sparse + 1)  # the dense file stays as it was
-  with pytest.raises(tfds_builders.SourceChanged, match='day_0_dense.npy'):
+  with pytest.raises(tfds_builders.SourceChanged, match=r'day_0_sparse.npy \(\d+ bytes\) is not'):
     data_sources.resolve(config, SPEC, process_index=0, process_count=1)
 
 
@@ -330,3 +346,15 @@ def test_the_documented_patterns_name_days_0_to_22_in_order(tmp_path):
   files, missing = data_sources.match_files(str(tmp_path), names)
   assert [os.path.basename(f) for f in files] == [f'day_{d}_dense.npy' for d in range(23)]
   assert not missing
+
+
+def test_no_parse_workers_start_for_triples(tmp_path, monkeypatch):
+  # Workers parse text; a triple is read in the process: -1 (auto) must not start them for it.
+  from dlrm_jax import data_sources  # pylint: disable=g-import-not-at-top
+  path, _ = random_triple(tmp_path, n=5)
+  text = tmp_path / 'day_1'
+  text.write_text('0' + '\t' * 39 + '\n')
+  monkeypatch.setattr(data_sources, '_AUTO_WORKERS_BYTES', 1)
+  monkeypatch.setattr(os, 'cpu_count', lambda: 4)
+  assert data_sources.workers_for(-1, [path]) == 0
+  assert data_sources.workers_for(-1, [str(text)]) == 4
