@@ -25,8 +25,9 @@ since `contiguous_preproc_criteo.py` writes `_sparse_contig_freq.npy`; they numb
 nothing there. The files are read as they are: a gzip'd .npy is refused (decompress it), as is
 any .npy named other than a dense file and MLPerf's multi-hot .npz (not read). A
 triple whose first label is -1 (Kaggle's test set) is scored by mode=predict as unlabelled rows.
-A run's config does not record which encoding it trained on: evaluate, resume and serve a model
-trained on triples with triples (the export's serving recipe parses text).
+A run reads one kind (`check_one_encoding`), and mode=eval, mode=predict and a resume refuse
+the other kind than the run trained on (train.input_kind_changes). An export of a run trained on
+triples needs inputs encoded as the triples are (the export's serving recipe parses text).
 
 What a triple's rows read as is versioned with the text parser (input_pipeline.PARSER_VERSION,
 which row caches record). Rows are numbered across the files as lines are in `input_pipeline`

@@ -1166,6 +1166,25 @@ def earlier_eval_history(workdir: str, start_step: int, eval_every: int,
           if isinstance(h, dict) and isinstance(h.get('step'), int) and h['step'] <= start_step]
 
 
+def input_kind_changes(workdir: str, names: Sequence[str]) -> List[str]:
+  """How reading the files `names` (paths, names or patterns) would feed the run's model another
+  encoding of the same values than it trained on: TorchRec's .npy triples (ids modulo the
+  tables, TorchRec's dense transform) against text files (hashed strings, log(x + 1)), or the
+  reverse ([] if not; also when the run's config.json cannot say)."""
+  saved = checkpoints.saved_config(workdir)
+  if saved is None:
+    return []
+  def triples(files):  # a run reads one kind (data_sources.resolve): one name tells
+    return any(torchrec_npy.is_npy_source(n.strip()) for n in files if n.strip())
+  was, now = triples(str(saved.get('train_files', '')).split(',')), triples(names)
+  if was == now:
+    return []
+  kind = {True: "TorchRec's .npy triples", False: 'text files'}
+  return [f'the run trained on {kind[was]}, and {kind[now]} would be read now '
+          f'({", ".join(os.path.basename(n) for n in names if n.strip()) or "the default files"}): '
+          'they encode the same values as other ids and dense inputs']
+
+
 def eval_data_changes(config, workdir: str) -> List[str]:
   """Why eval mode would write and score other planted rows than the run trained on ([] if
   not; also when the run's config.json cannot say).
@@ -1350,6 +1369,9 @@ def run_prediction(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   """mode=predict: the click probability of every row of predict_input, one per line."""
   output = config.predict_output or os.path.join(workdir, 'predictions.txt')
   check_predict_output(config.predict_input, output)
+  changes = input_kind_changes(workdir, input_pipeline.expand_paths([config.predict_input]))
+  if changes:
+    raise ValueError(f'mode=predict of {workdir}: {changes[0]}. Nothing was written.')
   state = restore_for_inference(setup, config, workdir)
   count = predict(setup, state, config, config.predict_input, output)
   logging.info('wrote %d probabilities to %s', count, output)
@@ -1366,6 +1388,9 @@ def run_evaluation(setup: Setup, config, workdir: str) -> Dict[str, Any]:
     raise ValueError(f'mode=eval of {workdir}: ' + '; '.join(changes) + '. Nothing was written.')
   with contextlib.closing(data_sources.resolve(config, setup.spec, train=False,
                                                need_train_files=False)) as data:
+    changes = input_kind_changes(workdir, [s.path for s in data.eval_sources])
+    if changes:
+      raise ValueError(f'mode=eval of {workdir}: {changes[0]}. Nothing was written.')
     results = {'steps': int(state.step), **data.oracle}
     stats = input_pipeline.ParseStats()
     results.update({f'eval_{k}': v
@@ -1421,7 +1446,8 @@ def _run_training(setup: Setup, config, workdir: str,
         checkpoints.make_manager(workdir, config, training=True)))
     saved_setup = checkpoint_setup(manager, setup, config, workdir)
     start_step = manager.latest_step() or 0
-    changed = decay_step_change(config, workdir) if start_step else []
+    changed = (decay_step_change(config, workdir)
+               + input_kind_changes(workdir, config.train_files.split(','))) if start_step else []
     if changed:
       checkpoints.refuse(manager, changed, config, workdir)
   data = closing.enter_context(contextlib.closing(data_sources.resolve(config, setup.spec)))

@@ -98,6 +98,21 @@ def test_a_planted_tsv_reads_as_its_fields_integers_and_the_run_trains(tmp_path)
   with open(predicted['predict_output']) as f:
     probabilities = [float(line) for line in f]
   assert len(probabilities) == 600 and all(0 < p < 1 for p in probabilities)
+  # The same rows as text would reach the model as other ids: refused, before anything is
+  # written, whether evaluated, scored or trained on.
+  refused = "trained on TorchRec's .npy triples, and text files would be read now"
+  config.mode, config.predict_input = 'predict', oracle['eval_path']
+  with pytest.raises(ValueError, match=refused):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  config.mode, config.data_location = 'eval', os.path.dirname(oracle['eval_path'])
+  config.train_files, config.eval_files = 'train.txt', 'eval.txt'
+  with pytest.raises(ValueError, match=refused):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  config.mode, config.steps = 'train', 60
+  before = sorted(os.listdir(tmp_path / 'run'))
+  with pytest.raises(ValueError, match=refused):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert sorted(os.listdir(tmp_path / 'run')) == before
 
 
 def test_process_shares_and_line_ranges_number_rows_across_files_as_text_does(tmp_path):
