@@ -14,6 +14,10 @@ into that layout with `input_pipeline`:
   batch = input_pipeline.parse_chunk(lines, spec.unlabeled(), path='request', first_line=1)
   probs = score(batch['dense'], batch['ids'], batch['weights'])
 
+A model trained on TorchRec's .npy triples (`torchrec_npy`) reads its rows in that encoding
+instead: `input_pipeline.iter_row_chunks('<name>_dense.npy', spec.unlabeled())` gives the same
+layout (parse_chunk's hashes of text fields would be other ids).
+
 Serving looks rows up by id directly; the host-side dedup of training is a training-time device
 optimisation only.
 """

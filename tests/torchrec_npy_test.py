@@ -83,7 +83,7 @@ def test_a_planted_tsv_reads_as_its_fields_integers_and_the_run_trains(tmp_path)
   config = train_helpers.tiny_config(
       tmp_path / 'out', feature_spec='criteo', data_location=str(triples), embedding_dim=4,
       train_files='day_0_dense.npy', eval_files='day_1_dense.npy', steps=40, batch_size=64,
-      hash_buckets=1000)
+      hash_buckets=1000, export_dir=str(tmp_path / 'export'))
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert results['rows_parsed'] == 2600 and results['eval_num_examples'] == 600
   assert results['eval_positive_rate'] == pytest.approx(eval_labels.mean())
@@ -98,6 +98,17 @@ def test_a_planted_tsv_reads_as_its_fields_integers_and_the_run_trains(tmp_path)
   with open(predicted['predict_output']) as f:
     probabilities = [float(line) for line in f]
   assert len(probabilities) == 600 and all(0 < p < 1 for p in probabilities)
+  # The export scores a triple's rows as serving.py says: read by the triple reader.
+  from dlrm_jax import serving  # pylint: disable=g-import-not-at-top
+  export = str(tmp_path / 'export')
+  spec = serving.load_spec(export).unlabeled()
+  score = serving.load(export)
+  served = np.concatenate([score(c['dense'], c['ids'], c['weights'])
+                           for c in input_pipeline.iter_row_chunks(test, spec)])
+  # predict printed 8 digits; the artifact is another XLA program over the same float32 values
+  # (rounding ~1e-7 relative per op), where a row read other than predict read it (another id
+  # or dense value) would move probabilities by ~1e-2.
+  np.testing.assert_allclose(served, probabilities, rtol=1e-5, atol=1e-7)
   # The same rows as text would reach the model as other ids: refused, before anything is
   # written, whether evaluated, scored or trained on.
   refused = "trained on TorchRec's .npy triples, and text files would be read now"
