@@ -211,15 +211,17 @@ def _read_json(path: str) -> Dict[str, Any]:
     return json.load(f)
 
 
-def config_differences(found: Dict[str, Any], wanted: Dict[str, Any]
-                       ) -> Tuple[List[str], List[str]]:
-  """(fields whose values differ, fields on one side only) of two config_dicts, where a run
-  writes (output_dir, checkpoint) aside. A field that only one side has comes from a newer or
-  older version of the code, where it did not exist yet: its default keeps the old behaviour,
-  so it does not make another experiment."""
+def changed_fields(found: Dict[str, Any], wanted: Dict[str, Any], where: str) -> List[str]:
+  """The fields whose values differ between two config_dicts, where a run writes (output_dir,
+  checkpoint) aside. A field that only one side has comes from a newer or older version of the
+  code, where it did not exist yet: its default keeps the old behaviour, so it does not make
+  another experiment, and is only logged (`where` names the directory)."""
   found, wanted = _comparable(found), _comparable(wanted)
-  changed = sorted(k for k in set(found) & set(wanted) if found[k] != wanted[k])
-  return changed, sorted(set(found) ^ set(wanted))
+  unmatched = sorted(set(found) ^ set(wanted))
+  if unmatched:
+    logging.warning('%s: config fields %s are on one side only; going on', where,
+                    ', '.join(unmatched))
+  return sorted(k for k in set(found) & set(wanted) if found[k] != wanted[k])
 
 
 def _check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -230,13 +232,10 @@ def _check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     os.makedirs(workdir, exist_ok=True)
     metrics.write_json_atomic(path, wanted)
     return
-  changed, unmatched = config_differences(_read_json(path), wanted)
+  changed = changed_fields(_read_json(path), wanted, workdir)
   if changed:
     raise ValueError(f'{workdir} was trained with another config (fields differ: '
                      f'{", ".join(changed)}); use a new --out_dir or delete that cell')
-  if unmatched:
-    logging.warning('%s: config fields %s are on one side only; resuming anyway', workdir,
-                    ', '.join(unmatched))
 
 
 def run_cell(config: ml_collections.ConfigDict, workdir: str,

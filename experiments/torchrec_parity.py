@@ -269,15 +269,12 @@ def check_out_dir(config: ml_collections.ConfigDict, out_dir: str, twin_init: st
     os.makedirs(out_dir, exist_ok=True)
     metrics.write_json_atomic(path, wanted)
     return
-  changed, unmatched = ablate.config_differences(found.get('config', {}), wanted['config'])
+  changed = ablate.changed_fields(found.get('config', {}), wanted['config'], out_dir)
   if found.get('twin_init') != twin_init:
     changed.append(f"--twin_init ({found.get('twin_init')} there)")
   if changed:
     raise ValueError(f'{out_dir} holds a comparison of another config (differing: '
                      f'{", ".join(changed)}; {path}): use a new --out_dir')
-  if unmatched:
-    logging.warning('%s: config fields %s are on one side only; going on', out_dir,
-                    ', '.join(unmatched))
 
 
 def run_seed(base: ml_collections.ConfigDict, seed: int, out_dir: str,
