@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import threading
@@ -1198,9 +1199,10 @@ def eval_data_changes(config, workdir: str) -> List[str]:
   if config.data_location or saved is None:
     return []
   if saved.get('data_location'):
+    flags = ' '.join(f'--config.{k}={shlex.quote(str(v))}'
+                     for k, v in _eval_data_fields(saved).items() if v != config.get(k))
     return [f'the run trained on data_location={saved["data_location"]!r}, this command names '
-            f'none (planted data): --config.data_location={saved["data_location"]} evaluates '
-            'on the run\'s data']
+            f'none (planted data): {flags} evaluates on the run\'s data']
   # Compared with the generator's defaults filled in: a field one config leaves out may be set
   # to another value by the other.
   was = data_sources.planted_parameters(saved.get('planted') or {}, config.feature_spec)
@@ -1210,6 +1212,14 @@ def eval_data_changes(config, workdir: str) -> List[str]:
   return [f'the run\'s planted data were written with planted.{k}={json.dumps(was[k])}, this '
           f'command has {json.dumps(now[k])}: --config.planted.{k}={json.dumps(was[k])} '
           'evaluates on them' for k in sorted(was) if was[k] != now.get(k)]
+
+
+def _eval_data_fields(saved: Dict[str, Any]) -> Dict[str, Any]:
+  """The fields of a run's config.json that say which files its evaluation read."""
+  names = ['data_location', 'eval_files', 'tfds_data_dir']
+  if saved.get('split_parts'):  # the eval rows are the train files' last parts
+    names += ['train_files', 'split_parts', 'eval_parts']
+  return {k: saved[k] for k in names if k in saved}
 
 
 def restore_for_inference(setup: Setup, config, workdir: str) -> TrainState:

@@ -622,6 +622,19 @@ def test_eval_mode_without_checkpoint_says_so_and_names_the_newest_run(tmp_path)
                                    data_location=str(planted)), on_files)
   with pytest.raises(ValueError, match=re.escape(f'--config.data_location={planted} evaluates')):
     train.train_and_evaluate(_config(tmp_path, mode='eval'), on_files)
+  # A run that named its eval files: the refusal names them too (it named data_location alone,
+  # and the command it gave then failed for want of eval.csv), quoted for the shell.
+  (planted / 'day_8.csv').symlink_to(planted / 'eval.csv')
+  named = os.path.join(config.output_dir, 'model_DLRM_named')
+  train.train_and_evaluate(_config(tmp_path, steps=1, save_steps=0, no_eval=True,
+                                   data_location=str(planted), eval_files='day_[8-9].csv'),
+                           named)
+  flags = f"--config.data_location={planted} --config.eval_files='day_[8-9].csv'"
+  with pytest.raises(ValueError, match=re.escape(f'{flags} evaluates on the run')):
+    train.train_and_evaluate(_config(tmp_path, mode='eval'), named)
+  assert train.train_and_evaluate(
+      _config(tmp_path, mode='eval', data_location=str(planted), eval_files='day_[8-9].csv'),
+      named)['eval_num_examples'] == config.planted.eval_rows
 
 
 def test_eval_mode_needs_only_the_eval_file_and_reports_its_bad_rows(tmp_path, caplog):
