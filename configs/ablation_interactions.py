@@ -1,7 +1,7 @@
 """Planted data whose clicks come from strong pairwise latent interactions: where `dot` should win.
 
   python -m experiments.ablate --config=configs/ablation_interactions.py \
-      --grid interaction_op=dot,cat --seeds 1,2,3 --out_dir runs/ablation_interactions
+      --grid interaction_op=dot,cat --seeds 1,2,3 --out_dir runs/ablation_default/interactions
 
 The default model and training on planted data whose logit has a pairwise term of standard
 deviation 2 (user x item and user x category factor products; the generator's default is 0.6,

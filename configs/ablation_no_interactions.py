@@ -1,7 +1,7 @@
 """Planted data with no pairwise interaction at all: where `dot` should not beat `cat`.
 
   python -m experiments.ablate --config=configs/ablation_no_interactions.py \
-      --grid interaction_op=dot,cat --seeds 1,2,3 --out_dir runs/ablation_no_interactions
+      --grid interaction_op=dot,cat --seeds 1,2,3 --out_dir runs/ablation_default/no_interactions
 
 The twin of configs/ablation_interactions.py (same model, training and data size) on planted
 data whose logit is first order: per-id biases, the price fit and the context and user effects

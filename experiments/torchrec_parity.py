@@ -438,6 +438,10 @@ def main(argv):
     check_supported(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  try:  # checked again by run_parity; here an out_dir of another comparison ends the command
+    check_out_dir(config, out_dir, FLAGS.twin_init)  # with one line, not a traceback
+  except ValueError as e:
+    cli.fail(str(e))
   result = run_parity(config, [int(s) for s in FLAGS.seeds], out_dir, FLAGS.twin_init)
   print('\n' + result['markdown'])
   print(f"{os.path.join(out_dir, 'parity.json')}\n{os.path.join(out_dir, 'parity.md')}")

@@ -133,3 +133,23 @@ def test_verdict_compares_the_mean_difference_with_two_standard_errors():
   # Mean 0.01, SE 0.00058: far outside.
   far = torchrec_parity.summarize(records([0.011, 0.01, 0.009]))
   assert torchrec_parity.verdict(far).startswith('Difference')
+
+
+def test_the_command_refuses_an_out_dir_of_another_experiment_in_one_line(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from configs import torchrec_parity as parity_config  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out_dir = str(tmp_path / 'parity')
+  other = parity_config.get_config()
+  other.learning_rate *= 2
+  torchrec_parity.check_out_dir(other, out_dir, 'ours')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
+  run = subprocess.run([sys.executable, '-m', 'experiments.torchrec_parity',
+                        '--config=configs/torchrec_parity.py', f'--out_dir={out_dir}',
+                        '--seeds=1'], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
+  # It used to end in a traceback of the ValueError (the message was in its last line).
+  assert run.returncode == 1 and 'differing: learning_rate' in run.stderr, run.stderr[-3000:]
+  assert 'Traceback' not in run.stderr
+  assert sorted(os.listdir(out_dir)) == ['config.json']  # nothing trained into it
