@@ -245,6 +245,39 @@ def test_unique_rows_are_ascending_and_entries_point_at_their_ids(fused):
   if fused:
     expected += spec.slot_offsets[slot]
   np.testing.assert_array_equal(concatenated[batch['entry_index'][:count]], expected)
+  # The device's segment sum is told its segments are sorted (models.embed): padding entries
+  # too must keep them non-decreasing and inside the batch's B * F segments.
+  assert np.all(np.diff(batch['entry_segment']) >= 0)
+  assert batch['entry_segment'].min() >= 0
+  assert batch['entry_segment'].max() < 8 * spec.num_sparse
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_a_second_process_points_into_its_block_of_the_global_lists(fused):
+  # Process 1 of 2 prepares rows B..2B-1 of the global batch: its segments follow process 0's,
+  # and its entries index its own block (the second of two) of each array's global unique list,
+  # the arrays' global lists concatenated. No test used to build a process other than 0.
+  spec, local_batch, processes = tiny_spec(), 6, 2
+  _, ids, weights = random_batch(spec, batch=local_batch, seed=3)
+  weights[weights < 0.3] = 0.0
+  batch = {'ids': ids, 'weights': weights, 'label': np.zeros(local_batch),
+           'dense': np.zeros((local_batch, 1)), 'mask': np.ones(local_batch)}
+  def prepare(process_index):
+    return models.UniqueRows(spec, fused, process_index=process_index, process_count=processes,
+                             local_batch=local_batch)(batch)
+  first, second = prepare(0), prepare(1)
+  num_segments = local_batch * spec.num_sparse
+  np.testing.assert_array_equal(second['entry_segment'], first['entry_segment'] + num_segments)
+  assert second['entry_segment'].max() < processes * num_segments
+  global_lists = np.concatenate([  # process 0's blocks stand in as -1: never pointed at
+      np.concatenate([np.full(block.size, -1), block]) for block in second['unique_ids'].values()])
+  live = weights.reshape(-1) != 0
+  count = int(live.sum())
+  slot = np.tile(np.arange(spec.num_slots), local_batch)[live]
+  expected = ids.reshape(-1)[live].astype(np.int64)
+  if fused:
+    expected += spec.slot_offsets[slot]
+  np.testing.assert_array_equal(global_lists[second['entry_index'][:count]], expected)
 
 
 def test_pool_is_weighted_mean_over_each_features_slots():

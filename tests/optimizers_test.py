@@ -10,8 +10,8 @@ rtol 1e-5 leaves a margin while the formula slips we guard against (Adam's epsil
 outside the bias correction, the bias correction itself, a missed or extra decay, a moved
 untouched row) change values far more with the settings used here. Slips at float32's own
 resolution are not told from rounding: a Keras-style 1e-7 added to Adagrad's sqrt(accumulator)
-(at least 0.3 here) moves a value by ~3e-7 relative. atol 1e-6 covers values that cancel to near zero. Row-wise and dense paths
-that run the same float32 formula are compared at rtol 1e-6 (a few ulps: XLA may fuse a multiply
+(at least 0.3 here) moves a value by ~3e-7 relative. atol 1e-6 covers values that cancel to near
+zero. Row-wise and dense paths that run the same float32 formula are compared at rtol 1e-6 (a few ulps: XLA may fuse a multiply
 and an add into one rounding in one program and not the other), and rows that neither path may
 move are compared bit for bit.
 """
@@ -266,6 +266,33 @@ def test_adagrad_decay_decays_on_schedule():
   np.testing.assert_allclose(accums, [1.1, 1.55, 2.55, 2.275], rtol=1e-6)
 
 
+@pytest.mark.parametrize('name', ['adam', 'adamasync'])
+def test_first_adam_step_is_the_learning_rate_times_the_gradients_sign(name):
+  # m = (1 - b1) g, v = (1 - b2) g^2 and the bias correction sqrt(1 - b2) / (1 - b1): with
+  # epsilon 0 the first step is exactly -lr sign(g) when the moments and the correction use the
+  # same float32 1 - beta, as the optimizers' docstring promises. A float64 1 - 0.999 in either
+  # moves it by 6.4e-6 relative, below RTOL; a few float32 operations round to ~4e-7.
+  g = jnp.asarray([0.3, -2.0, 1e-3], jnp.float32)
+  tx = optimizers.create(name, 1.0, epsilon=0.0)
+  updates, _ = tx.update(g, tx.init(jnp.zeros(3)))
+  np.testing.assert_allclose(updates, -np.sign(g), rtol=1e-6)
+  opt = optimizers.create_sparse(name, 1.0, epsilon=0.0)
+  table = jnp.zeros((4, 3))
+  ids = jnp.asarray([0, 1, 2, 4], jnp.int32)  # 4 is out of range: padding
+  new_table, _ = opt.update(table, opt.init(table), ids, jnp.tile(g, (4, 1)))
+  np.testing.assert_allclose(new_table[:3], -np.sign(np.tile(g, (3, 1))), rtol=1e-6)
+
+
+def test_adagrad_decay_moves_nothing_where_the_accumulator_is_zero():
+  # A resume that re-lays the tables zero-fills the padding rows' accumulators: 0 * rsqrt(0)
+  # would be NaN there (only a slow end-to-end resume test noticed the guard missing).
+  tx = optimizers.create('adagraddecay', 0.1, **DECAY)
+  (state, *rest) = tx.init(jnp.zeros((2, 2)))
+  state = state._replace(accumulator=jnp.zeros((2, 2)))
+  updates, _ = tx.update(jnp.zeros((2, 2)), (state, *rest))
+  np.testing.assert_array_equal(updates, np.zeros((2, 2)))
+
+
 @pytest.mark.parametrize('create', [optimizers.create, optimizers.create_sparse])
 def test_unknown_name_lists_valid_names(create):
   with pytest.raises(ValueError, match='adagraddecay'):
@@ -336,8 +363,13 @@ def test_dedup_rows_treats_out_of_range_ids_as_padding():
 @pytest.mark.parametrize('name,hparams', [
     ('gradientdescent', {}),
     ('adagrad', {}),
+    # A starting accumulator of 0.5 instead of 0.1 changes the first steps by up to sqrt(5):
+    # the row-wise states used to be able to ignore it unnoticed (the MLPs' optax chain honoured
+    # it, so only the embeddings would have trained otherwise).
+    ('adagrad', {'initial_accumulator_value': 0.5}),
     ('adam', {'epsilon': 1e-2}),
     ('adagraddecay', DECAY),
+    ('adagraddecay', {**DECAY, 'initial_accumulator_value': 0.5}),
 ])
 def test_sparse_matches_numpy_dense_reference(name, hparams):
   # For these, the row-wise update is the dense update with zero gradient on absent rows.
