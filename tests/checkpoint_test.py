@@ -1394,6 +1394,21 @@ def test_an_evaluator_takes_the_newer_step_when_its_step_is_deleted(tmp_path):
   np.testing.assert_array_equal(np.asarray(restored['w']), np.ones(4))
 
 
+def test_only_a_partial_restore_reads_a_part_of_the_checkpoint(tmp_path):
+  # Inference reads the parameters without the optimizer's slots (partial); a resume must read
+  # all of them, so a state missing entries the checkpoint holds is refused there, not left
+  # with the entries it happens to name.
+  config = th.tiny_config(tmp_path / 'out', async_checkpointing=False)
+  manager = checkpoints.make_manager(str(tmp_path / 'run'), config)
+  checkpoints.save(manager, 1, {'params': jax.numpy.ones(3), 'slots': jax.numpy.full(3, 2.0)})
+  part = {'params': jax.numpy.zeros(3)}
+  restored = checkpoints.restore_latest(manager, part, partial=True)
+  assert list(restored) == ['params']
+  np.testing.assert_array_equal(np.asarray(restored['params']), np.ones(3))
+  with pytest.raises(ValueError, match='the checkpoint at step 1 .* does not fit this config'):
+    checkpoints.restore_latest(manager, part)
+
+
 def _summaries_on_disk_at_saves(tmp_path, monkeypatch, tag, **overrides):
   """{step: the steps of `tag` on disk as that step's checkpoint is saved}: what a kill at that
   save would leave."""

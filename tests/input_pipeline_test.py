@@ -286,6 +286,8 @@ def test_numbers_parse_exactly_as_python(values):
     (elm_line(ctr_30='abc'), 'ctr_30', "'abc'"),
     (elm_line(ord_30='1.0'), 'ord_30', 'expected an integer'),
     (elm_line(clicked='2'), 'clicked', 'label must be 0 or 1'),
+    # TorchRec's mark of an unlabelled row: in a CSV it is an error, not a negative.
+    (elm_line(clicked='-1'), 'clicked', 'label must be 0 or 1'),
     (elm_line(avg_price='1.2.3'), 'avg_price', 'a number'),
     (elm_line(avg_price='nan'), 'avg_price', 'a number'),
     (elm_line(total_amt_30='1e999'), 'total_amt_30', 'out of range'),
@@ -480,6 +482,18 @@ def test_criteo_rows():
   assert out['ids'].shape == (1, 26) and out['label'].tolist() == [1]
   with pytest.raises(input_pipeline.DataError, match="column 'I2'"):
     parse(['\t'.join(['0', '1', '2.5'] + ['1'] * 11 + cats)], spec)
+
+
+def test_criteo_ids_are_remainders_modulo_each_tables_own_rows():
+  # Criteo configs give each table its size (criteo_table_rows; DeepRec's differ by table):
+  # every other test used one size for all 26, so hashing modulo the wrong table went unseen.
+  rows = [1000 + 7 * i for i in range(26)]
+  spec = feature_spec.criteo_spec(rows)
+  cats = [f'{0x9e3779b9 * (i + 1) % 2**32:08x}' for i in range(26)]
+  out = parse(['\t'.join(['0'] + ['1'] * 13 + cats)], spec)
+  assert out['ids'][0].tolist() == [hashed(c, r) for c, r in zip(cats, rows)]
+  with pytest.raises(input_pipeline.DataError, match="column 'label': label must be 0 or 1"):
+    parse(['\t'.join(['-1'] + ['1'] * 13 + cats)], spec)
 
 
 

@@ -180,6 +180,10 @@ def test_the_history_survives_kills_around_its_append(tmp_path):
   metrics.archive_previous(str(path), str(history), 'unreadable')
   assert history.read_text().splitlines()[-1] == '{"steps": 1}'
   assert len(history.read_text().splitlines()) == 4
+  # ... and a kill after that append, with earlier lines above it, adds no second copy (the
+  # check once held only while the history had a single line).
+  metrics.archive_previous(str(path), str(history), 'unreadable')
+  assert len(history.read_text().splitlines()) == 4
 
 
 def test_a_resumed_runs_later_write_of_a_step_wins(tmp_path):
