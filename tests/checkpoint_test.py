@@ -161,6 +161,28 @@ def test_non_finite_training_stops_and_keeps_the_good_checkpoint(tmp_path, steps
   _assert_same_params(before.params, _restored(good, workdir).params)
 
 
+def test_an_infinite_loss_with_finite_parameters_stops_the_run_naming_its_step(
+    tmp_path, monkeypatch):
+  # The step reports +inf (not NaN) at step 3 of 6, its parameters finite, checked at the log
+  # step 5: the run stops there naming step 3. The tests above make the parameters non-finite
+  # too, which a later check would catch anyway, and took any step number.
+  compile_step = train.compile_train_step
+
+  def compiled(*args, **kwargs):
+    step_fn, calls = compile_step(*args, **kwargs), itertools.count(1)
+
+    def stepped(state, batch):  # no .lower: compile_ahead leaves it to the first call
+      state, loss = step_fn(state, batch)
+      return state, (loss * jax.numpy.inf if next(calls) == 3 else loss)
+    return stepped
+
+  monkeypatch.setattr(train, 'compile_train_step', compiled)
+  config = _config(tmp_path, steps=6, save_steps=0, log_every_steps=5, no_eval=True)
+  with pytest.raises(FloatingPointError, match=re.escape(
+      'non-finite training loss at step 3; no checkpoint was saved before it')):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
 def test_eval_with_another_max_list_len_is_refused(tmp_path):
   # Lists are pooled over their first max_list_len values: evaluating, predicting or resuming
   # with another cut reads every history list differently from training (no error, other AUC).
@@ -691,7 +713,12 @@ def test_an_eval_file_without_a_good_row_stops_the_run_before_training(tmp_path,
     ('mesh_shape', (-1, -1)), ('mesh_shape', (0, 1)), ('seed', -5), ('seed', 2**63),
     # None, as TF's Saver(max_to_keep=None): a TypeError that named no field.
     ('keep_checkpoint_max', None), ('learning_rate', None), ('seed', None),
-    ('num_workers', None)])
+    ('num_workers', None),
+    # Checked too, but no test held them: batch_size=0 got past the check to fail in the row
+    # cache, after the planted data were written.
+    ('batch_size', 0), ('max_list_len', 0), ('shuffle_buffer', -1), ('timeline', -1),
+    ('split_parts', -1), ('eval_every_steps', -1), ('num_workers', -2),
+    ('keep_checkpoint_max', -1), ('criteo_table_rows', (10, 0))])
 def test_bad_config_values_fail_first_naming_the_field(tmp_path, field, value):
   # Each of these used to fail mid-run (after training, for eval_batch_size and embedding_dim)
   # or quietly did something else (save_steps=-1 saved every step). A misspelt interaction_op
@@ -702,6 +729,14 @@ def test_bad_config_values_fail_first_naming_the_field(tmp_path, field, value):
   with pytest.raises(ValueError, match=re.escape(f'config.{field}={value!r} must be')):
     train.train_and_evaluate(config, str(workdir))
   assert not os.path.exists(workdir) and not os.path.exists(tmp_path / 'out')
+
+
+def test_predict_mode_without_an_input_fails_first(tmp_path):
+  # Without the check it failed later, on "input file '' does not exist".
+  with pytest.raises(ValueError, match=re.escape(
+      "config.predict_input='' must be a file to score in mode=predict")):
+    train.train_and_evaluate(_config(tmp_path, mode='predict'), str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run') and not os.path.exists(tmp_path / 'out')
 
 
 def test_batches_must_split_over_the_data_axis(tmp_path):

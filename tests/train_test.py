@@ -9,12 +9,14 @@ import sys
 import weakref
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import train_helpers as th
 from configs import default
 from dlrm_jax import input_pipeline
+from dlrm_jax import metric_writer
 from dlrm_jax import metrics
 from dlrm_jax import models
 from dlrm_jax import train
@@ -133,6 +135,58 @@ def test_fusion_switches_do_not_change_results(tmp_path, data_dir, switch, optim
   for a, b in zip(jax.tree.leaves((on_state.params['mlp'], on_state.batch_stats)),
                   jax.tree.leaves((off_state.params['mlp'], off_state.batch_stats))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+ACCELERATIONS = ('bf16', 'emb_fusion', 'op_fusion', 'smartstaged', 'sparse_updates')
+
+
+def test_no_acceleration_turns_every_acceleration_off(tmp_path):
+  # The A/B baseline (DeepRec's --tf): a switch left on would make the comparison measure
+  # something else, with losses equal to float32 rounding (emb_fusion, op_fusion, smartstaged
+  # change no arithmetic), which the test above cannot tell.
+  config = th.tiny_config(tmp_path, **{n: True for n in ACCELERATIONS})
+  assert train.effective_options(config) == {n: True for n in ACCELERATIONS}
+  config.no_acceleration = True
+  assert train.effective_options(config) == {n: False for n in ACCELERATIONS}
+  setup = train.make_setup(config)
+  assert not setup.emb_fusion and setup.row_tx is None and setup.model.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('sparse', [True, False])
+def test_bf16_reaches_the_model_on_both_paths(tmp_path, sparse):
+  setup = train.make_setup(th.tiny_config(tmp_path, bf16=True, sparse_updates=sparse))
+  assert setup.model.dtype == jnp.bfloat16
+  setup = train.make_setup(th.tiny_config(tmp_path, bf16=False, sparse_updates=sparse))
+  assert setup.model.dtype == jnp.float32
+
+
+def test_bce_loss_is_the_mean_over_the_real_rows_only():
+  # Training batches are full today (drop_remainder), so a loss divided by the padded batch
+  # size would go unseen until a padded batch trained. Against a float64 mean over the 5 real
+  # rows: float32 softplus and a 5-term sum round to ~1e-7 relative; dividing by 8 is 37% off.
+  rng = np.random.default_rng(0)
+  logits = (rng.normal(size=8) * 3).astype(np.float32)
+  labels = (rng.random(8) < 0.5).astype(np.float32)
+  mask = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
+  expected = (np.logaddexp(0, logits) - labels * logits)[:5].mean()
+  got = float(train.bce_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask)))
+  assert got == pytest.approx(expected, rel=1e-5)
+  logits[5:], labels[5:] = 50.0, 0.0  # whatever the padded rows hold
+  assert float(train.bce_loss(jnp.asarray(logits), jnp.asarray(labels),
+                              jnp.asarray(mask))) == pytest.approx(got, rel=1e-6)
+  assert float(train.bce_loss(jnp.asarray(logits), jnp.asarray(labels),
+                              jnp.zeros(8, jnp.float32))) == 0.0  # no row: 0, not NaN
+
+
+def test_the_last_step_is_logged_when_it_is_off_the_log_grid(tmp_path):
+  # 7 steps logged every 5: the summaries hold steps 5 and 7 (the last with steps 6-7's mean).
+  # Only a test needing torch checked this before.
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(th.tiny_config(tmp_path / 'out', steps=7, log_every_steps=5,
+                                          save_steps=0, no_eval=True), workdir)
+  steps, losses = metric_writer.read_scalars(workdir, 'train_loss')
+  np.testing.assert_array_equal(steps, [5, 7])
+  assert np.all(np.isfinite(losses))
 
 
 def test_every_bit_of_the_seed_reaches_the_initialisation(tmp_path):
