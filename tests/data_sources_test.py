@@ -521,3 +521,33 @@ def test_counting_rows_without_the_cache_is_agreed_over_the_processes(elm_dir, m
     data_sources.source_lines(config, SPEC, sources, 0, 2)
   _as_process(monkeypatch, 0, 2, {})
   assert data_sources.source_lines(config, SPEC, sources, 0, 2) == [70]
+
+
+def test_num_workers_zero_starts_no_workers_even_for_a_big_file(tmp_path):
+  # 0 means "parse in this process" (the config's documented value); only -1 is auto.
+  big = tmp_path / 'big.csv'
+  with open(big, 'wb') as f:
+    f.truncate(data_sources._AUTO_WORKERS_BYTES)  # sparse: no disk used
+  assert data_sources.workers_for(0, [str(big)]) == 0
+  assert data_sources.workers_for(3, [str(big)]) == 3
+  if (os.cpu_count() or 1) > 1:
+    assert data_sources.workers_for(-1, [str(big)]) > 0
+
+
+def test_stats_of_a_full_cache_read_by_two_processes_count_each_line_once(tmp_path):
+  # A cache of all of train.csv (from a one-process run) read in slices by two processes:
+  # its parse figures are process 0's alone, so the run's totals are the file's.
+  lines = numbered_lines(0, 40)
+  lines[7] = elm_line(ctr_30='x')
+  write(tmp_path / 'train.csv', lines)
+  write(tmp_path / 'eval.csv', numbered_lines(0, 5))
+  config = config_for(tmp_path, skip_bad_rows=True)
+  data_sources.resolve(config, SPEC, process_index=0, process_count=1)  # the full cache
+  totals = input_pipeline.ParseStats()
+  for k in range(2):
+    data = data_sources.resolve(config, SPEC, process_index=k, process_count=2)
+    stats = input_pipeline.ParseStats()
+    list(data_sources.train_batches(config, SPEC, data, num_steps=4, stats=stats,
+                                    process_index=k, process_count=2))
+    totals.add(stats)
+  assert (totals.rows, totals.bad_rows, totals.lines, totals.source_lines) == (39, 1, 40, 40)

@@ -484,3 +484,54 @@ def test_compact_from_padded_inverts_expand():
   broken['weights'][0, SPEC.slot_starts[first_list] + 1] = 1.0
   with pytest.raises(ValueError, match='values come first'):
     row_cache.compact_from_padded(broken, SPEC)
+
+
+def test_a_cache_built_in_many_chunks_reads_back_every_rows_ids(tmp_path):
+  # offsets.npy must run on across the build's chunks; a cache of a big file is built in
+  # many chunks (8192 rows each by default), and rows after the first chunk read others' ids.
+  path = write(tmp_path, 'rows.csv', random_elm_lines(60, seed=3, list_len=4))
+  cache, start, stop = row_cache.open_or_build(row_cache.Source(path), SPEC, chunk_rows=7)
+  assert (start, stop) == (0, 60)
+  offsets = np.load(os.path.join(cache.directory, 'offsets.npy'))
+  counts = np.load(os.path.join(cache.directory, 'counts.npy')).astype(np.int64)
+  np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(counts.sum(1))]))
+  expanded = row_cache.expand(cache.read(0, 60), SPEC)
+  expanded.pop('mask')
+  assert_batches_equal(expanded, parse_all(path))
+  # And through the reader, in blocks that straddle the build's chunks.
+  reader = row_cache.RowReader([row_cache.cache_segment(cache, start, stop, 5)], SPEC)
+  (batch,) = reader.batches(60)
+  batch.pop('mask')
+  assert_batches_equal(batch, parse_all(path))
+
+
+def test_every_first_batch_continues_the_uninterrupted_order(tmp_path):
+  # A block shorter than block_rows (the file's last) counts its own rows when a resumed
+  # run skips the windows before its first batch; 130 rows in blocks of 8 leave one of 2 rows.
+  reader = reader_of(numbered(tmp_path, 130), block_rows=8)
+  full = list(reader.batches(16, shuffle_buffer=40, seed=3, num_epochs=None, num_batches=30))
+  for first in range(1, 30):
+    resumed = list(reader.batches(16, shuffle_buffer=40, seed=3, num_epochs=None,
+                                  first_batch=first, num_batches=30))
+    assert len(resumed) == 30 - first
+    for a, b in zip(resumed, full[first:]):
+      assert_batches_equal(a, b)
+
+
+def test_a_source_changed_while_being_cached_leaves_no_cache(tmp_path, monkeypatch):
+  # A file rewritten during the build (its size or mtime moved) must not leave a cache that
+  # claims the new file's identity while holding the old file's rows.
+  path = write(tmp_path, 'rows.csv', random_elm_lines(40, seed=5))
+  original = input_pipeline.iter_row_chunks
+
+  def changing(*args, **kwargs):
+    for i, chunk in enumerate(original(*args, **kwargs)):
+      if i == 1:
+        with open(path, 'a') as f:
+          f.write(random_elm_lines(1, seed=6)[0] + '\n')
+      yield chunk
+  monkeypatch.setattr(input_pipeline, 'iter_row_chunks', changing)
+  with pytest.raises(input_pipeline.DataError, match='changed while it was being cached'):
+    row_cache.open_or_build(row_cache.Source(path), SPEC, chunk_rows=8)
+  root = row_cache.default_cache_root(row_cache.Source(path))
+  assert [e for e in os.listdir(root) if not e.endswith('.lock')] == []

@@ -384,3 +384,16 @@ def test_no_parse_workers_start_for_triples(tmp_path, monkeypatch):
   monkeypatch.setattr(os, 'cpu_count', lambda: 4)
   assert data_sources.workers_for(-1, [path]) == 0
   assert data_sources.workers_for(-1, [str(text)]) == 4
+
+
+def test_criteo_missing_empty_keeps_a_value_whose_row_is_0(tmp_path):
+  # Only an empty field (value 0) is dropped; a value that is a multiple of its table's rows
+  # (1000 here) lands in row 0 and is a real value, kept with weight 1.
+  path, (_, sparse, _) = random_triple(tmp_path, n=30)
+  sparse[0::3, 5] = 0
+  sparse[1::3, 5] = 1000 * np.arange(1, 11)
+  np.save(tmp_path / 'day_0_sparse.npy', sparse)
+  rows = read_all(path, feature_spec.criteo_spec(1000, embedding_dim=4, missing=''))
+  assert (rows['ids'][1::3, 5] == 0).all()
+  np.testing.assert_array_equal(rows['weights'][:, 5], sparse[:, 5] != 0)
+  assert rows['weights'][1::3, 5].min() == 1.0
