@@ -11,7 +11,7 @@ import os
 import struct
 import sys
 import time
-from typing import Dict, Iterator, Set, Tuple
+from typing import Dict, Iterator, Optional, Set, Tuple
 
 from absl import logging
 import jax
@@ -70,8 +70,9 @@ class MetricWriter:
   _FLUSH_SECS = 10  # a live TensorBoard lags by at most this, or one log call if rarer
   _opened = 0  # writers opened by this process, for unique file names
 
-  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
-    """`start_step`: the step a resumed run restored (0 for a new run)."""
+  def __init__(self, workdir: str, enabled: bool = True, start_step: Optional[int] = 0):
+    """`start_step`: the step a resumed run restored (0 for a new run); None writes no restart
+    marker (an evaluator's file, whose steps are the checkpoints it scored, in any order)."""
     self._enabled = enabled
     self._events = None
     self._workdir = workdir
@@ -85,9 +86,10 @@ class MetricWriter:
       # A restart marker, as TensorFlow's writers leave: TensorBoard then drops the earlier
       # files' points after the restored step (logged again by this run) instead of showing
       # both. A new run's (step 1) drops only those of an attempt that saved no checkpoint.
-      self._events.write_event(self._event_pb2.Event(
-          step=start_step + 1, wall_time=time.time(),
-          session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))
+      if start_step is not None:
+        self._events.write_event(self._event_pb2.Event(
+            step=start_step + 1, wall_time=time.time(),
+            session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))
       self._flushed = time.monotonic()
 
   def _write(self, step: int, summaries) -> None:

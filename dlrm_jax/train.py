@@ -1411,9 +1411,23 @@ def run_evaluation(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   if jax.process_index() == 0:
     try:
       write_results(os.path.join(workdir, 'eval_results.json'), results)
+      write_eval_summaries(workdir, results)
     except OSError as e:  # a run evaluated where it cannot be written (a read-only mount)
-      logging.warning('eval_results.json not written (%s): the figures are the ones above', e)
+      logging.warning('eval_results.json or eval summaries not written (%s): the figures are '
+                      'the ones above', e)
   return results
+
+
+def write_eval_summaries(workdir: str, results: Dict[str, Any]) -> None:
+  """mode=eval's metrics as TensorBoard scalars at the checkpoint's step, in `<run>/eval`: where
+  DeepRec's script and TensorFlow's evaluators write theirs, a TensorBoard run of its own beside
+  the trainer's (whose evaluations stay in the run directory)."""
+  writer = metric_writer.MetricWriter(os.path.join(workdir, 'eval'), start_step=None)
+  try:
+    writer.write_scalars(results['steps'], {f'eval_{k}': results[f'eval_{k}']
+                                            for k in ('auc', 'accuracy', 'logloss')})
+  finally:
+    writer.close()
 
 
 def _clear_frames(error: BaseException) -> None:

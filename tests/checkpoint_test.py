@@ -28,6 +28,7 @@ from dlrm_jax import checkpoints
 from dlrm_jax import data_sources
 from dlrm_jax import input_pipeline
 from dlrm_jax import feature_spec
+from dlrm_jax import metric_writer
 from dlrm_jax import models
 from dlrm_jax import serving
 from dlrm_jax import train
@@ -285,6 +286,17 @@ def test_eval_and_predict_modes_and_exported_artifact_agree(tmp_path):
   # The same checkpoint's values and eval program: the same predictions, and so the same AUC
   # (1e-12 only absorbs its float64 sums in another order).
   assert evaluated['eval_auc'] == pytest.approx(results['eval_auc'], abs=1e-12)
+  # ... and its metrics as TensorBoard scalars at the checkpoint's step, in <run>/eval as
+  # DeepRec's evaluator writes them (mode=eval wrote none); a second evaluation of the step
+  # is read back once. approx: event files hold float32.
+  evaluated = train.train_and_evaluate(config, workdir)
+  for name in ('auc', 'accuracy', 'logloss'):
+    steps, values = metric_writer.read_scalars(os.path.join(workdir, 'eval'), f'eval_{name}')
+    assert steps.tolist() == [20], name
+    assert values.tolist() == pytest.approx([evaluated[f'eval_{name}']], rel=1e-6), name
+  assert len(glob.glob(os.path.join(workdir, 'eval', 'events.out.tfevents.*'))) == 2
+  # The trainer's own scalars stay where they were, with no eval-mode point among them.
+  assert metric_writer.read_scalars(workdir, 'eval_auc')[0].tolist() == [20]
 
   config.mode = 'predict'
   config.predict_input = eval_path
