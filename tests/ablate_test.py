@@ -341,3 +341,29 @@ def test_resume_accepts_fields_added_by_a_newer_version(tmp_path):
   result = ablate.run_ablation(tiny_base(), grid, [1], str(tmp_path), plots=False,
                                train_fn=train_fn, compilation_cache=False)
   assert calls == ['interaction_op-dot_seed-1'] and not result.cells['trained_now'].any()
+
+
+def test_a_single_seed_shows_no_spread():
+  cells = pd.DataFrame([
+      {'interaction_op': 'dot', 'variant': 'interaction_op=dot', 'seed': 1, 'eval_auc': 0.71,
+       'eval_logloss': 0.2, 'eval_accuracy': 0.9, 'train_samples_per_s': 1000.0, 'steps': 7,
+       'oracle_auc': 0.9, 'oracle_logloss': 0.1}])
+  summary = ablate.summarize(cells, ['interaction_op'])
+  assert np.isnan(summary['eval_auc_std'][0])  # one seed has no sample std, not 0
+  table = ablate.markdown_table(summary, ['interaction_op'])
+  assert '| dot | 1 | 0.7100 | 0.2000 | 0.9000 | 1,000 | 7 | 0.9000 | 0.1000 |' in table
+  assert '±' not in table
+
+
+def test_each_variant_keeps_its_own_oracle():
+  # A grid over a planted field changes the data: each variant's oracle is its own cells'.
+  rows = []
+  for weight, oracle in ((1.0, 0.8), (2.0, 0.9)):
+    for seed in (1, 2):
+      rows.append({'planted.interaction_weight': weight,
+                   'variant': f'planted.interaction_weight={weight}', 'seed': seed,
+                   'eval_auc': oracle - 0.05, 'oracle_auc': oracle,
+                   'oracle_logloss': 1 - oracle})
+  summary = ablate.summarize(pd.DataFrame(rows), ['planted.interaction_weight'])
+  assert list(summary['oracle_auc']) == pytest.approx([0.8, 0.9])
+  assert list(summary['oracle_logloss']) == pytest.approx([0.2, 0.1])

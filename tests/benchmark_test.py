@@ -277,3 +277,125 @@ def test_a_jemalloc_path_that_is_not_there_is_refused(tmp_path):
                           timeout=120, check=False)
   assert result.returncode != 0
   assert f'--jemalloc: no file {missing}' in result.stderr
+
+
+def _elm_group_rounds():
+  """The quick tiny ELM group, with two hand-made rounds: TorchRec, ours fp32 (two kinds) and
+  ours bf16, each with the ceilings measured in that round."""
+  group = benchmark.build_groups(quick=True, tiny=True)[0]
+  rounds = [
+      {'torchrec sgd fp32': {'rates': {'step': 100.0}},
+       'ours fp32': {'rates': {'step': 200.0, 'step+input': 100.0, 'end-to-end': 50.0,
+                               'end-to-end csv': 20.0},
+                     'ceiling_fp32_flops': 1e9, 'ceiling_bf16_flops': 2e9},
+       'ours bf16': {'rates': {'step': 300.0}, 'ceiling_fp32_flops': 1e9,
+                     'ceiling_bf16_flops': 2e9}},
+      {'torchrec sgd fp32': {'rates': {'step': 200.0}},
+       'ours fp32': {'rates': {'step': 600.0, 'step+input': 200.0, 'end-to-end': 150.0,
+                               'end-to-end csv': 60.0},
+                     'ceiling_fp32_flops': 4e9, 'ceiling_bf16_flops': 8e9},
+       'ours bf16': {'rates': {'step': 500.0}, 'ceiling_fp32_flops': 4e9,
+                     'ceiling_bf16_flops': 8e9}},
+  ]
+  info = {v.label: {} for v in group.variants}
+  result = benchmark.summarize_group(group, info, rounds, load=[0.0, 0.0])
+  return group, rounds, {row['label']: row for row in result['rows']}, result
+
+
+def test_step_time_and_flops_follow_the_median_rate():
+  group, _, rows, _ = _elm_group_rounds()
+  ours = [v for v in group.variants if v.label == 'ours fp32'][0]
+  row = rows['ours fp32 step']
+  assert row['samples_per_s'] == statistics.median([200.0, 600.0]) == 400.0
+  # One step is batch_size samples: ms per step, not per sample.
+  assert row['step_ms'] == pytest.approx(1e3 * ours.batch_size / 400.0)
+  assert row['achieved_flops_per_s'] == pytest.approx(row['flops_per_sample'] * 400.0)
+
+
+def test_ratio_to_own_step_is_the_kind_over_the_step_per_round():
+  _, _, rows, _ = _elm_group_rounds()
+  # step+input runs at 1/2 and 1/3 of the step: median 5/12, below 1 (it is slower).
+  assert rows['ours fp32 step+input']['ratio_vs_own_step'] == pytest.approx(
+      statistics.median([100 / 200, 200 / 600]))
+  assert rows['ours fp32 end-to-end']['ratio_vs_own_step'] == pytest.approx(0.25)
+
+
+def test_ceiling_share_pairs_each_round_with_its_own_ceiling_and_dtype():
+  _, _, rows, _ = _elm_group_rounds()
+  fp32 = rows['ours fp32 step']
+  flops = fp32['flops_per_sample']
+  # Per round: rate x flops over that round's ceiling; the rounds' ceilings differ 4x.
+  assert fp32['ceiling_fraction'] == pytest.approx(
+      statistics.median([flops * 200 / 1e9, flops * 600 / 4e9]))
+  # Another kind's share uses its own rate, not the step's.
+  assert rows['ours fp32 step+input']['ceiling_fraction'] == pytest.approx(
+      statistics.median([flops * 100 / 1e9, flops * 200 / 4e9]))
+  # bf16 compute is held against the bf16 ceiling, not the fp32 one.
+  bf16 = rows['ours bf16 step']
+  assert bf16['ceiling_fraction'] == pytest.approx(
+      statistics.median([flops * 300 / 2e9, flops * 500 / 8e9]))
+  assert bf16['ceiling_flops_per_s'] == pytest.approx(statistics.median([2e9, 8e9]))
+
+
+def test_row_scaling_reports_step_time_over_the_smallest_tables():
+  group = [g for g in benchmark.build_groups(quick=True, tiny=True)
+           if g.name.startswith('rows_')][0]
+  small, big = [v.label for v in group.variants]
+  # The bigger tables run at half the samples/s: their step takes twice as long.
+  rounds = [{small: {'rates': {'step': 400.0}}, big: {'rates': {'step': 200.0}}}] * 3
+  result = benchmark.summarize_group(group, {small: {}, big: {}}, rounds, load=[0.0] * 3)
+  summary = benchmark.summarize([result])
+  assert summary['row_scaling_step_time_ratio'] == {
+      f'{group.name}/{big} step': pytest.approx(2.0)}
+
+
+def test_table_state_counts_adagrad_slots():
+  group = benchmark.build_groups(quick=False, tiny=True)
+  adagrad = [g for g in group if g.name.endswith('_adagrad')][0]
+  spec = benchmark.make_spec(dataclasses.asdict(adagrad.variants[0]))
+  weights = spec.total_rows * spec.embedding_dim * 4
+  by_label = {v.label: v for v in adagrad.variants}
+  assert benchmark.table_state_bytes(spec, by_label['ours adagrad']) == 2 * weights
+  assert benchmark.table_state_bytes(spec, by_label['torchrec adagrad']) == 2 * weights
+  assert benchmark.table_state_bytes(spec, by_label['torchrec rowwise_adagrad']) == (
+      weights + spec.total_rows * 4)
+  sgd = benchmark.build_groups(quick=True, tiny=True)[0].variants[1]
+  assert benchmark.table_state_bytes(spec, sgd) == weights
+
+
+def test_peak_memory_is_vmhwm_in_mib(monkeypatch):
+  status = 'Name:\tpython\nVmPeak:\t 9999 kB\nVmHWM:\t    3072 kB\nVmRSS:\t    1024 kB\n'
+  monkeypatch.setattr(benchmark, 'open', lambda *a, **k: io.StringIO(status), raising=False)
+  assert benchmark.peak_rss_mb() == 3.0
+  assert benchmark.rss_mb() == 1.0
+
+
+def test_memory_ratios_and_the_printed_spread():
+  _, _, rows, result = _elm_group_rounds()
+  for row in result['rows']:
+    row.update(peak_rss_mb=1500.0, runtime_rss_mb=500.0, table_state_mb=1000.0)
+  m = benchmark.memory_ratios(result)['ours fp32']
+  assert m['peak_over_state'] == 1.5 and m['above_runtime_over_state'] == 1.0
+  # The printed (min-max) of the per-round ratios, whatever their order.
+  rows['ours fp32 step']['ratio_rounds'] = [1.5, 1.2, 1.3]
+  table = benchmark.format_table([result], benchmark.summarize([result]))
+  line = [l for l in table.splitlines() if l.startswith('ours fp32 step ')][0]
+  assert '(1.20-1.50)' in line
+  assert 'peak 1500 MiB = 1.50x its tables' in table
+  assert '1.00x above the 500 MiB' in table
+
+
+def test_ours_vs_torchrec_lists_only_our_rows():
+  # The Adagrad group has a second TorchRec configuration (row-wise), outside the reference.
+  group = [g for g in benchmark.build_groups(quick=False, tiny=True)
+           if g.name.endswith('_adagrad')][0]
+  labels = [v.label for v in group.variants]
+  assert labels == ['torchrec adagrad', 'torchrec rowwise_adagrad', 'ours adagrad']
+  rounds = [{'torchrec adagrad': {'rates': {'step': 100.0}},
+             'torchrec rowwise_adagrad': {'rates': {'step': 150.0}},
+             'ours adagrad': {'rates': {'step': 300.0, 'step+input': 250.0}}}] * 2
+  result = benchmark.summarize_group(group, {l: {} for l in labels}, rounds, load=[0.0] * 2)
+  summary = benchmark.summarize([result])
+  assert summary['ours_vs_torchrec'] == {
+      f'{group.name}/ours adagrad step': pytest.approx(3.0),
+      f'{group.name}/ours adagrad step+input': pytest.approx(2.5)}

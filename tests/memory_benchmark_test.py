@@ -9,6 +9,7 @@ import pytest
 
 from dlrm_jax import models
 from experiments import benchmark
+from experiments import memory_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,3 +57,20 @@ def test_the_trainer_imports_neither_pandas_nor_pyarrow():
   result = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, check=True)
   assert result.stdout.strip().splitlines()[-1] == '[]', result.stdout + result.stderr
+
+
+def test_marginal_compares_scale_one_with_the_largest_scale():
+  results = [
+      {'variant': 'gradientdescent, save at the end', 'table_scale': 1, 'state_mb': 100.0,
+       'peak_rss_mb': 900.0, 'runtime_rss_mb': 600.0},
+      {'variant': 'gradientdescent, tables x2, save at the end', 'table_scale': 2,
+       'state_mb': 200.0, 'peak_rss_mb': 1100.0, 'runtime_rss_mb': 600.0},
+      {'variant': 'gradientdescent, tables x3, save at the end', 'table_scale': 3,
+       'state_mb': 300.0, 'peak_rss_mb': 1200.0, 'runtime_rss_mb': 600.0},
+  ]
+  growth = memory_benchmark.marginal(results)
+  assert growth['scale'] == 3
+  assert growth['peak_growth_over_state_growth'] == pytest.approx((1200 - 900) / (300 - 100))
+  # The fixed cost: the peak at scale 1 above its state (runtime included).
+  assert growth['fixed_mb'] == pytest.approx(800.0)
+  assert memory_benchmark.marginal(results[:1]) is None

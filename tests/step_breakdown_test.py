@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from experiments import step_breakdown
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,3 +28,28 @@ def test_breakdown_reports_every_program_against_the_step(tmp_path, bf16):
   assert rows['step']['of_step'] == 1.0  # every round's step over itself
   assert all(math.isfinite(r['ms']) and r['ms'] > 0 and r['of_step'] > 0
              for r in rows.values()), rows
+
+
+def test_of_step_is_the_median_of_each_rounds_ratio(monkeypatch):
+  clock = [0.0]
+  monkeypatch.setattr(step_breakdown.time, 'perf_counter', lambda: clock[0])
+
+  def runner(round_costs):
+    """A program whose call costs round_costs[i] seconds in round i (1 ms before the rounds)."""
+    timed = []
+
+    def run(n):
+      if n >= 3:  # a round's measurement (calibration gives n = 3 below)
+        clock[0] += n * round_costs[len(timed)]
+        timed.append(n)
+      else:
+        clock[0] += n * 1e-3
+    return run
+
+  # The machine runs 3x slower in round 2 for the step only: ratios 1 and 1/3.
+  run = {'step': runner([1e-3, 3e-3]), 'dense model': runner([1e-3, 1e-3])}
+  rows = step_breakdown.measure(run, rounds=2, min_time=0.0025)
+  assert rows['step'] == {'ms': pytest.approx(2.0), 'of_step': 1.0}
+  assert rows['dense model']['ms'] == pytest.approx(1.0)
+  # The median of the per-round ratios (2/3), not the ratio of the medians (1/2).
+  assert rows['dense model']['of_step'] == pytest.approx(2 / 3)

@@ -19,6 +19,8 @@ pytest.importorskip('torchrec')
 import train_helpers as th
 from dlrm_jax import data_sources
 from dlrm_jax import feature_spec as fs
+from dlrm_jax import models
+from experiments import torchrec_dlrm
 from experiments import torchrec_parity
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -153,3 +155,55 @@ def test_the_command_refuses_an_out_dir_of_another_experiment_in_one_line(tmp_pa
   assert run.returncode == 1 and 'differing: learning_rate' in run.stderr, run.stderr[-3000:]
   assert 'Traceback' not in run.stderr
   assert sorted(os.listdir(out_dir)) == ['config.json']  # nothing trained into it
+
+
+def _twin(**overrides):
+  spec = fs.elm_spec(hash_buckets=1000, embedding_dim=4, max_list_len=8)
+  variant = {'table_optimizer': 'sgd', 'optimizer': 'gradientdescent', 'learning_rate': 0.05,
+             'bottom_mlp': (16, 8, 4), 'top_mlp': (16, 8), 'interaction': 'dot',
+             'batch_norm': True, **overrides}
+  model, optimizer = torchrec_dlrm.build_model(variant, spec)
+  return spec, variant, model, optimizer
+
+
+def _linear_shapes(module):
+  return [(m.in_features, m.out_features) for m in module.modules()
+          if isinstance(m, torch.nn.Linear)]
+
+
+@pytest.mark.parametrize('interaction', ['dot', 'cat'])
+def test_twin_layers_are_ours(interaction):
+  spec, variant, model, _ = _twin(interaction=interaction)
+  bottom, top = variant['bottom_mlp'], variant['top_mlp']
+  assert _linear_shapes(model.dense_arch) == list(zip((spec.num_dense,) + bottom, bottom))
+  # The top MLP reads what our interaction writes (dot: the pairs below the diagonal), then
+  # every top layer, then the logit.
+  top_in = models.interaction_width(spec, bottom[-1], interaction)
+  assert _linear_shapes(model.over_arch) == list(zip((top_in,) + top, top + (1,)))
+  # Batch norm after each bottom ReLU, with TF's momentum 0.99 (PyTorch's 0.01) and eps 1e-3.
+  layers = list(model.dense_arch.model)
+  assert [type(m) for m in layers] == [torch.nn.Linear, torch.nn.ReLU,
+                                       torch.nn.BatchNorm1d] * len(bottom)
+  for norm in layers[2::3]:
+    assert norm.momentum == pytest.approx(0.01) and norm.eps == pytest.approx(1e-3)
+
+
+def test_twin_without_batch_norm_has_none():
+  _, _, model, _ = _twin(batch_norm=False)
+  assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+
+
+@pytest.mark.parametrize('optimizer,table_optimizer', [('gradientdescent', 'sgd'),
+                                                       ('adagrad', 'adagrad')])
+def test_twin_trains_at_our_learning_rate_with_mean_pooling(optimizer, table_optimizer):
+  _, _, model, mlp_optimizer = _twin(optimizer=optimizer, table_optimizer=table_optimizer)
+  assert [g['lr'] for g in mlp_optimizer.param_groups] == [0.05]
+  if optimizer == 'adagrad':
+    assert mlp_optimizer.defaults['initial_accumulator_value'] == 0.1  # as ours
+  tables = model.sparse_arch.embedding_bag_collection
+  table_lrs = [g['lr'] for g in tables.fused_optimizer().param_groups]
+  assert table_lrs and all(lr == pytest.approx(0.05) for lr in table_lrs)  # stored as float32
+  # The MLPs' optimizer holds every parameter but the (fused) tables'.
+  mlp = {id(p) for g in mlp_optimizer.param_groups for p in g['params']}
+  assert mlp == {id(p) for n, p in model.named_parameters() if not n.startswith('sparse_arch.')}
+  assert all(c.pooling.name == 'MEAN' for c in tables.embedding_bag_configs())
