@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 
+from absl import app
 import numpy as np
 import pytest
 
+from configs import default
 from dlrm_jax import checkpoints
+from dlrm_jax import cli
 from dlrm_jax import feature_spec
 from dlrm_jax import input_pipeline
 from dlrm_jax import serving
@@ -443,3 +446,58 @@ def test_two_processes_with_sharded_tables_export_one_artifact(tmp_path):
   # orders): ~1e-6 apart here; rtol 1e-4 leaves room for another CPU's vector width, while a
   # wrong row, weight or layer moves a probability by 1e-2 and more.
   np.testing.assert_allclose(served, probs, rtol=1e-4, atol=1e-6)
+
+
+# Every setting that names a path, spelled out (not cli._PATH_FIELDS: a name dropped from that
+# list would drop out of the check too).
+PATH_SETTINGS = ('data_location', 'cache_dir', 'tfds_data_dir', 'predict_input',
+                 'predict_output', 'output_dir', 'checkpoint', 'export_dir')
+
+
+def test_every_path_setting_after_an_equals_sign_is_home_relative(tmp_path, monkeypatch):
+  # '--config.checkpoint=~/run' (as a stopped run's message suggests) made a directory named
+  # '~' in the working directory, like the other path settings before them.
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  config = default.get_config('tiny')
+  for name in PATH_SETTINGS:
+    config[name] = f'~/{name}'
+  config = cli.command_line_config(config)
+  assert {n: config[n] for n in PATH_SETTINGS} == {
+      n: str(tmp_path / 'home' / n) for n in PATH_SETTINGS}
+
+
+def test_workdir_and_checkpoint_naming_one_directory_are_accepted(tmp_path, monkeypatch):
+  # Both name the run directory: the same one, however spelled, is no conflict.
+  monkeypatch.setenv('HOME', str(tmp_path))
+  monkeypatch.chdir(tmp_path)
+  run = str(tmp_path / 'run')
+  config = default.get_config('tiny')
+  for workdir, checkpoint in ((run, run), (run + '/', run), ('run', run), ('~/run', '~/run'),
+                              ('./run', '~/run/')):
+    config.checkpoint = checkpoint
+    config = cli.command_line_config(config)
+    assert os.path.realpath(cli.run_directory(workdir, config)) == run, (workdir, checkpoint)
+  config.checkpoint = str(tmp_path / 'other')
+  with pytest.raises(app.UsageError, match='name two run directories'):
+    cli.run_directory(run, config)
+
+
+def test_space_separated_config_and_stray_arguments_are_short_errors(tmp_path):
+  default_py = os.path.join(ROOT, 'configs', 'default.py')
+  env = dict(ENV, PYTHONPATH=ROOT)
+  # absl's '--config PATH' form: the override's mistake is still named, without a traceback.
+  proc = subprocess.run([sys.executable, '-m', 'dlrm_jax.main', '--config', f'{default_py}:tiny',
+                         '--config.eval_every=3'], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=600, env=env)
+  assert proc.returncode == 1, proc.stderr[-4000:]
+  assert ("flag --config.eval_every=3: the config has no field 'eval_every'. Did you mean"
+          in proc.stderr and 'Traceback' not in proc.stderr), proc.stderr[-4000:]
+  # A value left apart from its '=' ('--config.learning_rate= 0.1') is a stray argument: refused,
+  # not a run with the setting unchanged.
+  proc = subprocess.run([sys.executable, '-m', 'dlrm_jax.main', f'--config={default_py}:tiny',
+                         f'--config.output_dir={tmp_path}', '--config.steps=1',
+                         '--config.no_eval=True', 'stray'], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=600, env=env)
+  assert proc.returncode == 1, proc.stderr[-4000:]
+  assert "Unexpected arguments: ['stray']" in proc.stderr, proc.stderr[-4000:]
+  assert not os.listdir(tmp_path)

@@ -243,3 +243,17 @@ def test_each_run_marks_where_it_restarts_for_tensorboard(tmp_path):
     assert [e.WhichOneof('what') for e in events] == ['file_version', 'session_log', 'summary']
     assert events[1].session_log.status == event_pb2.SessionLog.START
     assert events[1].step == start_step + 1  # the restored step's own points stay
+
+
+def test_scalars_written_as_tensors_read_back(tmp_path):
+  # TensorFlow 2 and clu write a scalar as a one-value float tensor, not a simple_value: the
+  # reader returns those too (a run directory of an earlier release, or another writer's).
+  from tensorboardX.proto import summary_pb2, tensor_pb2  # pylint: disable=g-import-not-at-top
+  writer = metric_writer.MetricWriter(str(tmp_path))
+  writer.write_scalars(3, {'train_loss': 0.5})
+  tensor = tensor_pb2.TensorProto(dtype=1, float_val=[0.25])  # DT_FLOAT
+  writer._write(4, [summary_pb2.Summary(  # pylint: disable=protected-access
+      value=[summary_pb2.Summary.Value(tag='train_loss', tensor=tensor)])])
+  writer.close()
+  steps, values = metric_writer.read_scalars(str(tmp_path), 'train_loss')
+  assert list(steps) == [3, 4] and list(values) == [0.5, 0.25]

@@ -297,3 +297,32 @@ def test_the_readme_shows_the_planners_own_output():
     table = printed[printed.index('') + 1:]  # from the column header on, as quoted
     block = readme[readme.index(title):].split('```\n')[1]
     assert block.splitlines() == [l for l in table if l and not l.startswith('---')], printed
+
+
+def test_largest_data_axis_that_fits_may_split_the_tables_over_every_device():
+  # Tables dominate here (26 x 100k rows): only (1, 8) holds them in its memory, and the
+  # search must still try the model axis of all 8 devices before saying nothing fits.
+  config = tiny_criteo_config()
+  config.criteo_table_rows = (100000,) * 26
+  plans = {m: planner.plan(config, 8, m) for m in ((8, 1), (4, 2), (2, 4), (1, 8))}
+  memory = plans[(1, 8)].per_device
+  assert all(not p.fits(memory) for m, p in plans.items() if m != (1, 8))
+  best = planner.largest_data_axis_that_fits(config, 8, memory)
+  assert best is not None and best.mesh_shape == (1, 8)
+  assert planner.largest_data_axis_that_fits(config, 8, memory - 1) is None
+
+
+def test_largest_data_axis_that_fits_skips_meshes_the_trainer_refuses():
+  # An eval batch of 516 does not split over 8 devices of data, but over 4: (8, 1) is refused
+  # and the search goes on to (4, 2) rather than saying no mesh fits.
+  config = tiny_criteo_config(eval_batch_size=516)
+  best = planner.largest_data_axis_that_fits(config, 8, 80 * planner.GB)
+  assert best is not None and best.mesh_shape == (4, 2)
+
+
+def test_the_verdict_says_how_much_is_short_or_spare():
+  p = planner.plan(tiny_criteo_config(), 8, (2, 4))
+  short = planner.describe(p, p.per_device - 2000).splitlines()[-1]
+  assert short.endswith('(2.00 KB short)'), short
+  spare = planner.describe(p, p.per_device + 2000).splitlines()[-1]
+  assert ', 2.00 KB headroom (' in spare, spare

@@ -3,6 +3,7 @@
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -283,4 +284,41 @@ def test_a_deleted_data_set_is_built_again_in_the_same_process(tmp_path):
   with pytest.raises(tfds_builders.SourceChanged):
     resolve()
   shutil.rmtree(tmp_path / 'tfds')
+  assert resolve().train_rows == 70
+
+
+def test_a_row_left_over_after_full_blocks_is_kept(tmp_path):
+  # 1025 rows: two full blocks and the one row after them, which is the last block on its own.
+  manual, config = manual_files(tmp_path, numbered_lines(0, 1025), numbered_lines(5000, 30),
+                                shuffle_buffer=0)
+  config.batch_size = 100
+  data = data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+  assert data.train_rows == 1025
+  rows = rows_of(data_sources.train_batches(config, SPEC, data, num_steps=11, process_index=0,
+                                            process_count=1))
+  assert rows[:1025] == list(range(1025))
+
+
+def test_an_empty_split_is_refused_and_not_kept(tmp_path):
+  # A split of no rows and no bad rows either (here one line cut into 7 parts: the train split's
+  # 6 parts hold none of it): a data set kept with it cannot be opened again, and TFDS never
+  # rebuilds it.
+  manual, _ = manual_files(tmp_path, numbered_lines(0, 1), numbered_lines(1000, 20))
+  config = config_for(manual, tfds_data_dir=str(tmp_path / 'tfds'), train_files='train.csv',
+                      split_parts=7, eval_parts=1)
+  with pytest.raises(input_pipeline.DataError, match=r'train.csv.*no rows for the train split'):
+    data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+  assert not list((tmp_path / 'tfds').rglob('dataset_info.json'))
+  write(manual / 'train.csv', numbered_lines(0, 70))
+  assert data_sources.resolve(config, SPEC, process_index=0, process_count=1).train_rows == 60
+
+
+def test_a_data_set_deleted_after_a_good_open_is_built_again(tmp_path):
+  # Opened once a process; deleted (and its files replaced) with no refused call in between,
+  # the next open must build it again rather than serve the one held since.
+  manual, config = manual_files(tmp_path, numbered_lines(0, 40), numbered_lines(1000, 20))
+  resolve = lambda: data_sources.resolve(config, SPEC, process_index=0, process_count=1)
+  assert resolve().train_rows == 40
+  shutil.rmtree(tmp_path / 'tfds')
+  write(manual / 'train.csv', numbered_lines(0, 70))
   assert resolve().train_rows == 70
