@@ -1409,12 +1409,14 @@ def run_evaluation(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   results.update(parse_results(global_parse_stats(stats)))
   print(f"ACC = {results['eval_accuracy']:.6f}\nAUC = {results['eval_auc']:.6f}")
   if jax.process_index() == 0:
-    try:
-      write_results(os.path.join(workdir, 'eval_results.json'), results)
-      write_eval_summaries(workdir, results)
-    except OSError as e:  # a run evaluated where it cannot be written (a read-only mount)
-      logging.warning('eval_results.json or eval summaries not written (%s): the figures are '
-                      'the ones above', e)
+    for what, write in (
+        ('eval_results.json',
+         lambda: write_results(os.path.join(workdir, 'eval_results.json'), results)),
+        ('the eval summaries', lambda: write_eval_summaries(workdir, results))):
+      try:
+        write()
+      except OSError as e:  # a run evaluated where it cannot be written (a read-only mount)
+        logging.warning('%s not written (%s): the figures are the ones above', what, e)
   return results
 
 

@@ -264,9 +264,11 @@ def test_an_evaluation_it_cannot_write_down_still_reports_its_figures(tmp_path, 
   def read_only(path, results):
     raise OSError(errno.EROFS, 'Read-only file system', path)
   monkeypatch.setattr(train, 'write_results', read_only)
+  monkeypatch.setattr(train, 'write_eval_summaries', read_only)
   results = train.train_and_evaluate(_config(tmp_path, steps=3, mode='eval'), workdir)
   assert f"AUC = {results['eval_auc']:.6f}" in capsys.readouterr().out
   assert 'eval_results.json not written' in caplog.text and 'Read-only' in caplog.text
+  assert 'the eval summaries not written' in caplog.text
 
 
 @pytest.mark.slow
