@@ -1420,14 +1420,18 @@ def run_evaluation(setup: Setup, config, workdir: str) -> Dict[str, Any]:
   return results
 
 
+def eval_scalars(metrics: Dict[str, Any], prefix: str = '') -> Dict[str, float]:
+  """The eval_* TensorBoard scalars from `metrics` (keys `prefix + 'auc'` and so on)."""
+  return {f'eval_{k}': metrics[prefix + k] for k in ('auc', 'accuracy', 'logloss')}
+
+
 def write_eval_summaries(workdir: str, results: Dict[str, Any]) -> None:
   """mode=eval's metrics as TensorBoard scalars at the checkpoint's step, in `<run>/eval`: where
   DeepRec's script and TensorFlow's evaluators write theirs, a TensorBoard run of its own beside
   the trainer's (whose evaluations stay in the run directory)."""
   writer = metric_writer.MetricWriter(os.path.join(workdir, 'eval'), start_step=None)
   try:
-    writer.write_scalars(results['steps'], {f'eval_{k}': results[f'eval_{k}']
-                                            for k in ('auc', 'accuracy', 'logloss')})
+    writer.write_scalars(results['steps'], eval_scalars(results, 'eval_'))
   finally:
     writer.close()
 
@@ -1594,7 +1598,7 @@ def _run_training(setup: Setup, config, workdir: str,
     except Exception:
       save_before_failing(step, 'the evaluation')
       raise
-    writer.write_scalars(step, {f'eval_{k}': values[k] for k in ('auc', 'accuracy', 'logloss')})
+    writer.write_scalars(step, eval_scalars(values))
     writer.flush()  # a resume from this step's checkpoint does not evaluate it again
     eval_history.append({'step': step, **values})
     spent = time.perf_counter() - start
@@ -1732,8 +1736,7 @@ def _run_training(setup: Setup, config, workdir: str,
     # process 0 does and may fail at alone (its summaries, the export's write).
     run_stats = global_parse_stats(stats)
     if evaluate_now:
-      writer.write_scalars(final_step, {f'eval_{k}': results[f'eval_{k}']
-                                        for k in ('auc', 'accuracy', 'logloss')})
+      writer.write_scalars(final_step, eval_scalars(results, 'eval_'))
     if config.export_dir and stopped_at is None:
       results['export_dir'] = serving.export_model(setup, state, config.export_dir,
                                                    fs.spec_args(config), workdir)
