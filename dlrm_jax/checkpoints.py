@@ -143,13 +143,14 @@ def refuse(manager: ocp.CheckpointManager, problems: List[str], config, workdir:
                    + (', '.join(differences) or 'nothing') + '.')
   if config.mode == 'train':
     message.append('Those among them that shape the state (table sizes, embedding_dim, the '
-                   'MLPs, the optimizer, sparse_updates, no_acceleration) must be the run\'s; '
+                   'MLPs, the dcn_* sizes, the optimizer, sparse_updates, no_acceleration) must '
+                   'be the run\'s; '
                    'the others (steps, learning_rate, emb_fusion, ...) may change on a resume. '
                    'Or train into a new run directory (--config.checkpoint).')
   else:  # eval and predict read the parameters only
     message.append('Those among them that shape the parameters (table sizes, embedding_dim, '
-                   'the MLPs, batch_norm, interaction_op) must be the run\'s; the optimizer '
-                   'settings and emb_fusion may differ.')
+                   'the MLPs, batch_norm, interaction_op, the dcn_* sizes) must be the run\'s; '
+                   'the optimizer settings and emb_fusion may differ.')
   raise ValueError(' '.join(message))
 
 

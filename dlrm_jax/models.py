@@ -598,7 +598,42 @@ def cat_interaction(x: Array, embeddings: Array) -> Array:
   return jnp.concatenate([x, embeddings.reshape(embeddings.shape[0], -1).astype(x.dtype)], axis=1)
 
 
-INTERACTIONS = {'dot': dot_interaction, 'cat': cat_interaction}
+# A fixed normal, not Flax's truncated one: DCN-v2's kernels as TorchRec draws them
+# (torch.nn.init.xavier_normal_, the MLPerf DLRMv2 reference's initialisation).
+cross_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'normal')
+
+
+class LowRankCrossNet(nn.Module):
+  """DCN-v2's cross layers with low-rank kernels, the interaction of MLPerf's DLRMv2.
+
+  x_{l+1} = x_0 * (W_l (V_l x_l) + b_l) + x_l, with V_l [N -> r] and W_l [r -> N]: the width N
+  stays the input's, and each layer costs 2 N r multiply-adds per example instead of a full
+  cross layer's N^2 (TorchRec's LowRankCrossNet). The running x stays float32 under bf16; only
+  the two products take bfloat16 operands.
+  """
+  num_layers: int
+  low_rank: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x0: Array) -> Array:
+    x = x0
+    for layer in range(self.num_layers):
+      v = nn.Dense(self.low_rank, use_bias=False, dtype=self.dtype, kernel_init=cross_init,
+                   dot_general=mixed_precision_dot_general, name=f'V_{layer}')(x)
+      w = nn.Dense(x0.shape[-1], dtype=self.dtype, kernel_init=cross_init,
+                   dot_general=mixed_precision_dot_general, name=f'W_{layer}')(v)
+      x = x0 * w.astype(jnp.float32) + x
+    return x
+
+
+def dcn_interaction(x: Array, embeddings: Array, cross: LowRankCrossNet) -> Array:
+  """`cross` over [x, e_1, ..., e_F] flattened, in float32: [B, D + F * D]."""
+  flat = embeddings.reshape(embeddings.shape[0], -1)
+  return cross(jnp.concatenate([x.astype(jnp.float32), flat.astype(jnp.float32)], axis=1))
+
+
+INTERACTIONS = ('cat', 'dcn', 'dot')
 
 
 class DLRM(nn.Module):
@@ -609,31 +644,43 @@ class DLRM(nn.Module):
   `dtype` is the compute dtype of the MLPs (bfloat16 under `bf16`); parameters stay float32. As
   DeepRec's --bf16 does, the embeddings enter the interaction in float32 (`dot` multiplies them
   in float32; `cat` rounds the concatenation for the top MLP) and the logit layer is float32.
+  `dcn` is TorchRec's DLRM_DCN (MLPerf DLRMv2): the cross layers over `cat`'s concatenation,
+  which need no common width of x and the embeddings (TorchRec's stacking does).
   """
   bottom_mlp: Sequence[int]
   top_mlp: Sequence[int]
   interaction_op: str = 'cat'
   batch_norm: bool = True
   dtype: Any = jnp.float32
+  dcn_num_layers: int = 3     # interaction_op='dcn' only (MLPerf DLRMv2's sizes)
+  dcn_low_rank_dim: int = 512
 
   @nn.compact
   def __call__(self, dense: Array, embeddings: Array, train: bool = False) -> Array:
     if self.interaction_op not in INTERACTIONS:
       raise ValueError(f'interaction_op={self.interaction_op!r}: expected one of '
-                       f'{sorted(INTERACTIONS)}')
+                       f'{list(INTERACTIONS)}')
     if self.interaction_op == 'dot' and self.bottom_mlp[-1] != embeddings.shape[-1]:
       raise ValueError(f'dot interaction needs the bottom MLP to end at the embedding dim '
                        f'{embeddings.shape[-1]}, got {self.bottom_mlp[-1]}')
     x = MLP(self.bottom_mlp, self.batch_norm, self.dtype, name='bottom_mlp')(
         dense.astype(self.dtype), train)
-    z = INTERACTIONS[self.interaction_op](x, embeddings.astype(jnp.float32))
+    embeddings = embeddings.astype(jnp.float32)
+    if self.interaction_op == 'dcn':
+      cross = LowRankCrossNet(self.dcn_num_layers, self.dcn_low_rank_dim, self.dtype,
+                              name='cross_net')
+      z = dcn_interaction(x, embeddings, cross)
+    elif self.interaction_op == 'dot':
+      z = dot_interaction(x, embeddings)
+    else:
+      z = cat_interaction(x, embeddings)
     z = MLP(self.top_mlp, False, self.dtype, name='top_mlp')(z, train)
     logit = nn.Dense(1, dtype=jnp.float32, kernel_init=dense_init, name='logit')(z)
     return logit[:, 0]
 
 
 def interaction_width(spec: fs.FeatureSpec, bottom_out: int, interaction_op: str) -> int:
-  """Input width of the top MLP (ELM: 316 for dot, 400 for cat)."""
+  """Input width of the top MLP (ELM: 316 for dot, 400 for cat and dcn)."""
   if interaction_op == 'dot':
     n = spec.num_sparse + 1
     return bottom_out + n * (n - 1) // 2

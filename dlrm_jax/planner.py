@@ -27,8 +27,8 @@ What is estimated rather than read off the code, per device:
   * activations: every layer's outputs from the layer widths (Dense and ReLU outputs, batch norm,
     the interaction's inputs, Gram matrix and output), x 2 in training for the values saved for
     the backward pass and their gradients; MLP activations in the compute dtype (bf16 halves
-    them), looked-up and pooled embedding rows and the `dot` interaction's stacked features and
-    Gram matrix in float32 (as under DeepRec's bf16);
+    them), looked-up and pooled embedding rows, the `dot` interaction's stacked features and
+    Gram matrix (as under DeepRec's bf16) and `dcn`'s cross layers in float32;
   * the batch: the step's batch plus those smartstaged keeps on the devices ahead of it.
 XLA's own workspace and fragmentation are not counted: leave some headroom.
 
@@ -197,9 +197,13 @@ def _activation_bytes_per_row(setup: train.Setup, bf16: bool) -> int:
   if model.interaction_op == 'dot':
     n = spec.num_sparse + 1
     float32 += n * spec.embedding_dim + n * n  # stacked features and their Gram: float32 always
+  width = models.interaction_width(spec, model.bottom_mlp[-1], model.interaction_op)
+  if model.interaction_op == 'dcn':
+    # The float32 cross stream: its input, then each layer's low-rank product, W's and x_{l+1}.
+    float32 += width + model.dcn_num_layers * (model.dcn_low_rank_dim + 2 * width)
   per_layer = 3 if model.batch_norm else 2  # Dense output, ReLU output (, batch norm output)
   values = spec.num_dense + per_layer * sum(model.bottom_mlp)
-  values += models.interaction_width(spec, model.bottom_mlp[-1], model.interaction_op)
+  values += width
   values += 2 * sum(model.top_mlp) + 1      # Dense and ReLU outputs, then the logit
   return 2 * (float32 * 4 + values * (2 if bf16 else 4))
 

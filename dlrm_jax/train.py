@@ -163,7 +163,11 @@ def check_config(config) -> None:
   need('mode', config.mode in ('train', 'eval', 'predict'), "'train', 'eval' or 'predict'")
   need('feature_spec', config.feature_spec in ('elm', 'criteo'), "'elm' or 'criteo'")
   need('interaction_op', config.interaction_op in models.INTERACTIONS,
-       ' or '.join(map(repr, sorted(models.INTERACTIONS))))
+       ' or '.join(map(repr, models.INTERACTIONS)))
+  if config.interaction_op == 'dcn':
+    for field in ('dcn_num_layers', 'dcn_low_rank_dim'):
+      need(field, number(field, lambda v: isinstance(v, int) and v >= 1),
+           'a whole number, at least 1, for interaction_op=dcn')
   need('optimizer', config.optimizer in optimizers.OPTIMIZER_NAMES,
        'one of ' + ', '.join(optimizers.OPTIMIZER_NAMES))
   if config.optimizer in optimizers.OPTIMIZER_NAMES:
@@ -195,6 +199,14 @@ def log_overridden_settings(config) -> None:
   if config.feature_spec == 'criteo' and config.criteo_table_rows:
     logging.info('criteo_table_rows sizes the 26 tables (%d rows in all); hash_buckets=%d is not '
                  'used', sum(config.criteo_table_rows), config.hash_buckets)
+  if config.interaction_op == 'dcn':
+    width = models.interaction_width(fs.from_config(config), config.bottom_mlp[-1], 'dcn')
+    if 2 * config.dcn_low_rank_dim >= width:
+      # V [N -> r] and W [r -> N] then cost at least a full-rank [N -> N] cross layer.
+      logging.warning('dcn_low_rank_dim=%d is at least half the cross layers\' width %d: a '
+                      'full-rank layer would cost no more (MLPerf\'s 512 is for its 3456-wide '
+                      'input; TorchRec suggests about a quarter of the width)',
+                      config.dcn_low_rank_dim, width)
 
 
 def set_cpu_dispatch(config) -> None:
@@ -377,7 +389,8 @@ def make_setup(config) -> Setup:
   model = models.DLRM(
       bottom_mlp=tuple(config.bottom_mlp), top_mlp=tuple(config.top_mlp),
       interaction_op=config.interaction_op, batch_norm=config.batch_norm,
-      dtype=jnp.bfloat16 if options['bf16'] else jnp.float32)
+      dtype=jnp.bfloat16 if options['bf16'] else jnp.float32,
+      dcn_num_layers=config.dcn_num_layers, dcn_low_rank_dim=config.dcn_low_rank_dim)
   hparams = {k: v for k, v in config.optimizer_hparams.items() if v is not None}
   tx = optimizers.create(config.optimizer, config.learning_rate, **hparams)
   row_tx = (optimizers.create_sparse(config.optimizer, config.learning_rate, **hparams)

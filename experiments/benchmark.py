@@ -127,6 +127,8 @@ class Variant:
   jax_cache_dir: str = ''
   env: Tuple[Tuple[str, str], ...] = ()  # extra environment of the worker process
   async_dispatch: bool = False  # ours: config.cpu_async_dispatch
+  dcn_num_layers: int = 3       # interaction 'dcn' only
+  dcn_low_rank_dim: int = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +171,8 @@ def table_summary(spec: fs.FeatureSpec) -> str:
 
 
 def train_flops_per_sample(spec: fs.FeatureSpec, bottom_mlp: Sequence[int],
-                           top_mlp: Sequence[int], interaction: str) -> float:
+                           top_mlp: Sequence[int], interaction: str,
+                           dcn_num_layers: int = 3, dcn_low_rank_dim: int = 512) -> float:
   """Matmul FLOPs of one training sample: 3x the forward (backward = 2 matmuls per forward one),
   the usual convention and the issue's (2.75 MFLOP for ELM `dot`).
 
@@ -190,6 +193,8 @@ def train_flops_per_sample(spec: fs.FeatureSpec, bottom_mlp: Sequence[int],
     width = bottom_mlp[-1] + n * (n - 1) // 2
   else:
     width = bottom_mlp[-1] + spec.num_sparse * spec.embedding_dim
+    if interaction == 'dcn':  # each cross layer: [N -> r] then [r -> N]
+      forward += dcn_num_layers * 4 * width * dcn_low_rank_dim
   for out in tuple(top_mlp) + (1,):
     forward += 2 * width * out
     width = out
@@ -388,6 +393,8 @@ def jax_config(variant: Dict[str, Any]):
   config.bottom_mlp = tuple(variant['bottom_mlp'])
   config.top_mlp = tuple(variant['top_mlp'])
   config.interaction_op = variant['interaction']
+  config.dcn_num_layers = variant['dcn_num_layers']
+  config.dcn_low_rank_dim = variant['dcn_low_rank_dim']
   config.batch_norm = variant['batch_norm']
   config.batch_size = variant['batch_size']
   config.optimizer = variant['optimizer']
@@ -670,7 +677,8 @@ def summarize_group(group: Group, info: Dict[str, Dict[str, Any]],
   rows = []
   for v in group.variants:
     spec = make_spec(dataclasses.asdict(v))
-    flops = train_flops_per_sample(spec, v.bottom_mlp, v.top_mlp, v.interaction)
+    flops = train_flops_per_sample(spec, v.bottom_mlp, v.top_mlp, v.interaction,
+                                   v.dcn_num_layers, v.dcn_low_rank_dim)
     base = {'variant': v.label, 'framework': v.framework, 'describe': describe(v),
             'config': dataclasses.asdict(v), 'tables': table_summary(spec),
             'table_state_mb': table_state_bytes(spec, v) / 2**20,
@@ -756,10 +764,13 @@ def _policy_env(policy: str) -> str:
 def _sizes(tiny: bool) -> Dict[str, Any]:
   if tiny:
     return dict(rows=1000, embedding_dim=4, bottom_mlp=(16, 4), top_mlp=(16,), max_list_len=8,
-                batches=(64, 256), row_scaling=(1000, 10000, 100000),
+                batches=(64, 256), row_scaling=(1000, 10000, 100000), dcn_low_rank_dim=8,
                 criteo_rows=tuple(max(2, r // 5000) for r in DEEPREC_CRITEO_ROWS))
   return dict(rows=100000, embedding_dim=16, bottom_mlp=(512, 256, 64, 16), top_mlp=(512, 256),
               max_list_len=50, batches=(512, 4096), row_scaling=(100000, 1000000, 10000000),
+              # A quarter of ELM's 400-wide concatenation: TorchRec's advice for a rank that
+              # keeps a full-rank cross layer's accuracy.
+              dcn_low_rank_dim=100,
               criteo_rows=DEEPREC_CRITEO_ROWS)
 
 
@@ -796,6 +807,13 @@ def build_groups(quick: bool, tiny: bool) -> List[Group]:
            elm('ours bf16', 'jax', batch, op, bf16=True))))
   if not quick:
     batch = s['batches'][0]
+    dcn = dict(dcn_num_layers=3, dcn_low_rank_dim=s['dcn_low_rank_dim'])
+    groups.append(Group(
+        f'elm_dcn_b{batch}',
+        f"ELM dcn batch {batch}: MLPerf DLRMv2's interaction, 3 low-rank cross layers of rank "
+        f"{s['dcn_low_rank_dim']} over cat's concatenation (TorchRec DLRM_DCN), SGD",
+        (elm('torchrec sgd fp32', 'torchrec', batch, 'dcn', **dcn),
+         elm('ours fp32', 'jax', batch, 'dcn', kinds=ours_kinds, **dcn))))
     groups.append(Group(
         f'elm_dot_b{batch}_adagrad',
         f'ELM dot batch {batch}, Adagrad. Ours is elementwise (an accumulator per weight, '

@@ -15,6 +15,9 @@ layer for layer so that the two sides do the same arithmetic:
   optimizer);
 * dot: `torchrec.models.dlrm.DLRM` (DenseArch, SparseArch, InteractionArch, OverArch);
   cat: the same DenseArch, SparseArch and OverArch over [bottom output, pooled embeddings];
+  dcn: `torchrec.models.dlrm.DLRM_DCN` (InteractionDCNArch: a LowRankCrossNet over that
+  concatenation), which stacks the bottom output with the embeddings and so needs the bottom
+  MLP to end at the embedding dim;
 * the bottom MLP gets a BatchNorm1d after each ReLU when our config has batch norm (TF's
   momentum 0.99 is PyTorch's 0.01, epsilon 1e-3), since TorchRec's DenseArch has none;
 * the MLPs use torch.optim.SGD or torch.optim.Adagrad (initial accumulator 0.1, as ours);
@@ -116,8 +119,13 @@ def build_model(variant: Dict[str, Any], spec: fs.FeatureSpec
         dense_arch_layer_sizes=bottom, over_arch_layer_sizes=top)
   elif variant['interaction'] == 'cat':
     model = CatDLRM(ebc, spec.num_dense, bottom, top)
+  elif variant['interaction'] == 'dcn':
+    model = torchrec_dlrm.DLRM_DCN(
+        embedding_bag_collection=ebc, dense_in_features=spec.num_dense,
+        dense_arch_layer_sizes=bottom, over_arch_layer_sizes=top,
+        dcn_num_layers=variant['dcn_num_layers'], dcn_low_rank_dim=variant['dcn_low_rank_dim'])
   else:
-    raise ValueError(f"interaction {variant['interaction']!r}: expected 'dot' or 'cat'")
+    raise ValueError(f"interaction {variant['interaction']!r}: expected 'dot', 'cat' or 'dcn'")
   if variant['batch_norm']:
     model.dense_arch.model = batch_norm_mlp(spec.num_dense, bottom)
   # The fused tables update themselves in backward: only the MLPs go to a torch optimizer.

@@ -91,6 +91,11 @@ def check_supported(config: ml_collections.ConfigDict) -> None:
         '--config.optimizer=gradientdescent or --config.optimizer=adagrad')
   if config.mode != 'train' or config.no_eval:
     raise ValueError('the comparison trains and evaluates: it needs mode=train and no_eval=False')
+  if config.interaction_op == 'dcn' and config.bottom_mlp[-1] != config.embedding_dim:
+    raise ValueError(
+        f'TorchRec\'s DLRM_DCN stacks the bottom MLP\'s output with the embeddings: for '
+        f'interaction_op=dcn the bottom MLP must end at embedding_dim={config.embedding_dim}, '
+        f'not {config.bottom_mlp[-1]}')
 
 
 def twin_variant(config: ml_collections.ConfigDict) -> Dict[str, Any]:
@@ -99,7 +104,8 @@ def twin_variant(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   return {'table_optimizer': TWIN_TABLE_OPTIMIZERS[config.optimizer],
           'optimizer': config.optimizer, 'learning_rate': float(config.learning_rate),
           'bottom_mlp': tuple(config.bottom_mlp), 'top_mlp': tuple(config.top_mlp),
-          'interaction': config.interaction_op, 'batch_norm': bool(config.batch_norm)}
+          'interaction': config.interaction_op, 'batch_norm': bool(config.batch_norm),
+          'dcn_num_layers': config.dcn_num_layers, 'dcn_low_rank_dim': config.dcn_low_rank_dim}
 
 
 def initial_accumulator(config: ml_collections.ConfigDict) -> float:
@@ -113,7 +119,8 @@ def embedding_collection(model: nn.Module):
 
 def draw_like_ours(model: nn.Module, spec: fs.FeatureSpec) -> None:
   """Redraws the twin's weights from our initialisers' distributions (models.init_tables,
-  models.dense_init, Flax's zero biases), in place."""
+  models.dense_init, Flax's zero biases), in place. dcn's cross layers are drawn alike already
+  (models.cross_init is TorchRec's xavier_normal_, with zero biases)."""
   std = 1.0 / math.sqrt(spec.embedding_dim)
   with torch.no_grad():
     for name, param in model.named_parameters():

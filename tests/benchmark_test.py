@@ -50,6 +50,10 @@ def test_train_flops_per_sample_from_layer_sizes():
   assert benchmark.train_flops_per_sample(spec, (512, 256, 64, 16), (512, 256), 'dot') == dot
   assert benchmark.train_flops_per_sample(spec, (512, 256, 64, 16), (512, 256), 'cat') == cat
   assert dot == pytest.approx(2.75e6, rel=0.01)  # the README's rounded figure
+  # dcn: cat's layers plus two products per cross layer, [400 -> 100] and [100 -> 400].
+  dcn = cat + 3 * 2 * (2 * 400 * 100 + 2 * 100 * 400)
+  assert benchmark.train_flops_per_sample(spec, (512, 256, 64, 16), (512, 256), 'dcn',
+                                          dcn_num_layers=2, dcn_low_rank_dim=100) == dcn
 
 
 def test_synthetic_batches_follow_the_spec_layout():

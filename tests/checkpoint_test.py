@@ -745,6 +745,19 @@ def test_bad_config_values_fail_first_naming_the_field(tmp_path, field, value):
   assert not os.path.exists(workdir) and not os.path.exists(tmp_path / 'out')
 
 
+@pytest.mark.parametrize('field,value', [('dcn_num_layers', 0), ('dcn_low_rank_dim', -1),
+                                         ('dcn_num_layers', None)])
+def test_bad_cross_layer_sizes_fail_first_naming_the_field(tmp_path, field, value):
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=re.escape(
+      f'config.{field}={value!r} must be a whole number, at least 1, for interaction_op=dcn')):
+    train.train_and_evaluate(_config(tmp_path, interaction_op='dcn', **{field: value}),
+                             str(workdir))
+  assert not os.path.exists(workdir) and not os.path.exists(tmp_path / 'out')
+  # The sizes are read only for dcn.
+  train.check_config(_config(tmp_path, interaction_op='cat', **{field: value}))
+
+
 def test_predict_mode_without_an_input_fails_first(tmp_path):
   # Without the check it failed later, on "input file '' does not exist".
   with pytest.raises(ValueError, match=re.escape(
@@ -791,6 +804,18 @@ def test_settings_that_another_one_overrides_are_named(caplog):
     config.eval_files = 'eval.txt'
     train.log_overridden_settings(config)
   assert "config.eval_files='eval.txt' is not read: with split_parts=7" in caplog.text
+
+
+def test_a_cross_rank_past_half_the_width_is_named(caplog):
+  # The tiny ELM model's cross layers are 4 + 24 * 4 = 100 wide: rank 50 costs what a
+  # full-rank layer does, 49 less.
+  config = th.tiny_config('/nonexistent', interaction_op='dcn', dcn_low_rank_dim=49)
+  with caplog.at_level(logging.INFO):
+    train.log_overridden_settings(config)
+    assert 'dcn_low_rank_dim' not in caplog.text
+    config.dcn_low_rank_dim = 50
+    train.log_overridden_settings(config)
+  assert "dcn_low_rank_dim=50 is at least half the cross layers' width 100" in caplog.text
 
 
 def test_keep_checkpoint_max_zero_keeps_every_checkpoint(tmp_path):
@@ -1492,3 +1517,19 @@ def test_an_evaluation_during_training_is_on_disk_before_the_next_checkpoint(tmp
   on_disk = _summaries_on_disk_at_saves(tmp_path, monkeypatch, 'eval_auc', steps=10,
                                         eval_every_steps=5, no_eval=False)
   assert on_disk[10] == [5], on_disk
+
+
+@pytest.mark.parametrize('change', [dict(dcn_num_layers=2), dict(dcn_low_rank_dim=6)])
+def test_eval_or_resume_with_other_cross_layers_is_refused(tmp_path, change):
+  # Evaluation restores the parameters alone (a partial restore): a cross net with a layer
+  # fewer than the checkpoint's must be refused like one of another rank, not read in part.
+  workdir = str(tmp_path / 'run')
+  common = dict(interaction_op='dcn', dcn_num_layers=3, dcn_low_rank_dim=8)
+  train.train_and_evaluate(_config(tmp_path, steps=3, save_steps=0, no_eval=True, **common),
+                           workdir)
+  field = next(iter(change))
+  for mode in ('eval', 'train'):
+    with pytest.raises(ValueError, match=rf'does not fit this config: .*{field}: '):
+      train.train_and_evaluate(_config(tmp_path, mode=mode, steps=4, **{**common, **change}),
+                               workdir)
+  assert int(_restored(_config(tmp_path, mode='eval', **common), workdir).step) == 3

@@ -27,14 +27,15 @@ def random_batch(spec, batch=5, seed=0):
   return dense, ids, weights
 
 
-@pytest.mark.parametrize('op,width', [('dot', 16 + 25 * 24 // 2), ('cat', 16 + 24 * 16)])
+@pytest.mark.parametrize('op,width', [('dot', 16 + 25 * 24 // 2), ('cat', 16 + 24 * 16),
+                                      ('dcn', 16 + 24 * 16)])
 def test_elm_interaction_widths_match_the_reference(op, width):
   # 316 and 400 are the top-MLP input widths of DeepRec's ELM model.
   spec = fs.elm_spec()
   assert models.interaction_width(spec, 16, op) == width
 
 
-@pytest.mark.parametrize('op', ['dot', 'cat'])
+@pytest.mark.parametrize('op', ['dot', 'cat', 'dcn'])
 def test_dlrm_output_shape_and_top_input_width(op):
   spec = tiny_spec()
   dense, ids, weights = random_batch(spec)
@@ -45,6 +46,79 @@ def test_dlrm_output_shape_and_top_input_width(op):
   assert logits.shape == (5,) and logits.dtype == jnp.float32
   top_in = variables['params']['top_mlp']['Dense_0']['kernel'].shape[0]
   assert top_in == models.interaction_width(spec, 4, op)
+
+
+def _randomized(variables, seed=7):
+  """Every parameter redrawn at random, so that zero-initialised biases count too."""
+  leaves, tree = jax.tree.flatten(variables['params'])
+  rng = np.random.default_rng(seed)
+  params = [jnp.asarray(rng.normal(scale=0.5, size=x.shape), jnp.float32) for x in leaves]
+  return dict(variables, params=jax.tree.unflatten(tree, params))
+
+
+def test_dcn_is_low_rank_cross_layers_over_the_concatenation():
+  # TorchRec's LowRankCrossNet (MLPerf DLRMv2's interaction), written out in float64 on the
+  # model's own bottom-MLP output: x_{l+1} = x_0 * (W_l (V_l x_l) + b_l) + x_l over
+  # [x, e_1, ..., e_F]. float32 against float64 through two layers: ~1e-6 relative.
+  spec = tiny_spec()
+  dense, _, _ = random_batch(spec)
+  emb = np.random.default_rng(1).normal(size=(5, spec.num_sparse, 4)).astype(np.float32)
+  model = models.DLRM((8, 4), (6,), 'dcn', batch_norm=False, dcn_num_layers=2,
+                      dcn_low_rank_dim=3)
+  variables = _randomized(model.init(jax.random.PRNGKey(0), dense, emb))
+  params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables['params'])
+  x = np.asarray(models.MLP((8, 4)).apply({'params': variables['params']['bottom_mlp']},
+                                          dense, False), np.float64)
+  x0 = np.concatenate([x, emb.reshape(5, -1)], axis=1)
+  assert x0.shape[1] == models.interaction_width(spec, 4, 'dcn')
+  z = x0
+  for layer in range(2):
+    v = z @ params['cross_net'][f'V_{layer}']['kernel']
+    assert v.shape == (5, 3)
+    w = params['cross_net'][f'W_{layer}']
+    z = x0 * (v @ w['kernel'] + w['bias']) + z
+  first = params['top_mlp']['Dense_0']
+  top = np.maximum(z @ first['kernel'] + first['bias'], 0)
+  logit = top @ params['logit']['kernel'] + params['logit']['bias']
+  np.testing.assert_allclose(model.apply(variables, dense, emb), logit[:, 0], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_dcn_kernels_are_drawn_as_torchrec_draws_them():
+  # torch.nn.init.xavier_normal_: a plain normal of variance 2 / (fan_in + fan_out), not Flax's
+  # truncated one, which has no value beyond 2 standard deviations; zero biases. 16384 draws
+  # per kernel: the sample std is within 1% (3 standard errors: 3 / sqrt(2 * 16384) = 1.7%
+  # allowed) and a normal puts 4.55% beyond 2 std (standard error 0.16%).
+  x = jnp.ones((2, 256))
+  params = models.LowRankCrossNet(num_layers=1, low_rank=64).init(jax.random.PRNGKey(0), x)
+  std = np.sqrt(2.0 / (256 + 64))
+  for name in ('V_0', 'W_0'):
+    kernel = np.asarray(params['params'][name]['kernel'])
+    assert kernel.std() == pytest.approx(std, rel=0.017), name
+    assert 0.04 < np.mean(np.abs(kernel) > 2 * std) < 0.051, name
+  np.testing.assert_array_equal(params['params']['W_0']['bias'], np.zeros(256))
+  assert 'bias' not in params['params']['V_0']
+
+
+def test_dcn_under_bf16_keeps_the_cross_stream_float32():
+  # Only the cross layers' products take bfloat16 operands; x_0, the running x and the output
+  # stay float32 (a bfloat16 residual stream would round x_l at every layer).
+  spec = tiny_spec()
+  dense, _, _ = random_batch(spec)
+  emb = jnp.asarray(np.random.default_rng(1).normal(size=(5, spec.num_sparse, 4)), jnp.float32)
+  kw = dict(dcn_num_layers=2, dcn_low_rank_dim=3)
+  variables = _randomized(models.DLRM((8, 4), (6,), 'dcn', **kw).init(
+      jax.random.PRNGKey(0), dense, emb))
+  out32 = models.DLRM((8, 4), (6,), 'dcn', **kw).apply(variables, dense, emb)
+  out16, captured = models.DLRM((8, 4), (6,), 'dcn', dtype=jnp.bfloat16, **kw).apply(
+      variables, dense, emb, capture_intermediates=True, mutable=['intermediates'])
+  assert captured['intermediates']['cross_net']['__call__'][0].dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables['params']))
+  # Roundings of 2^-9 relative of values as large as the largest logit (78 here, from the
+  # redrawn weights): the largest change was 0.25% of it; 1% allows four times that, and
+  # equality would mean bf16 never reached the layers.
+  assert np.max(np.abs(out16 - out32)) < 0.01 * np.max(np.abs(out32))
+  assert not np.array_equal(out16, out32)
 
 
 def test_dot_interaction_equals_naive_double_loop():

@@ -173,6 +173,18 @@ def test_activations_split_over_data_and_bf16_shrinks_them():
     assert p.activations == p.rows_per_device * 2 * (4 * float32 + width * compute), bf16
 
 
+def test_dcn_activations_add_the_float32_cross_stream():
+  # As `cat` (26 + 26 rows of dim 4 in float32; the 4 + 26 * 4 = 108 wide concatenation in the
+  # compute dtype), plus the float32 cross stream: its input and, per layer, the rank-r product,
+  # W's output and the next x.
+  cat = planner.plan(tiny_criteo_config(interaction_op='cat'), 2, (1, 2))
+  for layers, rank in ((1, 8), (3, 5)):
+    dcn = planner.plan(tiny_criteo_config(interaction_op='dcn', dcn_num_layers=layers,
+                                          dcn_low_rank_dim=rank), 2, (1, 2))
+    cross = 108 + layers * (rank + 2 * 108)
+    assert dcn.activations - cat.activations == dcn.rows_per_device * 2 * 4 * cross
+
+
 def test_no_acceleration_plans_the_dense_path_without_staging():
   p = planner.plan(tiny_criteo_config(no_acceleration=True), 1, (1, 1))
   assert not p.sparse_updates and p.batches_on_device == 1
@@ -226,7 +238,8 @@ def test_mlperf_config_sizes_and_plan():
   spec = fs.from_config(config)
   assert len(spec.tables) == 26 and spec.embedding_dim == 128
   assert spec.total_rows == 204_184_588
-  assert models.interaction_width(spec, 128, 'dot') == 128 + 27 * 26 // 2
+  assert (config.interaction_op, config.dcn_num_layers, config.dcn_low_rank_dim) == ('dcn', 3, 512)
+  assert models.interaction_width(spec, 128, 'dcn') == 27 * 128
   memory = 80 * planner.GB
   p = planner.plan(config, 8)  # the config's mesh: (-1, 8)
   assert p.mesh_shape == (1, 8)

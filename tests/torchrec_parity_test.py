@@ -171,9 +171,9 @@ def _linear_shapes(module):
           if isinstance(m, torch.nn.Linear)]
 
 
-@pytest.mark.parametrize('interaction', ['dot', 'cat'])
+@pytest.mark.parametrize('interaction', ['dot', 'cat', 'dcn'])
 def test_twin_layers_are_ours(interaction):
-  spec, variant, model, _ = _twin(interaction=interaction)
+  spec, variant, model, _ = _twin(interaction=interaction, dcn_num_layers=2, dcn_low_rank_dim=3)
   bottom, top = variant['bottom_mlp'], variant['top_mlp']
   assert _linear_shapes(model.dense_arch) == list(zip((spec.num_dense,) + bottom, bottom))
   # The top MLP reads what our interaction writes (dot: the pairs below the diagonal), then
@@ -186,6 +186,21 @@ def test_twin_layers_are_ours(interaction):
                                        torch.nn.BatchNorm1d] * len(bottom)
   for norm in layers[2::3]:
     assert norm.momentum == pytest.approx(0.01) and norm.eps == pytest.approx(1e-3)
+  if interaction == 'dcn':  # TorchRec's W [N, r] and V [r, N] are our W^T and V^T
+    cross = model.inter_arch.crossnet
+    assert [tuple(w.shape) for w in cross.W_kernels] == [(top_in, 3)] * 2
+    assert [tuple(v.shape) for v in cross.V_kernels] == [(3, top_in)] * 2
+
+
+def test_twin_of_a_dcn_run_needs_the_bottom_mlp_at_the_embedding_dim(tmp_path):
+  # TorchRec stacks the bottom output with the embeddings; ours concatenates and would not mind.
+  config = th.tiny_config(tmp_path, interaction_op='dcn', bottom_mlp=(16, 8),
+                          optimizer='gradientdescent')
+  with pytest.raises(ValueError, match='bottom MLP must end at embedding_dim=4, not 8'):
+    torchrec_parity.twin_variant(config)
+  config.bottom_mlp = (16, 4)
+  variant = torchrec_parity.twin_variant(config)
+  assert (variant['dcn_num_layers'], variant['dcn_low_rank_dim']) == (3, 8)
 
 
 def test_twin_without_batch_norm_has_none():

@@ -49,8 +49,9 @@ def test_default_config_trains_and_beats_chance(tmp_path, op):
   assert os.listdir(os.path.join(workdir, 'checkpoints'))
 
 
-def test_loss_falls_on_planted_data(tmp_path, data_dir):
-  config = th.tiny_config(tmp_path, learning_rate=0.01)
+@pytest.mark.parametrize('op', ['cat', 'dcn'])
+def test_loss_falls_on_planted_data(tmp_path, data_dir, op):
+  config = th.tiny_config(tmp_path, learning_rate=0.01, interaction_op=op)
   losses, _ = th.step_losses(config, os.path.join(data_dir, 'train.csv'), 60)
   # Starting near log(2) for a random init and a few-% CTR, the loss drops fast to about the
   # entropy of the labels; compare window means so single noisy batches cannot decide.
@@ -121,7 +122,8 @@ def test_evaluation_during_training_equals_a_run_that_stops_there(tmp_path):
     ('emb_fusion', 'adamasync', 'cat', 0.01), ('emb_fusion', 'adagraddecay', 'dot', 0.01),
     ('emb_fusion', 'adam', 'dot', 0.01), ('op_fusion', 'adamasync', 'cat', 0.01),
     ('op_fusion', 'adagrad', 'dot', 0.01), ('op_fusion', 'gradientdescent', 'cat', 1.0),
-    ('no_acceleration', 'gradientdescent', 'dot', 1.0), ('no_acceleration', 'adagrad', 'cat', 0.1)])
+    ('no_acceleration', 'gradientdescent', 'dot', 1.0), ('no_acceleration', 'adagrad', 'cat', 0.1),
+    ('no_acceleration', 'adagrad', 'dcn', 0.1)])
 def test_fusion_switches_do_not_change_results(tmp_path, data_dir, switch, optimizer,
                                                interaction, learning_rate):
   # The same arithmetic in another layout or another number of programs: float32 agreement.
