@@ -393,8 +393,9 @@ def jax_config(variant: Dict[str, Any]):
   config.bottom_mlp = tuple(variant['bottom_mlp'])
   config.top_mlp = tuple(variant['top_mlp'])
   config.interaction_op = variant['interaction']
-  config.dcn_num_layers = variant['dcn_num_layers']
-  config.dcn_low_rank_dim = variant['dcn_low_rank_dim']
+  if variant['interaction'] == 'dcn':
+    config.dcn_num_layers = variant['dcn_num_layers']
+    config.dcn_low_rank_dim = variant['dcn_low_rank_dim']
   config.batch_norm = variant['batch_norm']
   config.batch_size = variant['batch_size']
   config.optimizer = variant['optimizer']

@@ -261,6 +261,16 @@ def test_async_dispatch_adds_our_fp32_step_on_xla_pool_threads():
   assert benchmark.with_async_dispatch(rows) == rows
 
 
+def test_the_dcn_group_runs_both_sides_with_its_cross_layers():
+  group, = [g for g in benchmark.build_groups(quick=False, tiny=True) if g.name == 'elm_dcn_b64']
+  assert [(v.framework, v.interaction) for v in group.variants] == [('torchrec', 'dcn'),
+                                                                      ('jax', 'dcn')]
+  assert {(v.dcn_num_layers, v.dcn_low_rank_dim) for v in group.variants} == {(3, 8)}
+  config = benchmark.jax_config(dataclasses.asdict(group.variants[1]))
+  assert (config.interaction_op, config.dcn_num_layers, config.dcn_low_rank_dim) == ('dcn', 3, 8)
+  assert 'rank 8' in group.what
+
+
 def test_a_full_group_name_selects_that_group_alone():
   groups = benchmark.build_groups(quick=False, tiny=False)
   names = lambda wanted: [g.name for g in benchmark.select_groups(groups, wanted)]
