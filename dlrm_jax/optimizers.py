@@ -1,4 +1,5 @@
-"""The reference's five optimizers, with TensorFlow 1.x / DeepRec semantics, dense and row-wise.
+"""The reference's five optimizers, with TensorFlow 1.x / DeepRec semantics, and TorchRec's
+row-wise Adagrad, each dense and row-wise.
 
 DeepRec's DLRM offers `--optimizer` in {adam, adamasync (default), adagrad, adagraddecay,
 gradientdescent}. This module gives each of them twice:
@@ -62,6 +63,16 @@ adagraddecay  DR `AdagradDecayOptimizer` (`adagrad_decay.py`) / `ApplyAdagradDec
     `decay_all_missed_periods=False` reproduces DR's sparse kernel instead. Both agree for rows
     touched every step.
 
+rowwise_adagrad  Not DeepRec's: FBGEMM's EXACT_ROWWISE_ADAGRAD (`rowwise_adagrad` in
+    fbgemm_gpu/codegen/genscript/optimizers.py), TorchRec's usual table optimizer. A table keeps
+    one accumulator per row ([N, 1], dim times less state than adagrad's): accum += mean over
+    the row of g^2; row -= lr * g / (sqrt(accum) + eps), with FBGEMM's defaults accumulator 0 and
+    eps 1e-8 (`initial_accumulator_value`, `epsilon`). The MLPs take the elementwise form with
+    the same two values (torch.optim.Adagrad's update, as TorchRec's DLRM trains its dense
+    part). Dense path: the leaves under a 'tables' key (the full tables) take the row-wise rule;
+    a row absent from the batch has g = 0, so its accumulator and values stay, and the row-wise
+    update equals it.
+
 The step count starts at 0 in `init` (DR's global_step starts at 0), lives in the optimizer state
 and is restored with it from checkpoints.
 
@@ -83,7 +94,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-OPTIMIZER_NAMES = ('adam', 'adamasync', 'adagrad', 'adagraddecay', 'gradientdescent')
+OPTIMIZER_NAMES = ('adam', 'adamasync', 'adagrad', 'adagraddecay', 'gradientdescent',
+                   'rowwise_adagrad')
 
 
 def _check_adam_hparams(beta1, beta2, epsilon):
@@ -96,6 +108,12 @@ def _check_adam_hparams(beta1, beta2, epsilon):
 def _check_adagrad_hparams(initial_accumulator_value):
   if not 0.0 < initial_accumulator_value < math.inf:
     raise ValueError(f'initial_accumulator_value must be positive: {initial_accumulator_value}')
+
+
+def _check_rowwise_adagrad_hparams(initial_accumulator_value, epsilon):
+  if not (0.0 <= initial_accumulator_value < math.inf and 0.0 <= epsilon < math.inf):
+    raise ValueError('initial_accumulator_value and epsilon must be non-negative and finite: '
+                     f'{initial_accumulator_value}, {epsilon}')
 
 
 def _check_decay_hparams(accumulator_decay_step, accumulator_decay_rate):
@@ -159,6 +177,17 @@ def _adagrad_accumulate(accumulator, g):
 def _adagrad_direction(accumulator, g):
   # optax.scale_by_rss computes rsqrt(accumulator) * g too: the row-wise path must match it.
   return jax.lax.rsqrt(accumulator) * g
+
+
+def _row_mean_square(g):
+  """FBGEMM's row-wise Adagrad statistic: each row's mean squared gradient, [N, D] -> [N, 1]."""
+  return jnp.mean(g * g, axis=-1, keepdims=True)
+
+
+def _eps_adagrad_direction(accumulator, g, eps):
+  # With accumulator 0 and eps 0 a row with g = 0 (a weight-0 slot's row) would be 0 / 0: as
+  # for adagraddecay, a zero accumulator moves nothing.
+  return jnp.where(accumulator > 0, g / (jnp.sqrt(accumulator) + eps), 0).astype(g.dtype)
 
 
 def _decay_accumulator(accumulator, num_decays, rate, baseline):
@@ -247,6 +276,33 @@ def scale_by_adagrad_decay(initial_accumulator_value: float = 0.1,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _under_tables(path) -> bool:
+  return any(isinstance(k, jax.tree_util.DictKey) and k.key == 'tables' for k in path)
+
+
+def scale_by_rowwise_adagrad(initial_accumulator_value: float = 0.0,
+                             epsilon: float = 1e-8) -> optax.GradientTransformation:
+  """Adagrad with eps, row-wise on the leaves under a 'tables' key, elementwise elsewhere."""
+
+  def slot_shape(path, x):
+    return x.shape[:1] + (1,) if _under_tables(path) and x.ndim == 2 else x.shape
+
+  def init_fn(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.full(slot_shape(p, x), initial_accumulator_value, x.dtype), params)
+
+  def update_fn(updates, state, params=None):
+    del params
+    accumulator = jax.tree_util.tree_map_with_path(
+        lambda p, g, a: a + (_row_mean_square(g) if a.shape != g.shape else g * g),
+        updates, state)
+    directions = jax.tree.map(lambda g, a: _eps_adagrad_direction(a, g, epsilon), updates,
+                              accumulator)
+    return directions, accumulator
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _dense_adam(learning_rate, *, beta1=0.9, beta2=0.999, epsilon=1e-8):
   return optax.chain(scale_by_tf_adam(beta1, beta2, epsilon),
                      optax.scale_by_learning_rate(learning_rate))
@@ -274,6 +330,12 @@ def _dense_gradient_descent(learning_rate):
   return optax.scale_by_learning_rate(learning_rate)
 
 
+def _dense_rowwise_adagrad(learning_rate, *, initial_accumulator_value=0.0, epsilon=1e-8):
+  _check_rowwise_adagrad_hparams(initial_accumulator_value, epsilon)
+  return optax.chain(scale_by_rowwise_adagrad(initial_accumulator_value, epsilon),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
 _DENSE_BUILDERS = {
     'adam': _dense_adam,
     # DeepRec's AdamAsync only differs from Adam on sparse (row) updates.
@@ -281,6 +343,7 @@ _DENSE_BUILDERS = {
     'adagrad': _dense_adagrad,
     'adagraddecay': _dense_adagrad_decay,
     'gradientdescent': _dense_gradient_descent,
+    'rowwise_adagrad': _dense_rowwise_adagrad,
 }
 
 
@@ -295,11 +358,13 @@ def create(name: str, learning_rate: float, **hparams) -> optax.GradientTransfor
   """The dense optimizer `name` (one of OPTIMIZER_NAMES) with TF/DeepRec semantics.
 
   Args:
-    name: 'adam', 'adamasync', 'adagrad', 'adagraddecay' or 'gradientdescent'.
+    name: 'adam', 'adamasync', 'adagrad', 'adagraddecay', 'gradientdescent' or
+      'rowwise_adagrad'.
     learning_rate: the step size.
     **hparams: DeepRec's constructor arguments: beta1, beta2, epsilon (adam, adamasync);
       initial_accumulator_value (adagrad, adagraddecay); accumulator_decay_step,
-      accumulator_decay_rate, decay_all_missed_periods (adagraddecay).
+      accumulator_decay_rate, decay_all_missed_periods (adagraddecay); FBGEMM's
+      initial_accumulator_value and epsilon (rowwise_adagrad).
 
   Returns:
     An optax GradientTransformation; its updates already include -learning_rate.
@@ -422,6 +487,28 @@ def _rowwise_adagrad(learning_rate, *, initial_accumulator_value=0.1):
   return RowwiseOptimizer(init, update)
 
 
+class RowRowwiseAdagradState(NamedTuple):
+  accumulator: jax.Array  # [N, 1]: one per row.
+
+
+def _rowwise_rowwise_adagrad(learning_rate, *, initial_accumulator_value=0.0, epsilon=1e-8):
+  _check_rowwise_adagrad_hparams(initial_accumulator_value, epsilon)
+
+  def init(table):
+    return RowRowwiseAdagradState(
+        jnp.full((table.shape[0], 1), initial_accumulator_value, table.dtype))
+
+  def update(table, state, unique_ids, summed_grads, rows=None):
+    accumulator = (_gather_rows(state.accumulator, unique_ids)
+                   + _row_mean_square(summed_grads))
+    rows = _apply_rate(_table_rows(table, unique_ids, rows),
+                       _eps_adagrad_direction(accumulator, summed_grads, epsilon), learning_rate)
+    return (_set_rows(table, unique_ids, rows),
+            RowRowwiseAdagradState(_set_rows(state.accumulator, unique_ids, accumulator)))
+
+  return RowwiseOptimizer(init, update)
+
+
 class RowAdagradDecayState(NamedTuple):
   count: jax.Array  # int32 scalar: updates applied to this table (DeepRec's global_step).
   accumulator: jax.Array  # like the table.
@@ -497,6 +584,7 @@ _ROWWISE_BUILDERS = {
     'adagrad': _rowwise_adagrad,
     'adagraddecay': _rowwise_adagrad_decay,
     'gradientdescent': _rowwise_gradient_descent,
+    'rowwise_adagrad': _rowwise_rowwise_adagrad,
 }
 
 

@@ -97,8 +97,8 @@ class Variant:
 
   framework: 'jax' (ours) or 'torchrec'.
   kinds: what the worker times, each round (see KINDS); TorchRec has only 'step'.
-  optimizer: ours, for MLPs and tables alike ('gradientdescent' or 'adagrad'); TorchRec's MLPs use
-    the torch optimizer of that name.
+  optimizer: ours, for MLPs and tables alike ('gradientdescent', 'adagrad' or 'rowwise_adagrad');
+    TorchRec's MLPs use the torch optimizer of that name (Adagrad for rowwise_adagrad).
   table_optimizer: TorchRec's fused table optimizer: 'sgd', 'adagrad' or 'rowwise_adagrad'.
   chunk_rows: the CSV reader's lines per parse for 'end-to-end csv' (see `build_groups`).
   """
@@ -207,7 +207,8 @@ def table_state_bytes(spec: fs.FeatureSpec, v: Variant) -> int:
   if v.framework == 'torchrec':
     slots = {'sgd': 0, 'adagrad': weights, 'rowwise_adagrad': spec.total_rows * 4}
     return weights + slots[v.table_optimizer]
-  return weights * (2 if v.optimizer == 'adagrad' else 1)
+  slots = {'gradientdescent': 0, 'adagrad': weights, 'rowwise_adagrad': spec.total_rows * 4}
+  return weights + slots[v.optimizer]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -817,14 +818,20 @@ def build_groups(quick: bool, tiny: bool) -> List[Group]:
          elm('ours fp32', 'jax', batch, 'dcn', kinds=ours_kinds, **dcn))))
     groups.append(Group(
         f'elm_dot_b{batch}_adagrad',
-        f'ELM dot batch {batch}, Adagrad. Ours is elementwise (an accumulator per weight, '
-        'touched rows only), as TorchRec EXACT_ADAGRAD; EXACT_ROWWISE_ADAGRAD keeps one '
-        'accumulator per row: a different, cheaper optimizer, shown for reference',
+        f'ELM dot batch {batch}, Adagrad, elementwise (an accumulator per weight, touched '
+        'rows only) on both sides: ours adagrad, TorchRec EXACT_ADAGRAD',
         (elm('torchrec adagrad', 'torchrec', batch, 'dot', optimizer='adagrad',
              table_optimizer='adagrad'),
-         elm('torchrec rowwise_adagrad', 'torchrec', batch, 'dot', optimizer='adagrad',
-             table_optimizer='rowwise_adagrad'),
          elm('ours adagrad', 'jax', batch, 'dot', optimizer='adagrad', kinds=ours_kinds))))
+    groups.append(Group(
+        f'elm_dot_b{batch}_rowwise_adagrad',
+        f'ELM dot batch {batch}, row-wise Adagrad (one accumulator per table row) on both '
+        "sides: ours rowwise_adagrad, TorchRec EXACT_ROWWISE_ADAGRAD (its usual table "
+        'optimizer); the MLPs Adagrad with accumulator 0 and eps 1e-8',
+        (elm('torchrec rowwise_adagrad', 'torchrec', batch, 'dot', optimizer='rowwise_adagrad',
+             table_optimizer='rowwise_adagrad'),
+         elm('ours rowwise_adagrad', 'jax', batch, 'dot', optimizer='rowwise_adagrad',
+             kinds=ours_kinds))))
     for batch in s['batches']:
       groups.append(Group(
           f'criteo_dot_b{batch}',

@@ -20,7 +20,8 @@ layer for layer so that the two sides do the same arithmetic:
   MLP to end at the embedding dim;
 * the bottom MLP gets a BatchNorm1d after each ReLU when our config has batch norm (TF's
   momentum 0.99 is PyTorch's 0.01, epsilon 1e-3), since TorchRec's DenseArch has none;
-* the MLPs use torch.optim.SGD or torch.optim.Adagrad (initial accumulator 0.1, as ours);
+* the MLPs use torch.optim.SGD or torch.optim.Adagrad (initial accumulator 0.1, as our
+  adagrad; 0 with eps 1e-8 beside EXACT_ROWWISE_ADAGRAD, as our rowwise_adagrad);
 * bf16 runs the forward under `torch.autocast('cpu', torch.bfloat16)`: bf16 matmuls with fp32
   weights and fp32 embedding tables, the analogue of our `bf16` switch.
 
@@ -55,7 +56,7 @@ from experiments import benchmark  # pylint: disable=g-import-not-at-top,wrong-i
 TABLE_OPTIMIZERS = {
     'sgd': (torch.optim.SGD, {}),
     'adagrad': (torch.optim.Adagrad, {'eps': 1e-8}),
-    'rowwise_adagrad': (RowWiseAdagrad, {}),
+    'rowwise_adagrad': (RowWiseAdagrad, {'eps': 1e-8}),  # FBGEMM's default, said
 }
 
 
@@ -135,9 +136,12 @@ def build_model(variant: Dict[str, Any], spec: fs.FeatureSpec
     optimizer = torch.optim.SGD(dense_params, lr=lr)
   elif variant['optimizer'] == 'adagrad':
     optimizer = torch.optim.Adagrad(dense_params, lr=lr, initial_accumulator_value=0.1)
+  elif variant['optimizer'] == 'rowwise_adagrad':  # ours' MLP form: FBGEMM's start and eps
+    optimizer = torch.optim.Adagrad(dense_params, lr=lr, initial_accumulator_value=0.0,
+                                    eps=1e-8)
   else:
     raise ValueError(f"optimizer {variant['optimizer']!r}: the benchmark compares "
-                     "'gradientdescent' and 'adagrad'")
+                     "'gradientdescent', 'adagrad' and 'rowwise_adagrad'")
   return model, optimizer
 
 

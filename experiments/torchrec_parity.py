@@ -74,9 +74,11 @@ DEFAULT_CONFIG = os.path.join(_ROOT, 'configs', 'torchrec_parity.py')
 
 # Our optimizer names -> the twin's table optimizer (torchrec_dlrm.TABLE_OPTIMIZERS). Adagrad is
 # elementwise on both sides; the others have no TorchRec equivalent with TF's semantics.
-TWIN_TABLE_OPTIMIZERS = {'gradientdescent': 'sgd', 'adagrad': 'adagrad'}
+TWIN_TABLE_OPTIMIZERS = {'gradientdescent': 'sgd', 'adagrad': 'adagrad',
+                         'rowwise_adagrad': 'rowwise_adagrad'}
 TWIN_INITS = ('ours', 'torchrec')
-ADAGRAD_ACCUMULATOR = 0.1  # TF's and ours default initial_accumulator_value
+# The default initial_accumulator_value: TF's for adagrad, FBGEMM's for rowwise_adagrad.
+ADAGRAD_ACCUMULATORS = {'adagrad': 0.1, 'rowwise_adagrad': 0.0}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,8 +89,12 @@ def check_supported(config: ml_collections.ConfigDict) -> None:
   if config.optimizer not in TWIN_TABLE_OPTIMIZERS:
     raise ValueError(
         f'optimizer {config.optimizer!r} has no equivalent in the TorchRec twin '
-        '(experiments/torchrec_dlrm.py builds SGD and elementwise Adagrad only): use '
-        '--config.optimizer=gradientdescent or --config.optimizer=adagrad')
+        '(experiments/torchrec_dlrm.py builds SGD, elementwise and row-wise Adagrad only): '
+        'use --config.optimizer=gradientdescent, adagrad or rowwise_adagrad')
+  epsilon = config.optimizer_hparams.get('epsilon')
+  if config.optimizer == 'rowwise_adagrad' and epsilon is not None and epsilon != 1e-8:
+    raise ValueError(f'optimizer_hparams.epsilon={epsilon}: the twin runs FBGEMM\'s and '
+                     'torch\'s Adagrad at eps 1e-8, rowwise_adagrad\'s default')
   if config.mode != 'train' or config.no_eval:
     raise ValueError('the comparison trains and evaluates: it needs mode=train and no_eval=False')
   if config.interaction_op == 'dcn' and config.bottom_mlp[-1] != config.embedding_dim:
@@ -110,7 +116,7 @@ def twin_variant(config: ml_collections.ConfigDict) -> Dict[str, Any]:
 
 def initial_accumulator(config: ml_collections.ConfigDict) -> float:
   value = config.optimizer_hparams.get('initial_accumulator_value')
-  return ADAGRAD_ACCUMULATOR if value is None else float(value)
+  return ADAGRAD_ACCUMULATORS[config.optimizer] if value is None else float(value)
 
 
 def embedding_collection(model: nn.Module):
@@ -135,8 +141,9 @@ def draw_like_ours(model: nn.Module, spec: fs.FeatureSpec) -> None:
 
 def set_accumulators(model: nn.Module, optimizer: torch.optim.Optimizer, value: float,
                      tables: bool) -> None:
-  """Adagrad's accumulators at `value`: the MLPs' always (build_model starts them at 0.1), the
-  fused tables' only with `tables` (FBGEMM starts them at 0). A no-op for SGD."""
+  """Adagrad's accumulators at `value`: the MLPs' always (build_model starts them at 0.1 for
+  adagrad, 0 for rowwise_adagrad), the fused tables' only with `tables` (FBGEMM starts them at
+  0). A no-op for SGD."""
   with torch.no_grad():
     for state in optimizer.state.values():
       if 'sum' in state:
@@ -156,7 +163,7 @@ def build_twin(config: ml_collections.ConfigDict, spec: fs.FeatureSpec, seed: in
   model, optimizer = torchrec_dlrm.build_model(twin_variant(config), spec)
   if twin_init == 'ours':
     draw_like_ours(model, spec)
-  if config.optimizer == 'adagrad':
+  if config.optimizer in ADAGRAD_ACCUMULATORS:
     set_accumulators(model, optimizer, initial_accumulator(config), tables=twin_init == 'ours')
   return model, optimizer
 

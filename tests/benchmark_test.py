@@ -278,7 +278,8 @@ def test_a_full_group_name_selects_that_group_alone():
   assert names(['elm_dot_b512_adagrad']) == ['elm_dot_b512_adagrad']
   # Anything else is a prefix.
   assert names(['criteo']) == ['criteo_dot_b512', 'criteo_dot_b4096']
-  assert names(['elm_dot']) == ['elm_dot_b512', 'elm_dot_b4096', 'elm_dot_b512_adagrad']
+  assert names(['elm_dot']) == ['elm_dot_b512', 'elm_dot_b4096', 'elm_dot_b512_adagrad',
+                                'elm_dot_b512_rowwise_adagrad']
   with pytest.raises(app.UsageError, match=r"no group matches \['nope'\]"):
     names(['elm_dot_b512', 'nope'])
 
@@ -365,14 +366,16 @@ def test_row_scaling_reports_step_time_over_the_smallest_tables():
 
 def test_table_state_counts_adagrad_slots():
   group = benchmark.build_groups(quick=False, tiny=True)
-  adagrad = [g for g in group if g.name.endswith('_adagrad')][0]
-  spec = benchmark.make_spec(dataclasses.asdict(adagrad.variants[0]))
+  adagrad = [g for g in group if g.name.endswith('_adagrad')]
+  assert [g.name for g in adagrad] == ['elm_dot_b64_adagrad', 'elm_dot_b64_rowwise_adagrad']
+  spec = benchmark.make_spec(dataclasses.asdict(adagrad[0].variants[0]))
   weights = spec.total_rows * spec.embedding_dim * 4
-  by_label = {v.label: v for v in adagrad.variants}
+  by_label = {v.label: v for g in adagrad for v in g.variants}
   assert benchmark.table_state_bytes(spec, by_label['ours adagrad']) == 2 * weights
   assert benchmark.table_state_bytes(spec, by_label['torchrec adagrad']) == 2 * weights
-  assert benchmark.table_state_bytes(spec, by_label['torchrec rowwise_adagrad']) == (
-      weights + spec.total_rows * 4)
+  for label in ('torchrec rowwise_adagrad', 'ours rowwise_adagrad'):  # a float per row
+    assert benchmark.table_state_bytes(spec, by_label[label]) == weights + spec.total_rows * 4
+  assert [v.optimizer for v in adagrad[1].variants] == ['rowwise_adagrad'] * 2
   sgd = benchmark.build_groups(quick=True, tiny=True)[0].variants[1]
   assert benchmark.table_state_bytes(spec, sgd) == weights
 
@@ -400,9 +403,13 @@ def test_memory_ratios_and_the_printed_spread():
 
 
 def test_ours_vs_torchrec_lists_only_our_rows():
-  # The Adagrad group has a second TorchRec configuration (row-wise), outside the reference.
+  # A second TorchRec configuration in a group (here added to the Adagrad one) is outside the
+  # reference and not ours.
   group = [g for g in benchmark.build_groups(quick=False, tiny=True)
            if g.name.endswith('_adagrad')][0]
+  extra = dataclasses.replace(group.variants[0], label='torchrec rowwise_adagrad',
+                              table_optimizer='rowwise_adagrad')
+  group = dataclasses.replace(group, variants=group.variants[:1] + (extra,) + group.variants[1:])
   labels = [v.label for v in group.variants]
   assert labels == ['torchrec adagrad', 'torchrec rowwise_adagrad', 'ours adagrad']
   rounds = [{'torchrec adagrad': {'rates': {'step': 100.0}},

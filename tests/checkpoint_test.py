@@ -492,15 +492,20 @@ def test_resume_into_another_model_fails_first_and_names_the_differences(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize('optimizer,sparse', [('adamasync', True), ('adagraddecay', True),
-                                              ('adam', False), ('adagraddecay', False)])
+                                              ('adam', False), ('adagraddecay', False),
+                                              ('rowwise_adagrad', False)])
 def test_a_resume_may_switch_emb_fusion(tmp_path, optimizer, sparse):
   # adagraddecay decays every 3 steps here, so its per-row decay periods must move with the rows;
-  # adam on the dense path keeps optax slots for the tables inside opt_state.
+  # adam on the dense path keeps optax slots for the tables inside opt_state, rowwise_adagrad
+  # its [rows, 1] accumulators. (Started at 0.1: from FBGEMM's 0, a first step is g / |g|,
+  # which turns the rounding of a tiny gradient into differences far above float32's.)
+  hparams = {'adagraddecay': {'accumulator_decay_step': 3},
+             'rowwise_adagrad': {'initial_accumulator_value': 0.1}}
+
   def config(steps, fused):
     return _config(tmp_path, steps=steps, save_steps=0, no_eval=True, optimizer=optimizer,
                    sparse_updates=sparse, emb_fusion=fused,
-                   optimizer_hparams={'accumulator_decay_step': 3} if optimizer == 'adagraddecay'
-                   else {})
+                   optimizer_hparams=hparams.get(optimizer, {}))
   straight, switched = str(tmp_path / 'straight'), str(tmp_path / 'switched')
   train.train_and_evaluate(config(12, True), straight)
   for steps, fused in [(4, True), (8, False), (12, True)]:

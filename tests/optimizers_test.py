@@ -45,6 +45,9 @@ DENSE_CASES = [
     ('adamasync', {'epsilon': 1e-2}),
     ('adagraddecay', {}),
     ('adagraddecay', {'accumulator_decay_step': 2, 'accumulator_decay_rate': 0.5}),
+    # The MLPs' (elementwise) form: FBGEMM's defaults, then a start and an eps that show.
+    ('rowwise_adagrad', {}),
+    ('rowwise_adagrad', {'initial_accumulator_value': 0.5, 'epsilon': 1e-1}),
 ]
 DECAY = {'accumulator_decay_step': 2, 'accumulator_decay_rate': 0.5}
 
@@ -102,7 +105,32 @@ def np_adagrad_decay(param, grads, lr, initial_accumulator_value=0.1,
   return param
 
 
+def np_eps_adagrad(param, grads, lr, initial_accumulator_value=0.0, epsilon=1e-8):
+  """torch.optim.Adagrad's update (eps outside the root): rowwise_adagrad's MLP form."""
+  accum = np.full_like(param, initial_accumulator_value)
+  for g in grads:
+    accum = accum + g * g
+    param = param - lr * g / (np.sqrt(accum) + epsilon)
+  return param
+
+
+def np_fbgemm_rowwise_adagrad(table, full_grads, lr, initial_accumulator_value=0.0,
+                              epsilon=1e-8):
+  """FBGEMM's EXACT_ROWWISE_ADAGRAD over full-table gradients (its CPU kernel, in float64):
+  one accumulator per row grows by the row's mean squared gradient."""
+  table = table.astype(np.float64)
+  accum = np.full(table.shape[0], initial_accumulator_value, np.float64)
+  for g in full_grads:
+    for row in range(table.shape[0]):
+      if not np.any(g[row]):
+        continue  # FBGEMM visits the batch's rows only: an absent row keeps all it has
+      accum[row] += np.sum(g[row] * g[row]) / g.shape[1]
+      table[row] = table[row] - lr / (np.sqrt(accum[row]) + epsilon) * g[row]
+  return table, accum
+
+
 NP_DENSE = {
+    'rowwise_adagrad': np_eps_adagrad,
     'gradientdescent': np_gradient_descent,
     'adagrad': np_adagrad,
     'adam': np_adam,
@@ -304,6 +332,9 @@ def test_invalid_hparams_are_rejected():
     optimizers.create('adagraddecay', 0.1, accumulator_decay_rate=1.5)
   with pytest.raises(ValueError, match='initial_accumulator_value must be positive: 0.0'):
     optimizers.create_sparse('adagrad', 0.1, initial_accumulator_value=0.0)
+  for create in (optimizers.create, optimizers.create_sparse):
+    with pytest.raises(ValueError, match='must be non-negative and finite: 0.0, -1e-08'):
+      create('rowwise_adagrad', 0.1, epsilon=-1e-8)
   # NaN passed the range checks (every comparison with NaN is false) and trained NaN.
   for create, name, hparams in ((optimizers.create, 'adam', dict(epsilon=float('nan'))),
                                 (optimizers.create_sparse, 'adamasync', dict(epsilon=np.inf)),
@@ -378,6 +409,40 @@ def test_sparse_matches_numpy_dense_reference(name, hparams):
   full_grads = [np_full_grad(ids, g, NUM_ROWS) for ids, g in batches]
   want = NP_DENSE[name](table.astype(np.float64), full_grads, LEARNING_RATE, **hparams)
   np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize('hparams', [{}, {'initial_accumulator_value': 0.5, 'epsilon': 1e-1}])
+def test_rowwise_adagrad_is_fbgemms_on_both_paths(hparams):
+  # One accumulator per row, the row's mean squared gradient added: the table's state is
+  # [rows, 1]. The dense path runs it on the leaves under 'tables' (the trainer's full params),
+  # where an absent row's gradient is 0 and so nothing of it moves.
+  table, batches = sparse_problem()
+  full_grads = [np_full_grad(ids, g, NUM_ROWS) for ids, g in batches]
+  want, want_accum = np_fbgemm_rowwise_adagrad(table, full_grads, LEARNING_RATE, **hparams)
+  got, state = run_sparse(optimizers.create_sparse('rowwise_adagrad', LEARNING_RATE, **hparams),
+                          table, batches)
+  assert state.accumulator.shape == (NUM_ROWS, 1)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(np.asarray(state.accumulator)[:, 0], want_accum, rtol=RTOL)
+  np.testing.assert_array_equal(got[7], table[7])  # never looked up
+  dense = optimizers.create('rowwise_adagrad', LEARNING_RATE, **hparams)
+  params = {'tables': {'t': jnp.asarray(table)}}
+  assert jax.tree.leaves(dense.init(params))[0].shape == (NUM_ROWS, 1)
+  deduped = [dedup_rows(ids, g, NUM_ROWS) for ids, g in batches]
+  full = [{'tables': {'t': jnp.zeros((NUM_ROWS, DIM)).at[u].add(g, mode='drop')}}
+          for u, g in deduped]
+  assert_same_formula(got, np.asarray(run_dense(dense, params, full)['tables']['t']),
+                      unmoved_rows=[7])
+
+
+def test_rowwise_adagrad_with_no_start_and_no_eps_moves_nothing_at_zero_gradient():
+  # A weight-0 slot's row is in the batch with gradient 0: 0 / (sqrt(0) + 0) must not be NaN.
+  table, _ = sparse_problem()
+  opt = optimizers.create_sparse('rowwise_adagrad', LEARNING_RATE, epsilon=0.0)
+  ids = np.array([[0, 3]], np.int32)
+  got, state = run_sparse(opt, table, [(ids, np.zeros((1, 2, DIM), np.float32))])
+  np.testing.assert_array_equal(got, table)
+  np.testing.assert_array_equal(np.asarray(state.accumulator), 0.0)
 
 
 @pytest.mark.parametrize('hparams', [{}, {'beta1': 0.5, 'beta2': 0.9, 'epsilon': 1e-2}])
@@ -483,7 +548,8 @@ def test_sparse_update_jits_with_donated_buffers(name):
                eager_state)
 
 
-@pytest.mark.parametrize('name', ['adamasync', 'adagrad', 'adagraddecay', 'gradientdescent'])
+@pytest.mark.parametrize('name', ['adamasync', 'adagrad', 'adagraddecay', 'gradientdescent',
+                                  'rowwise_adagrad'])
 def test_sparse_update_does_not_copy_the_table(name):
   # The row-wise path must write the looked-up rows into the donated buffers, not rebuild them:
   # XLA's scratch memory stays far below one table (the dense 'adam' needs a table-sized gradient).

@@ -118,6 +118,25 @@ def test_twin_starts_from_our_distributions(tmp_path):
   assert biases and all(torch.all(b == 0) for b in biases)
 
 
+@pytest.mark.parametrize('start', [None, 0.25])
+def test_a_rowwise_adagrad_twin_is_fbgemms_exact_rowwise_adagrad(tmp_path, start):
+  # The tables' fused optimizer keeps one accumulator per row, and every accumulator (tables
+  # and MLPs) starts where ours does: FBGEMM's 0 unless set.
+  config = tiny(tmp_path, optimizer='rowwise_adagrad')
+  config.optimizer_hparams.initial_accumulator_value = start
+  spec = fs.from_config(config)
+  model, optimizer = torchrec_parity.build_twin(config, spec, seed=1, twin_init='ours')
+  ebc = torchrec_parity.embedding_collection(model)
+  slots = [t for state in ebc.fused_optimizer().state.values() for t in state.values()]
+  assert slots and all(t.ndim == 1 and torch.all(t == (start or 0.0)) for t in slots)
+  assert sum(t.numel() for t in slots) == sum(t.rows for t in spec.tables)
+  assert isinstance(optimizer, torch.optim.Adagrad) and optimizer.defaults['eps'] == 1e-8
+  assert all(torch.all(s['sum'] == (start or 0.0)) for s in optimizer.state.values())
+  config.optimizer_hparams.epsilon = 1e-10
+  with pytest.raises(ValueError, match='optimizer_hparams.epsilon=1e-10: the twin runs'):
+    torchrec_parity.twin_variant(config)
+
+
 def test_refuses_optimizers_the_twin_lacks(tmp_path):
   with pytest.raises(ValueError, match='no equivalent in the TorchRec twin'):
     torchrec_parity.run_parity(tiny(tmp_path, optimizer='adamasync'), [1], str(tmp_path / 'x'))
@@ -222,3 +241,42 @@ def test_twin_trains_at_our_learning_rate_with_mean_pooling(optimizer, table_opt
   mlp = {id(p) for g in mlp_optimizer.param_groups for p in g['params']}
   assert mlp == {id(p) for n, p in model.named_parameters() if not n.startswith('sparse_arch.')}
   assert all(c.pooling.name == 'MEAN' for c in tables.embedding_bag_configs())
+
+
+def test_rowwise_adagrad_is_fbgemms_fused_exact_rowwise_adagrad():
+  # Ours against FBGEMM's kernel itself, as TorchRec runs it in backward: three steps of bags
+  # with repeated ids, SUM pooling so that each looked-up row's gradient is its bag's. Both run
+  # float32 (FBGEMM: lr / (sqrt(acc) + eps) * g; ours lr * (g / (sqrt(acc) + eps))): a few ulps.
+  from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+  from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+  from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+  import jax.numpy as jnp
+  from dlrm_jax import optimizers
+  rows, dim, lr = 8, 4, 0.1
+  ebc = FusedEmbeddingBagCollection(
+      tables=[EmbeddingBagConfig(name='t', embedding_dim=dim, num_embeddings=rows,
+                                 feature_names=['f'], pooling=PoolingType.SUM)],
+      optimizer_type=torchrec_dlrm.TABLE_OPTIMIZERS['rowwise_adagrad'][0],
+      optimizer_kwargs={'lr': lr, **torchrec_dlrm.TABLE_OPTIMIZERS['rowwise_adagrad'][1]},
+      device=torch.device('cpu'))
+  start = ebc.state_dict()['embedding_bags.t.weight'].detach().numpy().copy()
+  table = jnp.asarray(start)
+  opt = optimizers.create_sparse('rowwise_adagrad', lr)
+  state = opt.init(table)
+  rng = np.random.default_rng(0)
+  lengths = np.array([2, 1, 3])
+  for _ in range(3):
+    ids = rng.integers(0, rows, size=int(lengths.sum()))
+    coef = rng.normal(size=(len(lengths), dim)).astype(np.float32)
+    pooled = ebc(KeyedJaggedTensor(keys=['f'], values=torch.from_numpy(ids),
+                                   lengths=torch.from_numpy(lengths)))['f']
+    (pooled * torch.from_numpy(coef)).sum().backward()
+    unique, summed = optimizers.dedup_rows(jnp.asarray(ids), jnp.asarray(
+        coef[np.repeat(np.arange(len(lengths)), lengths)]), rows)
+    table, state = opt.update(table, state, unique, summed)
+  theirs = ebc.state_dict()['embedding_bags.t.weight'].detach().numpy()
+  assert np.abs(theirs - start).max() > 0.1  # it trained
+  np.testing.assert_allclose(np.asarray(table), theirs, rtol=1e-5, atol=1e-6)
+  accumulator, = [t for s in ebc.fused_optimizer().state.values() for t in s.values()]
+  np.testing.assert_allclose(np.asarray(state.accumulator)[:, 0],
+                             accumulator.detach().numpy(), rtol=1e-5)

@@ -123,7 +123,7 @@ def test_evaluation_during_training_equals_a_run_that_stops_there(tmp_path):
     ('emb_fusion', 'adam', 'dot', 0.01), ('op_fusion', 'adamasync', 'cat', 0.01),
     ('op_fusion', 'adagrad', 'dot', 0.01), ('op_fusion', 'gradientdescent', 'cat', 1.0),
     ('no_acceleration', 'gradientdescent', 'dot', 1.0), ('no_acceleration', 'adagrad', 'cat', 0.1),
-    ('no_acceleration', 'adagrad', 'dcn', 0.1)])
+    ('no_acceleration', 'adagrad', 'dcn', 0.1), ('no_acceleration', 'rowwise_adagrad', 'cat', 0.1)])
 def test_fusion_switches_do_not_change_results(tmp_path, data_dir, switch, optimizer,
                                                interaction, learning_rate):
   # The same arithmetic in another layout or another number of programs: float32 agreement.
