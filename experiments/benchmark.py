@@ -968,15 +968,16 @@ def memory_ratios(group: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
 def format_table(groups: List[Dict[str, Any]], summary: Dict[str, Any]) -> str:
   """The printed report: one block per group, then what each row means."""
   lines = []
-  header = (f'{"":32s} {"samples/s":>10s} {"x ref":>6s} {"(min-max)":>11s} {"step ms":>8s} '
-            f'{"GFLOP/s":>8s} {"ceiling":>8s} {"peak MB":>8s}')
   for g in groups:
+    width = max([32] + [len(row['label']) for row in g['rows']])  # the labels' column
+    header = (f'{"":{width}s} {"samples/s":>10s} {"x ref":>6s} {"(min-max)":>11s} '
+              f'{"step ms":>8s} {"GFLOP/s":>8s} {"ceiling":>8s} {"peak MB":>8s}')
     lines += ['', f"== {g['name']}: {g['what']}. Reference: {g['reference']}", header]
     for row in g['rows']:
       if row.get('samples_per_s') is None:
         why = (row.get('skipped') or row.get('skipped_end_to_end') or row.get('error')
                or 'no result').strip().splitlines()[-1]
-        lines.append(f"{row['label']:32s} -- {why[:120]}")
+        lines.append(f"{row['label']:{width}s} -- {why[:120]}")
         continue
       ratios = row['ratio_rounds']
       spread = f'({min(ratios):.2f}-{max(ratios):.2f})' if ratios else ''
@@ -984,8 +985,8 @@ def format_table(groups: List[Dict[str, Any]], summary: Dict[str, Any]) -> str:
       fraction = (f"{100 * row['ceiling_fraction']:.1f}%"
                   if row.get('ceiling_fraction') is not None else '-')
       rss = f"{row['peak_rss_mb']:.0f}" if row.get('peak_rss_mb') else '-'
-      lines.append(f"{row['label']:32s} {row['samples_per_s']:10,.0f} {ratio:>6s} {spread:>11s} "
-                   f"{row['step_ms']:8.2f} {row['achieved_flops_per_s'] / 1e9:8.1f} "
+      lines.append(f"{row['label']:{width}s} {row['samples_per_s']:10,.0f} {ratio:>6s} "
+                   f"{spread:>11s} {row['step_ms']:8.2f} {row['achieved_flops_per_s'] / 1e9:8.1f} "
                    f'{fraction:>8s} {rss:>8s}')
     for variant, m in memory_ratios(g).items():
       if m['state_mb'] < 512:  # small tables: the ratio says more about the runtime than them

@@ -402,6 +402,24 @@ def test_memory_ratios_and_the_printed_spread():
   assert '1.00x above the 500 MiB' in table
 
 
+def test_a_long_label_widens_its_groups_label_column():
+  # 'torchrec rowwise_adagrad passive step' is 37 characters: it pushed its row's figures right
+  # of the header's columns.
+  group = [g for g in benchmark.build_groups(quick=False, tiny=True)
+           if g.name.endswith('_rowwise_adagrad')][0]
+  group = benchmark.per_wait_policy(group, ['PASSIVE', 'default'])
+  labels = [v.label for v in group.variants]
+  rounds = [{l: {'rates': {'step': 100.0 * (i + 1), 'step+input': 90.0}}
+             for i, l in enumerate(labels)}] * 2
+  result = benchmark.summarize_group(group, {l: {} for l in labels}, rounds, load=[0.0] * 2)
+  table = benchmark.format_table([result], benchmark.summarize([result])).splitlines()
+  start = table.index([l for l in table if l.startswith('== ')][0]) + 1
+  block = table[start:start + 1 + len(result['rows'])]
+  assert max(len(r['label']) for r in result['rows']) > 32
+  ends = {line.index(')') for line in block[1:]}  # the right edge of each row's (min-max)
+  assert ends == {block[0].index('(min-max)') + len('(min-max)') - 1}
+
+
 def test_ours_vs_torchrec_lists_only_our_rows():
   # A second TorchRec configuration in a group (here added to the Adagrad one) is outside the
   # reference and not ours.
