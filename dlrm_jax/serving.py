@@ -4,8 +4,9 @@
   model.jax_export   jax.export serialization of score(params, dense, ids, weights) -> probs,
                      with a symbolic batch dimension;
   params.npz         every array the function takes, flattened by path;
-  spec.json          the feature spec's name and sizes, the config fields it is built from, and
-                     where the parameters come from (the training step and run directory).
+  spec.json          the feature spec's name and sizes, the config fields it is built from, the
+                     encoding of the rows it trained on (`input_encoding`, `load_input_encoding`)
+                     and where the parameters come from (the training step and run directory).
 `load` (any process, no model or training code imported) returns a callable that scores batches
 in the layout of `feature_spec` (dense, ids, weights); `load_spec` gives the spec to parse rows
 into that layout with `input_pipeline`:
@@ -14,9 +15,10 @@ into that layout with `input_pipeline`:
   batch = input_pipeline.parse_chunk(lines, spec.unlabeled(), path='request', first_line=1)
   probs = score(batch['dense'], batch['ids'], batch['weights'])
 
-A model trained on TorchRec's .npy triples (`torchrec_npy`) reads its rows in that encoding
-instead: `input_pipeline.iter_row_chunks('<name>_dense.npy', spec.unlabeled())` gives the same
-layout (parse_chunk's hashes of text fields would be other ids).
+A model trained on TorchRec's .npy triples (`load_input_encoding(d) == 'torchrec_npy'`) reads
+its rows in that encoding instead: `input_pipeline.iter_row_chunks('<name>_dense.npy',
+spec.unlabeled())` gives the same layout (parse_chunk's hashes of text fields would be other
+ids).
 
 Serving looks rows up by id directly; the host-side dedup of training is a training-time device
 optimisation only.
@@ -42,6 +44,9 @@ PARAMS = 'params.npz'
 SPEC = 'spec.json'
 EXPORT_FILES = (ARTIFACT, PARAMS, SPEC)  # all an export directory holds
 PLATFORMS = ('cpu', 'cuda', 'tpu')  # what jax.export lowers the artifact for
+# How a model's rows were encoded: as text (parse_chunk: hashed strings, log(x + 1)), or as
+# TorchRec's .npy triples (torchrec_npy: ids modulo the tables, TorchRec's dense transform).
+INPUT_ENCODINGS = ('text', 'torchrec_npy')
 
 
 def _flatten(tree) -> Dict[str, np.ndarray]:
@@ -72,11 +77,14 @@ def check_export_dir(directory: str, workdir: Optional[str] = None) -> None:
                      'whole directory, so name a new one (or an earlier export)')
 
 
-def export_model(setup, state, directory: str, spec_args: Dict, run_directory: str = '') -> str:
+def export_model(setup, state, directory: str, spec_args: Dict, run_directory: str = '',
+                 input_encoding: str = 'text') -> str:
   """Writes the artifact atomically (temporary directory, then rename); returns its path.
 
   `spec_args`: `feature_spec.spec_args` of the run's config, so that `load_spec` rebuilds the
   spec. `run_directory`: the run the state was trained in, recorded with its step.
+  `input_encoding`: how the rows it trained on were encoded (INPUT_ENCODINGS), which requests
+  must follow.
 
   With several processes only process 0 writes: each process holds every parameter whole
   (`train.make_mesh` keeps a table's shards within one process).
@@ -84,6 +92,8 @@ def export_model(setup, state, directory: str, spec_args: Dict, run_directory: s
   from dlrm_jax import models  # pylint: disable=g-import-not-at-top
   from dlrm_jax import row_cache  # pylint: disable=g-import-not-at-top
 
+  if input_encoding not in INPUT_ENCODINGS:
+    raise ValueError(f'input_encoding {input_encoding!r}: expected one of {list(INPUT_ENCODINGS)}')
   check_export_dir(directory)
   spec = setup.spec
   tables = state.params['tables']
@@ -124,7 +134,7 @@ def export_model(setup, state, directory: str, spec_args: Dict, run_directory: s
       json.dump({'name': spec.name, 'num_dense': spec.num_dense, 'num_slots': spec.num_slots,
                  'num_sparse': spec.num_sparse, 'embedding_dim': spec.embedding_dim,
                  'tables': {t.name: t.rows for t in spec.tables}, 'spec_args': spec_args,
-                 'step': int(state.step),
+                 'input_encoding': input_encoding, 'step': int(state.step),
                  'run_directory': run_directory and os.path.abspath(run_directory)},
                 f, indent=2)
     for name in os.listdir(tmp):
@@ -213,6 +223,13 @@ def load_spec(directory: str):
       recorded['name'], recorded['num_slots'], recorded['num_dense']):
     raise ValueError(f'{directory}/{SPEC}: its spec_args build another spec than it records')
   return spec
+
+
+def load_input_encoding(directory: str) -> str:
+  """'text' or 'torchrec_npy': how requests must encode rows (exports that predate the record
+  were all trained on text)."""
+  with open(os.path.join(directory, SPEC)) as f:
+    return json.load(f).get('input_encoding', 'text')
 
 
 def load(directory: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:

@@ -1751,8 +1751,10 @@ def _run_training(setup: Setup, config, workdir: str,
     if evaluate_now:
       writer.write_scalars(final_step, eval_scalars(results, 'eval_'))
     if config.export_dir and stopped_at is None:
-      results['export_dir'] = serving.export_model(setup, state, config.export_dir,
-                                                   fs.spec_args(config), workdir)
+      triples = any(torchrec_npy.is_npy_source(s.path) for s in data.train_sources)
+      results['export_dir'] = serving.export_model(
+          setup, state, config.export_dir, fs.spec_args(config), workdir,
+          input_encoding='torchrec_npy' if triples else 'text')
   except Exception as e:
     # A bad eval row found only now (parsing the CSV as it goes), or a failed export: the
     # training's figures (and the evaluation's) still go to results.json, beside its checkpoint.

@@ -282,6 +282,7 @@ def test_eval_and_predict_modes_and_exported_artifact_agree(tmp_path):
   with open(os.path.join(export_dir, 'spec.json')) as f:
     recorded = json.load(f)
   assert (recorded['step'], recorded['run_directory']) == (20, workdir)  # where it came from
+  assert serving.load_input_encoding(export_dir) == 'text'  # how requests encode rows
 
   config.mode = 'eval'
   evaluated = train.train_and_evaluate(config, workdir)
@@ -1538,3 +1539,15 @@ def test_eval_or_resume_with_other_cross_layers_is_refused(tmp_path, change):
       train.train_and_evaluate(_config(tmp_path, mode=mode, steps=4, **{**common, **change}),
                                workdir)
   assert int(_restored(_config(tmp_path, mode='eval', **common), workdir).step) == 3
+
+
+def test_an_export_records_how_requests_encode_rows(tmp_path):
+  # An unknown encoding is refused before anything is written; an export from before the
+  # record was trained on text, the only encoding there was.
+  with pytest.raises(ValueError, match=r"input_encoding 'csv': expected one of \['text', "
+                                       r"'torchrec_npy'\]"):
+    serving.export_model(None, None, str(tmp_path / 'export'), {}, input_encoding='csv')
+  assert not os.path.exists(tmp_path / 'export')
+  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / serving.SPEC).write_text(json.dumps({'name': 'elm', 'step': 3}))
+  assert serving.load_input_encoding(str(tmp_path / 'old')) == 'text'

@@ -40,6 +40,19 @@ def test_sharded_tables_match_one_device(tmp_path, train_path, one_device_losses
 
 
 @pytest.mark.slow
+def test_cross_layers_and_row_wise_adagrad_sharded_match_one_device(tmp_path, train_path):
+  # dcn's parameters are replicated like the MLPs'; rowwise_adagrad's [rows, 1] accumulators
+  # are split by rows like the tables they belong to.
+  common = dict(interaction_op='dcn', optimizer='rowwise_adagrad',
+                optimizer_hparams={'initial_accumulator_value': 0.1})
+  one = th.losses_in_subprocess(tmp_path, train_path, 4, 1, **common)
+  four, shards = th.losses_in_subprocess(tmp_path, train_path, 4, 4, mesh_shape=(2, 2),
+                                         with_shards=True, **common)
+  np.testing.assert_allclose(four, one, rtol=RTOL)
+  assert len(shards) == 2 and all(parts == [rows // 2] for rows, parts in shards), shards
+
+
+@pytest.mark.slow
 def test_unfused_tables_sharded_match_one_device(tmp_path, train_path):
   one = th.losses_in_subprocess(tmp_path, train_path, 4, 1, emb_fusion=False)
   four, shards = th.losses_in_subprocess(tmp_path, train_path, 4, 4, emb_fusion=False,

@@ -101,6 +101,8 @@ def test_a_planted_tsv_reads_as_its_fields_integers_and_the_run_trains(tmp_path)
   # The export scores a triple's rows as serving.py says: read by the triple reader.
   from dlrm_jax import serving  # pylint: disable=g-import-not-at-top
   export = str(tmp_path / 'export')
+  # spec.json says so: a server that parsed text would feed the model other ids.
+  assert serving.load_input_encoding(export) == 'torchrec_npy'
   spec = serving.load_spec(export).unlabeled()
   score = serving.load(export)
   served = np.concatenate([score(c['dense'], c['ids'], c['weights'])
