@@ -13,6 +13,9 @@ pooled embeddings, TorchRec's DLRM_DCN), over arch 1024-1024-512-256-1, global b
 Adagrad at learning rate 0.005. The fp32 tables alone are 104.5 GB; Adagrad's accumulator
 doubles that.
 
+Until 2026-12-07 this config trained `dot` in place of the cross layers: resume or evaluate
+such a run with --config.interaction_op=dot.
+
 Where this config differs from DLRMv2:
   * Inputs are one-hot: one id per categorical feature, as in the raw day files. DLRMv2 trains on
     a synthetic multi-hot expansion of them (214 ids per example).

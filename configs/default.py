@@ -79,11 +79,13 @@ def get_config(mode: str = ''):
   config.batch_size = 512
   config.eval_batch_size = 4096         # global, as batch_size: split over processes and devices
   config.learning_rate = 0.01          # the reference script's value (its README says 0.1)
-  config.optimizer = 'adamasync'       # adam, adamasync, adagrad, adagraddecay, gradientdescent
-  # DeepRec's optimizer arguments; unset (None) = its default. Each optimizer takes its own: beta1
+  # adam, adamasync, adagrad, adagraddecay, gradientdescent; beyond DeepRec, rowwise_adagrad
+  config.optimizer = 'adamasync'
+  # The optimizer's arguments; unset (None) = its default. Each optimizer takes its own: beta1
   # (0.9), beta2 (0.999), epsilon (1e-8) for adam and adamasync; initial_accumulator_value (0.1)
   # for adagrad and adagraddecay; accumulator_decay_step (100000), accumulator_decay_rate (0.9)
-  # and decay_all_missed_periods (True) for adagraddecay. E.g.
+  # and decay_all_missed_periods (True) for adagraddecay; FBGEMM's initial_accumulator_value (0)
+  # and epsilon (1e-8) for rowwise_adagrad. E.g.
   # --config.optimizer_hparams.accumulator_decay_step=5000
   config.optimizer_hparams = ml_collections.ConfigDict(dict(
       beta1=placeholder(float), beta2=placeholder(float), epsilon=placeholder(float),

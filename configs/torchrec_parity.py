@@ -5,7 +5,7 @@ experiments/torchrec_parity.py compares with its TorchRec twin.
       --out_dir runs/torchrec_parity
 
 Adagrad, not the default adamasync: the TorchRec twin (experiments/torchrec_dlrm.py) has SGD and
-Adagrad only. One epoch of 100k rows is 196 steps of 512: about 40 s a seed (both sides) on two
+Adagrad (elementwise and row-wise) only. One epoch of 100k rows is 196 steps of 512: about 40 s a seed (both sides) on two
 quiet cores (the README's run). `--config=configs/torchrec_parity.py:tiny` is a seconds-long smoke run: its AUCs mean
 nothing.
 """

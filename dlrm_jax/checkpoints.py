@@ -77,7 +77,12 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any],
   a resume may well run on other hosts).
   """
   lines = []
+  # dcn's sizes shape nothing in a run of another interaction (and runs from before they existed
+  # lack them): naming them would only make every such resume list two unchanged settings.
+  uses_dcn = 'dcn' in (saved.get('interaction_op'), current.get('interaction_op'))
   for key in sorted((set(saved) | set(current)) - ({'distributed'} if not prefix else set())):
+    if key.startswith('dcn_') and not prefix and not uses_dcn:
+      continue
     old, new = saved.get(key, '(absent)'), current.get(key, '(absent)')
     if isinstance(old, dict) and isinstance(new, dict):
       lines += config_differences(old, new, f'{prefix}{key}.')

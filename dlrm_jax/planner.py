@@ -13,8 +13,9 @@ The layout planned, the one `train.py` uses on the mesh:
   * every embedding table array (one fused array under emb_fusion, else one per table) has its
     rows padded up to a multiple of ROW_PADDING and is split by rows over 'model'
     (P('model', None)), replicated over 'data'; its row-wise optimizer slots (adam/adamasync:
-    mu, nu; adagrad: accumulator; adagraddecay: accumulator and an int32 [rows, 1] decay period)
-    have the same layout, scalar step counts are replicated;
+    mu, nu; adagrad: accumulator; adagraddecay: accumulator and an int32 [rows, 1] decay period;
+    rowwise_adagrad: a [rows, 1] accumulator) have the same layout, scalar step counts are
+    replicated;
   * the MLPs, their optimizer state and the batch-norm statistics are replicated;
   * the global batch is split over 'data'.
 

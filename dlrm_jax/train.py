@@ -186,6 +186,10 @@ def check_config(config) -> None:
     raise ValueError('bad config: ' + '; '.join(problems))
 
 
+# The largest Adam learning rate at which dcn trained in every run we made (README, Ablation).
+DCN_STABLE_ADAM_RATE = 0.003
+
+
 def log_overridden_settings(config) -> None:
   """Names the settings that another one overrides; both used to be ignored without a word.
 
@@ -199,6 +203,12 @@ def log_overridden_settings(config) -> None:
   if config.feature_spec == 'criteo' and config.criteo_table_rows:
     logging.info('criteo_table_rows sizes the 26 tables (%d rows in all); hash_buckets=%d is not '
                  'used', sum(config.criteo_table_rows), config.hash_buckets)
+  if (config.interaction_op == 'dcn' and config.optimizer in ('adam', 'adamasync')
+      and config.learning_rate > DCN_STABLE_ADAM_RATE):
+    logging.warning('interaction_op=dcn with %s at learning_rate=%g: the cross layers diverged '
+                    'under Adam at 0.01 in our runs (the default config: eval AUC 0.50, from '
+                    '0.822 at 0.003); MLPerf trains them with Adagrad', config.optimizer,
+                    config.learning_rate)
   if config.interaction_op == 'dcn':
     width = models.interaction_width(fs.from_config(config), config.bottom_mlp[-1], 'dcn')
     if 2 * config.dcn_low_rank_dim >= width:
@@ -919,8 +929,15 @@ def check_writable(workdir: str, state: TrainState, config, num_steps: int) -> N
                   f'{needed / 2**30:.2f} GiB ({per_step / 2**20:.0f} MiB per step x {kept})')
 
 
+def _after_relu(layer: str) -> bool:
+  """Whether a Dense layer's output goes through a ReLU: the MLPs' layers do; the logit and
+  dcn's cross layers (cross_net/V_i, W_i) do not."""
+  return layer.startswith(('bottom_mlp/', 'top_mlp/'))
+
+
 def activation_stats(setup: Setup, state: TrainState, batch: Batch) -> Dict[str, jax.Array]:
-  """Each MLP layer's output (after ReLU, before batch norm) on a batch, for summaries."""
+  """Each Dense layer's output on a batch, for summaries: an MLP layer's after its ReLU
+  (before batch norm), the others' as they are."""
   pooled = models.embed(lookup(state.params['tables'], batch), batch, setup.spec,
                         setup.emb_fusion)
   _, variables = setup.model.apply(
@@ -929,14 +946,15 @@ def activation_stats(setup: Setup, state: TrainState, batch: Batch) -> Dict[str,
   outputs = {}
   for path, value in jax.tree_util.tree_flatten_with_path(variables['intermediates'])[0]:
     name = '/'.join(str(getattr(k, 'key', k)) for k in path[:-2])
-    outputs[name] = jax.nn.relu(value) if not name.endswith('logit') else value
+    outputs[name] = jax.nn.relu(value) if _after_relu(name) else value
   return outputs
 
 
 def write_activation_summaries(writer, step: int, activations) -> None:
   activations = jax.device_get(activations)
+  # The share of a ReLU's outputs at zero (dead units); elsewhere zero is no special value.
   writer.write_scalars(step, {f'zero_fraction/{k}': float(np.mean(v == 0))
-                              for k, v in activations.items() if not k.endswith('logit')})
+                              for k, v in activations.items() if _after_relu(k)})
   writer.write_histograms(step, {f'activations/{k}': np.asarray(v, np.float32).ravel()
                                  for k, v in activations.items()})
 

@@ -11,8 +11,7 @@ layer for layer so that the two sides do the same arithmetic:
   `FusedEmbeddingBagCollection` whose table optimizer runs inside the backward pass (FBGEMM's
   fused kernels): EXACT_SGD, EXACT_ADAGRAD (elementwise as ours, the same work per touched
   row; FBGEMM starts its accumulator at 0 with eps 1e-8, ours at TF's 0.1) or
-  EXACT_ROWWISE_ADAGRAD (one accumulator per row, less work and memory than ours; not the same
-  optimizer);
+  EXACT_ROWWISE_ADAGRAD (one accumulator per row, as our rowwise_adagrad);
 * dot: `torchrec.models.dlrm.DLRM` (DenseArch, SparseArch, InteractionArch, OverArch);
   cat: the same DenseArch, SparseArch and OverArch over [bottom output, pooled embeddings];
   dcn: `torchrec.models.dlrm.DLRM_DCN` (InteractionDCNArch: a LowRankCrossNet over that

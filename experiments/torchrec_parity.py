@@ -28,8 +28,9 @@ defaults, the twin as the benchmark builds it. What still differs either way:
   * the values drawn (two RNGs), the order of the pooled features and of the dot interaction's
     pairs (TorchRec: table by table, upper triangle; ours: spec order, lower triangle): the same
     model up to a permutation of the top MLP's inputs, which the initialisers do not see;
-  * Adagrad's epsilon: none in ours (TF), 1e-10 in torch.optim.Adagrad (MLPs), 1e-8 in FBGEMM
-    (tables), against accumulators of at least 0.1;
+  * adagrad's epsilon: none in ours (TF), 1e-10 in torch.optim.Adagrad (MLPs), 1e-8 in FBGEMM
+    (tables), against accumulators of at least 0.1 (rowwise_adagrad: 1e-8 on both sides, both
+    starting at 0);
   * batch norm's running variance: unbiased in PyTorch, biased in Flax (0.2% at batch 512); it
     only reaches the eval predictions;
   * floating point: XLA against PyTorch/FBGEMM kernels, summation orders; bf16 (config.bf16) is

@@ -556,6 +556,18 @@ def test_config_differences_leave_out_each_processs_own_settings():
       'optimizer_hparams.beta1: null -> 0.8', 'steps: 1 -> 2']
 
 
+def test_config_differences_name_dcns_sizes_only_where_a_side_uses_dcn():
+  # A run from before the fields existed resumed with a warning about two settings nobody changed.
+  saved = {'steps': 1, 'interaction_op': 'cat'}
+  now = {'steps': 2, 'interaction_op': 'cat', 'dcn_num_layers': 3, 'dcn_low_rank_dim': 100}
+  assert checkpoints.config_differences(saved, now) == ['steps: 1 -> 2']
+  assert checkpoints.config_differences(saved, dict(now, interaction_op='dcn')) == [
+      'dcn_low_rank_dim: "(absent)" -> 100', 'dcn_num_layers: "(absent)" -> 3',
+      'interaction_op: "cat" -> "dcn"', 'steps: 1 -> 2']
+  assert checkpoints.config_differences(dict(now, interaction_op='dcn'), now) == [
+      'interaction_op: "dcn" -> "cat"']
+
+
 def test_adagraddecay_resumes_only_with_its_decay_step(tmp_path):
   # Its rows count their decay periods in units of the step: resumed with another one, each row
   # took ~50 decays at its next touch while the MLPs' accumulators took at most one.
@@ -822,6 +834,18 @@ def test_a_cross_rank_past_half_the_width_is_named(caplog):
     config.dcn_low_rank_dim = 50
     train.log_overridden_settings(config)
   assert "dcn_low_rank_dim=50 is at least half the cross layers' width 100" in caplog.text
+
+
+@pytest.mark.parametrize('optimizer,learning_rate,warned', [
+    ('adamasync', 0.01, True), ('adam', 0.004, True), ('adamasync', 0.003, False),
+    ('adagrad', 0.2, False)])
+def test_dcn_under_a_fast_adam_is_warned_about(caplog, optimizer, learning_rate, warned):
+  # The default config with dcn collapsed to a constant prediction under its Adam at 0.01.
+  config = th.tiny_config('/nonexistent', interaction_op='dcn', optimizer=optimizer,
+                          learning_rate=learning_rate)
+  with caplog.at_level(logging.INFO):
+    train.log_overridden_settings(config)
+  assert ('the cross layers diverged under Adam' in caplog.text) == warned, caplog.text
 
 
 def test_keep_checkpoint_max_zero_keeps_every_checkpoint(tmp_path):

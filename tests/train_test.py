@@ -442,3 +442,33 @@ def test_bf16_on_a_cpu_without_native_bfloat16_is_said_to_be_slower(tmp_path, ca
   config.bf16 = False
   train.warn_if_bf16_is_emulated(config, frozenset({'avx2'}))
   assert not caplog.text
+
+
+def test_activation_summaries_take_the_relu_of_mlp_layers_only(tmp_path, data_dir):
+  # dcn's cross layers have no ReLU: clipped, their histograms lost every negative value and
+  # their zero_fraction read ~50% dead units that do not exist.
+  config = th.tiny_config(tmp_path, interaction_op='dcn', dcn_num_layers=2)
+  setup = train.make_setup(config)
+  state = train.create_train_state(train.init_key(config.seed), setup)
+  host = input_pipeline.batches([os.path.join(data_dir, 'train.csv')], setup.spec,
+                                config.batch_size, num_epochs=1)
+  batch = next(train.step_batches(host, setup, smartstaged=False))
+  stats = jax.device_get(train.activation_stats(setup, state, batch))
+  assert {'bottom_mlp/Dense_0', 'top_mlp/Dense_0', 'cross_net/V_0', 'cross_net/W_1',
+          'logit'} <= set(stats)
+  for name, value in stats.items():
+    assert (value.min() >= 0) == name.startswith(('bottom_mlp/', 'top_mlp/')), name
+  written = {}
+
+  class Writer:
+    def write_scalars(self, step, scalars):
+      written.update(scalars)
+
+    def write_histograms(self, step, histograms):
+      written.update(histograms)
+
+  train.write_activation_summaries(Writer(), 1, stats)
+  zero = sorted(k for k in written if k.startswith('zero_fraction/'))
+  assert zero == sorted(f'zero_fraction/{k}' for k in stats
+                        if k.startswith(('bottom_mlp/', 'top_mlp/')))
+  assert 'activations/cross_net/W_1' in written
