@@ -402,24 +402,6 @@ def test_memory_ratios_and_the_printed_spread():
   assert '1.00x above the 500 MiB' in table
 
 
-def test_a_long_label_widens_its_groups_label_column():
-  # 'torchrec rowwise_adagrad passive step' is 37 characters: it pushed its row's figures right
-  # of the header's columns.
-  group = [g for g in benchmark.build_groups(quick=False, tiny=True)
-           if g.name.endswith('_rowwise_adagrad')][0]
-  group = benchmark.per_wait_policy(group, ['PASSIVE', 'default'])
-  labels = [v.label for v in group.variants]
-  rounds = [{l: {'rates': {'step': 100.0 * (i + 1), 'step+input': 90.0}}
-             for i, l in enumerate(labels)}] * 2
-  result = benchmark.summarize_group(group, {l: {} for l in labels}, rounds, load=[0.0] * 2)
-  table = benchmark.format_table([result], benchmark.summarize([result])).splitlines()
-  start = table.index([l for l in table if l.startswith('== ')][0]) + 1
-  block = table[start:start + 1 + len(result['rows'])]
-  assert max(len(r['label']) for r in result['rows']) > 32
-  ends = {line.index(')') for line in block[1:]}  # the right edge of each row's (min-max)
-  assert ends == {block[0].index('(min-max)') + len('(min-max)') - 1}
-
-
 def test_ours_vs_torchrec_lists_only_our_rows():
   # A second TorchRec configuration in a group (here added to the Adagrad one) is outside the
   # reference and not ours.
@@ -438,3 +420,38 @@ def test_ours_vs_torchrec_lists_only_our_rows():
   assert summary['ours_vs_torchrec'] == {
       f'{group.name}/ours adagrad step': pytest.approx(3.0),
       f'{group.name}/ours adagrad step+input': pytest.approx(2.5)}
+
+
+def _summarized_with_made_up_rates(name_end, policies=None):
+  group = [g for g in benchmark.build_groups(quick=False, tiny=True)
+           if g.name.endswith(name_end)][0]
+  if policies:
+    group = benchmark.per_wait_policy(group, policies)
+  labels = [v.label for v in group.variants]
+  rounds = [{l: {'rates': {'step': 100.0 * (i + 1), 'step+input': 90.0}}
+             for i, l in enumerate(labels)}] * 2
+  return group, benchmark.summarize_group(group, {l: {} for l in labels}, rounds, load=[0.0] * 2)
+
+
+def test_a_dcn_rows_flops_count_its_cross_layers():
+  group, result = _summarized_with_made_up_rates('_dcn_b64')
+  v = group.variants[0]
+  spec = benchmark.make_spec(dataclasses.asdict(v))
+  want = benchmark.train_flops_per_sample(spec, v.bottom_mlp, v.top_mlp, 'dcn', 3, 8)
+  assert want > benchmark.train_flops_per_sample(spec, v.bottom_mlp, v.top_mlp, 'cat')
+  assert {r['flops_per_sample'] for r in result['rows']} == {want}
+
+
+def test_the_label_column_fits_the_longest_label_in_any_row_and_skipped_rows_too():
+  # 'torchrec rowwise_adagrad passive step' is 37 characters: it pushed its row's figures right
+  # of the header's columns.
+  group, result = _summarized_with_made_up_rates('_rowwise_adagrad', ['PASSIVE', 'default'])
+  result = dict(result, rows=sorted(result['rows'], key=lambda r: len(r['label'])))
+  result['rows'][0] = dict(result['rows'][0], samples_per_s=None, skipped='not here')
+  width = max(len(r['label']) for r in result['rows'])
+  assert width > 32
+  table = benchmark.format_table([result], benchmark.summarize([result])).splitlines()
+  start = table.index([l for l in table if l.startswith('== ')][0]) + 1
+  header, skipped = table[start], table[start + 1]
+  assert header.index('samples/s') == width + 2
+  assert skipped.index(' -- ') == width

@@ -235,6 +235,7 @@ def test_an_export_of_per_table_arrays_looks_up_each_tables_rows(tmp_path):
   state = train.create_train_state(jax.random.PRNGKey(0), setup)
   export_dir = str(tmp_path / 'export')
   serving.export_model(setup, state, export_dir, feature_spec.spec_args(config))
+  assert serving.load_input_encoding(export_dir) == 'text'  # the default: text
   spec = setup.spec
   assert any(state.params['tables'][t.name].shape[0] != t.rows for t in spec.tables)
   lines = [input_pipeline_test.elm_line(user_id=f'u{i}', item_id=f'i{i}', times=str(i))
@@ -566,6 +567,11 @@ def test_config_differences_name_dcns_sizes_only_where_a_side_uses_dcn():
       'interaction_op: "cat" -> "dcn"', 'steps: 1 -> 2']
   assert checkpoints.config_differences(dict(now, interaction_op='dcn'), now) == [
       'interaction_op: "dcn" -> "cat"']
+  # Either side's dcn counts: the saved run's sizes are named when the new one leaves dcn.
+  assert checkpoints.config_differences(
+      {'interaction_op': 'dcn', 'dcn_low_rank_dim': 100},
+      {'interaction_op': 'cat', 'dcn_low_rank_dim': 512}) == [
+          'dcn_low_rank_dim: 100 -> 512', 'interaction_op: "dcn" -> "cat"']
 
 
 def test_adagraddecay_resumes_only_with_its_decay_step(tmp_path):
@@ -1575,3 +1581,4 @@ def test_an_export_records_how_requests_encode_rows(tmp_path):
   (tmp_path / 'old').mkdir()
   (tmp_path / 'old' / serving.SPEC).write_text(json.dumps({'name': 'elm', 'step': 3}))
   assert serving.load_input_encoding(str(tmp_path / 'old')) == 'text'
+

@@ -621,3 +621,43 @@ def test_bf16_dots_are_converted_only_where_the_cpu_lacks_bfloat16():
   assert not models.emulates_bfloat16(frozenset({'avx2', 'avx512_bf16'}))
   assert not models.emulates_bfloat16(frozenset({'amx_bf16'}))
   assert models._upcast_bf16_dots() == models.emulates_bfloat16()  # pylint: disable=protected-access
+
+
+def test_dcn_input_keeps_a_bf16_bottom_output_beside_float32_embeddings():
+  # Zero cross weights: x_1 = x_0 * 0 + x_0, the concatenation itself; an embedding value that
+  # bfloat16 cannot hold must come out whole.
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jnp.full((2, 4), 1.5, jnp.bfloat16)
+  emb = jnp.full((2, 3, 4), 1 + 2**-12, jnp.float32)
+  cross = models.LowRankCrossNet(num_layers=1, low_rank=2, dtype=jnp.bfloat16)
+  variables = jax.tree.map(jnp.zeros_like, cross.init(jax.random.PRNGKey(0), jnp.zeros((2, 16))))
+  z = nn.apply(lambda m, x, e: models.dcn_interaction(x, e, m), cross)(variables, x, emb)
+  assert z.dtype == jnp.float32
+  np.testing.assert_array_equal(z[:, 4:], np.float32(1 + 2**-12))
+
+
+def test_dcn_cross_layers_run_in_the_models_dtype():
+  # The DLRM's cross_net output is LowRankCrossNet's at the model's bfloat16, not at float32.
+  spec = tiny_spec()
+  dense, _, _ = random_batch(spec)
+  emb = jnp.asarray(np.random.default_rng(1).normal(size=(5, spec.num_sparse, 4)), jnp.float32)
+  model = models.DLRM((8, 4), (6,), 'dcn', batch_norm=False, dtype=jnp.bfloat16,
+                      dcn_num_layers=2, dcn_low_rank_dim=3)
+  variables = _randomized(model.init(jax.random.PRNGKey(0), dense, emb))
+  _, captured = model.apply(variables, dense, emb, capture_intermediates=True,
+                            mutable=['intermediates'])
+  x = captured['intermediates']['bottom_mlp']['__call__'][0]
+  x0 = jnp.concatenate([x.astype(jnp.float32), emb.reshape(5, -1)], axis=1)
+  cross = {'params': variables['params']['cross_net']}
+  out = captured['intermediates']['cross_net']['__call__'][0]
+  np.testing.assert_array_equal(out, models.LowRankCrossNet(2, 3, jnp.bfloat16).apply(cross, x0))
+  assert not np.array_equal(out, models.LowRankCrossNet(2, 3).apply(cross, x0))
+
+
+def test_dcn_defaults_are_mlperfs_sizes():
+  spec = tiny_spec()
+  dense, _, _ = random_batch(spec)
+  emb = jnp.zeros((5, spec.num_sparse, 4))
+  params = models.DLRM((8, 4), (6,), 'dcn').init(jax.random.PRNGKey(0), dense, emb)['params']
+  assert sorted(params['cross_net']) == ['V_0', 'V_1', 'V_2', 'W_0', 'W_1', 'W_2']
+  assert params['cross_net']['V_0']['kernel'].shape == (100, 512)

@@ -593,3 +593,19 @@ def test_update_from_gathered_rows_equals_update_that_gathers(name):
   assert not np.array_equal(t0, table)  # the rows did move
   np.testing.assert_array_equal(t1, t0)
   jax.tree.map(np.testing.assert_array_equal, s1, s0)
+
+
+def test_rowwise_adagrads_default_epsilon_is_fbgemms_1e_8_on_both_paths():
+  # A gradient of 1e-8 everywhere: sqrt(accum) = 1e-8 and each step moves by
+  # -lr * g / (g + eps) = -0.5 at eps 1e-8 (0.99 at 1e-10).
+  g = 1e-8
+  dense = optimizers.create('rowwise_adagrad', 1.0)
+  params = {'tables': {'t': jnp.zeros((NUM_ROWS, DIM))}, 'mlp': {'w': jnp.zeros((3, 2))}}
+  grads = jax.tree.map(lambda x: jnp.full_like(x, g), params)
+  updates, _ = dense.update(grads, dense.init(params), params)
+  for u in jax.tree.leaves(updates):
+    np.testing.assert_allclose(np.asarray(u), -0.5, rtol=1e-4)
+  ids = np.array([[0, 3]], np.int32)
+  got, _ = run_sparse(optimizers.create_sparse('rowwise_adagrad', 1.0), np.zeros((NUM_ROWS, DIM),
+                      np.float32), [(ids, np.full((1, 2, DIM), g, np.float32))])
+  np.testing.assert_allclose(got[[0, 3]], -0.5, rtol=1e-4)

@@ -399,3 +399,18 @@ def test_criteo_missing_empty_keeps_a_value_whose_row_is_0(tmp_path):
   assert (rows['ids'][1::3, 5] == 0).all()
   np.testing.assert_array_equal(rows['weights'][:, 5], sparse[:, 5] != 0)
   assert rows['weights'][1::3, 5].min() == 1.0
+
+
+def test_an_export_of_a_run_without_eval_records_the_triple_encoding(tmp_path):
+  # The encoding comes from the train files: a run with no eval files is no less a triple run.
+  from dlrm_jax import serving  # pylint: disable=g-import-not-at-top
+  oracle = datagen.generate_criteo(str(tmp_path / 'tsv'), 500, 100, seed=3)
+  triples = tmp_path / 'npy'
+  triples.mkdir()
+  tsv_to_triple(oracle['train_path'], str(triples / 'day_0'))
+  config = train_helpers.tiny_config(
+      tmp_path / 'out', feature_spec='criteo', data_location=str(triples), embedding_dim=4,
+      train_files='day_0_dense.npy', steps=4, batch_size=64, hash_buckets=1000, no_eval=True,
+      export_dir=str(tmp_path / 'export'))
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert serving.load_input_encoding(str(tmp_path / 'export')) == 'torchrec_npy'

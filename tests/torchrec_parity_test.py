@@ -132,6 +132,8 @@ def test_a_rowwise_adagrad_twin_is_fbgemms_exact_rowwise_adagrad(tmp_path, start
   assert sum(t.numel() for t in slots) == sum(t.rows for t in spec.tables)
   assert isinstance(optimizer, torch.optim.Adagrad) and optimizer.defaults['eps'] == 1e-8
   assert all(torch.all(s['sum'] == (start or 0.0)) for s in optimizer.state.values())
+  config.optimizer_hparams.epsilon = 1e-8  # FBGEMM's, named: taken
+  assert torchrec_parity.twin_variant(config)['table_optimizer'] == 'rowwise_adagrad'
   config.optimizer_hparams.epsilon = 1e-10
   with pytest.raises(ValueError, match='optimizer_hparams.epsilon=1e-10: the twin runs'):
     torchrec_parity.twin_variant(config)
@@ -280,3 +282,4 @@ def test_rowwise_adagrad_is_fbgemms_fused_exact_rowwise_adagrad():
   accumulator, = [t for s in ebc.fused_optimizer().state.values() for t in s.values()]
   np.testing.assert_allclose(np.asarray(state.accumulator)[:, 0],
                              accumulator.detach().numpy(), rtol=1e-5)
+
