@@ -293,9 +293,9 @@ def scale_by_rowwise_adagrad(initial_accumulator_value: float = 0.0,
 
   def update_fn(updates, state, params=None):
     del params
-    accumulator = jax.tree_util.tree_map_with_path(
-        lambda p, g, a: a + (_row_mean_square(g) if a.shape != g.shape else g * g),
-        updates, state)
+    # A slot narrower than its gradient is a table's [rows, 1] (init chose the shape).
+    accumulator = jax.tree.map(
+        lambda g, a: a + (_row_mean_square(g) if a.shape != g.shape else g * g), updates, state)
     directions = jax.tree.map(lambda g, a: _eps_adagrad_direction(a, g, epsilon), updates,
                               accumulator)
     return directions, accumulator

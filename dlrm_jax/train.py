@@ -203,13 +203,13 @@ def log_overridden_settings(config) -> None:
   if config.feature_spec == 'criteo' and config.criteo_table_rows:
     logging.info('criteo_table_rows sizes the 26 tables (%d rows in all); hash_buckets=%d is not '
                  'used', sum(config.criteo_table_rows), config.hash_buckets)
-  if (config.interaction_op == 'dcn' and config.optimizer in ('adam', 'adamasync')
-      and config.learning_rate > DCN_STABLE_ADAM_RATE):
-    logging.warning('interaction_op=dcn with %s at learning_rate=%g: the cross layers diverged '
-                    'under Adam at 0.01 in our runs (the default config: eval AUC 0.50, from '
-                    '0.822 at 0.003); MLPerf trains them with Adagrad', config.optimizer,
-                    config.learning_rate)
   if config.interaction_op == 'dcn':
+    if (config.optimizer in ('adam', 'adamasync')
+        and config.learning_rate > DCN_STABLE_ADAM_RATE):
+      logging.warning('interaction_op=dcn with %s at learning_rate=%g: the cross layers '
+                      'diverged under Adam at 0.01 in our runs (the default config: eval AUC '
+                      '0.50, from 0.822 at 0.003); MLPerf trains them with Adagrad',
+                      config.optimizer, config.learning_rate)
     width = models.interaction_width(fs.from_config(config), config.bottom_mlp[-1], 'dcn')
     if 2 * config.dcn_low_rank_dim >= width:
       # V [N -> r] and W [r -> N] then cost at least a full-rank [N -> N] cross layer.

@@ -73,8 +73,9 @@ from experiments import torchrec_dlrm
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_ROOT, 'configs', 'torchrec_parity.py')
 
-# Our optimizer names -> the twin's table optimizer (torchrec_dlrm.TABLE_OPTIMIZERS). Adagrad is
-# elementwise on both sides; the others have no TorchRec equivalent with TF's semantics.
+# Our optimizer names -> the twin's table optimizer (torchrec_dlrm.TABLE_OPTIMIZERS): adagrad is
+# elementwise on both sides, rowwise_adagrad row-wise on both; the others have no TorchRec
+# equivalent with TF's semantics.
 TWIN_TABLE_OPTIMIZERS = {'gradientdescent': 'sgd', 'adagrad': 'adagrad',
                          'rowwise_adagrad': 'rowwise_adagrad'}
 TWIN_INITS = ('ours', 'torchrec')
