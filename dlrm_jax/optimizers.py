@@ -276,7 +276,8 @@ def scale_by_adagrad_decay(initial_accumulator_value: float = 0.1,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _under_tables(path) -> bool:
+def under_tables(path) -> bool:
+  """Whether a pytree path lies under a 'tables' key: a table, or an optimizer slot of one."""
   return any(isinstance(k, jax.tree_util.DictKey) and k.key == 'tables' for k in path)
 
 
@@ -285,7 +286,7 @@ def scale_by_rowwise_adagrad(initial_accumulator_value: float = 0.0,
   """Adagrad with eps, row-wise on the leaves under a 'tables' key, elementwise elsewhere."""
 
   def slot_shape(path, x):
-    return x.shape[:1] + (1,) if _under_tables(path) and x.ndim == 2 else x.shape
+    return x.shape[:1] + (1,) if under_tables(path) and x.ndim == 2 else x.shape
 
   def init_fn(params):
     return jax.tree_util.tree_map_with_path(

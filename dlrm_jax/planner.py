@@ -53,6 +53,7 @@ from ml_collections import config_flags
 
 from dlrm_jax import cli
 from dlrm_jax import models
+from dlrm_jax import optimizers
 from dlrm_jax import train
 
 ROW_PADDING = models.ROW_MULTIPLE
@@ -169,10 +170,6 @@ def _tree_bytes(tree) -> int:
   return sum(_nbytes(x) for x in jax.tree.leaves(tree))
 
 
-def _under_tables(path) -> bool:
-  return any(isinstance(k, jax.tree_util.DictKey) and k.key == 'tables' for k in path)
-
-
 def _unique_capacity(rows: int, slots: int, batch_size: int) -> int:
   """models.UniqueRows' capacity for the batch's distinct rows of one array, at its largest."""
   return models.unique_capacity(min(batch_size * slots, rows) + 1)  # + 1: the padding entry
@@ -264,8 +261,9 @@ def plan(config, num_devices: int, mesh_shape: Optional[Sequence[int]] = None) -
     # Dense path: one optax state over MLPs and tables; the tables' slots are split like them.
     joint = jax.eval_shape(setup.tx.init, {'mlp': mlp, 'tables': table_shapes})
     leaves = jax.tree_util.tree_flatten_with_path(joint)[0]
-    table_optimizer_state = sum(_nbytes(x) for p, x in leaves if _under_tables(p)) // model
-    mlp_optimizer_state = sum(_nbytes(x) for p, x in leaves if not _under_tables(p))
+    table_optimizer_state = sum(_nbytes(x) for p, x in leaves
+                                if optimizers.under_tables(p)) // model
+    mlp_optimizer_state = sum(_nbytes(x) for p, x in leaves if not optimizers.under_tables(p))
     # The unique rows gathered, their gradient, and that scattered into a full-table gradient.
     table_step_temporaries = 2 * unique_rows + tables
   else:
